@@ -1,0 +1,476 @@
+//! The command line: clap derive structs per subcommand, each a thin layer over the library.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::data::{few_shot, Dataset, Sample, Split};
+use crate::features::{image_features, l2_normalize, ExtractOptions};
+use crate::model::hub::DEFAULT_MODEL;
+use crate::model::{Clip, DTypeArg, DeviceArg, ModelSpec};
+use crate::preprocess::View;
+
+const AFTER_HELP: &str = "\
+Dataset layout: DIR/{train,val,test}/<class>/<image> (jpg, jpeg, png, bmp, webp, gif, tiff).
+Classes are the folder names ('_' becomes a space) unless DIR/classnames.txt maps
+'<folder>\\t<readable name>'. Models: a local folder in the Hugging Face layout (config.json,
+model.safetensors, tokenizer.json) or a hub id such as openai/clip-vit-base-patch32.
+
+Try `clipft demo` for an end-to-end run on a generated model and image set (no network).";
+
+#[derive(Parser, Debug)]
+#[command(name = "clipft", version, about = "Few-shot adaptation of CLIP: zero-shot, Tip-Adapter, cross-modal and FD-Align in one binary", after_help = AFTER_HELP)]
+pub struct Cli {
+    /// No progress bars or informational messages on stderr.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Worker threads for decoding and the CPU backend (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Extract L2-normalised CLIP image features of a split into a safetensors file.
+    Features(FeaturesArgs),
+    /// Evaluate a method on a split: top-1, top-5 and per-class accuracy.
+    Eval(EvalArgs),
+    /// Generate a small random CLIP checkpoint and image set, then run the pipeline end to end.
+    Demo(DemoArgs),
+    /// Load a checkpoint and print what it is (architecture, dims, dtype, device).
+    Info(InfoArgs),
+}
+
+/// Which checkpoint, on which device, in which precision.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// CLIP checkpoint: a folder in the Hugging Face layout or a hub repo id. Hub files go to the
+    /// standard cache (HF_HOME, HF_HUB_CACHE); HF_HUB_OFFLINE=1 uses the cache only.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "ID|DIR")]
+    pub model: String,
+    /// Hub revision (branch, tag, commit or PR ref). Default: `main`, except
+    /// openai/clip-vit-base-patch32, whose safetensors weights are on `refs/pr/15`.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+    /// Compute precision: f32, f16 or bf16 (bf16 needs CUDA; on the CPU it falls back to f32).
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    pub dtype: DTypeArg,
+    /// auto, cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceArg,
+}
+
+impl ModelArgs {
+    fn spec(&self, quiet: bool) -> ModelSpec {
+        ModelSpec {
+            model: self.model.clone(),
+            revision: self.revision.clone(),
+            dtype: self.dtype,
+            device: self.device,
+            progress: !quiet,
+        }
+    }
+}
+
+/// How images are read and encoded.
+#[derive(Args, Debug, Clone)]
+pub struct ExtractArgs {
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Skip unreadable or corrupt images (they are counted and listed) instead of failing.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+    /// Feature cache folder [default: $XDG_CACHE_HOME/clipft/features or ~/.cache/clipft/features].
+    #[arg(long, env = "CLIPFT_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Encode every image again; neither read nor write the feature cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl ExtractArgs {
+    fn options(&self, quiet: bool) -> ExtractOptions {
+        ExtractOptions {
+            batch_size: self.batch_size as usize,
+            skip_bad_images: self.skip_bad_images,
+            progress: !quiet,
+            cache_dir: if self.no_cache {
+                None
+            } else {
+                Some(self.cache_dir.clone().unwrap_or_else(default_cache_dir))
+            },
+        }
+    }
+}
+
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("clipft").join("features")
+}
+
+/// Few-shot sampling of the train split.
+#[derive(Args, Debug, Clone)]
+pub struct ShotArgs {
+    /// Images per class, sampled from the split (all images if not given).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub shots: Option<u64>,
+    /// Seed of the few-shot sample; the same seed always picks the same files.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
+    /// Use all images of classes with fewer than --shots images (with a warning) instead of failing.
+    #[arg(long)]
+    pub allow_fewer_shots: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FeaturesArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset folder (DIR/{train,val,test}/<class>/<image>).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Split to encode.
+    #[arg(long, default_value = "train", value_name = "SPLIT")]
+    pub split: Split,
+    #[command(flatten)]
+    pub shots: ShotArgs,
+    /// Which view of each image: the CLIP centre crop, or the same crop mirrored.
+    #[arg(long, value_enum, default_value_t = ViewArg::Center)]
+    pub view: ViewArg,
+    #[command(flatten)]
+    pub extract: ExtractArgs,
+    /// Output safetensors file: image_features (N×E, L2-normalised), labels (N, i64) and metadata.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewArg {
+    Center,
+    Flip,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// CLIP zero-shot: 100 · cos(image, class prompt ensemble).
+    Zeroshot,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset folder (DIR/{train,val,test}/<class>/<image>).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Split to evaluate.
+    #[arg(long, default_value = "test", value_name = "SPLIT")]
+    pub split: Split,
+    #[arg(long, value_enum, default_value_t = Method::Zeroshot)]
+    pub method: Method,
+    /// Prompt templates: a built-in set (clip, ensemble7, imagenet80) or a file with one template
+    /// per line, `{}` standing for the class name.
+    #[arg(long, default_value = "clip", value_name = "NAME|FILE")]
+    pub templates: String,
+    /// Print one JSON object (top1, top5, n, per_class, ...) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the logits (N×C, 100·cos) and labels, with image paths, to a safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub save_logits: Option<PathBuf>,
+    #[command(flatten)]
+    pub extract: ExtractArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Where to write the generated checkpoint and images (default: a temporary folder that is
+    /// removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Entry point of the binary: parses arguments, runs, prints errors with their causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        // candle's CPU kernels size their pool from RAYON_NUM_THREADS; set both before any work.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .ok();
+    }
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Features(a) => features_cmd(a, quiet),
+        Command::Eval(a) => eval_cmd(a, quiet),
+        Command::Demo(a) => crate::demo::run(a.dir.as_deref(), quiet, &mut std::io::stdout()),
+        Command::Info(a) => info_cmd(a, quiet),
+    }
+}
+
+pub fn info(msg: impl AsRef<str>, quiet: bool) {
+    if !quiet {
+        eprintln!("{}", msg.as_ref());
+    }
+}
+
+fn load_model(args: &ModelArgs, quiet: bool) -> Result<Clip> {
+    let clip =
+        Clip::load(&args.spec(quiet)).with_context(|| format!("loading model `{}`", args.model))?;
+    for w in &clip.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(clip)
+}
+
+fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
+    let clip = load_model(&args.model, quiet)?;
+    let c = clip.config();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "model        {}", clip.files.id)?;
+    if let Some(rev) = &clip.files.revision {
+        writeln!(out, "revision     {rev}")?;
+    }
+    writeln!(out, "architecture {}", c.arch_name())?;
+    let v = &c.vision_config;
+    let t = &c.text_config;
+    writeln!(
+        out,
+        "vision       {}x{} px, patch {}, hidden {}, {} layers, {} heads, {:?}",
+        v.image_size,
+        v.image_size,
+        v.patch_size,
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.num_attention_heads,
+        v.hidden_act
+    )?;
+    writeln!(
+        out,
+        "text         context {}, vocab {}, hidden {}, {} layers, {} heads, {:?}",
+        t.max_position_embeddings,
+        t.vocab_size,
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.hidden_act
+    )?;
+    writeln!(out, "embedding    {}", c.projection_dim)?;
+    writeln!(
+        out,
+        "weights      {}",
+        clip.files
+            .weights
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(
+        out,
+        "preprocess   {:?}, crop {:?}, {:?}",
+        clip.preprocess.resize, clip.preprocess.crop, clip.preprocess.resample
+    )?;
+    writeln!(out, "dtype        {:?}", clip.dtype)?;
+    writeln!(
+        out,
+        "device       {}",
+        crate::model::load::device_name(&clip.device)
+    )?;
+    Ok(())
+}
+
+/// Samples of a split, few-shot sampled when `--shots` is given; warnings go to stderr.
+fn split_samples(
+    dataset: &Dataset,
+    split: Split,
+    shots: &ShotArgs,
+    quiet: bool,
+) -> Result<Vec<Sample>> {
+    let all = dataset.samples(split)?;
+    let Some(k) = shots.shots else { return Ok(all) };
+    let (picked, warnings) = few_shot(
+        dataset,
+        &all,
+        k as usize,
+        shots.seed,
+        shots.allow_fewer_shots,
+    )?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    info(
+        format!(
+            "{split}: {} of {} images ({k} per class, seed {})",
+            picked.len(),
+            all.len(),
+            shots.seed
+        ),
+        quiet,
+    );
+    Ok(picked)
+}
+
+fn report_skipped(skipped: &[crate::preprocess::ImageError], quiet: bool) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!("warning: skipped {} unreadable image(s):", skipped.len());
+    if !quiet {
+        for e in skipped.iter().take(20) {
+            eprintln!("  {e}");
+        }
+        if skipped.len() > 20 {
+            eprintln!("  ... and {} more", skipped.len() - 20);
+        }
+    }
+}
+
+/// Metadata shared by every file that stores per-image rows.
+fn rows_metadata(
+    clip: &Clip,
+    dataset: &Dataset,
+    split: Split,
+    paths: &[PathBuf],
+) -> serde_json::Value {
+    serde_json::json!({
+        "class_names": dataset.class_names(),
+        "class_folders": dataset.class_folders(),
+        "paths": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "model": clip.files.id,
+        "revision": clip.files.revision,
+        "dtype": format!("{:?}", clip.dtype),
+        "preprocess": clip.preprocess,
+        "data": dataset.root.display().to_string(),
+        "split": split.as_str(),
+    })
+}
+
+fn labels_tensor(labels: &[usize]) -> Result<Tensor> {
+    let v: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    Ok(Tensor::new(v.as_slice(), &candle_core::Device::Cpu)?)
+}
+
+fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
+    let dataset = Dataset::open(&a.data)?;
+    let samples = split_samples(&dataset, a.split, &a.shots, quiet)?;
+    let clip = load_model(&a.model, quiet)?;
+    let view = match a.view {
+        ViewArg::Center => View::Center,
+        ViewArg::Flip => View::Flip,
+    };
+    let opts = a.extract.options(quiet);
+    let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
+    let feats = image_features(&clip, &paths, &view, &opts)?;
+    report_skipped(&feats.skipped, quiet);
+    let kept_paths: Vec<PathBuf> = feats.kept.iter().map(|&i| paths[i].clone()).collect();
+    let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
+    let normalized = l2_normalize(&feats.features)?.to_dtype(DType::F32)?;
+    let mut meta = rows_metadata(&clip, &dataset, a.split, &kept_paths);
+    meta["kind"] = "features".into();
+    meta["view"] = serde_json::to_value(view)?;
+    meta["shots"] = a.shots.shots.into();
+    meta["seed"] = a.shots.seed.into();
+    meta["skipped"] = feats.skipped.len().into();
+    crate::io::save(
+        &a.out,
+        &[
+            ("image_features", &normalized),
+            ("labels", &labels_tensor(&labels)?),
+        ],
+        &meta,
+    )?;
+    info(
+        format!(
+            "wrote {} ({} × {}; {} encoded, {} from cache, {} skipped)",
+            a.out.display(),
+            kept_paths.len(),
+            clip.config().projection_dim,
+            feats.encoded,
+            feats.cache_hits,
+            feats.skipped.len()
+        ),
+        quiet,
+    );
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
+    let dataset = Dataset::open(&a.data)?;
+    // Fail on a missing split before the (possibly slow) model load.
+    dataset.samples(a.split)?;
+    let template_set = crate::templates::resolve(&a.templates)?;
+    let clip = load_model(&a.model, quiet)?;
+    let opts = a.extract.options(quiet);
+    let run = match a.method {
+        Method::Zeroshot => crate::eval::zero_shot(&clip, &dataset, a.split, &template_set, &opts)?,
+    };
+    report_skipped_count(run.report.skipped, quiet);
+    if let Some(path) = &a.save_logits {
+        save_logits(path, &clip, &dataset, a.split, &run)?;
+        info(format!("wrote {}", path.display()), quiet);
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string(&run.report)?)?;
+    } else {
+        crate::eval::write_table(&run.report, &mut out)?;
+    }
+    Ok(())
+}
+
+fn report_skipped_count(n: usize, quiet: bool) {
+    if n > 0 && !quiet {
+        eprintln!("warning: skipped {n} unreadable image(s)");
+    }
+}
+
+fn save_logits(
+    path: &Path,
+    clip: &Clip,
+    dataset: &Dataset,
+    split: Split,
+    run: &crate::eval::ZeroShotRun,
+) -> Result<()> {
+    let mut meta = rows_metadata(clip, dataset, split, &run.paths);
+    meta["kind"] = "logits".into();
+    meta["method"] = run.report.method.clone().into();
+    crate::io::save(
+        path,
+        &[
+            ("logits", &run.logits),
+            ("labels", &labels_tensor(&run.labels)?),
+        ],
+        &meta,
+    )
+}

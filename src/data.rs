@@ -1,0 +1,329 @@
+//! Dataset folders: `DIR/{train,val,test}/<class>/<image>` and few-shot sampling.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+/// File extensions (lower case) read as images.
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Val, Split::Test];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "val" | "validation" => Ok(Split::Val),
+            "test" => Ok(Split::Test),
+            _ => Err(format!("unknown split `{s}` (expected train, val or test)")),
+        }
+    }
+}
+
+/// Problems with a dataset folder; each names the path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("dataset folder {} does not exist", .0.display())]
+    NoSuchDir(PathBuf),
+    #[error("{}: no train/, val/ or test/ folder; expected DIR/<split>/<class>/<image>", .0.display())]
+    NoSplits(PathBuf),
+    #[error("{}: split `{split}` does not exist (found: {found})", root.display())]
+    MissingSplit {
+        root: PathBuf,
+        split: Split,
+        found: String,
+    },
+    #[error("{}: no class folders", .0.display())]
+    NoClasses(PathBuf),
+    #[error("{}: class folders differ from {reference}/: {detail}", dir.display())]
+    ClassMismatch {
+        dir: PathBuf,
+        reference: Split,
+        detail: String,
+    },
+    #[error("{}: class folder has no images ({})", .0.display(), IMAGE_EXTENSIONS.join(", "))]
+    EmptyClass(PathBuf),
+    #[error("{}:{line}: {msg}", path.display())]
+    BadClassNames {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    #[error("{}: {msg}", path.display())]
+    Io { path: PathBuf, msg: String },
+    #[error(
+        "--shots {shots}: {count} class(es) have fewer training images: {list}. Lower --shots, or pass \
+         --allow-fewer-shots to use all images of those classes"
+    )]
+    TooFewShots {
+        shots: usize,
+        count: usize,
+        list: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassInfo {
+    /// Folder name: the class identity, and the sort key.
+    pub folder: String,
+    /// Readable name used in prompts.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub path: PathBuf,
+    pub label: usize,
+}
+
+/// An opened dataset folder with validated, consistently ordered classes.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub classes: Vec<ClassInfo>,
+    pub splits: Vec<Split>,
+}
+
+fn io_err(path: &Path, e: impl fmt::Display) -> DataError {
+    DataError::Io {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
+}
+
+fn subdirs(dir: &Path) -> Result<Vec<String>, DataError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && entry.path().is_dir() {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Image files directly in `dir`, sorted by file name.
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_image = path
+            .extension()
+            .map(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+            .unwrap_or(false);
+        if is_image && !name.starts_with('.') && path.is_file() {
+            out.push(path);
+        }
+    }
+    out.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(out)
+}
+
+impl Dataset {
+    /// Opens `root`, checks that every split present has the same class folders, and reads
+    /// `classnames.txt` (`<folder>\t<readable name>` lines) when present.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, DataError> {
+        let root = root.as_ref().to_path_buf();
+        if !root.is_dir() {
+            return Err(DataError::NoSuchDir(root));
+        }
+        let splits: Vec<Split> = Split::ALL
+            .into_iter()
+            .filter(|s| root.join(s.as_str()).is_dir())
+            .collect();
+        let Some(&first) = splits.first() else {
+            return Err(DataError::NoSplits(root));
+        };
+        let folders = subdirs(&root.join(first.as_str()))?;
+        if folders.is_empty() {
+            return Err(DataError::NoClasses(root.join(first.as_str())));
+        }
+        for &split in &splits[1..] {
+            let dir = root.join(split.as_str());
+            let other = subdirs(&dir)?;
+            if other != folders {
+                let a: BTreeSet<_> = folders.iter().collect();
+                let b: BTreeSet<_> = other.iter().collect();
+                let missing: Vec<_> = a.difference(&b).map(|s| format!("`{s}`")).collect();
+                let extra: Vec<_> = b.difference(&a).map(|s| format!("`{s}`")).collect();
+                let mut detail = Vec::new();
+                if !missing.is_empty() {
+                    detail.push(format!("missing {}", missing.join(", ")));
+                }
+                if !extra.is_empty() {
+                    detail.push(format!("extra {}", extra.join(", ")));
+                }
+                return Err(DataError::ClassMismatch {
+                    dir,
+                    reference: first,
+                    detail: detail.join("; "),
+                });
+            }
+        }
+        let mut classes: Vec<ClassInfo> = folders
+            .into_iter()
+            .map(|f| ClassInfo {
+                name: f.replace('_', " "),
+                folder: f,
+            })
+            .collect();
+        let names_file = root.join("classnames.txt");
+        if names_file.is_file() {
+            apply_classnames(&names_file, &mut classes)?;
+        }
+        Ok(Self {
+            root,
+            classes,
+            splits,
+        })
+    }
+
+    pub fn class_names(&self) -> Vec<String> {
+        self.classes.iter().map(|c| c.name.clone()).collect()
+    }
+
+    pub fn class_folders(&self) -> Vec<String> {
+        self.classes.iter().map(|c| c.folder.clone()).collect()
+    }
+
+    pub fn split_dir(&self, split: Split) -> PathBuf {
+        self.root.join(split.as_str())
+    }
+
+    /// All samples of a split: classes by folder name, files by name.
+    pub fn samples(&self, split: Split) -> Result<Vec<Sample>, DataError> {
+        if !self.splits.contains(&split) {
+            let found = self
+                .splits
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(DataError::MissingSplit {
+                root: self.root.clone(),
+                split,
+                found,
+            });
+        }
+        let mut out = Vec::new();
+        for (label, class) in self.classes.iter().enumerate() {
+            let dir = self.split_dir(split).join(&class.folder);
+            let files = list_images(&dir)?;
+            if files.is_empty() {
+                return Err(DataError::EmptyClass(dir));
+            }
+            out.extend(files.into_iter().map(|path| Sample { path, label }));
+        }
+        Ok(out)
+    }
+}
+
+fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |msg: String| DataError::BadClassNames {
+            path: path.to_path_buf(),
+            line: i + 1,
+            msg,
+        };
+        let (folder, name) = line
+            .split_once('\t')
+            .ok_or_else(|| bad("expected `<folder>\\t<readable name>`".into()))?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(bad(format!("empty name for `{folder}`")));
+        }
+        let class = classes
+            .iter_mut()
+            .find(|c| c.folder == folder)
+            .ok_or_else(|| bad(format!("`{folder}` is not a class folder of this dataset")))?;
+        class.name = name.to_string();
+    }
+    Ok(())
+}
+
+/// Stable 64-bit FNV-1a, so per-class seeds do not depend on the Rust version.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// K samples per class, deterministic for `seed` and independent of directory listing order:
+/// each class's files are sorted by name, shuffled with a generator seeded by `seed` and the class
+/// folder, and the first `shots` are kept (in name order). Classes with fewer images are an error,
+/// unless `allow_fewer`, where all their images are kept and a warning is returned.
+pub fn few_shot(
+    dataset: &Dataset,
+    samples: &[Sample],
+    shots: usize,
+    seed: u64,
+    allow_fewer: bool,
+) -> Result<(Vec<Sample>, Vec<String>), DataError> {
+    let mut out = Vec::new();
+    let mut short = Vec::new();
+    for (label, class) in dataset.classes.iter().enumerate() {
+        let mut own: Vec<&Sample> = samples.iter().filter(|s| s.label == label).collect();
+        own.sort_by(|a, b| a.path.file_name().cmp(&b.path.file_name()));
+        if own.len() < shots {
+            short.push(format!("`{}` ({})", class.folder, own.len()));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ fnv1a(class.folder.as_bytes()));
+        let mut idx: Vec<usize> = (0..own.len()).collect();
+        idx.shuffle(&mut rng);
+        idx.truncate(shots);
+        idx.sort_unstable();
+        out.extend(idx.into_iter().map(|i| own[i].clone()));
+    }
+    let mut warnings = Vec::new();
+    if !short.is_empty() {
+        if !allow_fewer {
+            return Err(DataError::TooFewShots {
+                shots,
+                count: short.len(),
+                list: short.join(", "),
+            });
+        }
+        warnings.push(format!(
+            "--shots {shots}: using all images of {} class(es) that have fewer: {}",
+            short.len(),
+            short.join(", ")
+        ));
+    }
+    Ok((out, warnings))
+}

@@ -1,0 +1,220 @@
+//! Classification metrics and the result table / JSON of `clipft eval`.
+
+use std::io::Write;
+
+use anyhow::Result;
+use candle_core::Tensor;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassAccuracy {
+    pub class: String,
+    pub n: usize,
+    /// Top-1 accuracy in percent.
+    pub top1: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub method: String,
+    pub split: String,
+    pub n: usize,
+    /// Percent.
+    pub top1: f64,
+    /// Percent; only with at least 5 classes.
+    pub top5: Option<f64>,
+    pub per_class: Vec<ClassAccuracy>,
+    /// Images that could not be read and were skipped (`--skip-bad-images`).
+    pub skipped: usize,
+}
+
+/// Rank of the true class: classes with a strictly higher logit, plus equal ones with a lower index
+/// (a stable descending sort), so ties never count in the model's favour twice.
+fn rank(row: &[f32], label: usize) -> usize {
+    let l = row[label];
+    row.iter()
+        .enumerate()
+        .filter(|&(j, &x)| x > l || (x == l && j < label))
+        .count()
+}
+
+/// Top-1/top-5 and per-class accuracy of `logits` (`[N, C]`) against `labels`.
+pub fn evaluate(
+    logits: &Tensor,
+    labels: &[usize],
+    class_names: &[String],
+    method: &str,
+    split: &str,
+    skipped: usize,
+) -> Result<EvalReport> {
+    let rows = logits.to_vec2::<f32>()?;
+    anyhow::ensure!(
+        rows.len() == labels.len(),
+        "{} logit rows for {} labels",
+        rows.len(),
+        labels.len()
+    );
+    let c = class_names.len();
+    let mut hits1 = 0usize;
+    let mut hits5 = 0usize;
+    let mut per = vec![(0usize, 0usize); c];
+    for (row, &y) in rows.iter().zip(labels) {
+        anyhow::ensure!(
+            row.len() == c && y < c,
+            "logits have {} classes, expected {c}",
+            row.len()
+        );
+        let r = rank(row, y);
+        hits1 += (r == 0) as usize;
+        hits5 += (r < 5) as usize;
+        per[y].0 += 1;
+        per[y].1 += (r == 0) as usize;
+    }
+    let n = labels.len();
+    let pct = |h: usize, n: usize| {
+        if n == 0 {
+            0.0
+        } else {
+            100.0 * h as f64 / n as f64
+        }
+    };
+    Ok(EvalReport {
+        method: method.to_string(),
+        split: split.to_string(),
+        n,
+        top1: pct(hits1, n),
+        top5: (c >= 5).then(|| pct(hits5, n)),
+        per_class: class_names
+            .iter()
+            .zip(per)
+            .map(|(name, (k, h))| ClassAccuracy {
+                class: name.clone(),
+                n: k,
+                top1: pct(h, k),
+            })
+            .collect(),
+        skipped,
+    })
+}
+
+/// CLIP's zero-shot logits: `100 · f · Wᵀ` on L2-normalised features and classifier.
+pub fn zero_shot_logits(normalized_features: &Tensor, classifier: &Tensor) -> Result<Tensor> {
+    Ok((normalized_features.matmul(&classifier.t()?)? * 100.0)?)
+}
+
+/// The human-readable table.
+pub fn write_table(report: &EvalReport, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{} on {} ({} images)",
+        report.method, report.split, report.n
+    )?;
+    writeln!(out, "  top-1  {:6.2}%", report.top1)?;
+    if let Some(t5) = report.top5 {
+        writeln!(out, "  top-5  {t5:6.2}%")?;
+    }
+    if report.skipped > 0 {
+        writeln!(out, "  skipped {} unreadable image(s)", report.skipped)?;
+    }
+    let width = report
+        .per_class
+        .iter()
+        .map(|c| c.class.chars().count())
+        .max()
+        .unwrap_or(5)
+        .clamp(5, 40);
+    writeln!(out, "  {:<width$}  {:>6}  {:>7}", "class", "n", "top-1")?;
+    for c in &report.per_class {
+        writeln!(out, "  {:<width$}  {:>6}  {:>6.2}%", c.class, c.n, c.top1)?;
+    }
+    Ok(())
+}
+
+/// Everything `clipft eval --method zeroshot` computes for one split.
+pub struct ZeroShotRun {
+    pub report: EvalReport,
+    /// `[N, C]` logits of the readable images, rows in dataset order.
+    pub logits: Tensor,
+    pub labels: Vec<usize>,
+    pub paths: Vec<std::path::PathBuf>,
+}
+
+/// Zero-shot CLIP on a split: prompt-ensemble classifier, centre-crop image features, `100·cos`.
+pub fn zero_shot(
+    clip: &crate::model::Clip,
+    dataset: &crate::data::Dataset,
+    split: crate::data::Split,
+    template_set: &[String],
+    opts: &crate::features::ExtractOptions,
+) -> Result<ZeroShotRun> {
+    use crate::features::{image_features, l2_normalize, text_classifier};
+    let samples = dataset.samples(split)?;
+    let classifier = text_classifier(
+        clip,
+        &dataset.class_names(),
+        template_set,
+        opts.batch_size.max(64),
+        opts.progress,
+    )?;
+    let paths: Vec<_> = samples.iter().map(|s| s.path.clone()).collect();
+    let feats = image_features(clip, &paths, &crate::preprocess::View::Center, opts)?;
+    let logits = zero_shot_logits(&l2_normalize(&feats.features)?, &classifier)?;
+    let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
+    let report = evaluate(
+        &logits,
+        &labels,
+        &dataset.class_names(),
+        "zeroshot",
+        split.as_str(),
+        feats.skipped.len(),
+    )?;
+    let paths = feats
+        .kept
+        .iter()
+        .map(|&i| samples[i].path.clone())
+        .collect();
+    Ok(ZeroShotRun {
+        report,
+        logits,
+        labels,
+        paths,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn topk_and_per_class() {
+        let names: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+        let logits = Tensor::new(
+            &[
+                [9f32, 1., 2., 3., 4., 5.], // label 0: rank 0
+                [9., 1., 2., 3., 4., 5.],   // label 1: rank 5 (misses top-5)
+                [1., 2., 9., 3., 4., 5.],   // label 3: rank 2
+                [1., 1., 1., 1., 1., 1.],   // label 2: tie, rank 2
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let r = evaluate(&logits, &[0, 1, 3, 2], &names, "m", "test", 0).unwrap();
+        assert_eq!(r.n, 4);
+        assert!((r.top1 - 25.0).abs() < 1e-9);
+        assert!((r.top5.unwrap() - 75.0).abs() < 1e-9);
+        assert_eq!(r.per_class[0].top1, 100.0);
+        assert_eq!(r.per_class[1].top1, 0.0);
+        assert_eq!(r.per_class[4].n, 0);
+        let few = evaluate(
+            &logits.narrow(1, 0, 4).unwrap(),
+            &[0, 1, 3, 2],
+            &names[..4],
+            "m",
+            "t",
+            0,
+        )
+        .unwrap();
+        assert!(few.top5.is_none());
+    }
+}

@@ -1,0 +1,370 @@
+//! The shared feature-extraction core: batched, pipelined image encoding with an on-disk
+//! cache, and text encoding of class prompts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::model::Clip;
+use crate::preprocess::{load_rgb, ImageError, View};
+use crate::templates;
+
+/// How to run an extraction.
+#[derive(Debug, Clone)]
+pub struct ExtractOptions {
+    pub batch_size: usize,
+    /// Skip unreadable images (and report them) instead of failing on the first.
+    pub skip_bad_images: bool,
+    pub progress: bool,
+    /// Folder of the feature cache; `None` disables it.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            skip_bad_images: false,
+            progress: false,
+            cache_dir: None,
+        }
+    }
+}
+
+/// Raw (unnormalised) image features of the images that could be read.
+#[derive(Debug)]
+pub struct ImageFeatures {
+    /// `[kept.len(), D]`, f32 on the CPU, rows in input order.
+    pub features: Tensor,
+    /// Indices into the input paths of the rows of `features`.
+    pub kept: Vec<usize>,
+    /// Images that could not be read (only with `skip_bad_images`).
+    pub skipped: Vec<ImageError>,
+    pub cache_hits: usize,
+    pub encoded: usize,
+}
+
+/// `x / ||x||` over the last dimension.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(x.broadcast_div(&norm.clamp(1e-12, f64::INFINITY)?)?)
+}
+
+/// Identity of an image file for the cache: canonical path, size, modification time.
+fn file_identity(path: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(path)?;
+    let mtime = meta
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let canon = path.canonicalize()?;
+    Ok(format!("{}\t{}\t{}", canon.display(), meta.len(), mtime))
+}
+
+fn short_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    format!("{:x}", h.finalize())[..20].to_string()
+}
+
+/// Stable per-image key for seeded augmentation: the file's canonical path.
+fn view_key(path: &Path) -> u64 {
+    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let digest = Sha256::digest(canon.to_string_lossy().as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// A cache file of raw features for one (model, preprocessing, view, folder); rows keyed by file
+/// identity so changed or new files are re-encoded and the rest reused.
+struct FeatureCache {
+    path: PathBuf,
+    rows: HashMap<String, Vec<f32>>,
+    /// File path -> its identity in `rows`, to drop rows of files that changed.
+    by_path: HashMap<String, String>,
+    dim: usize,
+}
+
+fn path_of(identity: &str) -> &str {
+    identity.split('\t').next().unwrap_or(identity)
+}
+
+impl FeatureCache {
+    fn open(dir: &Path, clip: &Clip, view: &View, folder: &Path) -> Self {
+        let view_json = serde_json::to_string(view).expect("view serialises");
+        let folder = folder
+            .canonicalize()
+            .unwrap_or_else(|_| folder.to_path_buf());
+        let key = short_hash(&[
+            &clip.fingerprint,
+            &clip.preprocess.cache_key(),
+            &view_json,
+            &folder.to_string_lossy(),
+        ]);
+        let path = dir.join(format!("{key}.safetensors"));
+        let dim = clip.config().projection_dim;
+        let mut rows = HashMap::new();
+        // A cache that cannot be read is treated as empty and rewritten; never an error.
+        if let Ok((mut tensors, meta)) = crate::io::load(&path) {
+            let entries: Option<Vec<String>> = meta
+                .get("entries")
+                .and_then(|e| serde_json::from_value(e.clone()).ok());
+            let feats = tensors
+                .remove("features")
+                .and_then(|t| t.to_vec2::<f32>().ok());
+            if let (Some(entries), Some(feats)) = (entries, feats) {
+                if entries.len() == feats.len() && feats.iter().all(|r| r.len() == dim) {
+                    rows = entries.into_iter().zip(feats).collect();
+                }
+            }
+        }
+        let by_path = rows
+            .keys()
+            .map(|id| (path_of(id).to_string(), id.clone()))
+            .collect();
+        Self {
+            path,
+            rows,
+            by_path,
+            dim,
+        }
+    }
+
+    fn insert(&mut self, id: String, row: Vec<f32>) {
+        if let Some(old) = self.by_path.insert(path_of(&id).to_string(), id.clone()) {
+            if old != id {
+                self.rows.remove(&old);
+            }
+        }
+        self.rows.insert(id, row);
+    }
+
+    fn save(&self) -> Result<()> {
+        let mut entries: Vec<&String> = self.rows.keys().collect();
+        entries.sort();
+        let flat: Vec<f32> = entries
+            .iter()
+            .flat_map(|e| self.rows[*e].iter().copied())
+            .collect();
+        let t = Tensor::from_vec(flat, (entries.len(), self.dim), &Device::Cpu)?;
+        crate::io::save(
+            &self.path,
+            &[("features", &t)],
+            &serde_json::json!({ "entries": entries, "version": 1 }),
+        )
+    }
+}
+
+/// Common parent folder of a set of paths (the cache file groups one split folder).
+fn common_parent(paths: &[PathBuf]) -> PathBuf {
+    let mut it = paths.iter().filter_map(|p| p.parent());
+    let Some(first) = it.next() else {
+        return PathBuf::new();
+    };
+    let mut common: PathBuf = first.to_path_buf();
+    for p in it {
+        while !p.starts_with(&common) {
+            if !common.pop() {
+                return PathBuf::new();
+            }
+        }
+    }
+    common
+}
+
+/// Encodes images into raw CLIP image features (`get_image_features`), reusing cached rows.
+pub fn image_features(
+    clip: &Clip,
+    paths: &[PathBuf],
+    view: &View,
+    opts: &ExtractOptions,
+) -> Result<ImageFeatures> {
+    let dim = clip.config().projection_dim;
+    let mut skipped = Vec::new();
+    let mut bad = vec![false; paths.len()];
+    let mut ids: Vec<Option<String>> = Vec::with_capacity(paths.len());
+    for (i, p) in paths.iter().enumerate() {
+        match file_identity(p) {
+            Ok(id) => ids.push(Some(id)),
+            Err(e) => {
+                let err = ImageError {
+                    path: p.clone(),
+                    msg: format!("cannot read: {e}"),
+                };
+                if !opts.skip_bad_images {
+                    return Err(err.into());
+                }
+                skipped.push(err);
+                bad[i] = true;
+                ids.push(None);
+            }
+        }
+    }
+    let mut cache = opts
+        .cache_dir
+        .as_ref()
+        .map(|dir| FeatureCache::open(dir, clip, view, &common_parent(paths)));
+    let mut rows: Vec<Option<Vec<f32>>> = vec![None; paths.len()];
+    let mut cache_hits = 0;
+    if let Some(cache) = &cache {
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(row) = id.as_ref().and_then(|id| cache.rows.get(id)) {
+                rows[i] = Some(row.clone());
+                cache_hits += 1;
+            }
+        }
+    }
+    let todo: Vec<usize> = (0..paths.len())
+        .filter(|&i| rows[i].is_none() && !bad[i])
+        .collect();
+    let todo_paths: Vec<&Path> = todo.iter().map(|&i| paths[i].as_path()).collect();
+    let encoded = encode_images(clip, &todo_paths, view, opts)?;
+    let mut n_encoded = 0;
+    for (&i, result) in todo.iter().zip(encoded) {
+        match result {
+            Ok(row) => {
+                if let (Some(cache), Some(id)) = (cache.as_mut(), &ids[i]) {
+                    cache.insert(id.clone(), row.clone());
+                }
+                rows[i] = Some(row);
+                n_encoded += 1;
+            }
+            Err(e) => skipped.push(e),
+        }
+    }
+    if let Some(cache) = &cache {
+        if n_encoded > 0 {
+            cache
+                .save()
+                .with_context(|| format!("writing the feature cache {}", cache.path.display()))?;
+        }
+    }
+    let kept: Vec<usize> = (0..paths.len()).filter(|&i| rows[i].is_some()).collect();
+    let flat: Vec<f32> = kept
+        .iter()
+        .flat_map(|&i| rows[i].take().expect("kept rows exist"))
+        .collect();
+    let features = Tensor::from_vec(flat, (kept.len(), dim), &Device::Cpu)?;
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(ImageFeatures {
+        features,
+        kept,
+        skipped,
+        cache_hits,
+        encoded: n_encoded,
+    })
+}
+
+type Decoded = Vec<std::result::Result<Vec<f32>, ImageError>>;
+
+/// Decodes and preprocesses batches on all cores in a producer thread while the model encodes
+/// the previous batch. Returns one result per path; the first bad image is an error unless
+/// `skip_bad_images`.
+fn encode_images(
+    clip: &Clip,
+    paths: &[&Path],
+    view: &View,
+    opts: &ExtractOptions,
+) -> Result<Vec<std::result::Result<Vec<f32>, ImageError>>> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let batch = opts.batch_size.max(1);
+    let (ch, cw) = clip.preprocess.crop;
+    let pb = crate::progress::bar(paths.len() as u64, "encoding", opts.progress);
+    let mut out: Vec<std::result::Result<Vec<f32>, ImageError>> = Vec::with_capacity(paths.len());
+    let pre = &clip.preprocess;
+    std::thread::scope(|s| -> Result<()> {
+        let (tx, rx) = sync_channel::<Decoded>(2);
+        s.spawn(move || {
+            for chunk in paths.chunks(batch) {
+                let decoded: Decoded = chunk
+                    .par_iter()
+                    .map(|p| load_rgb(p).map(|img| pre.apply(&img, view, view_key(p))))
+                    .collect();
+                if tx.send(decoded).is_err() {
+                    break;
+                }
+            }
+        });
+        for decoded in rx {
+            let n = decoded.len();
+            let good: Vec<&Vec<f32>> = decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let mut feats = if good.is_empty() {
+                Vec::new()
+            } else {
+                let flat: Vec<f32> = good.iter().flat_map(|v| v.iter().copied()).collect();
+                let x = Tensor::from_vec(
+                    flat,
+                    (good.len(), 3, ch as usize, cw as usize),
+                    &clip.device,
+                )?
+                .to_dtype(clip.dtype)?;
+                clip.model
+                    .image_features(&x)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?
+                    .to_vec2::<f32>()?
+            }
+            .into_iter();
+            for r in decoded {
+                match r {
+                    Ok(_) => out.push(Ok(feats.next().expect("one row per good image"))),
+                    Err(e) if opts.skip_bad_images => out.push(Err(e)),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            pb.inc(n as u64);
+        }
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    Ok(out)
+}
+
+/// Raw text features (`get_text_features`) of prompts, `[N, D]` f32 on the CPU.
+pub fn text_features(clip: &Clip, prompts: &[String], batch_size: usize) -> Result<Tensor> {
+    let mut rows = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let ids = clip.tokenizer.encode_batch(chunk)?;
+        let f = clip
+            .model
+            .text_features(&ids, &clip.device)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        rows.push(f);
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// Zero-shot classifier `[C, D]`: for each class, the mean of the L2-normalised embeddings of
+/// every template, re-normalised (the CLIP prompt ensemble).
+pub fn text_classifier(
+    clip: &Clip,
+    class_names: &[String],
+    template_set: &[String],
+    batch_size: usize,
+    progress: bool,
+) -> Result<Tensor> {
+    let pb = crate::progress::bar(class_names.len() as u64, "prompts", progress);
+    let mut weights = Vec::with_capacity(class_names.len());
+    for name in class_names {
+        let prompts: Vec<String> = template_set
+            .iter()
+            .map(|t| templates::fill(t, name))
+            .collect();
+        let f = l2_normalize(&text_features(clip, &prompts, batch_size)?)?;
+        weights.push(l2_normalize(&f.mean(0)?)?);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(Tensor::stack(&weights, 0)?)
+}

@@ -1,0 +1,68 @@
+//! Safetensors files with JSON metadata, written atomically.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+
+/// Key under which clipft stores its JSON metadata in a safetensors header.
+pub const META_KEY: &str = "clipft";
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers
+/// see the old file or the complete new one, never a partial write.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("creating folder {}", parent.display()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".clipft-")
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Saves named tensors plus a JSON metadata value atomically.
+pub fn save(path: &Path, tensors: &[(&str, &Tensor)], meta: &serde_json::Value) -> Result<()> {
+    let meta = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.to_string(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .with_context(|| format!("serialising {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Loads every tensor (on the CPU) and clipft's metadata of a safetensors file.
+pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
+        Some(text) => serde_json::from_str(text)
+            .with_context(|| format!("{}: malformed clipft metadata", path.display()))?,
+        None => serde_json::Value::Null,
+    };
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("{}: reading tensors", path.display()))?;
+    Ok((tensors, meta))
+}
+
+/// The tensor `name` of a loaded file, or an error naming the file.
+pub fn take(tensors: &mut HashMap<String, Tensor>, name: &str, path: &Path) -> Result<Tensor> {
+    tensors
+        .remove(name)
+        .with_context(|| format!("{}: no tensor `{name}`", path.display()))
+}

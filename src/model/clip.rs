@@ -1,0 +1,475 @@
+//! The CLIP dual encoder (`transformers`' `CLIPModel`) in candle.
+//!
+//! One file per model, as in candle-transformers, but owned here because clipft needs what the
+//! stock model does not give: `hidden_act` from the config for both towers, `transformers`' exact
+//! EOS pooling, and a vision tower that stays differentiable end to end for fine-tuning
+//! (candle's fused layer-norm and softmax kernels have no backward pass, so [`LayerNorm`] and
+//! [`softmax`] switch to composed ops whenever the graph is being tracked).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
+
+/// Layer normalisation that keeps gradients flowing.
+///
+/// candle-nn's `LayerNorm::forward` takes a fused kernel on contiguous input that records no
+/// backward op, which silently stops gradients. The fused kernel is only used when nothing in the
+/// computation is tracked (inference); otherwise the same formula is built from differentiable ops.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
+            let dtype = xs.dtype();
+            let x = xs.to_dtype(DType::F32)?;
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let x = x.broadcast_sub(&mean)?;
+            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+            let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            x.to_dtype(dtype)?
+                .broadcast_mul(&self.weight)?
+                .broadcast_add(&self.bias)
+        } else {
+            candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+/// Softmax over the last dimension; fused for inference, composed (differentiable) when tracked.
+pub fn softmax(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        let max = xs.max_keepdim(D::Minus1)?.detach();
+        let e = xs.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    } else {
+        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
+    }
+}
+
+fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
+    match act {
+        Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+        Activation::Gelu => xs.gelu_erf(),
+        Activation::GeluNew => xs.gelu(),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, hidden: usize, num_heads: usize) -> Result<Self> {
+        let lin = |name| candle_nn::linear(hidden, hidden, vb.pp(name));
+        Ok(Self {
+            q_proj: lin("q_proj")?,
+            k_proj: lin("k_proj")?,
+            v_proj: lin("v_proj")?,
+            out_proj: lin("out_proj")?,
+            num_heads,
+            head_dim: hidden / num_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, h) = xs.dims3()?;
+        let heads = |x: Tensor| {
+            x.reshape((b, t, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = heads((self.q_proj.forward(xs)? * scale)?)?;
+        let k = heads(self.k_proj.forward(xs)?)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        let mut attn = q.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            attn = attn.broadcast_add(mask)?;
+        }
+        let attn = softmax(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    self_attn: Attention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::new(vb.pp("self_attn"), hidden, heads)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), hidden, eps)?,
+            fc1: candle_nn::linear(hidden, inter, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(inter, hidden, vb.pp("mlp.fc2"))?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), hidden, eps)?,
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(xs)?, mask)?;
+        let xs = (xs + h)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
+        let h = self.fc2.forward(&activate(self.act, &h)?)?;
+        xs + h
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Encoder {
+    layers: Vec<EncoderLayer>,
+}
+
+impl Encoder {
+    fn new(
+        vb: VarBuilder,
+        n: usize,
+        hidden: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        let layers = (0..n)
+            .map(|i| {
+                EncoderLayer::new(vb.pp(format!("layers.{i}")), hidden, inter, heads, eps, act)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.layers
+            .iter()
+            .try_fold(xs.clone(), |xs, l| l.forward(&xs, mask))
+    }
+}
+
+/// `CLIPTextTransformer` plus `text_projection`.
+#[derive(Debug, Clone)]
+pub struct ClipTextTransformer {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    projection: Linear,
+    cfg: ClipTextConfig,
+}
+
+impl ClipTextTransformer {
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, projection_dim: usize) -> Result<Self> {
+        let tm = vb.pp("text_model");
+        let emb = tm.pp("embeddings");
+        Ok(Self {
+            token_embedding: candle_nn::embedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                emb.pp("token_embedding"),
+            )?,
+            position_embedding: emb.get(
+                (cfg.max_position_embeddings, cfg.hidden_size),
+                "position_embedding.weight",
+            )?,
+            encoder: Encoder::new(
+                tm.pp("encoder"),
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.layer_norm_eps,
+                cfg.hidden_act,
+            )?,
+            final_layer_norm: LayerNorm::new(
+                tm.pp("final_layer_norm"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
+            projection: candle_nn::linear_no_bias(
+                cfg.hidden_size,
+                projection_dim,
+                vb.pp("text_projection"),
+            )?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Position of the pooled token in each row, exactly as `transformers` chooses it: the legacy
+    /// configs (`eos_token_id == 2`) take the argmax of the ids (the EOS id is the largest in the
+    /// CLIP vocabulary), newer ones the first occurrence of `eos_token_id`.
+    pub fn pooled_positions(&self, ids: &[Vec<u32>]) -> Vec<usize> {
+        ids.iter()
+            .map(|row| {
+                if self.cfg.eos_token_id == 2 {
+                    // First index of the maximum, as torch.argmax returns.
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&x| x == max).unwrap_or(0)
+                } else {
+                    row.iter()
+                        .position(|&x| x == self.cfg.eos_token_id)
+                        .unwrap_or(0)
+                }
+            })
+            .collect()
+    }
+
+    /// Text features (`get_text_features`): `[B, T]` u32 token ids (already truncated to the
+    /// context length) to `[B, projection_dim]`, unnormalised.
+    pub fn forward_ids(&self, ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+        let b = ids.len();
+        let t = ids.iter().map(Vec::len).max().unwrap_or(0);
+        if b == 0 || t == 0 {
+            candle_core::bail!("text encoder needs at least one non-empty token sequence")
+        }
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "token sequence of length {t} exceeds the model's context length {}",
+                self.cfg.max_position_embeddings
+            )
+        }
+        // Pad every row to `t`; with the causal mask, tokens after EOS never reach the pooled one.
+        let flat: Vec<u32> = ids
+            .iter()
+            .flat_map(|r| {
+                r.iter().copied().chain(std::iter::repeat_n(
+                    self.cfg.pad_token_id.min(self.cfg.vocab_size as u32 - 1),
+                    t - r.len(),
+                ))
+            })
+            .collect();
+        let input = Tensor::from_vec(flat, (b, t), device)?;
+        let pos = self.position_embedding.narrow(0, 0, t)?;
+        let xs = self.token_embedding.forward(&input)?.broadcast_add(&pos)?;
+        let mask = causal_mask(t, xs.dtype(), device)?;
+        let xs = self.encoder.forward(&xs, Some(&mask))?;
+        let xs = self.final_layer_norm.forward(&xs)?;
+        let idx: Vec<u32> = self
+            .pooled_positions(ids)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (i * t + p) as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, b, device)?;
+        let pooled = xs
+            .reshape((b * t, self.cfg.hidden_size))?
+            .index_select(&idx, 0)?;
+        self.projection.forward(&pooled)
+    }
+}
+
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+}
+
+/// `CLIPVisionTransformer` plus `visual_projection`.
+#[derive(Debug, Clone)]
+pub struct ClipVisionTransformer {
+    class_embedding: Tensor,
+    /// Patch-embedding convolution weight flattened to `[hidden, C*P*P]`: the convolution has
+    /// stride = kernel, so it is a plain matmul over non-overlapping patches (no im2col).
+    patch_weight: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    encoder: Encoder,
+    post_layernorm: LayerNorm,
+    projection: Linear,
+    cfg: ClipVisionConfig,
+}
+
+impl ClipVisionTransformer {
+    pub fn new(vb: VarBuilder, cfg: &ClipVisionConfig, projection_dim: usize) -> Result<Self> {
+        let vm = vb.pp("vision_model");
+        let emb = vm.pp("embeddings");
+        let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+        let patch_weight = emb
+            .get((h, c, p, p), "patch_embedding.weight")?
+            .reshape((h, c * p * p))?;
+        Ok(Self {
+            class_embedding: emb.get(h, "class_embedding")?,
+            patch_weight,
+            position_embedding: emb.get((cfg.num_patches() + 1, h), "position_embedding.weight")?,
+            pre_layrnorm: LayerNorm::new(vm.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
+            encoder: Encoder::new(
+                vm.pp("encoder"),
+                cfg.num_hidden_layers,
+                h,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.layer_norm_eps,
+                cfg.hidden_act,
+            )?,
+            post_layernorm: LayerNorm::new(vm.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
+            projection: candle_nn::linear_no_bias(h, projection_dim, vb.pp("visual_projection"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Image features (`get_image_features`): `[B, C, S, S]` normalised pixels to
+    /// `[B, projection_dim]`, unnormalised.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, hh, ww) = pixels.dims4()?;
+        let (p, s) = (self.cfg.patch_size, self.cfg.image_size);
+        if c != self.cfg.num_channels || hh != s || ww != s {
+            candle_core::bail!(
+                "vision tower expects [B, {}, {s}, {s}] pixels, got {:?}",
+                self.cfg.num_channels,
+                pixels.dims()
+            )
+        }
+        let g = s / p;
+        let hidden = self.cfg.hidden_size;
+        let pixels = pixels.to_dtype(self.patch_weight.dtype())?;
+        // [B, C, g, P, g, P] -> [B, g, g, C, P, P] -> [B*g*g, C*P*P]
+        let patches = pixels
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, c * p * p))?;
+        let patches = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((b, g * g, hidden))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, hidden))?
+            .broadcast_as((b, 1, hidden))?;
+        let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let xs = self.pre_layrnorm.forward(&xs)?;
+        let xs = self.encoder.forward(&xs, None)?;
+        let pooled = self
+            .post_layernorm
+            .forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)?;
+        self.projection.forward(&pooled)
+    }
+
+    pub fn config(&self) -> &ClipVisionConfig {
+        &self.cfg
+    }
+}
+
+/// Both towers of a CLIP checkpoint.
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub text: ClipTextTransformer,
+    pub vision: ClipVisionTransformer,
+    pub config: ClipConfig,
+}
+
+impl ClipModel {
+    pub fn new(vb: VarBuilder, config: &ClipConfig) -> Result<Self> {
+        Ok(Self {
+            text: ClipTextTransformer::new(vb.clone(), &config.text_config, config.projection_dim)?,
+            vision: ClipVisionTransformer::new(vb, &config.vision_config, config.projection_dim)?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.vision.forward(pixels)
+    }
+
+    pub fn text_features(&self, ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+        self.text.forward_ids(ids, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_paths_agree_and_slow_one_has_gradients() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 8), &dev).unwrap();
+        let w = candle_core::Var::from_tensor(&Tensor::randn(1f32, 0.1, 8, &dev).unwrap()).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 8, &dev).unwrap();
+        let fused = LayerNorm {
+            weight: w.as_tensor().detach(),
+            bias: b.clone(),
+            eps: 1e-5,
+        };
+        let tracked = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: b,
+            eps: 1e-5,
+        };
+        let a = fused.forward(&x).unwrap();
+        let y = tracked.forward(&x).unwrap();
+        let diff = (a - &y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(w.as_tensor()).is_some(),
+            "layer norm weight received no gradient"
+        );
+    }
+
+    #[test]
+    fn softmax_paths_agree() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 7), &dev).unwrap())
+            .unwrap();
+        let a = softmax(&x.as_tensor().detach()).unwrap();
+        let b = softmax(x.as_tensor()).unwrap();
+        let diff = (a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+        let grads = (b.narrow(1, 0, 1).unwrap().sum_all().unwrap())
+            .backward()
+            .unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+}

@@ -1,0 +1,383 @@
+//! Turning resolved checkpoint files into a ready [`Clip`]: config, validated weights, tokenizer
+//! and image processor, on the requested device and dtype.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::hub::{self, ModelFiles, WeightFiles};
+use super::{ClipConfig, ClipModel, ClipTokenizer, LoadError};
+use crate::preprocess::PreprocessConfig;
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeArg {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for DTypeArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(Self::F32),
+            "f16" | "float16" | "fp16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown dtype `{s}` (expected f32, f16 or bf16)")),
+        }
+    }
+}
+
+impl fmt::Display for DTypeArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl DTypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceArg {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.to_ascii_lowercase();
+        match s.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{s}` (expected auto, cpu, cuda or cuda:N)"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceArg {
+    pub fn device(self) -> anyhow::Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    bail!("--device cuda:{n}: this clipft was built without CUDA support; rebuild with `cargo build --release --features cuda`")
+                }
+                Device::new_cuda(n)
+                    .with_context(|| format!("--device cuda:{n}: could not open the CUDA device"))
+            }
+        }
+    }
+}
+
+/// Resolves the dtype for a device: candle 0.11 has no bf16 matmul on CPU, so bf16 on CPU falls
+/// back to f32 with a warning (the one message the user sees), instead of failing mid-run.
+pub fn effective_dtype(requested: DTypeArg, device: &Device) -> (DType, Option<String>) {
+    match (requested, device) {
+        (DTypeArg::Bf16, Device::Cpu) => (
+            DType::F32,
+            Some("--dtype bf16 is not supported on the CPU by candle 0.11 (no bf16 matmul); using f32".into()),
+        ),
+        (r, _) => (r.dtype(), None),
+    }
+}
+
+/// What to load: `--model`, `--revision`, `--dtype`, `--device`.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub model: String,
+    pub revision: Option<String>,
+    pub dtype: DTypeArg,
+    pub device: DeviceArg,
+    /// Show hub download progress.
+    pub progress: bool,
+}
+
+impl ModelSpec {
+    pub fn local(dir: impl AsRef<Path>) -> Self {
+        Self {
+            model: dir.as_ref().display().to_string(),
+            revision: None,
+            dtype: DTypeArg::F32,
+            device: DeviceArg::Cpu,
+            progress: false,
+        }
+    }
+}
+
+/// A loaded CLIP checkpoint with everything needed to turn images and prompts into features.
+pub struct Clip {
+    pub model: ClipModel,
+    pub tokenizer: ClipTokenizer,
+    pub preprocess: PreprocessConfig,
+    pub files: ModelFiles,
+    pub device: Device,
+    pub dtype: DType,
+    /// Stable identity of the weights (paths, sizes, mtimes) and dtype, for feature caches.
+    pub fingerprint: String,
+    /// Warnings produced while loading (e.g. a dtype fallback), for the caller to show.
+    pub warnings: Vec<String>,
+}
+
+impl Clip {
+    pub fn load(spec: &ModelSpec) -> anyhow::Result<Self> {
+        let files = hub::resolve(&spec.model, spec.revision.as_deref(), spec.progress)?;
+        let device = spec.device.device()?;
+        let (dtype, warning) = effective_dtype(spec.dtype, &device);
+        Self::from_files(files, device, dtype, warning.into_iter().collect())
+    }
+
+    pub fn from_files(
+        files: ModelFiles,
+        device: Device,
+        dtype: DType,
+        warnings: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let config_text =
+            std::fs::read_to_string(&files.config).map_err(|e| LoadError::BadFile {
+                path: files.config.clone(),
+                msg: e.to_string(),
+            })?;
+        let config = ClipConfig::from_json(&config_text).map_err(|msg| LoadError::BadFile {
+            path: files.config.clone(),
+            msg,
+        })?;
+        check_tensors(&files.weights, &config)?;
+        let vb = match &files.weights {
+            // SAFETY: the files are memory-mapped read-only; clipft never writes to a checkpoint
+            // while it is loaded (see candle's `MmapedSafetensors`).
+            WeightFiles::Safetensors(paths) => {
+                unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, &device) }
+                    .with_context(|| format!("reading {}", paths[0].display()))?
+            }
+            WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, &device)
+                .with_context(|| format!("reading {}", path.display()))?,
+        };
+        let model = ClipModel::new(vb, &config).with_context(|| {
+            format!(
+                "building the CLIP model from {}",
+                files.weights.paths()[0].display()
+            )
+        })?;
+        let tokenizer =
+            ClipTokenizer::from_file(&files.tokenizer, config.text_config.max_position_embeddings)?;
+        if tokenizer.vocab_size() > config.text_config.vocab_size {
+            return Err(LoadError::BadFile {
+                path: files.tokenizer.clone(),
+                msg: format!(
+                    "vocabulary of {} tokens does not fit the text tower's {} embeddings (config.json)",
+                    tokenizer.vocab_size(),
+                    config.text_config.vocab_size
+                ),
+            }
+            .into());
+        }
+        let preprocess = match &files.preprocessor {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| LoadError::BadFile {
+                    path: p.clone(),
+                    msg: e.to_string(),
+                })?;
+                PreprocessConfig::from_json(&text, config.vision_config.image_size).map_err(
+                    |msg| LoadError::BadFile {
+                        path: p.clone(),
+                        msg,
+                    },
+                )?
+            }
+            None => PreprocessConfig::openai(config.vision_config.image_size as u32),
+        };
+        if preprocess.crop
+            != (
+                config.vision_config.image_size as u32,
+                config.vision_config.image_size as u32,
+            )
+        {
+            let path = files.preprocessor.clone().unwrap_or_default();
+            return Err(LoadError::BadFile {
+                path,
+                msg: format!(
+                    "crop size {:?} does not match the vision tower's image_size {}",
+                    preprocess.crop, config.vision_config.image_size
+                ),
+            }
+            .into());
+        }
+        let fingerprint = fingerprint(&files, dtype)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            preprocess,
+            files,
+            device,
+            dtype,
+            fingerprint,
+            warnings,
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.model.config
+    }
+
+    /// A short, human-readable description of what was loaded.
+    pub fn describe(&self) -> String {
+        let c = self.config();
+        format!(
+            "{} ({}), vision {}x{} hidden {} ({} layers), text hidden {} ({} layers, context {}), embedding dim {}, {:?} on {}",
+            self.files.id,
+            c.arch_name(),
+            c.vision_config.image_size,
+            c.vision_config.image_size,
+            c.vision_config.hidden_size,
+            c.vision_config.num_hidden_layers,
+            c.text_config.hidden_size,
+            c.text_config.num_hidden_layers,
+            c.text_config.max_position_embeddings,
+            c.projection_dim,
+            self.dtype,
+            device_name(&self.device),
+        )
+    }
+}
+
+pub fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// Checks every tensor the config calls for against the files' headers before anything is
+/// loaded, so a mismatch names the file and tensor instead of failing deep inside the model.
+fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadError> {
+    let mut found: HashMap<String, (PathBuf, Vec<usize>)> = HashMap::new();
+    match weights {
+        WeightFiles::Safetensors(paths) => {
+            for p in paths {
+                let bad = |msg: String| LoadError::BadFile {
+                    path: p.clone(),
+                    msg,
+                };
+                let file = std::fs::File::open(p).map_err(|e| bad(e.to_string()))?;
+                // SAFETY: read-only map of a file we do not modify.
+                let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(e.to_string()))?;
+                let st = safetensors::SafeTensors::deserialize(&mmap)
+                    .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+                for (name, view) in st.tensors() {
+                    found.insert(name, (p.clone(), view.shape().to_vec()));
+                }
+            }
+        }
+        WeightFiles::Pth(p) => {
+            let pth =
+                candle_core::pickle::PthTensors::new(p, None).map_err(|e| LoadError::BadFile {
+                    path: p.clone(),
+                    msg: format!("not a readable PyTorch checkpoint: {e}"),
+                })?;
+            for (name, info) in pth.tensor_infos() {
+                found.insert(
+                    name.clone(),
+                    (p.clone(), info.layout.shape().dims().to_vec()),
+                );
+            }
+        }
+    }
+    let first = weights.paths()[0].to_path_buf();
+    for (name, expected) in config.expected_tensors() {
+        match found.get(&name) {
+            None => {
+                return Err(LoadError::MissingTensor {
+                    file: first,
+                    name,
+                    expected,
+                })
+            }
+            Some((file, shape)) if *shape != expected => {
+                return Err(LoadError::ShapeMismatch {
+                    file: file.clone(),
+                    name,
+                    expected,
+                    found: shape.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(files: &ModelFiles, dtype: DType) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("{dtype:?}\n").as_bytes());
+    let mut paths: Vec<&Path> = files.weights.paths();
+    paths.push(&files.config);
+    for p in paths {
+        let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(
+            format!(
+                "{}\t{}\t{}\n",
+                p.canonicalize()
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .display(),
+                meta.len(),
+                mtime
+            )
+            .as_bytes(),
+        );
+    }
+    Ok(format!("{:x}", h.finalize())[..16].to_string())
+}

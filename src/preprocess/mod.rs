@@ -1,0 +1,501 @@
+//! Image preprocessing identical to `transformers`' `CLIPImageProcessor`: convert to RGB, resize
+//! the shortest edge with Pillow's antialiased filters (ported bit-exact in [`pil`]), centre-crop,
+//! rescale, normalise.
+
+pub mod pil;
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+pub const OPENAI_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const OPENAI_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// Pillow's resampling filters, by their `PIL.Image.Resampling` number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resample {
+    Nearest,
+    Lanczos,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
+}
+
+impl Resample {
+    pub fn from_pil(n: u64) -> Option<Self> {
+        Some(match n {
+            0 => Self::Nearest,
+            1 => Self::Lanczos,
+            2 => Self::Bilinear,
+            3 => Self::Bicubic,
+            4 => Self::Box,
+            5 => Self::Hamming,
+            _ => return None,
+        })
+    }
+}
+
+/// How the first resize is sized (`size` in `preprocessor_config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeTo {
+    /// Shortest edge to this many pixels, aspect ratio kept (long edge truncated).
+    ShortestEdge(u32),
+    /// Exactly `(height, width)`.
+    Exact(u32, u32),
+}
+
+/// The settings of a `CLIPImageProcessor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessConfig {
+    pub resize: Option<ResizeTo>,
+    pub resample: Resample,
+    /// `(height, width)` of the centre crop; equal to the vision tower's image size.
+    pub crop: (u32, u32),
+    pub do_center_crop: bool,
+    pub rescale_factor: Option<f64>,
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+}
+
+impl PreprocessConfig {
+    /// `CLIPImageProcessor()` defaults for a tower of the given input size.
+    pub fn openai(image_size: u32) -> Self {
+        Self {
+            resize: Some(ResizeTo::ShortestEdge(image_size)),
+            resample: Resample::Bicubic,
+            crop: (image_size, image_size),
+            do_center_crop: true,
+            rescale_factor: Some(1.0 / 255.0),
+            mean: Some(OPENAI_MEAN),
+            std: Some(OPENAI_STD),
+        }
+    }
+
+    /// Parses `preprocessor_config.json`; missing keys take the `CLIPImageProcessor` defaults.
+    pub fn from_json(text: &str, image_size: usize) -> Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let obj = v.as_object().ok_or("expected a JSON object")?;
+        let flag = |k: &str| obj.get(k).and_then(|x| x.as_bool()).unwrap_or(true);
+        let size_of = |k: &str| -> Result<Option<ResizeTo>, String> {
+            match obj.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(x) if x.is_u64() => {
+                    Ok(Some(ResizeTo::ShortestEdge(x.as_u64().unwrap() as u32)))
+                }
+                Some(x) => {
+                    let get = |f: &str| x.get(f).and_then(|y| y.as_u64()).map(|y| y as u32);
+                    if let Some(s) = get("shortest_edge") {
+                        Ok(Some(ResizeTo::ShortestEdge(s)))
+                    } else if let (Some(h), Some(w)) = (get("height"), get("width")) {
+                        Ok(Some(ResizeTo::Exact(h, w)))
+                    } else {
+                        Err(format!("`{k}` must be an integer, {{\"shortest_edge\": n}} or {{\"height\": h, \"width\": w}}"))
+                    }
+                }
+            }
+        };
+        let triple = |k: &str, default: [f32; 3]| -> Result<[f32; 3], String> {
+            match obj.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(x) => {
+                    let v: Vec<f32> = serde_json::from_value(x.clone())
+                        .map_err(|_| format!("`{k}` must be a list of numbers"))?;
+                    match v.len() {
+                        1 => Ok([v[0]; 3]),
+                        3 => Ok([v[0], v[1], v[2]]),
+                        _ => Err(format!("`{k}` must have 1 or 3 values")),
+                    }
+                }
+            }
+        };
+        let s = image_size as u32;
+        let resize = if flag("do_resize") {
+            Some(size_of("size")?.unwrap_or(ResizeTo::ShortestEdge(s)))
+        } else {
+            None
+        };
+        let crop = match size_of("crop_size")? {
+            Some(ResizeTo::ShortestEdge(c)) => (c, c),
+            Some(ResizeTo::Exact(h, w)) => (h, w),
+            None => (s, s),
+        };
+        let resample = match obj.get("resample") {
+            None | Some(serde_json::Value::Null) => Resample::Bicubic,
+            Some(x) => x
+                .as_u64()
+                .and_then(Resample::from_pil)
+                .ok_or("`resample` must be a PIL filter number 0-5")?,
+        };
+        let rescale_factor = if flag("do_rescale") {
+            Some(
+                obj.get("rescale_factor")
+                    .and_then(|x| x.as_f64())
+                    .unwrap_or(1.0 / 255.0),
+            )
+        } else {
+            None
+        };
+        let (mean, std) = if flag("do_normalize") {
+            (
+                Some(triple("image_mean", OPENAI_MEAN)?),
+                Some(triple("image_std", OPENAI_STD)?),
+            )
+        } else {
+            (None, None)
+        };
+        let std_ok = std.is_none_or(|s| s.iter().all(|&x| x > 0.0));
+        if !std_ok {
+            return Err("`image_std` values must be positive".into());
+        }
+        Ok(Self {
+            resize,
+            resample,
+            crop,
+            do_center_crop: flag("do_center_crop"),
+            rescale_factor,
+            mean,
+            std,
+        })
+    }
+
+    /// A short key that changes whenever the pixels this config produces would change.
+    pub fn cache_key(&self) -> String {
+        serde_json::to_string(self).expect("config serialises")
+    }
+
+    /// Output `(height, width)` of the resize step for an input of `(w, h)`, as `transformers`'
+    /// `get_resize_output_image_size(default_to_square=False)` computes it.
+    pub fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
+        match self.resize {
+            None => (w, h),
+            Some(ResizeTo::Exact(rh, rw)) => (rw, rh),
+            Some(ResizeTo::ShortestEdge(s)) => {
+                let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                let new_long = (s as f64 * long as f64 / short as f64) as u32;
+                if w <= h {
+                    (s, new_long)
+                } else {
+                    (new_long, s)
+                }
+            }
+        }
+    }
+
+    /// Pixels (CHW, f32) of one view of an image. `key` identifies the image (see
+    /// [`View::Augment`]) so a random view does not depend on processing order.
+    pub fn apply(&self, img: &RgbImage, view: &View, key: u64) -> Vec<f32> {
+        match *view {
+            View::Center | View::Flip => {
+                let (w, h) = self.resized_size(img.width(), img.height());
+                let resized = resize(img, w, h, self.resample);
+                let mut out = if self.do_center_crop {
+                    center_crop(&resized, self.crop.0, self.crop.1)
+                } else {
+                    resized
+                };
+                if *view == View::Flip {
+                    out = image::imageops::flip_horizontal(&out);
+                }
+                self.normalize(&out)
+            }
+            View::Augment {
+                seed,
+                epoch,
+                scale_min,
+                scale_max,
+                flip_p,
+            } => {
+                // torchvision: RandomResizedCrop(crop, scale, ratio=(3/4, 4/3), bicubic) on the
+                // original image (crop, then resize the crop), then RandomHorizontalFlip(flip_p).
+                let mut rng = view_rng(seed, epoch, key);
+                let (x, y, cw, ch) = random_resized_crop_box(
+                    img.width(),
+                    img.height(),
+                    (scale_min, scale_max),
+                    (3.0 / 4.0, 4.0 / 3.0),
+                    &mut rng,
+                );
+                let crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
+                let mut out = resize(&crop, self.crop.1, self.crop.0, self.resample);
+                if rng.random::<f64>() < flip_p {
+                    out = image::imageops::flip_horizontal(&out);
+                }
+                self.normalize(&out)
+            }
+        }
+    }
+
+    /// Rescale and normalise in f32, operation for operation as `transformers` does (rescale in
+    /// f64 then cast, then `(x - mean) / std` in f32), so values match to the last bit.
+    pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut out = vec![0f32; 3 * w * h];
+        let raw = img.as_raw();
+        for c in 0..3 {
+            let plane = &mut out[c * w * h..(c + 1) * w * h];
+            for (i, v) in plane.iter_mut().enumerate() {
+                let x = raw[i * 3 + c] as f64;
+                let mut x = match self.rescale_factor {
+                    Some(f) => (x * f) as f32,
+                    None => x as f32,
+                };
+                if let (Some(m), Some(s)) = (self.mean, self.std) {
+                    x = (x - m[c]) / s[c];
+                }
+                *v = x;
+            }
+        }
+        out
+    }
+}
+
+/// Which view of an image to encode.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    /// `CLIPImageProcessor` output.
+    Center,
+    /// The centre crop, mirrored left to right.
+    Flip,
+    /// A seeded random resized crop of `scale_min..scale_max` of the area, flipped with
+    /// probability `flip_p`; the same `(seed, epoch, image)` always gives the same view.
+    Augment {
+        seed: u64,
+        epoch: u64,
+        scale_min: f64,
+        scale_max: f64,
+        flip_p: f64,
+    },
+}
+
+/// Pillow-exact resize of an RGB image to `(w, h)`.
+pub fn resize(img: &RgbImage, w: u32, h: u32, resample: Resample) -> RgbImage {
+    if img.width() == w && img.height() == h {
+        return img.clone();
+    }
+    pil::resize(img, w, h, resample)
+}
+
+/// `transformers`' `center_crop`: offsets `(size - crop) // 2`; an image smaller than the crop is
+/// padded with zeros around its centre first.
+pub fn center_crop(img: &RgbImage, crop_h: u32, crop_w: u32) -> RgbImage {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let (ch, cw) = (crop_h as i64, crop_w as i64);
+    let (mut top, mut left) = ((h - ch).div_euclid(2), (w - cw).div_euclid(2));
+    let (nh, nw) = (h.max(ch), w.max(cw));
+    let (pad_top, pad_left) = ((nh - h) / 2, (nw - w) / 2);
+    top += pad_top;
+    left += pad_left;
+    let mut out = RgbImage::new(crop_w, crop_h);
+    for y in 0..ch {
+        let sy = top + y - pad_top;
+        if sy < 0 || sy >= h {
+            continue;
+        }
+        for x in 0..cw {
+            let sx = left + x - pad_left;
+            if sx >= 0 && sx < w {
+                out.put_pixel(x as u32, y as u32, *img.get_pixel(sx as u32, sy as u32));
+            }
+        }
+    }
+    out
+}
+
+/// torchvision's `RandomResizedCrop.get_params`: up to 10 tries at a random area and log-uniform
+/// aspect ratio, then a centre crop clamped to the ratio range. Returns `(x, y, w, h)`.
+pub fn random_resized_crop_box(
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl Rng,
+) -> (u32, u32, u32, u32) {
+    let area = (width as f64) * (height as f64);
+    let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..=scale.1);
+        let aspect = rng.random_range(log_lo..=log_hi).exp();
+        let w = (target * aspect).sqrt().round() as i64;
+        let h = (target / aspect).sqrt().round() as i64;
+        if 0 < w && w <= width as i64 && 0 < h && h <= height as i64 {
+            let y = rng.random_range(0..=(height as i64 - h)) as u32;
+            let x = rng.random_range(0..=(width as i64 - w)) as u32;
+            return (x, y, w as u32, h as u32);
+        }
+    }
+    let in_ratio = width as f64 / height as f64;
+    let (w, h) = if in_ratio < ratio.0 {
+        (width, (width as f64 / ratio.0).round() as u32)
+    } else if in_ratio > ratio.1 {
+        ((height as f64 * ratio.1).round() as u32, height)
+    } else {
+        (width, height)
+    };
+    ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+/// A seeded generator for one augmented view, independent of processing order.
+pub fn view_rng(seed: u64, epoch: u64, index: u64) -> rand_chacha::ChaCha8Rng {
+    let mixed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ epoch.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ index.wrapping_mul(0x1656_67B1_9E37_79F9);
+    rand_chacha::ChaCha8Rng::seed_from_u64(mixed)
+}
+
+/// An image that could not be read or decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {msg}", path.display())]
+pub struct ImageError {
+    pub path: PathBuf,
+    pub msg: String,
+}
+
+/// Decodes any supported file to 8-bit RGB as `transformers`' `convert_to_rgb` does: RGB images
+/// as they are; every other mode (grey, palette, alpha, CMYK, 16-bit) through RGBA, alpha-composited
+/// onto white with Pillow's integer arithmetic. The format is taken from the content, not the
+/// extension. EXIF orientation is ignored, as `CLIPImageProcessor` ignores it.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let err = |msg: String| ImageError {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let reader = image::ImageReader::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let reader = reader
+        .with_guessed_format()
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    let img = reader
+        .decode()
+        .map_err(|e| err(format!("cannot decode image: {e}")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(err("image has no pixels".into()));
+    }
+    Ok(match img {
+        image::DynamicImage::ImageRgb8(rgb) => rgb,
+        other => composite_on_white(&other.to_rgba8()),
+    })
+}
+
+/// Pillow's `alpha_composite(white, img)` followed by `convert("RGB")`.
+pub fn composite_on_white(rgba: &image::RgbaImage) -> RgbImage {
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let [r, g, b, a] = p.0;
+        o.0 = [blend_white(r, a), blend_white(g, a), blend_white(b, a)];
+    }
+    out
+}
+
+/// One channel of Pillow's `ImagingAlphaComposite` with an opaque white destination
+/// (7 precision bits, rounded divisions by 255).
+fn blend_white(src: u8, alpha: u8) -> u8 {
+    const PRECISION_BITS: u32 = 7;
+    if alpha == 0 {
+        return 255;
+    }
+    let (s, a) = (src as u32, alpha as u32);
+    let outa255 = a * 255 + 255 * (255 - a);
+    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+    let tmp = s * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
+    let div255 = ((tmp >> 8) + tmp) >> 8;
+    (div255 >> PRECISION_BITS) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opaque_composite_is_identity_and_transparent_is_white() {
+        for v in 0..=255u8 {
+            assert_eq!(blend_white(v, 255), v);
+            assert_eq!(blend_white(v, 0), 255);
+        }
+        // Pillow: alpha_composite(white, (0, 0, 0, 128)) -> 127
+        assert_eq!(blend_white(0, 128), 127);
+        assert_eq!(
+            [
+                blend_white(10, 51),
+                blend_white(200, 51),
+                blend_white(77, 51)
+            ],
+            [206, 244, 219]
+        );
+    }
+
+    #[test]
+    fn resized_size_truncates_like_transformers() {
+        let p = PreprocessConfig::openai(224);
+        assert_eq!(p.resized_size(500, 375), (298, 224));
+        assert_eq!(p.resized_size(375, 500), (224, 298));
+        assert_eq!(p.resized_size(224, 224), (224, 224));
+        assert_eq!(p.resized_size(20, 15), (298, 224));
+        assert_eq!(p.resized_size(1000, 3), (74666, 224));
+    }
+
+    #[test]
+    fn center_crop_uses_floor_offsets_and_pads() {
+        let mut img = RgbImage::new(5, 3);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            *p = image::Rgb([x as u8, y as u8, 7]);
+        }
+        let c = center_crop(&img, 3, 2);
+        // left = (5 - 2) // 2 = 1
+        assert_eq!(c.get_pixel(0, 0).0, [1, 0, 7]);
+        assert_eq!(c.get_pixel(1, 2).0, [2, 2, 7]);
+        let padded = center_crop(&img, 5, 5);
+        assert_eq!(padded.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(padded.get_pixel(0, 1).0, [0, 0, 7]);
+    }
+
+    #[test]
+    fn preprocessor_json_variants() {
+        let p =
+            PreprocessConfig::from_json(r#"{"size": 224, "crop_size": 224, "resample": 3}"#, 224)
+                .unwrap();
+        assert_eq!(p, PreprocessConfig::openai(224));
+        let p = PreprocessConfig::from_json(
+            r#"{"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, "image_mean": [0.5,0.5,0.5], "image_std": [0.5], "resample": 2}"#,
+            336,
+        )
+        .unwrap();
+        assert_eq!(p.resize, Some(ResizeTo::ShortestEdge(336)));
+        assert_eq!(p.std, Some([0.5; 3]));
+        assert_eq!(p.resample, Resample::Bilinear);
+        assert!(PreprocessConfig::from_json(r#"{"resample": 9}"#, 224).is_err());
+        assert!(PreprocessConfig::from_json(r#"{"image_std": [0, 1, 1]}"#, 224).is_err());
+    }
+
+    #[test]
+    fn random_crop_box_stays_inside_and_is_seeded() {
+        for i in 0..200 {
+            let mut rng = view_rng(3, 1, i);
+            let (x, y, w, h) =
+                random_resized_crop_box(97, 61, (0.5, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+            assert!(w > 0 && h > 0 && x + w <= 97 && y + h <= 61);
+            let area = (w * h) as f64 / (97.0 * 61.0);
+            assert!(area > 0.4 && area <= 1.05, "{area}");
+        }
+        let a = random_resized_crop_box(
+            97,
+            61,
+            (0.5, 1.0),
+            (0.75, 4.0 / 3.0),
+            &mut view_rng(1, 2, 3),
+        );
+        let b = random_resized_crop_box(
+            97,
+            61,
+            (0.5, 1.0),
+            (0.75, 4.0 / 3.0),
+            &mut view_rng(1, 2, 3),
+        );
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,96 @@
+//! Prompt templates: built-in sets (embedded from `configs/templates/`) or a user file.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// Built-in template sets: `(name, description, contents)`.
+pub const BUILTIN: &[(&str, &str, &str)] = &[
+    (
+        "clip",
+        "the single CLIP prompt `a photo of a {}.`",
+        include_str!("../configs/templates/clip.txt"),
+    ),
+    (
+        "ensemble7",
+        "the 7-prompt ImageNet ensemble of Tip-Adapter",
+        include_str!("../configs/templates/ensemble7.txt"),
+    ),
+    (
+        "imagenet80",
+        "the 80 ImageNet prompts of the CLIP paper",
+        include_str!("../configs/templates/imagenet80.txt"),
+    ),
+];
+
+/// Parses template lines: one per line, each with exactly one `{}` for the class name; blank
+/// lines and `#` comments are skipped.
+pub fn parse(text: &str, origin: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.matches("{}").count() != 1 {
+            bail!(
+                "{origin}:{}: template `{line}` must contain `{{}}` exactly once",
+                i + 1
+            );
+        }
+        out.push(line.to_string());
+    }
+    if out.is_empty() {
+        bail!("{origin}: no templates");
+    }
+    Ok(out)
+}
+
+/// Resolves `--templates`: a built-in set name, or a file path.
+pub fn resolve(spec: &str) -> Result<Vec<String>> {
+    if let Some((_, _, text)) = BUILTIN.iter().find(|(n, _, _)| *n == spec) {
+        return parse(text, spec);
+    }
+    let path = Path::new(spec);
+    if !path.is_file() {
+        let names: Vec<_> = BUILTIN.iter().map(|(n, _, _)| *n).collect();
+        bail!(
+            "--templates {spec}: neither a file nor a built-in set ({})",
+            names.join(", ")
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text, &path.display().to_string())
+}
+
+/// `template` with the class name filled in.
+pub fn fill(template: &str, class: &str) -> String {
+    template.replacen("{}", class, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_have_expected_sizes() {
+        assert_eq!(resolve("clip").unwrap(), vec!["a photo of a {}."]);
+        assert_eq!(resolve("ensemble7").unwrap().len(), 7);
+        assert_eq!(resolve("imagenet80").unwrap().len(), 80);
+    }
+
+    #[test]
+    fn bad_templates_are_rejected_with_line() {
+        let err = parse("a {}\nno placeholder\n", "t.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.txt:2"), "{err}");
+        assert!(parse("# only a comment\n", "t.txt").is_err());
+        assert!(resolve("no-such-set")
+            .unwrap_err()
+            .to_string()
+            .contains("ensemble7"));
+        assert_eq!(fill("a photo of a {}.", "dog"), "a photo of a dog.");
+    }
+}

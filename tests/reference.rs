@@ -1,0 +1,216 @@
+//! Features and pixels against `transformers` reference numbers (tests/fixtures/reference.json,
+//! generated once by scripts/make_fixtures.py from the tiny random checkpoint in
+//! tests/fixtures/tiny-clip).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use clipft::model::{Clip, ModelSpec};
+use clipft::preprocess::{load_rgb, View};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap())
+        .unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn tiny() -> Clip {
+    Clip::load(&ModelSpec::local(fixtures().join("tiny-clip"))).unwrap()
+}
+
+#[test]
+fn tokenizer_matches_transformers_including_truncation() {
+    let r = reference();
+    let clip = tiny();
+    let prompts: Vec<String> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let ids = clip.tokenizer.encode_batch(&prompts).unwrap();
+    for (i, (ours, theirs)) in ids
+        .iter()
+        .zip(r["input_ids"].as_array().unwrap())
+        .enumerate()
+    {
+        let theirs: Vec<u32> = theirs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let mask: Vec<u64> = r["attention_mask"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        let len = mask.iter().filter(|&&m| m == 1).count();
+        assert_eq!(
+            ours.as_slice(),
+            &theirs[..len],
+            "prompt {i}: {:?}",
+            prompts[i]
+        );
+        assert!(ours.len() <= 77);
+    }
+    // The long prompt is cut to the context length and still ends with the end token.
+    let long = ids.iter().max_by_key(|v| v.len()).unwrap();
+    assert_eq!(long.len(), 77);
+    assert_eq!(*long.last().unwrap(), 1513);
+}
+
+#[test]
+fn text_features_match_transformers() {
+    let r = reference();
+    let clip = tiny();
+    let prompts: Vec<String> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let ids = clip.tokenizer.encode_batch(&prompts).unwrap();
+    let ours = clip
+        .model
+        .text_features(&ids, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    // Pooled positions as transformers chose them.
+    let pooled: Vec<usize> = r["pooled_index"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(clip.model.text.pooled_positions(&ids), pooled);
+    for (i, (a, b)) in ours
+        .iter()
+        .zip(r["text_features"].as_array().unwrap())
+        .enumerate()
+    {
+        let b = floats(b);
+        let cos = cosine(a, &b);
+        assert!(cos >= 0.99999, "prompt {i}: cosine {cos}");
+        assert!(
+            max_abs_diff(a, &b) < 1e-4,
+            "prompt {i}: max diff {}",
+            max_abs_diff(a, &b)
+        );
+    }
+    // Each prompt alone (no padding) gives the same features as in the padded batch.
+    let single = clip
+        .model
+        .text_features(&ids[5..6], &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(max_abs_diff(&single[0], &ours[5]) < 1e-5);
+}
+
+#[test]
+fn image_features_match_transformers_on_reference_pixels() {
+    let r = reference();
+    let clip = tiny();
+    for img in r["images"].as_array().unwrap() {
+        let px = floats(&img["pixel_values"]);
+        let x = Tensor::from_vec(px, (1, 3, 32, 32), &Device::Cpu).unwrap();
+        let ours = clip
+            .model
+            .image_features(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        let theirs = floats(&img["image_features"]);
+        let cos = cosine(&ours, &theirs);
+        assert!(cos >= 0.99999, "{}: cosine {cos}", img["file"]);
+        assert!(max_abs_diff(&ours, &theirs) < 1e-4, "{}", img["file"]);
+    }
+}
+
+#[test]
+fn pixels_match_clip_image_processor() {
+    let r = reference();
+    let clip = tiny();
+    for img in r["images"].as_array().unwrap() {
+        let file = img["file"].as_str().unwrap();
+        let rgb = load_rgb(&fixtures().join("images").join(file)).unwrap();
+        assert_eq!(
+            [rgb.width() as u64, rgb.height() as u64],
+            [
+                img["size"][0].as_u64().unwrap(),
+                img["size"][1].as_u64().unwrap()
+            ]
+        );
+        let ours = clip.preprocess.apply(&rgb, &View::Center, 0);
+        let theirs = floats(&img["pixel_values"]);
+        let max = max_abs_diff(&ours, &theirs);
+        let mean = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / ours.len() as f32;
+        eprintln!("{file} ({}): max {max:.5} mean {mean:.6}", img["mode"]);
+        if std::env::var("NOASSERT").is_ok() {
+            continue;
+        }
+        assert!(max <= 0.02, "{file}: max pixel difference {max}");
+        assert!(mean <= 2e-3, "{file}: mean pixel difference {mean}");
+    }
+}
+
+#[test]
+fn real_size_photos_resize_and_crop_like_pil() {
+    let clip_pre = clipft::preprocess::PreprocessConfig::openai(224);
+    for n in 1..=2 {
+        let dir = fixtures().join("preprocess");
+        let rgb = load_rgb(&dir.join(format!("photo{n}.jpg"))).unwrap();
+        let expected = image::open(dir.join(format!("photo{n}_224.png")))
+            .unwrap()
+            .to_rgb8();
+        let (w, h) = clip_pre.resized_size(rgb.width(), rgb.height());
+        let resized = clipft::preprocess::resize(&rgb, w, h, clip_pre.resample);
+        let ours = clipft::preprocess::center_crop(&resized, 224, 224);
+        let diffs: Vec<i32> = ours
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        let max = *diffs.iter().max().unwrap();
+        let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+        eprintln!("photo{n}: max {max} mean {mean:.4} (u8 levels)");
+        assert!(max <= 3 && mean < 0.5, "photo{n}: max {max} mean {mean}");
+    }
+}
