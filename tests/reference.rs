@@ -182,11 +182,23 @@ fn pixels_match_clip_image_processor() {
             .sum::<f32>()
             / ours.len() as f32;
         eprintln!("{file} ({}): max {max:.5} mean {mean:.6}", img["mode"]);
-        if std::env::var("NOASSERT").is_ok() {
-            continue;
+        let one_level = 1.0 / 255.0 / 0.26 + 1e-4;
+        match (file, img["mode"].as_str().unwrap()) {
+            // Pillow converts CMYK with its own rounding: at most one 8-bit level on a few pixels.
+            (_, "CMYK") => assert!(
+                max <= one_level && mean <= 1e-3,
+                "{file}: max {max} mean {mean}"
+            ),
+            // Pillow 13 (which made these references) runs the vertical pass first for some
+            // shapes; Pillow <= 12 always ran the horizontal one first, as clipft does. One level
+            // on some pixels.
+            ("portrait_40x120.png", _) => assert!(
+                max <= one_level && mean <= 2e-3,
+                "{file}: max {max} mean {mean}"
+            ),
+            // Everything else is bit-exact: libjpeg-turbo decoding, RGB conversion, resampling.
+            _ => assert!(max <= 1e-6, "{file}: max pixel difference {max}"),
         }
-        assert!(max <= 0.02, "{file}: max pixel difference {max}");
-        assert!(mean <= 2e-3, "{file}: mean pixel difference {mean}");
     }
 }
 
@@ -211,6 +223,6 @@ fn real_size_photos_resize_and_crop_like_pil() {
         let max = *diffs.iter().max().unwrap();
         let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
         eprintln!("photo{n}: max {max} mean {mean:.4} (u8 levels)");
-        assert!(max <= 3 && mean < 0.5, "photo{n}: max {max} mean {mean}");
+        assert_eq!(max, 0, "photo{n}: mean {mean}");
     }
 }

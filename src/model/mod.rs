@@ -45,7 +45,7 @@ pub enum LoadError {
     #[error(
         "model `{repo}` (revision {revision}) is not in the Hugging Face cache at {} and downloads are \
          disabled (HF_HUB_OFFLINE is set): missing `{file}`.\n  Download it once with network access \
-         (`clipft info --model {repo}`, or `huggingface-cli download {repo}`), or pass a local folder \
+         (`clipft info --model {repo} --revision {revision}`, or `huggingface-cli download {repo} --revision {revision}`), or pass a local folder \
          with config.json, model.safetensors and tokenizer.json to --model",
         cache.display()
     )]

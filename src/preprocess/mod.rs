@@ -360,17 +360,32 @@ pub struct ImageError {
 /// as they are; every other mode (grey, palette, alpha, CMYK, 16-bit) through RGBA, alpha-composited
 /// onto white with Pillow's integer arithmetic. The format is taken from the content, not the
 /// extension. EXIF orientation is ignored, as `CLIPImageProcessor` ignores it.
+///
+/// JPEGs in YCbCr, RGB or grey are decoded with libjpeg-turbo's decoder (via mozjpeg, the same
+/// code Pillow uses: accurate integer IDCT, fancy chroma upsampling), so their pixels are
+/// Pillow's exactly; other JPEGs (CMYK) and all other formats go through the `image` crate.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     let err = |msg: String| ImageError {
         path: path.to_path_buf(),
         msg,
     };
-    let reader = image::ImageReader::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let reader = reader
-        .with_guessed_format()
-        .map_err(|e| err(format!("cannot read: {e}")))?;
-    let img = reader
-        .decode()
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let format =
+        image::guess_format(&bytes).map_err(|e| err(format!("not a supported image: {e}")))?;
+    if format == image::ImageFormat::Jpeg {
+        // Decoders fill a cut-off JPEG with grey and carry on; Pillow refuses it ("image file is
+        // truncated"), and so does clipft.
+        if jpeg::is_truncated(&bytes) {
+            return Err(err(
+                "truncated JPEG (no end-of-image marker after the image data)".into(),
+            ));
+        }
+        if let Ok(Some(rgb)) = jpeg::decode(&bytes) {
+            return Ok(rgb);
+        }
+        // Anything libjpeg declines (CMYK, arithmetic coding, damage) gets a second opinion below.
+    }
+    let img = image::load_from_memory_with_format(&bytes, format)
         .map_err(|e| err(format!("cannot decode image: {e}")))?;
     if img.width() == 0 || img.height() == 0 {
         return Err(err("image has no pixels".into()));
@@ -379,6 +394,70 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
         image::DynamicImage::ImageRgb8(rgb) => rgb,
         other => composite_on_white(&other.to_rgba8()),
     })
+}
+
+mod jpeg {
+    use std::cell::Cell;
+    use std::sync::Once;
+
+    use image::RgbImage;
+    use mozjpeg::ColorSpace;
+
+    thread_local!(static DECODING: Cell<bool> = const { Cell::new(false) });
+    static QUIET_HOOK: Once = Once::new();
+
+    /// libjpeg reports errors by unwinding (mozjpeg's error manager); keep the panic hook quiet
+    /// for those, on the decoding thread only, and turn them into errors.
+    fn install_quiet_hook() {
+        QUIET_HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if !DECODING.with(Cell::get) {
+                    previous(info)
+                }
+            }));
+        });
+    }
+
+    /// True when no end-of-image marker (FF D9) follows the last start-of-scan (FF DA). Entropy-
+    /// coded data never contains FF D9 (0xFF bytes are stuffed), and thumbnails come earlier.
+    pub fn is_truncated(bytes: &[u8]) -> bool {
+        let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+        match last_sos {
+            Some(i) => !bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+            None => true,
+        }
+    }
+
+    /// `Ok(None)`: a JPEG colour space this path does not handle (CMYK, YCCK).
+    pub fn decode(bytes: &[u8]) -> Result<Option<RgbImage>, String> {
+        install_quiet_hook();
+        DECODING.with(|d| d.set(true));
+        let result = std::panic::catch_unwind(|| -> std::io::Result<Option<RgbImage>> {
+            let d = mozjpeg::Decompress::new_mem(bytes)?;
+            if !matches!(
+                d.color_space(),
+                ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE
+            ) {
+                return Ok(None);
+            }
+            let mut started = d.rgb()?;
+            let (w, h) = (started.width() as u32, started.height() as u32);
+            let pixels: Vec<u8> = started.read_scanlines()?;
+            started.finish()?;
+            Ok(RgbImage::from_raw(w, h, pixels))
+        });
+        DECODING.with(|d| d.set(false));
+        match result {
+            Ok(Ok(img)) => Ok(img),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => Err(panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "corrupt JPEG".into())),
+        }
+    }
 }
 
 /// Pillow's `alpha_composite(white, img)` followed by `convert("RGB")`.

@@ -1,0 +1,140 @@
+//! Feature-extraction throughput on a folder of real-size JPEGs with a ViT-B/32-sized checkpoint,
+//! split into decode+preprocess and model time.
+//!
+//!     cargo bench --bench extract
+//!
+//! Environment (all optional):
+//! - `CLIPFT_BENCH_MODEL`: checkpoint folder (default: a random ViT-B/32 generated in a temp dir)
+//! - `CLIPFT_BENCH_IMAGES`: folder of images (default: 256 generated 500×375 JPEGs cut from the
+//!   photographs in tests/fixtures/preprocess)
+//! - `CLIPFT_BENCH_BATCH` (32), `CLIPFT_BENCH_DTYPE` (f32), `RAYON_NUM_THREADS` (all cores)
+//!
+//! `scripts/bench_vs_pytorch.py` runs this next to `transformers` on the same checkpoint and images.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use clipft::features::{image_features, ExtractOptions};
+use clipft::model::{synth, Clip, ClipConfig, DTypeArg, ModelSpec};
+use clipft::preprocess::{load_rgb, View};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+fn make_images(dir: &Path, n: usize) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess");
+    let photos = [
+        load_rgb(&fixtures.join("photo1.jpg")).unwrap(),
+        load_rgb(&fixtures.join("photo2.jpg")).unwrap(),
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let src = &photos[i % 2];
+        // A random crop of at least half the photo, scaled to 500×375 like a typical dataset image.
+        let (w, h) = (
+            rng.random_range(src.width() / 2..=src.width()),
+            rng.random_range(src.height() / 2..=src.height()),
+        );
+        let (x, y) = (
+            rng.random_range(0..=src.width() - w),
+            rng.random_range(0..=src.height() - h),
+        );
+        let crop = image::imageops::crop_imm(src, x, y, w, h).to_image();
+        let img = image::imageops::resize(&crop, 500, 375, image::imageops::FilterType::Triangle);
+        img.save(dir.join(format!("{i:04}.jpg"))).unwrap();
+    }
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn main() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = std::env::var("CLIPFT_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let d = tmp.path().join("vit-b32");
+            eprintln!("generating a random ViT-B/32 checkpoint in {}", d.display());
+            synth::write_checkpoint(&d, &ClipConfig::vit_base_patch32(), 0).unwrap();
+            d
+        });
+    let image_dir = std::env::var("CLIPFT_BENCH_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let d = tmp.path().join("images");
+            eprintln!("generating 256 JPEGs (500×375) in {}", d.display());
+            make_images(&d, 256);
+            d
+        });
+    let batch: usize = env_or("CLIPFT_BENCH_BATCH", "32").parse().unwrap();
+    let dtype: DTypeArg = env_or("CLIPFT_BENCH_DTYPE", "f32").parse().unwrap();
+    let threads = rayon::current_num_threads();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&image_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    let n = paths.len();
+
+    let mut spec = ModelSpec::local(&model_dir);
+    spec.dtype = dtype;
+    let clip = Clip::load(&spec).unwrap();
+    let (s, _) = clip.preprocess.crop;
+    let s = s as usize;
+
+    // 1. Decode + preprocess only, in parallel on all threads.
+    let t = Instant::now();
+    let pixels: Vec<Vec<f32>> = paths
+        .par_iter()
+        .map(|p| {
+            clip.preprocess
+                .apply(&load_rgb(p).unwrap(), &View::Center, 0)
+        })
+        .collect();
+    let pre = n as f64 / t.elapsed().as_secs_f64();
+
+    // 2. Model only, on preprocessed batches (one warm-up batch first).
+    let batches: Vec<Tensor> = pixels
+        .chunks(batch)
+        .filter(|c| c.len() == batch)
+        .map(|c| {
+            Tensor::from_vec(c.concat(), (batch, 3, s, s), &Device::Cpu)
+                .unwrap()
+                .to_dtype(clip.dtype)
+                .unwrap()
+        })
+        .collect();
+    clip.model.image_features(&batches[0]).unwrap();
+    let t = Instant::now();
+    for b in &batches {
+        clip.model.image_features(b).unwrap();
+    }
+    let model = (batches.len() * batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 3. End to end through the pipelined extractor (no cache).
+    let opts = ExtractOptions {
+        batch_size: batch,
+        skip_bad_images: false,
+        progress: false,
+        cache_dir: None,
+    };
+    let t = Instant::now();
+    let f = image_features(&clip, &paths, &View::Center, &opts).unwrap();
+    let e2e = n as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(f.kept.len(), n);
+
+    println!(
+        "clipft feature extraction: {} ({}), {n} images from {}, batch {batch}, {threads} threads",
+        clip.config().arch_name(),
+        dtype,
+        image_dir.display()
+    );
+    println!("  decode+preprocess  {pre:8.1} img/s");
+    println!("  model              {model:8.1} img/s");
+    println!(
+        "  end to end         {e2e:8.1} img/s  ({:.0}% of model-only)",
+        100.0 * e2e / model
+    );
+}

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Pixel agreement of clipft's preprocessing with transformers' CLIPImageProcessor on real
+photographs of many sizes, aspect ratios, modes and formats.
+
+    python3 scripts/check_preprocess.py [--processor preprocessor_config.json]
+
+Uses the photographs shipped with scikit-image, re-encoded at various sizes (JPEG at several
+qualities, PNG, grayscale, RGBA, palette, CMYK, 16-bit). Prints, per image, the max and mean
+absolute difference of the normalised pixel values, and the same for all images together.
+"""
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = __import__("os").environ.get("CLIPFT_PROFILE", "release")
+
+
+def make_images(d: Path):
+    from skimage import data
+
+    d.mkdir(parents=True, exist_ok=True)
+    photos = {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(),
+              "rocket": data.rocket(), "camera": data.camera()}
+    out = []
+    sizes = [(500, 375), (375, 500), (640, 480), (1024, 683), (224, 224), (300, 100), (90, 260), (150, 113), (1600, 1200)]
+    for i, (name, arr) in enumerate(photos.items()):
+        im = Image.fromarray(arr)
+        for j, size in enumerate(sizes):
+            if (i + j) % 2:
+                continue
+            r = im.resize(size, Image.LANCZOS)
+            q = [75, 90, 95][(i + j) % 3]
+            p = d / f"{name}_{size[0]}x{size[1]}_q{q}.jpg"
+            r.save(p, quality=q)
+            out.append(p)
+        base = im.convert("RGB").resize((480, 360), Image.LANCZOS)
+        for mode, ext in [("L", "png"), ("RGBA", "png"), ("P", "png"), ("CMYK", "jpg"), ("RGB", "png"), ("RGB", "webp")]:
+            v = base.convert(mode)
+            if mode == "RGBA":
+                a = np.asarray(v).copy()
+                a[..., 3] = np.linspace(40, 255, a.shape[1]).astype(np.uint8)[None, :]
+                v = Image.fromarray(a, "RGBA")
+            p = d / f"{name}_{mode}.{ext}"
+            v.save(p)
+            out.append(p)
+        # 16-bit grayscale PNG (Pillow mode I;16)
+        a16 = np.asarray(base.convert("L")).astype(np.uint16) * 257
+        p = d / f"{name}_gray16.png"
+        Image.fromarray(a16).save(p)
+        out.append(p)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--processor", default=None, help="a preprocessor_config.json "
+                    "(default: CLIPImageProcessor() defaults, 224 px, as openai/clip-vit-base-patch32)")
+    args = ap.parse_args()
+    try:  # transformers 5: the PIL backend (the default one needs torchvision)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # transformers 4: the slow processor is the PIL one
+        from transformers import CLIPImageProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.processor:
+            cfg = Path(args.processor)
+        else:
+            CLIPImageProcessor().save_pretrained(tmp / "proc")
+            cfg = tmp / "proc" / "preprocessor_config.json"
+        images = make_images(tmp / "img")
+        proc = CLIPImageProcessor.from_pretrained(cfg.parent)
+        out = tmp / "px.safetensors"
+        subprocess.run(["cargo", "run", "-q", "--profile", PROFILE, "--example", "pixels", "--", str(cfg), str(out)]
+                       + [str(p) for p in images], cwd=ROOT, check=True)
+        from safetensors.numpy import load_file
+        ours = load_file(out)["pixel_values"]
+        worst, total, count = 0.0, 0.0, 0
+        for k, p in enumerate(images):
+            ref = proc(images=Image.open(p), return_tensors="np")["pixel_values"][0]
+            d = np.abs(ours[k] - ref)
+            per_channel = d.reshape(3, -1).mean(axis=1)
+            print(f"{p.name:34s} {Image.open(p).mode:5s} max {d.max():.4f}  mean {d.mean():.5f}  "
+                  f"per-channel mean {per_channel[0]:.5f} {per_channel[1]:.5f} {per_channel[2]:.5f}")
+            worst = max(worst, float(d.max()))
+            total += float(d.sum())
+            count += d.size
+        print(f"ALL {len(images)} images: max abs diff {worst:.4f}, mean abs diff {total / count:.6f} "
+              f"(one 8-bit level = {1 / 255 / 0.2686:.4f} after normalisation)")
+
+
+if __name__ == "__main__":
+    main()

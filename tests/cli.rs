@@ -1,0 +1,510 @@
+//! End-to-end behaviour of the binary on generated checkpoints and image sets.
+
+mod common;
+
+use std::path::Path;
+
+use common::{stderr, stdout, Workspace};
+
+fn load_meta(
+    path: &Path,
+) -> (
+    std::collections::HashMap<String, candle_core::Tensor>,
+    serde_json::Value,
+) {
+    clipft::io::load(path).unwrap()
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let ws = Workspace::new();
+    let out = ws
+        .cmd("demo")
+        .arg("--dir")
+        .arg(ws.path().join("demo"))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("zeroshot on test (120 images)"), "{text}");
+    assert!(text.contains("top-5"), "{text}");
+    assert!(ws.path().join("demo/model/model.safetensors").is_file());
+}
+
+#[test]
+fn features_writes_normalised_rows_in_dataset_order_and_uses_the_cache() {
+    let ws = Workspace::new();
+    let out_file = ws.path().join("f.safetensors");
+    let run = || {
+        ws.cmd("features")
+            .args(["--data"])
+            .arg(ws.data())
+            .args(["--split", "train", "--out"])
+            .arg(&out_file)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("18 encoded, 0 from cache"),
+        "{}",
+        stderr(&out)
+    );
+    let (t, meta) = load_meta(&out_file);
+    let f = t["image_features"].to_vec2::<f32>().unwrap();
+    let labels = t["labels"].to_vec1::<i64>().unwrap();
+    assert_eq!(f.len(), 18);
+    assert_eq!(f[0].len(), 32);
+    for row in &f {
+        let n: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-5);
+    }
+    assert_eq!(
+        labels,
+        [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    );
+    let paths: Vec<String> = serde_json::from_value(meta["paths"].clone()).unwrap();
+    assert!(
+        paths[0].ends_with("train/blue_diagonal_stripes/000.png"),
+        "{}",
+        paths[0]
+    );
+    assert!(paths[1].ends_with("train/blue_diagonal_stripes/001.jpg"));
+    assert_eq!(meta["class_names"][0], "blue diagonal stripes");
+
+    // Second run: everything from the cache, same numbers.
+    let out = run();
+    assert!(
+        stderr(&out).contains("0 encoded, 18 from cache"),
+        "{}",
+        stderr(&out)
+    );
+    let (t2, _) = load_meta(&out_file);
+    assert_eq!(t2["image_features"].to_vec2::<f32>().unwrap(), f);
+
+    // A changed file is re-encoded alone.
+    let img = ws.data().join("train/blue_diagonal_stripes/000.png");
+    let mut pixels = image::open(&img).unwrap().to_rgb8();
+    pixels.put_pixel(0, 0, image::Rgb([0, 0, 0]));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    pixels.save(&img).unwrap();
+    let out = run();
+    assert!(
+        stderr(&out).contains("1 encoded, 17 from cache"),
+        "{}",
+        stderr(&out)
+    );
+
+    // --no-cache encodes everything and gives the same features.
+    let out = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "train", "--no-cache", "--out"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("18 encoded"), "{}", stderr(&out));
+}
+
+#[test]
+fn cache_matches_fresh_encoding_and_corrupt_cache_is_rebuilt() {
+    let ws = Workspace::new();
+    let a = ws.path().join("a.safetensors");
+    let b = ws.path().join("b.safetensors");
+    let ok = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "val", "--out"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    // Truncate every cache file: the next run must ignore them and rewrite.
+    for e in std::fs::read_dir(ws.cache()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::write(&p, b"garbage").unwrap();
+    }
+    let out = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "val", "--out"])
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("9 encoded, 0 from cache"),
+        "{}",
+        stderr(&out)
+    );
+    let fa = load_meta(&a).0["image_features"].to_vec2::<f32>().unwrap();
+    let fb = load_meta(&b).0["image_features"].to_vec2::<f32>().unwrap();
+    assert_eq!(fa, fb);
+    // No temporary files are left behind.
+    for e in std::fs::read_dir(ws.cache()).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(name.ends_with(".safetensors"), "{name}");
+    }
+}
+
+#[test]
+fn few_shot_sampling_is_deterministic_per_seed() {
+    let ws = Workspace::new();
+    let paths = |seed: &str, name: &str| {
+        let f = ws.path().join(name);
+        let out = ws
+            .cmd("features")
+            .arg("--data")
+            .arg(ws.data())
+            .args(["--shots", "2", "--seed", seed, "--out"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (_, meta) = load_meta(&f);
+        serde_json::from_value::<Vec<String>>(meta["paths"].clone()).unwrap()
+    };
+    let a = paths("1", "a.safetensors");
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, paths("1", "b.safetensors"));
+    let others: Vec<_> = (2..6)
+        .map(|s| paths(&s.to_string(), &format!("s{s}.safetensors")))
+        .collect();
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds never changed the sample"
+    );
+}
+
+#[test]
+fn too_few_shots_is_an_error_unless_allowed() {
+    let ws = Workspace::new();
+    let f = ws.path().join("x.safetensors");
+    let out = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--shots", "9", "--out"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--allow-fewer-shots"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!f.exists());
+    let out = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--shots", "9", "--allow-fewer-shots", "--out"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("warning"), "{}", stderr(&out));
+}
+
+#[test]
+fn eval_json_and_saved_logits_agree() {
+    let ws = Workspace::new();
+    let logits_file = ws.path().join("logits.safetensors");
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "test", "--json", "--quiet", "--save-logits"])
+        .arg(&logits_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(report["n"], 12);
+    assert!(report["top5"].is_null(), "3 classes have no top-5");
+    assert_eq!(report["per_class"].as_array().unwrap().len(), 3);
+    let (t, meta) = load_meta(&logits_file);
+    let logits = t["logits"].to_vec2::<f32>().unwrap();
+    let labels = t["labels"].to_vec1::<i64>().unwrap();
+    assert_eq!(logits.len(), 12);
+    assert_eq!(meta["paths"].as_array().unwrap().len(), 12);
+    // Logits are 100 · cosine.
+    assert!(logits.iter().flatten().all(|x| x.abs() <= 100.0 + 1e-3));
+    let correct = logits
+        .iter()
+        .zip(&labels)
+        .filter(|(row, &y)| {
+            row.iter()
+                .enumerate()
+                .all(|(j, &v)| v < row[y as usize] || j == y as usize)
+        })
+        .count();
+    let top1 = report["top1"].as_f64().unwrap();
+    assert!(
+        (top1 - 100.0 * correct as f64 / 12.0).abs() < 1e-9,
+        "{top1} vs {correct}"
+    );
+    // The table form has the same top-1.
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains(&format!("{top1:6.2}%")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn bad_images_fail_naming_the_file_or_are_skipped_and_counted() {
+    let ws = Workspace::new();
+    let bad = ws.data().join("test/blue_diagonal_stripes/zzz_broken.jpg");
+    std::fs::write(&bad, b"definitely not a jpeg").unwrap();
+    // A real JPEG cut in half: libjpeg fails inside its decoder, which must become an error too.
+    let good = std::fs::read(ws.data().join("test/blue_diagonal_stripes/001.jpg")).unwrap();
+    let truncated = ws
+        .data()
+        .join("test/green_horizontal_stripes/zzz_truncated.jpg");
+    std::fs::write(&truncated, &good[..good.len() / 3]).unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("zzz_broken.jpg"), "{}", stderr(&out));
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--skip-bad-images", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(report["n"], 12);
+    assert_eq!(report["skipped"], 2);
+    assert!(
+        stderr(&out).contains("skipped 2 unreadable image"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+#[test]
+fn dataset_errors_name_the_folder() {
+    let ws = Workspace::new();
+    // Missing split.
+    std::fs::remove_dir_all(ws.data().join("val")).unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "val"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("split `val` does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    // A class missing from a split.
+    std::fs::remove_dir_all(ws.data().join("test/purple_checks")).ok();
+    std::fs::remove_dir_all(ws.data().join("test/green_horizontal_stripes")).unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("missing `green_horizontal_stripes`"),
+        "{}",
+        stderr(&out)
+    );
+    // An empty class folder.
+    std::fs::create_dir_all(ws.data().join("test/green_horizontal_stripes")).unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("green_horizontal_stripes: class folder has no images"),
+        "{}",
+        stderr(&out)
+    );
+    // Not a dataset at all.
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.path().join("nope"))
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+}
+
+#[test]
+fn classnames_file_renames_classes_in_outputs() {
+    let ws = Workspace::new();
+    std::fs::write(
+        ws.data().join("classnames.txt"),
+        "red_vertical_stripes\tcrimson bars\n",
+    )
+    .unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let names: Vec<&str> = report["per_class"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["class"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "blue diagonal stripes",
+            "green horizontal stripes",
+            "crimson bars"
+        ]
+    );
+    std::fs::write(ws.data().join("classnames.txt"), "no_such_class\tx\n").unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("classnames.txt:1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn template_files_are_read_and_checked() {
+    let ws = Workspace::new();
+    let t = ws.path().join("t.txt");
+    std::fs::write(&t, "a blurry photo of a {}.\n# comment\nart of the {}.\n").unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--templates")
+        .arg(&t)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(&t, "a photo\n").unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--templates")
+        .arg(&t)
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("t.txt:1"), "{}", stderr(&out));
+}
+
+#[test]
+fn device_and_dtype_problems_are_reported_plainly() {
+    let ws = Workspace::new();
+    let out = ws
+        .cmd("info")
+        .args(["--dtype", "bf16", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: --dtype bf16 is not supported on the CPU"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("F32"));
+    let out = ws
+        .cmd("info")
+        .args(["--dtype", "f16", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("F16"));
+    if !cfg!(feature = "cuda") {
+        let out = ws
+            .cmd("info")
+            .args(["--device", "cuda:0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--features cuda"), "{}", stderr(&out));
+    }
+    let out = ws.cmd("info").args(["--dtype", "f64"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown dtype"), "{}", stderr(&out));
+}
+
+#[test]
+fn f16_features_stay_close_to_f32() {
+    let ws = Workspace::new();
+    let run = |dtype: &str| {
+        let f = ws.path().join(format!("{dtype}.safetensors"));
+        let out = ws
+            .cmd("features")
+            .arg("--data")
+            .arg(ws.data())
+            .args([
+                "--split", "val", "--device", "cpu", "--dtype", dtype, "--out",
+            ])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        load_meta(&f).0["image_features"].to_vec2::<f32>().unwrap()
+    };
+    let (a, b) = (run("f32"), run("f16"));
+    for (x, y) in a.iter().zip(&b) {
+        let cos: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        assert!(cos > 0.999, "{cos}");
+    }
+}
+
+#[test]
+fn help_teaches_the_layout() {
+    let out = assert_cmd::Command::cargo_bin("clipft")
+        .unwrap()
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("DIR/{train,val,test}/<class>/<image>"),
+        "{text}"
+    );
+    for sub in ["features", "eval", "demo", "info"] {
+        assert!(text.contains(sub));
+    }
+}

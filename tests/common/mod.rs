@@ -1,0 +1,71 @@
+//! Shared helpers: a generated checkpoint and image set in a temporary folder.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use clipft::model::synth;
+
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    /// A tiny random checkpoint in `model/` and a 3-class image set in `data/`.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        synth::write_checkpoint(&dir.path().join("model"), &synth::tiny_config(), 7).unwrap();
+        synth::write_dataset(
+            &dir.path().join("data"),
+            3,
+            [("train", 6), ("val", 3), ("test", 4)],
+            7,
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn model(&self) -> PathBuf {
+        self.path().join("model")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.path().join("data")
+    }
+    pub fn cache(&self) -> PathBuf {
+        self.path().join("cache")
+    }
+
+    /// `clipft SUB` with a private, offline HF cache and no `--model`.
+    pub fn bare(&self, sub: &str) -> Command {
+        let mut c = Command::cargo_bin("clipft").unwrap();
+        c.env("HF_HOME", self.path().join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("CLIPFT_CACHE_DIR");
+        c.arg(sub);
+        c
+    }
+
+    /// `clipft SUB` with `--model` and `--cache-dir` pointing into the workspace.
+    pub fn cmd(&self, sub: &str) -> Command {
+        let mut c = self.bare(sub);
+        if sub != "demo" {
+            c.arg("--model").arg(self.model());
+        }
+        if sub == "features" || sub == "eval" {
+            c.arg("--cache-dir").arg(self.cache());
+        }
+        c
+    }
+}
+
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
