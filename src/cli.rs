@@ -45,15 +45,18 @@ pub enum Command {
     Demo(DemoArgs),
     /// Load a checkpoint and print what it is (architecture, dims, dtype, device).
     Info(InfoArgs),
+    /// Tip-Adapter: build the training-free cache (`build-cache`) or fine-tune it (`train`).
+    Tip(crate::methods::tip_cli::TipArgs),
 }
 
 /// Which checkpoint, on which device, in which precision.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// CLIP checkpoint: a folder in the Hugging Face layout or a hub repo id. Hub files go to the
-    /// standard cache (HF_HOME, HF_HUB_CACHE); HF_HUB_OFFLINE=1 uses the cache only.
-    #[arg(long, default_value = DEFAULT_MODEL, value_name = "ID|DIR")]
-    pub model: String,
+    /// CLIP checkpoint: a folder in the Hugging Face layout or a hub repo id [default:
+    /// openai/clip-vit-base-patch32; with --adapter/--cache: the artifact's model]. Hub files go
+    /// to the standard cache (HF_HOME, HF_HUB_CACHE); HF_HUB_OFFLINE=1 uses the cache only.
+    #[arg(long, value_name = "ID|DIR")]
+    pub model: Option<String>,
     /// Hub revision (branch, tag, commit or PR ref). Default: `main`, except
     /// openai/clip-vit-base-patch32, whose safetensors weights are on `refs/pr/15`.
     #[arg(long, value_name = "REV")]
@@ -67,9 +70,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// `--model`, or the default model.
+    pub fn id(&self) -> &str {
+        self.model.as_deref().unwrap_or(DEFAULT_MODEL)
+    }
+
     fn spec(&self, quiet: bool) -> ModelSpec {
         ModelSpec {
-            model: self.model.clone(),
+            model: self.id().to_string(),
             revision: self.revision.clone(),
             dtype: self.dtype,
             device: self.device,
@@ -96,7 +104,7 @@ pub struct ExtractArgs {
 }
 
 impl ExtractArgs {
-    fn options(&self, quiet: bool) -> ExtractOptions {
+    pub(crate) fn options(&self, quiet: bool) -> ExtractOptions {
         ExtractOptions {
             batch_size: self.batch_size as usize,
             skip_bad_images: self.skip_bad_images,
@@ -180,15 +188,19 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = Method::Zeroshot)]
     pub method: Method,
     /// Prompt templates: a built-in set (clip, ensemble7, imagenet80) or a file with one template
-    /// per line, `{}` standing for the class name.
-    #[arg(long, default_value = "clip", value_name = "NAME|FILE")]
-    pub templates: String,
+    /// per line, `{}` standing for the class name [default: clip; with --adapter: the artifact's].
+    #[arg(long, value_name = "NAME|FILE")]
+    pub templates: Option<String>,
     /// Print one JSON object (top1, top5, n, per_class, ...) instead of the table.
     #[arg(long)]
     pub json: bool,
     /// Also write the logits (N×C, 100·cos) and labels, with image paths, to a safetensors file.
     #[arg(long, value_name = "FILE")]
     pub save_logits: Option<PathBuf>,
+    /// Evaluate a Tip-Adapter / Tip-Adapter-F artifact (from `clipft tip`) instead of zero-shot.
+    /// Its model, classes, templates and α/β are used; a different --model or dataset is an error.
+    #[arg(long, value_name = "FILE")]
+    pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub extract: ExtractArgs,
 }
@@ -234,6 +246,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd(a, quiet),
         Command::Demo(a) => crate::demo::run(a.dir.as_deref(), quiet, &mut std::io::stdout()),
         Command::Info(a) => info_cmd(a, quiet),
+        Command::Tip(a) => crate::methods::tip_cli::run(a, quiet),
     }
 }
 
@@ -243,9 +256,9 @@ pub fn info(msg: impl AsRef<str>, quiet: bool) {
     }
 }
 
-fn load_model(args: &ModelArgs, quiet: bool) -> Result<Clip> {
+pub(crate) fn load_model(args: &ModelArgs, quiet: bool) -> Result<Clip> {
     let clip =
-        Clip::load(&args.spec(quiet)).with_context(|| format!("loading model `{}`", args.model))?;
+        Clip::load(&args.spec(quiet)).with_context(|| format!("loading model `{}`", args.id()))?;
     for w in &clip.warnings {
         eprintln!("warning: {w}");
     }
@@ -311,7 +324,7 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
 }
 
 /// Samples of a split, few-shot sampled when `--shots` is given; warnings go to stderr.
-fn split_samples(
+pub(crate) fn split_samples(
     dataset: &Dataset,
     split: Split,
     shots: &ShotArgs,
@@ -429,11 +442,21 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     let dataset = Dataset::open(&a.data)?;
     // Fail on a missing split before the (possibly slow) model load.
     dataset.samples(a.split)?;
-    let template_set = crate::templates::resolve(&a.templates)?;
-    let clip = load_model(&a.model, quiet)?;
+    if a.adapter.is_some() && a.templates.is_some() {
+        anyhow::bail!("--templates cannot be combined with --adapter: the artifact's classifier was built from its own templates");
+    }
+    let template_set = crate::templates::resolve(a.templates.as_deref().unwrap_or("clip"))?;
     let opts = a.extract.options(quiet);
-    let run = match a.method {
-        Method::Zeroshot => crate::eval::zero_shot(&clip, &dataset, a.split, &template_set, &opts)?,
+    let (clip, run) = if let Some(adapter) = &a.adapter {
+        crate::methods::tip_cli::eval_adapter(adapter, &a.model, &dataset, a.split, &opts, quiet)?
+    } else {
+        let clip = load_model(&a.model, quiet)?;
+        let run = match a.method {
+            Method::Zeroshot => {
+                crate::eval::zero_shot(&clip, &dataset, a.split, &template_set, &opts)?
+            }
+        };
+        (clip, run)
     };
     report_skipped_count(run.report.skipped, quiet);
     if let Some(path) = &a.save_logits {
@@ -449,7 +472,7 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn report_skipped_count(n: usize, quiet: bool) {
+pub(crate) fn report_skipped_count(n: usize, quiet: bool) {
     if n > 0 && !quiet {
         eprintln!("warning: skipped {n} unreadable image(s)");
     }

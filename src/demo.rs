@@ -52,5 +52,6 @@ pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> 
         100.0 / dataset.classes.len() as f64
     )?;
     crate::eval::write_table(&run.report, out)?;
+    crate::methods::tip_cli::demo(&clip, &dataset, &opts, quiet, out)?;
     Ok(())
 }

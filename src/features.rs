@@ -163,6 +163,11 @@ impl FeatureCache {
     }
 }
 
+/// Images encoded between checks for a cache save.
+const CACHE_CHUNK: usize = 1024;
+/// Minimum time between two cache saves during one extraction.
+const CACHE_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Common parent folder of a set of paths (the cache file groups one split folder).
 fn common_parent(paths: &[PathBuf]) -> PathBuf {
     let mut it = paths.iter().filter_map(|p| p.parent());
@@ -225,28 +230,37 @@ pub fn image_features(
     let todo: Vec<usize> = (0..paths.len())
         .filter(|&i| rows[i].is_none() && !bad[i])
         .collect();
-    let todo_paths: Vec<&Path> = todo.iter().map(|&i| paths[i].as_path()).collect();
-    let encoded = encode_images(clip, &todo_paths, view, opts)?;
+    // Encode in chunks and save the cache now and then, so an interrupted run over a large split
+    // keeps what it has encoded (writes are atomic, so a cache file is always complete).
+    let pb = crate::progress::bar(todo.len() as u64, "encoding", opts.progress);
     let mut n_encoded = 0;
-    for (&i, result) in todo.iter().zip(encoded) {
-        match result {
-            Ok(row) => {
-                if let (Some(cache), Some(id)) = (cache.as_mut(), &ids[i]) {
-                    cache.insert(id.clone(), row.clone());
+    let mut last_save = std::time::Instant::now();
+    for chunk in todo.chunks(CACHE_CHUNK) {
+        let chunk_paths: Vec<&Path> = chunk.iter().map(|&i| paths[i].as_path()).collect();
+        let encoded = encode_images(clip, &chunk_paths, view, opts, &pb)?;
+        for (&i, result) in chunk.iter().zip(encoded) {
+            match result {
+                Ok(row) => {
+                    if let (Some(cache), Some(id)) = (cache.as_mut(), &ids[i]) {
+                        cache.insert(id.clone(), row.clone());
+                    }
+                    rows[i] = Some(row);
+                    n_encoded += 1;
                 }
-                rows[i] = Some(row);
-                n_encoded += 1;
+                Err(e) => skipped.push(e),
             }
-            Err(e) => skipped.push(e),
+        }
+        let done = chunk.last() == todo.last();
+        if let Some(cache) = &cache {
+            if n_encoded > 0 && (done || last_save.elapsed() >= CACHE_SAVE_INTERVAL) {
+                cache.save().with_context(|| {
+                    format!("writing the feature cache {}", cache.path.display())
+                })?;
+                last_save = std::time::Instant::now();
+            }
         }
     }
-    if let Some(cache) = &cache {
-        if n_encoded > 0 {
-            cache
-                .save()
-                .with_context(|| format!("writing the feature cache {}", cache.path.display()))?;
-        }
-    }
+    pb.finish_and_clear();
     let kept: Vec<usize> = (0..paths.len()).filter(|&i| rows[i].is_some()).collect();
     let flat: Vec<f32> = kept
         .iter()
@@ -273,23 +287,40 @@ fn encode_images(
     paths: &[&Path],
     view: &View,
     opts: &ExtractOptions,
+    pb: &indicatif::ProgressBar,
 ) -> Result<Vec<std::result::Result<Vec<f32>, ImageError>>> {
     if paths.is_empty() {
         return Ok(Vec::new());
     }
     let batch = opts.batch_size.max(1);
     let (ch, cw) = clip.preprocess.crop;
-    let pb = crate::progress::bar(paths.len() as u64, "encoding", opts.progress);
     let mut out: Vec<std::result::Result<Vec<f32>, ImageError>> = Vec::with_capacity(paths.len());
     let pre = &clip.preprocess;
+    // Decoding gets its own pool: sharing the global one (which candle's CPU matmul uses) queues
+    // GEMM tasks behind decode tasks and stalls the model. On the CPU the model is the bottleneck
+    // (a ViT-B/32 batch costs ~100x its decoding), so a quarter of the cores keep it fed; on a GPU
+    // decoding is the bottleneck and gets every core.
+    let cores = rayon::current_num_threads();
+    let decoders = if clip.device.is_cpu() {
+        (cores / 4).max(1)
+    } else {
+        cores
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(decoders)
+        .thread_name(|i| format!("clipft-decode-{i}"))
+        .build()?;
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = sync_channel::<Decoded>(2);
+        let pool = &pool;
         s.spawn(move || {
             for chunk in paths.chunks(batch) {
-                let decoded: Decoded = chunk
-                    .par_iter()
-                    .map(|p| load_rgb(p).map(|img| pre.apply(&img, view, view_key(p))))
-                    .collect();
+                let decoded: Decoded = pool.install(|| {
+                    chunk
+                        .par_iter()
+                        .map(|p| load_rgb(p).map(|img| pre.apply(&img, view, view_key(p))))
+                        .collect()
+                });
                 if tx.send(decoded).is_err() {
                     break;
                 }
@@ -326,7 +357,6 @@ fn encode_images(
         }
         Ok(())
     })?;
-    pb.finish_and_clear();
     Ok(out)
 }
 

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod eval;
 pub mod features;
 pub mod io;
+pub mod methods;
 pub mod model;
 pub mod preprocess;
 pub mod progress;

@@ -508,3 +508,26 @@ fn help_teaches_the_layout() {
         assert!(text.contains(sub));
     }
 }
+
+#[test]
+fn adapter_and_templates_do_not_mix() {
+    let ws = Workspace::new();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .args([
+            "--adapter",
+            "whatever.safetensors",
+            "--templates",
+            "ensemble7",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--templates cannot be combined with --adapter"),
+        "{}",
+        stderr(&out)
+    );
+}

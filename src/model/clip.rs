@@ -7,7 +7,7 @@
 //! [`softmax`] switch to composed ops whenever the graph is being tracked).
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 
@@ -51,6 +51,46 @@ impl Module for LayerNorm {
     }
 }
 
+/// A dense layer `x·Wᵀ + b` over the last dimension.
+///
+/// candle-nn's `Linear` multiplies a `[B, T, H]` input batch by batch (B small GEMMs of T rows);
+/// flattening to `[B·T, H]` makes it one large GEMM, which the CPU backend runs several times
+/// faster. Composed of differentiable ops, so it trains as well.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: if bias {
+                Some(vb.get(out_dim, "bias")?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let in_dim = *dims.last().expect("non-scalar input");
+        let rows = xs.elem_count() / in_dim;
+        let y = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
 /// Softmax over the last dimension; fused for inference, composed (differentiable) when tracked.
 pub fn softmax(xs: &Tensor) -> Result<Tensor> {
     if xs.track_op() {
@@ -82,7 +122,7 @@ struct Attention {
 
 impl Attention {
     fn new(vb: VarBuilder, hidden: usize, num_heads: usize) -> Result<Self> {
-        let lin = |name| candle_nn::linear(hidden, hidden, vb.pp(name));
+        let lin = |name| Linear::new(vb.pp(name), hidden, hidden, true);
         Ok(Self {
             q_proj: lin("q_proj")?,
             k_proj: lin("k_proj")?,
@@ -136,8 +176,8 @@ impl EncoderLayer {
         Ok(Self {
             self_attn: Attention::new(vb.pp("self_attn"), hidden, heads)?,
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), hidden, eps)?,
-            fc1: candle_nn::linear(hidden, inter, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(inter, hidden, vb.pp("mlp.fc2"))?,
+            fc1: Linear::new(vb.pp("mlp.fc1"), hidden, inter, true)?,
+            fc2: Linear::new(vb.pp("mlp.fc2"), inter, hidden, true)?,
             layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), hidden, eps)?,
             act,
         })
@@ -223,10 +263,11 @@ impl ClipTextTransformer {
                 cfg.hidden_size,
                 cfg.layer_norm_eps,
             )?,
-            projection: candle_nn::linear_no_bias(
+            projection: Linear::new(
+                vb.pp("text_projection"),
                 cfg.hidden_size,
                 projection_dim,
-                vb.pp("text_projection"),
+                false,
             )?,
             cfg: cfg.clone(),
         })
@@ -340,7 +381,7 @@ impl ClipVisionTransformer {
                 cfg.hidden_act,
             )?,
             post_layernorm: LayerNorm::new(vm.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
-            projection: candle_nn::linear_no_bias(h, projection_dim, vb.pp("visual_projection"))?,
+            projection: Linear::new(vb.pp("visual_projection"), h, projection_dim, false)?,
             cfg: cfg.clone(),
         })
     }

@@ -1,0 +1,333 @@
+//! `clipft tip build-cache`, `clipft tip train` and `clipft eval --adapter`: the command line of
+//! [`super::tip`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use clap::{Args, Subcommand};
+
+use super::tip::{self, TipArtifact, TipConfig, TipFSettings};
+use crate::cli::{info, load_model, split_samples, ExtractArgs, ModelArgs, ShotArgs};
+use crate::data::{Dataset, Split};
+use crate::features::ExtractOptions;
+use crate::model::Clip;
+
+#[derive(Args, Debug)]
+pub struct TipArgs {
+    #[command(subcommand)]
+    pub command: TipCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TipCommand {
+    /// Build a Tip-Adapter cache from K-shot train images and search α/β on val.
+    BuildCache(BuildCacheArgs),
+    /// Fine-tune the cache keys of a Tip-Adapter artifact (Tip-Adapter-F).
+    Train(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BuildCacheArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset folder (DIR/{train,val,test}/<class>/<image>); needs train/ and val/.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub shots: ShotArgs,
+    /// Augmented views of each train image averaged into its cache key [default: the config's, 10].
+    #[arg(long, value_name = "E", value_parser = clap::value_parser!(u64).range(1..))]
+    pub augment_epochs: Option<u64>,
+    /// Settings: a built-in config (default, imagenet, oxford_pets, ucf101, caltech101, dtd,
+    /// eurosat, sun397, fgvc_aircraft, food101, oxford_flowers, stanford_cars) or a JSON file.
+    #[arg(long, default_value = "default", value_name = "NAME|FILE")]
+    pub config: String,
+    /// Prompt templates instead of the config's: a built-in set (clip, ensemble7, imagenet80) or a
+    /// file with one template per line.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub templates: Option<String>,
+    #[command(flatten)]
+    pub extract: ExtractArgs,
+    /// Output artifact (safetensors with JSON metadata).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tip-Adapter artifact from `clipft tip build-cache`.
+    #[arg(long, value_name = "FILE")]
+    pub cache: PathBuf,
+    /// Dataset folder the cache was built from.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Training epochs [default: the config's, 20 (100 for eurosat)].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub epochs: Option<u64>,
+    /// Peak learning rate of AdamW's cosine schedule [default: the config's, 0.001].
+    #[arg(long, value_name = "LR")]
+    pub lr: Option<f64>,
+    /// Training batch size [default: the config's, 256].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: Option<u64>,
+    /// Encode new augmented views of the train images every epoch (as the paper does) instead of
+    /// reusing the cache's pre-encoded views (epoch e uses view e mod E).
+    #[arg(long)]
+    pub fresh_views: bool,
+    /// Images per forward pass when encoding.
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub encode_batch_size: u64,
+    /// Skip unreadable val images instead of failing (train images are never skipped).
+    #[arg(long)]
+    pub skip_bad_images: bool,
+    /// Feature cache folder [default: $XDG_CACHE_HOME/clipft/features or ~/.cache/clipft/features].
+    #[arg(long, env = "CLIPFT_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Neither read nor write the feature cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Output artifact.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: TipArgs, quiet: bool) -> Result<()> {
+    match args.command {
+        TipCommand::BuildCache(a) => build_cache_cmd(a, quiet),
+        TipCommand::Train(a) => train_cmd(a, quiet),
+    }
+}
+
+fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
+    let mut config = TipConfig::resolve(&a.config)?;
+    if let Some(t) = &a.templates {
+        config.templates = crate::templates::resolve(t)?;
+    }
+    let dataset = Dataset::open(&a.data)?;
+    dataset.samples(Split::Val).with_context(|| {
+        "Tip-Adapter searches α/β on the val split (clipft never tunes on test)"
+    })?;
+    let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
+    let clip = load_model(&a.model, quiet)?;
+    let opts = a.extract.options(quiet);
+    let build = tip::BuildOptions {
+        augment_epochs: a
+            .augment_epochs
+            .map(|e| e as usize)
+            .unwrap_or(config.augment_epochs),
+        config,
+        shots: a.shots.shots.map(|k| k as usize),
+        seed: a.shots.seed,
+        allow_fewer_shots: a.shots.allow_fewer_shots,
+        augment: tip::OFFICIAL_AUGMENT,
+    };
+    info(
+        format!(
+            "building the cache: {} images × {} augmented views",
+            train.len(),
+            build.augment_epochs
+        ),
+        quiet,
+    );
+    let art = tip::build_cache(&clip, &dataset, &train, &build, &opts)?;
+    art.save(&a.out)?;
+    let mut out = std::io::stdout().lock();
+    write_summary(&art, &mut out)?;
+    info(format!("wrote {}", a.out.display()), quiet);
+    Ok(())
+}
+
+/// The val numbers of an artifact.
+pub fn write_summary(art: &TipArtifact, out: &mut impl Write) -> std::io::Result<()> {
+    let m = &art.meta;
+    let (nk, _) = art.cache_keys.dims2().unwrap_or((0, 0));
+    writeln!(
+        out,
+        "{}: {} cache entries, {} classes, config `{}`",
+        m.kind.method_name(),
+        nk,
+        m.class_names.len(),
+        m.config.name
+    )?;
+    writeln!(
+        out,
+        "  val ({} images): zero-shot {:.2}%",
+        m.val_n, m.val_acc_zeroshot
+    )?;
+    match &m.train {
+        None => writeln!(
+            out,
+            "  val: initial β {} α {} {:.2}%; searched β {:.4} α {:.4} {:.2}%",
+            m.config.init_beta, m.config.init_alpha, m.val_acc_init, m.beta, m.alpha, m.val_acc
+        ),
+        Some(t) => writeln!(
+            out,
+            "  val: best epoch {} of {} ({:.2}% at initial β/α); searched β {:.4} α {:.4} {:.2}%",
+            t.best_epoch + 1,
+            t.settings.epochs,
+            m.val_acc_init,
+            m.beta,
+            m.alpha,
+            m.val_acc
+        ),
+    }
+}
+
+/// The `--model` to load for an artifact: the artifact's own when `--model` is not given; an
+/// error when it names another model.
+fn model_for(args: &ModelArgs, art: &TipArtifact, path: &Path, quiet: bool) -> Result<ModelArgs> {
+    let mut args = args.clone();
+    match &args.model {
+        Some(m) => ensure!(
+            tip::same_model(m, &art.meta.model),
+            "--model {m}: {} was built with model `{}`; pass --model {} (or leave --model out)",
+            path.display(),
+            art.meta.model,
+            art.meta.model
+        ),
+        None => {
+            info(
+                format!("using the model of {}: {}", path.display(), art.meta.model),
+                quiet,
+            );
+            args.model = Some(art.meta.model.clone());
+        }
+    }
+    if args.revision.is_none() {
+        args.revision = art.meta.revision.clone();
+    }
+    Ok(args)
+}
+
+fn load_for(
+    args: &ModelArgs,
+    art: &TipArtifact,
+    dataset: &Dataset,
+    path: &Path,
+    quiet: bool,
+) -> Result<Clip> {
+    let clip = load_model(&model_for(args, art, path, quiet)?, quiet)?;
+    art.check_compatible(&clip, dataset, path)?;
+    Ok(clip)
+}
+
+fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
+    let cache = TipArtifact::load(&a.cache)?;
+    ensure!(
+        cache.meta.kind == tip::Kind::Tip,
+        "--cache {}: already a Tip-Adapter-F artifact; pass the file from `clipft tip build-cache`",
+        a.cache.display()
+    );
+    let dataset = Dataset::open(&a.data)?;
+    let m = &cache.meta;
+    let shots = ShotArgs {
+        shots: m.shots.map(|k| k as u64),
+        seed: m.seed,
+        allow_fewer_shots: m.allow_fewer_shots,
+    };
+    let train = split_samples(&dataset, Split::Train, &shots, true)?;
+    let clip = load_for(&a.model, &cache, &dataset, &a.cache, quiet)?;
+    let opts = ExtractOptions {
+        batch_size: a.encode_batch_size as usize,
+        skip_bad_images: a.skip_bad_images,
+        progress: !quiet,
+        cache_dir: if a.no_cache {
+            None
+        } else {
+            Some(
+                a.cache_dir
+                    .clone()
+                    .unwrap_or_else(crate::cli::default_cache_dir),
+            )
+        },
+    };
+    let mut settings = TipFSettings::from_config(&m.config, m.seed);
+    if let Some(e) = a.epochs {
+        settings.epochs = e as usize;
+    }
+    if let Some(lr) = a.lr {
+        ensure!(lr > 0.0 && lr.is_finite(), "--lr must be positive");
+        settings.lr = lr;
+    }
+    if let Some(b) = a.batch_size {
+        settings.batch_size = b as usize;
+    }
+    let train_opts = tip::TrainOptions {
+        settings,
+        fresh_views: a.fresh_views,
+    };
+    let art = tip::train(&clip, &dataset, &cache, &train, &train_opts, &opts)?;
+    art.save(&a.out)?;
+    write_summary(&art, &mut std::io::stdout().lock())?;
+    info(format!("wrote {}", a.out.display()), quiet);
+    Ok(())
+}
+
+/// `clipft eval --adapter FILE`: loads the artifact and its model, checks them against the
+/// dataset, and scores the split.
+pub fn eval_adapter(
+    path: &Path,
+    model: &ModelArgs,
+    dataset: &Dataset,
+    split: Split,
+    opts: &ExtractOptions,
+    quiet: bool,
+) -> Result<(Clip, crate::eval::ZeroShotRun)> {
+    let art = TipArtifact::load(path)?;
+    let clip = load_for(model, &art, dataset, path, quiet)?;
+    let run = tip::evaluate_adapter(&clip, dataset, &art, split, opts)?;
+    Ok((clip, run))
+}
+
+/// The Tip-Adapter part of `clipft demo`: Tip-Adapter and Tip-Adapter-F (default config, all
+/// train images, α/β and epoch on val) scored on test, after the zero-shot table.
+pub fn demo(
+    clip: &Clip,
+    dataset: &Dataset,
+    opts: &ExtractOptions,
+    quiet: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let config = TipConfig::resolve("default")?;
+    let train = dataset.samples(Split::Train)?;
+    let build = tip::BuildOptions {
+        augment_epochs: config.augment_epochs,
+        shots: None,
+        seed: 1,
+        allow_fewer_shots: false,
+        augment: tip::OFFICIAL_AUGMENT,
+        config,
+    };
+    info(
+        format!(
+            "Tip-Adapter: caching {} train images × {} augmented views",
+            train.len(),
+            build.augment_epochs
+        ),
+        quiet,
+    );
+    let cache = tip::build_cache(clip, dataset, &train, &build, opts)?;
+    writeln!(out)?;
+    write_summary(&cache, out)?;
+    let run = tip::evaluate_adapter(clip, dataset, &cache, Split::Test, opts)?;
+    crate::eval::write_table(&run.report, out)?;
+    info("Tip-Adapter-F: fine-tuning the cache keys", quiet);
+    let train_opts = tip::TrainOptions {
+        settings: TipFSettings::from_config(&cache.meta.config, build.seed),
+        fresh_views: false,
+    };
+    let tipf = tip::train(clip, dataset, &cache, &train, &train_opts, opts)?;
+    writeln!(out)?;
+    write_summary(&tipf, out)?;
+    let run_f = tip::evaluate_adapter(clip, dataset, &tipf, Split::Test, opts)?;
+    crate::eval::write_table(&run_f.report, out)?;
+    writeln!(out)?;
+    writeln!(out, "test top-1 side by side")?;
+    for r in [&run.report, &run_f.report] {
+        writeln!(out, "  {:<14} {:6.2}%", r.method, r.top1)?;
+    }
+    Ok(())
+}
