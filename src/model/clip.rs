@@ -37,7 +37,11 @@ impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
             let dtype = xs.dtype();
-            let x = xs.to_dtype(DType::F32)?;
+            // Statistics in at least f32 (f64 stays f64, for gradient checks).
+            let x = match dtype {
+                DType::F16 | DType::BF16 => xs.to_dtype(DType::F32)?,
+                _ => xs.clone(),
+            };
             let mean = x.mean_keepdim(D::Minus1)?;
             let x = x.broadcast_sub(&mean)?;
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;

@@ -188,16 +188,7 @@ impl Clip {
             msg,
         })?;
         check_tensors(&files.weights, &config)?;
-        let vb = match &files.weights {
-            // SAFETY: the files are memory-mapped read-only; clipft never writes to a checkpoint
-            // while it is loaded (see candle's `MmapedSafetensors`).
-            WeightFiles::Safetensors(paths) => {
-                unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, &device) }
-                    .with_context(|| format!("reading {}", paths[0].display()))?
-            }
-            WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, &device)
-                .with_context(|| format!("reading {}", path.display()))?,
-        };
+        let vb = weights_var_builder(&files.weights, dtype, &device)?;
         let model = ClipModel::new(vb, &config).with_context(|| {
             format!(
                 "building the CLIP model from {}",
@@ -284,6 +275,25 @@ impl Clip {
             device_name(&self.device),
         )
     }
+}
+
+/// A read-only `VarBuilder` over a checkpoint's weight files (memory-mapped safetensors, or a
+/// PyTorch pickle read without executing code).
+pub fn weights_var_builder(
+    weights: &WeightFiles,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<VarBuilder<'static>> {
+    Ok(match weights {
+        // SAFETY: the files are memory-mapped read-only; clipft never writes to a checkpoint
+        // while it is loaded (see candle's `MmapedSafetensors`).
+        WeightFiles::Safetensors(paths) => {
+            unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }
+                .with_context(|| format!("reading {}", paths[0].display()))?
+        }
+        WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, device)
+            .with_context(|| format!("reading {}", path.display()))?,
+    })
 }
 
 pub fn device_name(d: &Device) -> String {

@@ -6,6 +6,7 @@ pub mod hub;
 pub mod load;
 pub mod synth;
 pub mod tokenizer;
+pub mod trainable;
 
 use std::path::PathBuf;
 

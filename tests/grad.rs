@@ -1,0 +1,136 @@
+//! The trainable vision tower: every parameter receives its true gradient (finite differences in
+//! f64), and its forward pass equals the inference model's.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use clipft::features::l2_normalize;
+use clipft::model::hub;
+use clipft::model::trainable::TrainableVision;
+use clipft::model::{synth, Clip, ClipConfig, ModelSpec};
+
+fn pixels(dtype: DType) -> Tensor {
+    let n = 2 * 3 * 32 * 32;
+    let v: Vec<f64> = (0..n).map(|i| ((i as f64) * 0.37).sin() * 1.5).collect();
+    Tensor::from_vec(v, (2, 3, 32, 32), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A scalar that depends non-linearly on every output: Σ normalize(f) ⊙ R.
+fn loss(tv: &TrainableVision, x: &Tensor, r: &Tensor) -> Tensor {
+    let f = tv.tower.forward(x).unwrap();
+    (l2_normalize(&f).unwrap() * r).unwrap().sum_all().unwrap()
+}
+
+fn check_gradients(dir: &Path) {
+    let files = hub::resolve(&dir.display().to_string(), None, false).unwrap();
+    let config = ClipConfig::from_json(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
+    let tv = TrainableVision::from_files(&files, &config, &Device::Cpu, DType::F64).unwrap();
+    let x = pixels(DType::F64);
+    let r = Tensor::from_vec(
+        (0..2 * config.projection_dim)
+            .map(|i| ((i * 7 % 11) as f64) - 5.0)
+            .collect::<Vec<_>>(),
+        (2, config.projection_dim),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let grads = loss(&tv, &x, &r).backward().unwrap();
+    let vars = tv.vars();
+    // Every tensor of the vision tower and projection is a variable.
+    let expected = config
+        .expected_tensors()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("vision_model.") || n == "visual_projection.weight")
+        .count();
+    assert_eq!(vars.len(), expected);
+    let h = 1e-5;
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("`{name}` received no gradient"));
+        let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        // The key bias is the one exception, and rightly so: it adds `q·b` to every logit of a
+        // query's softmax, which cancels, so its true gradient is zero (the finite differences
+        // below confirm it).
+        if !name.ends_with("k_proj.bias") {
+            assert!(
+                g.iter().any(|v| v.abs() > 1e-12),
+                "`{name}` has an all-zero gradient"
+            );
+        }
+        // Central differences on a few elements of each tensor.
+        let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let n = base.len();
+        for &k in &[0, n / 3, n - 1] {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[k] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&tv, &x, &r).to_scalar::<f64>().unwrap()
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let tol = 1e-6 + 1e-5 * g[k].abs().max(fd.abs());
+            assert!(
+                (fd - g[k]).abs() <= tol,
+                "`{name}`[{k}]: autograd {} vs finite difference {fd}",
+                g[k]
+            );
+        }
+    }
+}
+
+#[test]
+fn every_vision_parameter_gets_its_true_gradient_gelu_tower() {
+    // The fixture's vision tower uses exact (erf) GELU.
+    check_gradients(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-clip"));
+}
+
+#[test]
+fn every_vision_parameter_gets_its_true_gradient_quick_gelu_tower() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth::write_checkpoint(tmp.path(), &synth::tiny_config(), 3).unwrap();
+    check_gradients(tmp.path());
+}
+
+#[test]
+fn trainable_tower_computes_the_inference_features() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-clip");
+    let clip = Clip::load(&ModelSpec::local(&dir)).unwrap();
+    let tv =
+        TrainableVision::from_files(&clip.files, clip.config(), &Device::Cpu, DType::F32).unwrap();
+    let x = pixels(DType::F32);
+    let a = clip.model.image_features(&x).unwrap();
+    let b = tv.tower.forward(&x).unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    // A step on one variable changes the output: the tower reads the variables, not copies.
+    let (_, var): (String, Var) = tv
+        .vars()
+        .into_iter()
+        .find(|(n, _)| n == "vision_model.embeddings.patch_embedding.weight")
+        .unwrap();
+    var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+    let c = tv.tower.forward(&x).unwrap();
+    let moved = (clip.model.image_features(&x).unwrap() - c)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-3, "{moved}");
+}
