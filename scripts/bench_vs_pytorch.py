@@ -30,7 +30,9 @@ def make_checkpoint(d: Path):
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
-                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu"),
+                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
+                         # the tiny tokenizer copied below: its start/end tokens
+                         bos_token_id=1512, eos_token_id=1513, pad_token_id=1513),
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                            image_size=224, patch_size=32, hidden_act="quick_gelu"),
         projection_dim=512,

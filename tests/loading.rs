@@ -147,6 +147,19 @@ fn broken_checkpoints_name_the_file_and_tensor() {
         "{e}"
     );
 
+    // A tokenizer without CLIP's post-processor never emits the end token the text tower pools.
+    let d = tmp.path().join("no-end-token");
+    copy_dir(&base, &d);
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
+    tok["post_processor"] = serde_json::Value::Null;
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("end-of-text token"),
+        "{e}"
+    );
+
     let d = tmp.path().join("garbage-weights");
     copy_dir(&base, &d);
     std::fs::write(

@@ -208,6 +208,7 @@ impl Clip {
             }
             .into());
         }
+        check_end_token(&tokenizer, &config, &files.tokenizer)?;
         let preprocess = match &files.preprocessor {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| LoadError::BadFile {
@@ -275,6 +276,38 @@ impl Clip {
             device_name(&self.device),
         )
     }
+}
+
+/// The text tower pools the hidden state of the end token, so a tokenizer that does not end each
+/// prompt with it (a `tokenizer.json` without CLIP's post-processor, or an `eos_token_id` in
+/// config.json that names another token) would give silently wrong text features.
+fn check_end_token(
+    tokenizer: &ClipTokenizer,
+    config: &ClipConfig,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let ids = tokenizer
+        .encode_batch(&["a photo of a dog.".to_string()])?
+        .remove(0);
+    let last = ids.last().copied();
+    let eos = config.text_config.eos_token_id;
+    let ok = if eos == 2 {
+        // Legacy configs pool at the argmax of the ids: the end token must be the largest id.
+        last.is_some_and(|l| ids.iter().all(|&i| i <= l))
+    } else {
+        last == Some(eos)
+    };
+    if !ok {
+        return Err(LoadError::BadFile {
+            path: path.to_path_buf(),
+            msg: format!(
+                "prompts do not end with the end-of-text token that config.json's text_config.eos_token_id ({eos}) names \
+                 (`a photo of a dog.` tokenises to {ids:?}); the text features would be pooled at the wrong token"
+            ),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// A read-only `VarBuilder` over a checkpoint's weight files (memory-mapped safetensors, or a

@@ -97,7 +97,13 @@ pub fn write_checkpoint(dir: &Path, config: &ClipConfig, seed: u64) -> Result<()
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)?;
     crate::io::write_atomic(&dir.join("model.safetensors"), &bytes)?;
 
-    let mut cfg = serde_json::to_value(config)?;
+    // The tokenizer written below is always the tiny one: its start/end tokens are what the text
+    // tower must pool on, whatever the rest of the config.
+    let mut config = config.clone();
+    config.text_config.bos_token_id = TINY_VOCAB as u32 - 2;
+    config.text_config.eos_token_id = TINY_VOCAB as u32 - 1;
+    config.text_config.pad_token_id = TINY_VOCAB as u32 - 1;
+    let mut cfg = serde_json::to_value(&config)?;
     cfg["architectures"] = serde_json::json!(["CLIPModel"]);
     cfg["model_type"] = "clip".into();
     cfg["text_config"]["model_type"] = "clip_text_model".into();
