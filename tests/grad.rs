@@ -134,3 +134,71 @@ fn trainable_tower_computes_the_inference_features() {
         .unwrap();
     assert!(moved > 1e-3, "{moved}");
 }
+
+#[test]
+fn fdalign_steps_lower_the_loss_and_the_kl_starts_at_zero() {
+    use clipft::methods::fdalign;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-clip");
+    let clip = Clip::load(&ModelSpec::local(&dir)).unwrap();
+    let tv =
+        TrainableVision::from_files(&clip.files, clip.config(), &Device::Cpu, DType::F32).unwrap();
+    let classes = ["dog", "cat", "bird"];
+    let templates = clipft::templates::resolve("imagenet80").unwrap();
+    let prompts: Vec<String> = templates
+        .iter()
+        .flat_map(|t| classes.iter().map(move |c| clipft::templates::fill(t, c)))
+        .collect();
+    let d = clip.config().projection_dim;
+    let text = clipft::features::text_features(&clip, &prompts, 256)
+        .unwrap()
+        .reshape((templates.len(), classes.len(), d))
+        .unwrap();
+    let prototypes =
+        fdalign::select_prototypes(&fdalign::context_weights(&text).unwrap(), 60, 20, 0).unwrap();
+    assert_eq!(prototypes.dims(), &[20, d]);
+    let head_w = Var::from_tensor(&fdalign::class_head_init(&text).unwrap()).unwrap();
+    let head_b = Var::zeros(classes.len(), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::cat(
+        &[
+            pixels(DType::F32),
+            (pixels(DType::F32) * -0.5).unwrap(),
+            (pixels(DType::F32) + 0.3).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let y = Tensor::new(&[0u32, 1, 2, 0, 1, 2], &Device::Cpu).unwrap();
+    let f0 = clip.model.image_features(&x).unwrap();
+    let mut vars: Vec<Var> = tv.vars().into_iter().map(|(_, v)| v).collect();
+    vars.extend([head_w.clone(), head_b.clone()]);
+    let mut opt = fdalign::Sgd::new(vars, 1e-4, 0.9, 5e-4);
+    let mut totals = Vec::new();
+    for step in 0..6 {
+        let ft = tv.tower.forward(&x).unwrap();
+        let (total, _ce, kl) = fdalign::loss(
+            &ft,
+            &f0,
+            &y,
+            head_w.as_tensor(),
+            head_b.as_tensor(),
+            &prototypes,
+            20.0,
+        )
+        .unwrap();
+        if step == 0 {
+            let kl0 = kl.to_scalar::<f32>().unwrap();
+            assert!(kl0.abs() < 1e-6, "KL at step 0 is {kl0}");
+        }
+        totals.push(total.to_scalar::<f32>().unwrap());
+        opt.step(&total.backward().unwrap()).unwrap();
+    }
+    eprintln!("FD-Align loss per step: {totals:?}");
+    assert!(
+        totals.windows(2).all(|w| w[1] < w[0]),
+        "loss did not go down every step: {totals:?}"
+    );
+    assert!(
+        totals[5] < totals[0] * 0.9,
+        "loss did not go down: {totals:?}"
+    );
+}

@@ -2,6 +2,7 @@
 //! on tensors (testable without a model) and adds thin orchestration over [`crate::model::Clip`],
 //! [`crate::data::Dataset`] and [`crate::features`].
 
+pub mod fdalign;
 pub mod optim;
 pub mod tip;
 pub mod tip_cli;

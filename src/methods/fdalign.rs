@@ -1,0 +1,417 @@
+//! FD-Align (Feature Discrimination Alignment): the objective and its parts, as the official code
+//! (skingorz/FD-Align) computes them.
+//!
+//! - Class head: a linear layer on L2-normalised image features, weights initialised to
+//!   `100 ×` each class's prompt-ensemble embedding (templates normalised, averaged,
+//!   re-normalised), bias zero; both trainable.
+//! - Spurious ("context") prototypes: per template, the mean over classes of the normalised text
+//!   embeddings, re-normalised, `× 100`. The official code keeps the 60 most typical templates by
+//!   an isolation forest and merges them into 20 k-means centres; [`select_prototypes`] does the
+//!   same, seeded (the forest and k-means are our own, so the chosen set can differ from
+//!   scikit-learn's draw); `clusters = 0` keeps every template.
+//! - Loss: `CE(head(f_t(x)), y) + β · KL(P₀ ‖ P_t)` with `P = softmax(norm(f) · Sᵀ)` over the
+//!   prototypes S, `P₀` from the frozen encoder. The KL uses PyTorch `KLDivLoss()`'s default
+//!   reduction, the mean over batch × prototypes (the paper writes a sum over prototypes,
+//!   averaged over the batch: β differs by the number of prototypes between the two notations).
+//! - Optimiser: SGD with Nesterov momentum and L2 weight decay, PyTorch's update.
+
+use anyhow::{ensure, Result};
+use candle_core::{Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+
+use crate::features::l2_normalize;
+
+/// Scale CLIP applies to cosine similarities (`logit_scale.exp()` of the trained models).
+pub const LOGIT_SCALE: f64 = 100.0;
+
+/// Spurious prototypes from raw text features `[T, C, D]` (template × class): `[T, D]`.
+pub fn context_weights(text: &Tensor) -> Result<Tensor> {
+    let per_template = l2_normalize(&l2_normalize(text)?.mean(1)?)?;
+    Ok((per_template * LOGIT_SCALE)?)
+}
+
+/// Initial class-head weights from raw text features `[T, C, D]`: `[C, D]`.
+pub fn class_head_init(text: &Tensor) -> Result<Tensor> {
+    let per_class = l2_normalize(&l2_normalize(text)?.mean(0)?)?;
+    Ok((per_class * LOGIT_SCALE)?)
+}
+
+/// Logits of a linear layer on L2-normalised features: `norm(f)·Wᵀ + b`.
+pub fn normalized_linear(
+    features: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let logits = l2_normalize(features)?.matmul(&weight.t()?)?;
+    Ok(match bias {
+        Some(b) => logits.broadcast_add(b)?,
+        None => logits,
+    })
+}
+
+/// `KL(P₀ ‖ P_t)` averaged over batch × prototypes (PyTorch `KLDivLoss()` on
+/// `log softmax(ctx(f_t))` and `softmax(ctx(f₀))`), where `ctx(f) = norm(f)·Sᵀ`.
+pub fn spurious_kl(f_t: &Tensor, f_0: &Tensor, prototypes: &Tensor) -> Result<Tensor> {
+    let log_pt =
+        candle_nn::ops::log_softmax(&normalized_linear(f_t, prototypes, None)?, D::Minus1)?;
+    let log_p0 = candle_nn::ops::log_softmax(
+        &normalized_linear(f_0, prototypes, None)?.detach(),
+        D::Minus1,
+    )?;
+    let kl = (log_p0.exp()? * (log_p0 - log_pt)?)?;
+    Ok(kl.mean_all()?)
+}
+
+/// The FD-Align objective for a batch; returns `(total, ce, kl)`.
+pub fn loss(
+    f_t: &Tensor,
+    f_0: &Tensor,
+    labels: &Tensor,
+    head_w: &Tensor,
+    head_b: &Tensor,
+    prototypes: &Tensor,
+    beta: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let logits = normalized_linear(f_t, head_w, Some(head_b))?;
+    let ce = candle_nn::loss::cross_entropy(&logits, labels)?;
+    let kl = spurious_kl(f_t, f_0, prototypes)?;
+    let total = (&ce + (&kl * beta)?)?;
+    Ok((total, ce, kl))
+}
+
+/// PyTorch's `SGD(momentum, nesterov=True, weight_decay)`: `g ← g + λθ`, `b ← μb + g` (`b = g` on
+/// the first step), `g ← g + μb`, `θ ← θ − lr·g`.
+pub struct Sgd {
+    vars: Vec<Var>,
+    buffers: Vec<Option<Tensor>>,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+impl Sgd {
+    pub fn new(vars: Vec<Var>, lr: f64, momentum: f64, weight_decay: f64) -> Self {
+        let buffers = vec![None; vars.len()];
+        Self {
+            vars,
+            buffers,
+            lr,
+            momentum,
+            weight_decay,
+        }
+    }
+
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        for (var, buf) in self.vars.iter().zip(self.buffers.iter_mut()) {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = (g + (var.as_tensor() * self.weight_decay)?)?;
+            let b = match buf.take() {
+                None => g.clone(),
+                Some(b) => ((b * self.momentum)? + &g)?,
+            };
+            let update = (g + (&b * self.momentum)?)?;
+            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+            *buf = Some(b.detach());
+        }
+        Ok(())
+    }
+
+    /// The momentum buffers (for checkpoints), in the order of the variables.
+    pub fn buffers(&self) -> &[Option<Tensor>] {
+        &self.buffers
+    }
+}
+
+/// Average path length of an unsuccessful search in a binary search tree of `n` points: the
+/// isolation forest's normaliser `c(n)`.
+fn c_factor(n: usize) -> f64 {
+    match n {
+        0 | 1 => 0.0,
+        2 => 1.0,
+        _ => {
+            let n = n as f64;
+            2.0 * ((n - 1.0).ln() + 0.577_215_664_901_532_9) - 2.0 * (n - 1.0) / n
+        }
+    }
+}
+
+/// Path length of `x` in a random isolation tree grown on `rows` (indices into `data`).
+fn isolation_path(
+    data: &[Vec<f32>],
+    rows: &[usize],
+    x: &[f32],
+    depth: usize,
+    max_depth: usize,
+    rng: &mut impl Rng,
+) -> f64 {
+    if rows.len() <= 1 || depth >= max_depth {
+        return depth as f64 + c_factor(rows.len());
+    }
+    let dims = data[rows[0]].len();
+    // A random feature with spread, then a uniform split inside its range.
+    for _ in 0..dims {
+        let f = rng.random_range(0..dims);
+        let (lo, hi) = rows
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &r| {
+                (lo.min(data[r][f]), hi.max(data[r][f]))
+            });
+        if hi > lo {
+            let split = rng.random_range(lo..hi);
+            let (left, right): (Vec<usize>, Vec<usize>) =
+                rows.iter().partition(|&&r| data[r][f] < split);
+            let side = if x[f] < split { left } else { right };
+            return isolation_path(data, &side, x, depth + 1, max_depth, rng);
+        }
+    }
+    depth as f64 + c_factor(rows.len())
+}
+
+/// Isolation-forest anomaly scores `2^(−E[h(x)]/c(ψ))` (higher = more atypical), with scikit-
+/// learn's defaults: 100 trees, subsamples of `min(256, n)` points, depth limit `⌈log₂ ψ⌉`.
+/// Each tree is grown lazily along each point's path, seeded per (tree, point).
+pub fn isolation_scores(data: &[Vec<f32>], seed: u64) -> Vec<f64> {
+    let n = data.len();
+    let psi = n.min(256);
+    let max_depth = (psi.max(2) as f64).log2().ceil() as usize;
+    let trees = 100;
+    let mut depth_sum = vec![0.0; n];
+    for t in 0..trees {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t as u64,
+        );
+        let sample: Vec<usize> = rand::seq::index::sample(&mut rng, n, psi).into_vec();
+        let tree_seed: u64 = rng.random();
+        for (i, x) in data.iter().enumerate() {
+            // Same seed for every point: every point descends the same tree.
+            let mut tree_rng = rand_chacha::ChaCha8Rng::seed_from_u64(tree_seed);
+            depth_sum[i] += isolation_path(data, &sample, x, 0, max_depth, &mut tree_rng);
+        }
+    }
+    let c = c_factor(psi);
+    depth_sum
+        .iter()
+        .map(|&s| 2f64.powf(-(s / trees as f64) / c))
+        .collect()
+}
+
+/// k-means (k-means++ initialisation, Lloyd iterations to convergence), seeded.
+pub fn kmeans(data: &[Vec<f32>], k: usize, seed: u64) -> Vec<Vec<f32>> {
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut centers = vec![data[rng.random_range(0..data.len())].clone()];
+    while centers.len() < k {
+        let d: Vec<f32> = data
+            .iter()
+            .map(|x| {
+                centers
+                    .iter()
+                    .map(|c| dist(x, c))
+                    .fold(f32::INFINITY, f32::min)
+            })
+            .collect();
+        let total: f32 = d.iter().sum();
+        let mut pick = rng.random_range(0.0..total.max(f32::MIN_POSITIVE));
+        let mut chosen = data.len() - 1;
+        for (i, di) in d.iter().enumerate() {
+            if pick < *di {
+                chosen = i;
+                break;
+            }
+            pick -= di;
+        }
+        centers.push(data[chosen].clone());
+    }
+    let mut assign = vec![usize::MAX; data.len()];
+    for _ in 0..300 {
+        let next: Vec<usize> = data
+            .iter()
+            .map(|x| {
+                (0..k)
+                    .min_by(|&a, &b| dist(x, &centers[a]).total_cmp(&dist(x, &centers[b])))
+                    .expect("k > 0")
+            })
+            .collect();
+        if next == assign {
+            break;
+        }
+        assign = next;
+        for (c, center) in centers.iter_mut().enumerate() {
+            let members: Vec<&Vec<f32>> = data
+                .iter()
+                .zip(&assign)
+                .filter(|(_, &a)| a == c)
+                .map(|(x, _)| x)
+                .collect();
+            if !members.is_empty() {
+                for (j, v) in center.iter_mut().enumerate() {
+                    *v = members.iter().map(|m| m[j]).sum::<f32>() / members.len() as f32;
+                }
+            }
+        }
+    }
+    centers
+}
+
+/// The spurious prototypes FD-Align regularises with: the `keep` most typical of the `[T, D]`
+/// context weights (lowest isolation-forest scores), merged into `clusters` k-means centres;
+/// `clusters == 0` returns every template's weight.
+pub fn select_prototypes(
+    context: &Tensor,
+    keep: usize,
+    clusters: usize,
+    seed: u64,
+) -> Result<Tensor> {
+    if clusters == 0 {
+        return Ok(context.clone());
+    }
+    let rows: Vec<Vec<f32>> = context.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    ensure!(
+        clusters <= keep && keep <= rows.len(),
+        "need clusters ({clusters}) <= keep ({keep}) <= templates ({})",
+        rows.len()
+    );
+    let scores = isolation_scores(&rows, seed);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    let typical: Vec<Vec<f32>> = order[..keep].iter().map(|&i| rows[i].clone()).collect();
+    let centers = kmeans(&typical, clusters, seed);
+    let d = centers[0].len();
+    Ok(Tensor::from_vec(
+        centers.concat(),
+        (clusters, d),
+        context.device(),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn formula(rows: usize, cols: usize, salt: f64) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| (((i as f64) * 0.731 + salt).sin() * 1.3 + ((i % 7) as f64) * 0.05) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn kl_is_zero_when_the_encoders_agree_and_positive_otherwise() {
+        let dev = Device::Cpu;
+        let f = Tensor::from_vec(formula(4, 6, 0.1), (4, 6), &dev).unwrap();
+        let g = Tensor::from_vec(formula(4, 6, 2.0), (4, 6), &dev).unwrap();
+        let s = Tensor::from_vec(formula(5, 6, 1.0), (5, 6), &dev).unwrap();
+        let same = spurious_kl(&f, &f, &s).unwrap().to_scalar::<f32>().unwrap();
+        assert!(same.abs() < 1e-7, "{same}");
+        let diff = spurious_kl(&g, &f, &s).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff > 1e-4, "{diff}");
+    }
+
+    /// Numbers from PyTorch: `KLDivLoss()(log(softmax(ctx(f_t))), softmax(ctx(f_0)))`,
+    /// `cross_entropy(normalize(f_t)·Wᵀ, y)` and their sum with β = 20, on the same formula inputs.
+    #[test]
+    fn loss_matches_pytorch() {
+        let dev = Device::Cpu;
+        let t = |r, c, salt| Tensor::from_vec(formula(r, c, salt), (r, c), &dev).unwrap();
+        let (ft, f0, s, w) = (t(4, 6, 2.0), t(4, 6, 0.1), t(5, 6, 1.0), t(3, 6, 0.5));
+        let b = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        let y = Tensor::new(&[0u32, 2, 1, 2], &dev).unwrap();
+        let (total, ce, kl) = loss(&ft, &f0, &y, &w, &b, &s, 20.0).unwrap();
+        let get = |x: Tensor| x.to_scalar::<f32>().unwrap();
+        assert!((get(kl) - 0.336_542_52).abs() < 1e-6);
+        assert!((get(ce) - 1.274_972_9).abs() < 1e-6);
+        assert!((get(total) - 8.005_823).abs() < 2e-5);
+    }
+
+    #[test]
+    fn sgd_matches_pytorch_nesterov_formula() {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0, 0.5], &dev).unwrap()).unwrap();
+        let mut opt = Sgd::new(vec![w.clone()], 0.1, 0.9, 0.01);
+        // Loss Σ w², gradient 2w; expected values from torch.optim.SGD(lr=0.1, momentum=0.9,
+        // nesterov=True, weight_decay=0.01), three steps.
+        for _ in 0..3 {
+            let grads = w
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            opt.step(&grads).unwrap();
+        }
+        let got: Vec<f64> = w.as_tensor().to_vec1().unwrap();
+        let expected = [-0.1116510943, 0.2233021885, -0.0558255471];
+        for (a, b) in got.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-8, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn isolation_forest_flags_outliers_and_kmeans_finds_clusters() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut data: Vec<Vec<f32>> = (0..60)
+            .map(|i| {
+                let c = (i % 3) as f32 * 10.0;
+                (0..4).map(|_| c + rng.random_range(-0.5..0.5)).collect()
+            })
+            .collect();
+        data.push(vec![100.0, -100.0, 50.0, 0.0]);
+        let scores = isolation_scores(&data, 1);
+        let outlier = scores[60];
+        assert!(
+            scores[..60].iter().all(|&s| s < outlier),
+            "outlier {outlier} not the most anomalous"
+        );
+        let centers = kmeans(&data[..60], 3, 2);
+        let mut firsts: Vec<i32> = centers.iter().map(|c| c[0].round() as i32).collect();
+        firsts.sort();
+        assert_eq!(firsts, [0, 10, 20]);
+        // Prototype selection: keep the typical ones, merge into k centres.
+        let t = Tensor::from_vec(data.concat(), (61, 4), &Device::Cpu).unwrap();
+        let p = select_prototypes(&t, 60, 3, 0).unwrap();
+        assert_eq!(p.dims(), &[3, 4]);
+        assert!(
+            p.to_vec2::<f32>().unwrap().iter().all(|c| c[0] < 30.0),
+            "the outlier was kept"
+        );
+        assert_eq!(select_prototypes(&t, 60, 0, 0).unwrap().dims(), &[61, 4]);
+    }
+
+    #[test]
+    fn prototypes_and_head_init_follow_the_official_recipe() {
+        let dev = Device::Cpu;
+        let text = Tensor::from_vec(formula(3, 2 * 4, 0.3), (3, 2, 4), &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let ctx = context_weights(&text).unwrap().to_vec2::<f64>().unwrap();
+        let head = class_head_init(&text).unwrap().to_vec2::<f64>().unwrap();
+        let raw: Vec<Vec<Vec<f64>>> = text.to_vec3().unwrap();
+        let norm = |v: &[f64]| {
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| x / n).collect::<Vec<f64>>()
+        };
+        for t in 0..3 {
+            let mean: Vec<f64> = (0..4)
+                .map(|d| (norm(&raw[t][0])[d] + norm(&raw[t][1])[d]) / 2.0)
+                .collect();
+            let want: Vec<f64> = norm(&mean).iter().map(|x| x * 100.0).collect();
+            for d in 0..4 {
+                assert!((ctx[t][d] - want[d]).abs() < 1e-9);
+            }
+        }
+        for c in 0..2 {
+            let mean: Vec<f64> = (0..4)
+                .map(|d| (0..3).map(|t| norm(&raw[t][c])[d]).sum::<f64>() / 3.0)
+                .collect();
+            let want: Vec<f64> = norm(&mean).iter().map(|x| x * 100.0).collect();
+            for d in 0..4 {
+                assert!((head[c][d] - want[d]).abs() < 1e-9);
+            }
+        }
+    }
+}
