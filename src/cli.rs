@@ -47,6 +47,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Tip-Adapter: build the training-free cache (`build-cache`) or fine-tune it (`train`).
     Tip(crate::methods::tip_cli::TipArgs),
+    /// FD-Align: fine-tune the image encoder (`train`), keeping spurious features aligned.
+    Fdalign(crate::methods::fdalign_cli::FdAlignArgs),
 }
 
 /// Which checkpoint, on which device, in which precision.
@@ -247,6 +249,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => crate::demo::run(a.dir.as_deref(), quiet, &mut std::io::stdout()),
         Command::Info(a) => info_cmd(a, quiet),
         Command::Tip(a) => crate::methods::tip_cli::run(a, quiet),
+        Command::Fdalign(a) => crate::methods::fdalign_cli::run(a, quiet),
     }
 }
 
@@ -447,7 +450,11 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     }
     let template_set = crate::templates::resolve(a.templates.as_deref().unwrap_or("clip"))?;
     let opts = a.extract.options(quiet);
-    let (clip, run) = if let Some(adapter) = &a.adapter {
+    let (clip, run) = if let Some(adapter) = a.adapter.as_ref().filter(|p| p.is_dir()) {
+        crate::methods::fdalign_cli::eval_adapter(
+            adapter, &a.model, &dataset, a.split, &opts, quiet,
+        )?
+    } else if let Some(adapter) = &a.adapter {
         crate::methods::tip_cli::eval_adapter(adapter, &a.model, &dataset, a.split, &opts, quiet)?
     } else {
         let clip = load_model(&a.model, quiet)?;

@@ -122,6 +122,12 @@ impl Sgd {
     pub fn buffers(&self) -> &[Option<Tensor>] {
         &self.buffers
     }
+
+    /// Restores momentum buffers saved by [`Self::buffers`].
+    pub fn set_buffers(&mut self, buffers: Vec<Option<Tensor>>) {
+        assert_eq!(buffers.len(), self.vars.len(), "one buffer per variable");
+        self.buffers = buffers;
+    }
 }
 
 /// Average path length of an unsuccessful search in a binary search tree of `n` points: the
@@ -284,6 +290,62 @@ pub fn select_prototypes(
         (clusters, d),
         context.device(),
     )?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training
+// ---------------------------------------------------------------------------------------------
+
+/// FD-Align training settings (defaults: the official ones).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FdAlignSettings {
+    pub epochs: usize,
+    /// Learning rate for a batch of 256; the rate used is `base_lr · batch / 256`.
+    pub base_lr: f64,
+    /// Images per optimiser step [default: min(256, train size)].
+    pub batch_size: Option<usize>,
+    /// Micro-batches per step (gradients summed), to fit a large batch in memory.
+    pub accum_steps: usize,
+    pub beta: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// RandomResizedCrop area range of the training views (no flip).
+    pub scale: (f64, f64),
+    pub spurious_keep: usize,
+    pub spurious_clusters: usize,
+    pub seed: u64,
+}
+
+impl Default for FdAlignSettings {
+    fn default() -> Self {
+        Self {
+            epochs: 60,
+            base_lr: 5e-5,
+            batch_size: None,
+            accum_steps: 1,
+            beta: 20.0,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            scale: (0.08, 1.0),
+            spurious_keep: 60,
+            spurious_clusters: 20,
+            seed: 1,
+        }
+    }
+}
+
+impl FdAlignSettings {
+    pub fn batch(&self, train_size: usize) -> usize {
+        self.batch_size.unwrap_or(256).min(train_size).max(1)
+    }
+    pub fn lr(&self, train_size: usize) -> f64 {
+        self.base_lr * self.batch(train_size) as f64 / 256.0
+    }
+}
+
+/// Cosine learning rate at step `t` of `total` (per-step schedule, no warm-up).
+pub fn cosine_lr(base: f64, t: usize, total: usize) -> f64 {
+    super::tip::cosine_lr(base, t, total)
 }
 
 #[cfg(test)]

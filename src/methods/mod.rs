@@ -3,6 +3,8 @@
 //! [`crate::data::Dataset`] and [`crate::features`].
 
 pub mod fdalign;
+pub mod fdalign_cli;
+pub mod fdalign_train;
 pub mod optim;
 pub mod tip;
 pub mod tip_cli;

@@ -1,0 +1,213 @@
+//! `clipft fdalign train` and `clipft eval --adapter DIR` for FD-Align checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use clap::{Args, Subcommand};
+
+use super::fdalign::{self, FdAlignSettings};
+use super::fdalign_train::{self, HEAD_FILE};
+use crate::cli::{info, load_model, split_samples, ModelArgs, ShotArgs};
+use crate::data::{Dataset, Split};
+use crate::model::{Clip, ModelSpec};
+
+#[derive(Args, Debug)]
+pub struct FdAlignArgs {
+    #[command(subcommand)]
+    pub command: FdAlignCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FdAlignCommand {
+    /// Fine-tune the whole image encoder with FD-Align; writes a complete CLIP checkpoint folder.
+    Train(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset folder (DIR/{train,val,test}/<class>/<image>); needs train/ and val/.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub shots: ShotArgs,
+    /// Epochs (the best val epoch is kept).
+    #[arg(long, default_value_t = 60, value_name = "N")]
+    pub epochs: usize,
+    /// Learning rate for a batch of 256; scaled by batch/256.
+    #[arg(long, default_value_t = 5e-5, value_name = "LR")]
+    pub lr: f64,
+    /// Images per optimiser step [default: min(256, train size)].
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Split each step into this many micro-batches (gradients summed) to save memory.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub accum_steps: usize,
+    /// Weight β of the spurious-feature KL term.
+    #[arg(long, default_value_t = 20.0)]
+    pub beta: f64,
+    /// Prompt templates for the class head and the spurious prototypes.
+    #[arg(long, default_value = "imagenet80", value_name = "NAME|FILE")]
+    pub templates: String,
+    /// Most typical templates kept by the isolation forest.
+    #[arg(long, default_value_t = 60)]
+    pub spurious_keep: usize,
+    /// k-means prototypes made from the kept templates; 0 = one prototype per template.
+    #[arg(long, default_value_t = 20)]
+    pub spurious_clusters: usize,
+    /// Continue an interrupted run in --out from its last finished epoch (same flags).
+    #[arg(long)]
+    pub resume: bool,
+    /// Output folder: a complete CLIP checkpoint plus the class head.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: FdAlignArgs, quiet: bool) -> Result<()> {
+    match args.command {
+        FdAlignCommand::Train(a) => train_cmd(a, quiet),
+    }
+}
+
+fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
+    let dataset = Dataset::open(&a.data)?;
+    let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
+    let val = dataset
+        .samples(Split::Val)
+        .context("FD-Align picks its epoch on val (clipft never tunes on test)")?;
+    let template_set = crate::templates::resolve(&a.templates)?;
+    let clip = load_model(&a.model, quiet)?;
+    let settings = FdAlignSettings {
+        epochs: a.epochs,
+        base_lr: a.lr,
+        batch_size: a.batch_size,
+        accum_steps: a.accum_steps,
+        beta: a.beta,
+        spurious_keep: a.spurious_keep,
+        spurious_clusters: a.spurious_clusters,
+        seed: a.shots.seed,
+        ..FdAlignSettings::default()
+    };
+    ensure!(settings.epochs >= 1, "--epochs must be at least 1");
+    info(
+        format!(
+            "FD-Align: {} train images, batch {}, lr {:.3e}, {} epochs",
+            train.len(),
+            settings.batch(train.len()),
+            settings.lr(train.len()),
+            settings.epochs
+        ),
+        quiet,
+    );
+    let (best, outcome) = fdalign_train::train(
+        &clip,
+        &dataset.class_names(),
+        &template_set,
+        &train,
+        &val,
+        &settings,
+        &a.out,
+        a.resume,
+        !quiet,
+        None,
+    )?;
+    let meta = serde_json::json!({
+        "kind": "fdalign",
+        "source_model": clip.files.id,
+        "source_revision": clip.files.revision,
+        "class_names": dataset.class_names(),
+        "class_folders": dataset.class_folders(),
+        "templates": template_set,
+        "settings": settings,
+        "shots": a.shots.shots,
+        "outcome": outcome,
+    });
+    fdalign_train::write_checkpoint(&clip, &best, &a.out, meta)?;
+    info(
+        format!(
+            "wrote {} (best val epoch {} of {}: {:.2}%); use it with --model {} or --adapter {}",
+            a.out.display(),
+            outcome.best_epoch + 1,
+            settings.epochs,
+            outcome.best_val,
+            a.out.display(),
+            a.out.display()
+        ),
+        quiet,
+    );
+    Ok(())
+}
+
+/// `clipft eval --adapter DIR` for an FD-Align output folder: its own model and class head.
+pub fn eval_adapter(
+    dir: &Path,
+    model: &ModelArgs,
+    dataset: &Dataset,
+    split: Split,
+    opts: &crate::features::ExtractOptions,
+    quiet: bool,
+) -> Result<(Clip, crate::eval::ZeroShotRun)> {
+    let head_path = dir.join(HEAD_FILE);
+    ensure!(
+        head_path.is_file(),
+        "--adapter {}: not an FD-Align folder (no {HEAD_FILE})",
+        dir.display()
+    );
+    if let Some(m) = &model.model {
+        ensure!(
+            Path::new(m).canonicalize().ok() == dir.canonicalize().ok(),
+            "--model {m}: an FD-Align folder is its own model; leave --model out (or pass --model {})",
+            dir.display()
+        );
+    }
+    let (mut t, meta) = crate::io::load(&head_path)?;
+    let w = crate::io::take(&mut t, "weight", &head_path)?;
+    let b = crate::io::take(&mut t, "bias", &head_path)?;
+    let folders: Vec<String> = serde_json::from_value(meta["class_folders"].clone())
+        .with_context(|| format!("{}: no class folders", head_path.display()))?;
+    let names: Vec<String> =
+        serde_json::from_value(meta["class_names"].clone()).unwrap_or_default();
+    ensure!(
+        folders == dataset.class_folders() && names == dataset.class_names(),
+        "--data {}: its classes differ from the ones {} was trained on",
+        dataset.root.display(),
+        dir.display()
+    );
+    let mut spec = ModelSpec::local(dir);
+    spec.dtype = model.dtype;
+    spec.device = model.device;
+    let clip = Clip::load(&spec)?;
+    info(
+        format!("evaluating the FD-Align model in {}", dir.display()),
+        quiet,
+    );
+    let samples = dataset.samples(split)?;
+    let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
+    let feats =
+        crate::features::image_features(&clip, &paths, &crate::preprocess::View::Center, opts)?;
+    let logits = fdalign::normalized_linear(&feats.features, &w, Some(&b))?;
+    let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
+    let report = crate::eval::evaluate(
+        &logits,
+        &labels,
+        &dataset.class_names(),
+        "fd-align",
+        split.as_str(),
+        feats.skipped.len(),
+    )?;
+    let paths = feats
+        .kept
+        .iter()
+        .map(|&i| samples[i].path.clone())
+        .collect();
+    Ok((
+        clip,
+        crate::eval::ZeroShotRun {
+            report,
+            logits,
+            labels,
+            paths,
+        },
+    ))
+}

@@ -1,0 +1,434 @@
+//! FD-Align training on a dataset folder, and its output: a complete CLIP checkpoint in the
+//! Hugging Face layout (fine-tuned vision tower, original text tower) plus the class head.
+//!
+//! State is checkpointed atomically after every epoch (`DIR/fdalign-state.safetensors`), so an
+//! interrupted run resumes (`resume = true`) from the last finished epoch to the same result:
+//! the shuffles and augmentations are seeded per (seed, epoch, image) and the SGD momentum is
+//! part of the state. A non-finite loss stops the run; the last good checkpoint stays.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::fdalign::{self, FdAlignSettings, Sgd};
+use crate::data::Sample;
+use crate::features::text_features;
+use crate::model::trainable::TrainableVision;
+use crate::model::Clip;
+use crate::preprocess::{load_rgb, View};
+use crate::templates;
+
+pub const STATE_FILE: &str = "fdalign-state.safetensors";
+pub const HEAD_FILE: &str = "fdalign_head.safetensors";
+
+/// What a finished run reports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FdAlignOutcome {
+    pub val_accs: Vec<f64>,
+    pub losses: Vec<f64>,
+    pub best_epoch: usize,
+    pub best_val: f64,
+}
+
+fn pixels(
+    clip: &Clip,
+    paths: &[&Path],
+    view: impl Fn(u64) -> View + Sync,
+    keys: &[u64],
+) -> Result<Tensor> {
+    let (h, w) = clip.preprocess.crop;
+    let rows: Vec<Vec<f32>> = paths
+        .par_iter()
+        .zip(keys)
+        .map(|(p, &k)| load_rgb(p).map(|img| clip.preprocess.apply(&img, &view(k), k)))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(Tensor::from_vec(
+        rows.concat(),
+        (paths.len(), 3, h as usize, w as usize),
+        &clip.device,
+    )?
+    .to_dtype(clip.dtype)?)
+}
+
+fn key_of(i: usize) -> u64 {
+    i as u64
+}
+
+/// Val top-1 (percent) of the current tower and head on centre crops.
+fn val_accuracy(
+    clip: &Clip,
+    tv: &TrainableVision,
+    head_w: &Tensor,
+    head_b: &Tensor,
+    val: &[Sample],
+) -> Result<f64> {
+    let mut hits = 0usize;
+    for chunk in val.chunks(64) {
+        let paths: Vec<&Path> = chunk.iter().map(|s| s.path.as_path()).collect();
+        let keys: Vec<u64> = (0..chunk.len()).map(key_of).collect();
+        let x = pixels(clip, &paths, |_| View::Center, &keys)?;
+        let f = tv.tower.forward(&x)?.detach();
+        let logits = fdalign::normalized_linear(&f, head_w, Some(head_b))?.to_dtype(DType::F32)?;
+        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+        hits += pred
+            .iter()
+            .zip(chunk)
+            .filter(|(p, s)| **p as usize == s.label)
+            .count();
+    }
+    Ok(100.0 * hits as f64 / val.len().max(1) as f64)
+}
+
+/// Raw text features `[T, C, D]` of every (template, class) prompt.
+pub fn template_class_features(
+    clip: &Clip,
+    class_names: &[String],
+    template_set: &[String],
+) -> Result<Tensor> {
+    let prompts: Vec<String> = template_set
+        .iter()
+        .flat_map(|t| class_names.iter().map(move |c| templates::fill(t, c)))
+        .collect();
+    let d = clip.config().projection_dim;
+    Ok(text_features(clip, &prompts, 256)?.reshape((template_set.len(), class_names.len(), d))?)
+}
+
+struct State {
+    epoch_done: usize,
+    losses: Vec<f64>,
+    val_accs: Vec<f64>,
+    best: Option<(usize, f64, HashMap<String, Tensor>)>,
+}
+
+fn snapshot(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
+    vars.iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+        .collect()
+}
+
+/// Trains FD-Align; returns the best-val tensors by name (vision tower, projection, `head.weight`,
+/// `head.bias`) and the outcome. `out` receives the per-epoch state checkpoint. `stop_after`
+/// ends the call with an error after that many epochs, as an interruption would (for tests and
+/// time-sliced runs); `resume` continues from the state.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    clip: &Clip,
+    class_names: &[String],
+    template_set: &[String],
+    train_set: &[Sample],
+    val: &[Sample],
+    settings: &FdAlignSettings,
+    out: &Path,
+    resume: bool,
+    progress: bool,
+    stop_after: Option<usize>,
+) -> Result<(HashMap<String, Tensor>, FdAlignOutcome)> {
+    ensure!(!train_set.is_empty(), "no training images");
+    ensure!(!val.is_empty(), "FD-Align picks its epoch on val: the dataset needs a non-empty val split (clipft never tunes on test)");
+    ensure!(
+        settings.accum_steps >= 1,
+        "--accum-steps must be at least 1"
+    );
+    let dtype = if clip.dtype == DType::F32 || !clip.device.is_cpu() {
+        clip.dtype
+    } else {
+        DType::F32
+    };
+    let tv = TrainableVision::from_files(&clip.files, clip.config(), &clip.device, dtype)?;
+    let text = template_class_features(clip, class_names, template_set)?;
+    let prototypes = fdalign::select_prototypes(
+        &fdalign::context_weights(&text)?,
+        settings.spurious_keep.min(template_set.len()),
+        settings
+            .spurious_clusters
+            .min(settings.spurious_keep.min(template_set.len())),
+        settings.seed,
+    )?
+    .to_dtype(dtype)?
+    .to_device(&clip.device)?;
+    let head_w = Var::from_tensor(
+        &fdalign::class_head_init(&text)?
+            .to_dtype(dtype)?
+            .to_device(&clip.device)?,
+    )?;
+    let head_b = Var::from_tensor(&Tensor::zeros(class_names.len(), dtype, &clip.device)?)?;
+    let mut vars = tv.vars();
+    vars.push(("head.weight".into(), head_w.clone()));
+    vars.push(("head.bias".into(), head_b.clone()));
+
+    let batch = settings.batch(train_set.len());
+    let micro = batch.div_ceil(settings.accum_steps).max(1);
+    let steps_per_epoch = train_set.len().div_ceil(batch);
+    let total_steps = steps_per_epoch * settings.epochs;
+    let lr = settings.lr(train_set.len());
+    let mut opt = Sgd::new(
+        vars.iter().map(|(_, v)| v.clone()).collect(),
+        lr,
+        settings.momentum,
+        settings.weight_decay,
+    );
+    let mut state = State {
+        epoch_done: 0,
+        losses: Vec::new(),
+        val_accs: Vec::new(),
+        best: None,
+    };
+    let state_path = out.join(STATE_FILE);
+    if resume {
+        state = load_state(&state_path, &vars, &mut opt, settings)?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let pb = crate::progress::bar(settings.epochs as u64, "FD-Align", progress);
+    pb.inc(state.epoch_done as u64);
+    let first_epoch = state.epoch_done;
+    for epoch in first_epoch..settings.epochs {
+        let mut order: Vec<usize> = (0..train_set.len()).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+            settings.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64,
+        ));
+        let mut loss_sum = 0.0;
+        for (s, step) in order.chunks(batch).enumerate() {
+            opt.lr = fdalign::cosine_lr(lr, epoch * steps_per_epoch + s, total_steps);
+            let mut grads: Option<candle_core::backprop::GradStore> = None;
+            for part in step.chunks(micro) {
+                let paths: Vec<&Path> = part.iter().map(|&i| train_set[i].path.as_path()).collect();
+                let keys: Vec<u64> = part.iter().map(|&i| key_of(i)).collect();
+                let (lo, hi) = settings.scale;
+                let x = pixels(
+                    clip,
+                    &paths,
+                    |_| View::Augment {
+                        seed: settings.seed,
+                        epoch: epoch as u64,
+                        scale_min: lo,
+                        scale_max: hi,
+                        flip_p: 0.0,
+                    },
+                    &keys,
+                )?;
+                let y = Tensor::from_vec(
+                    part.iter()
+                        .map(|&i| train_set[i].label as u32)
+                        .collect::<Vec<_>>(),
+                    part.len(),
+                    &clip.device,
+                )?;
+                let f0 = clip.model.image_features(&x)?.to_dtype(dtype)?;
+                let ft = tv.tower.forward(&x.to_dtype(dtype)?)?;
+                let (total, _, _) = fdalign::loss(
+                    &ft,
+                    &f0,
+                    &y,
+                    head_w.as_tensor(),
+                    head_b.as_tensor(),
+                    &prototypes,
+                    settings.beta,
+                )?;
+                let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !value.is_finite() {
+                    bail!(
+                        "the loss became {value} at epoch {}, step {}; stopping. The last good state (end of epoch {}) is in {}; \\
+                         lower --lr and rerun with --resume",
+                        epoch + 1,
+                        s + 1,
+                        epoch,
+                        state_path.display()
+                    );
+                }
+                loss_sum += value * part.len() as f64 / step.len() as f64;
+                let g = (total * (part.len() as f64 / step.len() as f64))?.backward()?;
+                grads = Some(match grads {
+                    None => g,
+                    Some(mut acc) => {
+                        for (_, v) in &vars {
+                            if let (Some(a), Some(b)) =
+                                (acc.get(v.as_tensor()).cloned(), g.get(v.as_tensor()))
+                            {
+                                acc.insert(v.as_tensor(), (a + b)?);
+                            }
+                        }
+                        acc
+                    }
+                });
+            }
+            opt.step(&grads.expect("at least one micro-batch"))?;
+        }
+        let acc = val_accuracy(clip, &tv, head_w.as_tensor(), head_b.as_tensor(), val)?;
+        state.losses.push(loss_sum / steps_per_epoch as f64);
+        state.val_accs.push(acc);
+        if state.best.as_ref().is_none_or(|(_, b, _)| acc > *b) {
+            state.best = Some((epoch, acc, snapshot(&vars)?));
+        }
+        state.epoch_done = epoch + 1;
+        save_state(&state_path, &vars, &opt, &state, settings)?;
+        pb.set_message(format!(
+            "loss {:.3} val {acc:.1}%",
+            state.losses.last().unwrap()
+        ));
+        pb.inc(1);
+        if stop_after.is_some_and(|n| epoch + 1 - first_epoch >= n) && epoch + 1 < settings.epochs {
+            bail!(
+                "stopped after {} epoch(s) as asked; resume from {}",
+                epoch + 1 - first_epoch,
+                state_path.display()
+            );
+        }
+    }
+    pb.finish_and_clear();
+    let (best_epoch, best_val, best) = state.best.expect("at least one epoch");
+    Ok((
+        best,
+        FdAlignOutcome {
+            val_accs: state.val_accs,
+            losses: state.losses,
+            best_epoch,
+            best_val,
+        },
+    ))
+}
+
+fn save_state(
+    path: &Path,
+    vars: &[(String, Var)],
+    opt: &Sgd,
+    state: &State,
+    settings: &FdAlignSettings,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for ((name, var), buf) in vars.iter().zip(opt.buffers()) {
+        tensors.push((format!("current.{name}"), var.as_tensor().clone()));
+        if let Some(b) = buf {
+            tensors.push((format!("momentum.{name}"), b.clone()));
+        }
+    }
+    if let Some((_, _, best)) = &state.best {
+        tensors.extend(best.iter().map(|(n, t)| (format!("best.{n}"), t.clone())));
+    }
+    let meta = serde_json::json!({
+        "kind": "fdalign-state",
+        "epoch_done": state.epoch_done,
+        "losses": state.losses,
+        "val_accs": state.val_accs,
+        "best_epoch": state.best.as_ref().map(|b| b.0),
+        "best_val": state.best.as_ref().map(|b| b.1),
+        "settings": settings,
+    });
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    crate::io::save(path, &refs, &meta)
+}
+
+fn load_state(
+    path: &Path,
+    vars: &[(String, Var)],
+    opt: &mut Sgd,
+    settings: &FdAlignSettings,
+) -> Result<State> {
+    ensure!(
+        path.is_file(),
+        "--resume: no {} to resume from",
+        path.display()
+    );
+    let (mut t, meta) = crate::io::load(path)?;
+    let saved: FdAlignSettings = serde_json::from_value(meta["settings"].clone())
+        .with_context(|| format!("{}: malformed settings", path.display()))?;
+    ensure!(
+        saved == *settings,
+        "--resume: {} was written with other settings ({saved:?}); rerun with the same flags",
+        path.display()
+    );
+    let mut buffers = Vec::new();
+    for (name, var) in vars {
+        let cur = crate::io::take(&mut t, &format!("current.{name}"), path)?;
+        var.set(&cur.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        buffers.push(
+            t.remove(&format!("momentum.{name}"))
+                .map(|b| {
+                    b.to_dtype(var.dtype())
+                        .and_then(|b| b.to_device(var.device()))
+                })
+                .transpose()?,
+        );
+    }
+    opt.set_buffers(buffers);
+    let best_epoch = meta["best_epoch"].as_u64().map(|e| e as usize);
+    let best = match best_epoch {
+        Some(e) => {
+            let mut m = HashMap::new();
+            for (name, var) in vars {
+                let b = crate::io::take(&mut t, &format!("best.{name}"), path)?;
+                m.insert(
+                    name.clone(),
+                    b.to_dtype(var.dtype())?.to_device(var.device())?,
+                );
+            }
+            Some((e, meta["best_val"].as_f64().unwrap_or(0.0), m))
+        }
+        None => None,
+    };
+    Ok(State {
+        epoch_done: meta["epoch_done"].as_u64().unwrap_or(0) as usize,
+        losses: serde_json::from_value(meta["losses"].clone()).unwrap_or_default(),
+        val_accs: serde_json::from_value(meta["val_accs"].clone()).unwrap_or_default(),
+        best,
+    })
+}
+
+/// Writes `out` as a complete CLIP checkpoint: `model.safetensors` with the given vision-tower
+/// and projection tensors and every other tensor from the source checkpoint, its `config.json`,
+/// `tokenizer.json` and `preprocessor_config.json`, plus the class head and a manifest.
+pub fn write_checkpoint(
+    clip: &Clip,
+    tuned: &HashMap<String, Tensor>,
+    out: &Path,
+    head_meta: serde_json::Value,
+) -> Result<PathBuf> {
+    let src =
+        crate::model::load::weights_var_builder(&clip.files.weights, DType::F32, &Device::Cpu)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, shape) in clip.config().expected_tensors() {
+        let t = match tuned.get(&name) {
+            Some(t) => t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            None => src.get(shape, &name)?,
+        };
+        tensors.push((name, t));
+    }
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)?;
+    crate::io::write_atomic(&out.join("model.safetensors"), &bytes)?;
+    crate::io::write_atomic(
+        &out.join("config.json"),
+        &std::fs::read(&clip.files.config)?,
+    )?;
+    crate::io::write_atomic(
+        &out.join("tokenizer.json"),
+        &std::fs::read(&clip.files.tokenizer)?,
+    )?;
+    let pre = match &clip.files.preprocessor {
+        Some(p) => std::fs::read(p)?,
+        None => serde_json::to_vec_pretty(&crate::preprocess::PreprocessConfig::openai(
+            clip.config().vision_config.image_size as u32,
+        ))?,
+    };
+    crate::io::write_atomic(&out.join("preprocessor_config.json"), &pre)?;
+    let w = tuned
+        .get("head.weight")
+        .context("no head weight")?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
+    let b = tuned
+        .get("head.bias")
+        .context("no head bias")?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
+    let head = out.join(HEAD_FILE);
+    crate::io::save(&head, &[("weight", &w), ("bias", &b)], &head_meta)?;
+    crate::io::write_atomic(
+        &out.join("manifest.json"),
+        serde_json::to_string_pretty(&head_meta)?.as_bytes(),
+    )?;
+    Ok(head)
+}

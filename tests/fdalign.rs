@@ -1,0 +1,217 @@
+//! FD-Align end to end on a generated checkpoint and image set: training, the checkpoint folder
+//! it writes, evaluation, resuming, and a diverging run.
+
+mod common;
+
+use candle_core::{DType, Device};
+use clipft::data::{Dataset, Split};
+use clipft::methods::fdalign::FdAlignSettings;
+use clipft::methods::fdalign_train;
+use clipft::model::{Clip, ModelSpec};
+use common::{stderr, stdout, Workspace};
+
+fn settings() -> FdAlignSettings {
+    FdAlignSettings {
+        epochs: 3,
+        base_lr: 2e-2,
+        spurious_keep: 6,
+        spurious_clusters: 3,
+        ..FdAlignSettings::default()
+    }
+}
+
+#[test]
+fn train_writes_a_complete_checkpoint_that_evaluates() {
+    let ws = Workspace::new();
+    let out = ws.path().join("fd");
+    let o = ws
+        .bare("fdalign")
+        .args(["train", "--model"])
+        .arg(ws.model())
+        .arg("--data")
+        .arg(ws.data())
+        .args([
+            "--shots",
+            "4",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.02",
+            "--templates",
+            "ensemble7",
+            "--spurious-keep",
+            "6",
+            "--spurious-clusters",
+            "3",
+            "--out",
+        ])
+        .arg(&out)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "fdalign_head.safetensors",
+        "manifest.json",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    // The vision tower changed, the text tower did not.
+    let before =
+        candle_core::safetensors::load(ws.model().join("model.safetensors"), &Device::Cpu).unwrap();
+    let after =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let diff = |n: &str| {
+        (&before[n] - &after[n])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(diff("vision_model.encoder.layers.0.mlp.fc1.weight") > 0.0);
+    assert!(diff("visual_projection.weight") > 0.0);
+    assert_eq!(diff("text_model.encoder.layers.0.mlp.fc1.weight"), 0.0);
+    assert_eq!(diff("text_projection.weight"), 0.0);
+    // `--model DIR` works for the other commands, and `eval --adapter DIR` uses the head.
+    let o = ws.bare("info").arg("--model").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ws
+        .bare("eval")
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--cache-dir")
+        .arg(ws.cache())
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(report["n"], 12);
+    assert_eq!(report["method"], "fd-align");
+    // A dataset with other classes is refused.
+    std::fs::write(
+        ws.data().join("classnames.txt"),
+        "red_vertical_stripes\tcrimson\n",
+    )
+    .unwrap();
+    let o = ws
+        .bare("eval")
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--cache-dir")
+        .arg(ws.cache())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("classes differ"), "{}", stderr(&o));
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_result() {
+    let ws = Workspace::new();
+    let clip = Clip::load(&ModelSpec::local(ws.model())).unwrap();
+    let dataset = Dataset::open(ws.data()).unwrap();
+    let train = dataset.samples(Split::Train).unwrap();
+    let val = dataset.samples(Split::Val).unwrap();
+    let t = clipft::templates::resolve("ensemble7").unwrap();
+    let s = settings();
+    let run = |out: &std::path::Path, resume: bool, stop: Option<usize>| {
+        fdalign_train::train(
+            &clip,
+            &dataset.class_names(),
+            &t,
+            &train,
+            &val,
+            &s,
+            out,
+            resume,
+            false,
+            stop,
+        )
+    };
+    let (full, full_outcome) = run(&ws.path().join("a"), false, None).unwrap();
+    let b = ws.path().join("b");
+    let err = run(&b, false, Some(1)).unwrap_err().to_string();
+    assert!(err.contains("stopped after 1 epoch"), "{err}");
+    let (resumed, resumed_outcome) = run(&b, true, None).unwrap();
+    assert_eq!(full_outcome.val_accs, resumed_outcome.val_accs);
+    assert_eq!(full_outcome.best_epoch, resumed_outcome.best_epoch);
+    for (name, t) in &full {
+        let d = (t - &resumed[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+    // Different settings cannot resume this state.
+    let other = FdAlignSettings {
+        beta: 1.0,
+        ..settings()
+    };
+    let err = fdalign_train::train(
+        &clip,
+        &dataset.class_names(),
+        &t,
+        &train,
+        &val,
+        &other,
+        &b,
+        true,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("other settings"), "{err}");
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
+    let ws = Workspace::new();
+    let out = ws.path().join("fd");
+    let o = ws
+        .bare("fdalign")
+        .args(["train", "--model"])
+        .arg(ws.model())
+        .arg("--data")
+        .arg(ws.data())
+        .args([
+            "--shots",
+            "4",
+            "--epochs",
+            "3",
+            "--lr",
+            "1e30",
+            "--templates",
+            "ensemble7",
+            "--spurious-keep",
+            "6",
+            "--spurious-clusters",
+            "3",
+            "--quiet",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("the loss became"), "{}", stderr(&o));
+    assert!(!out.join("model.safetensors").exists());
+}
