@@ -52,6 +52,14 @@ pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> 
         100.0 / dataset.classes.len() as f64
     )?;
     crate::eval::write_table(&run.report, out)?;
-    crate::methods::tip_cli::demo(&clip, &dataset, &opts, quiet, out)?;
+    let mut reports = vec![run.report];
+    reports.extend(crate::methods::tip_cli::demo(
+        &clip, &dataset, &opts, quiet, out,
+    )?);
+    writeln!(out)?;
+    writeln!(out, "test top-1 side by side")?;
+    for r in &reports {
+        writeln!(out, "  {:<14} {:6.2}%", r.method, r.top1)?;
+    }
     Ok(())
 }

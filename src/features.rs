@@ -76,11 +76,19 @@ fn short_hash(parts: &[&str]) -> String {
     format!("{:x}", h.finalize())[..20].to_string()
 }
 
-/// Stable per-image key for seeded augmentation: the file's canonical path.
-fn view_key(path: &Path) -> u64 {
-    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let digest = Sha256::digest(canon.to_string_lossy().as_bytes());
-    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+/// Stable per-image key for seeded augmentation: the class folder and file name, so the same
+/// seed gives the same views wherever the dataset folder lives.
+pub fn view_key(path: &Path) -> u64 {
+    let parent = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .unwrap_or_default();
+    let name = path.file_name().unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(parent.as_encoded_bytes());
+    h.update([0u8]);
+    h.update(name.as_encoded_bytes());
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
 }
 
 /// A cache file of raw features for one (model, preprocessing, view, folder); rows keyed by file

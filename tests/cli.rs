@@ -30,6 +30,17 @@ fn demo_runs_end_to_end() {
     assert!(text.contains("zeroshot on test (120 images)"), "{text}");
     assert!(text.contains("top-5"), "{text}");
     assert!(ws.path().join("demo/model/model.safetensors").is_file());
+    // Seeded end to end: another folder gives the same numbers (paths aside).
+    let again = ws
+        .cmd("demo")
+        .arg("--dir")
+        .arg(ws.path().join("elsewhere"))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let tail = |t: &str| t[t.find("zeroshot on test").unwrap()..].to_string();
+    assert_eq!(tail(&text), tail(&stdout(&again)));
+    assert!(text.contains("test top-1 side by side"), "{text}");
 }
 
 #[test]

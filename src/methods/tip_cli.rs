@@ -283,14 +283,15 @@ pub fn eval_adapter(
 }
 
 /// The Tip-Adapter part of `clipft demo`: Tip-Adapter and Tip-Adapter-F (default config, all
-/// train images, α/β and epoch on val) scored on test, after the zero-shot table.
+/// train images, α/β and epoch on val) scored on test, after the zero-shot table. Returns their
+/// test reports for the demo's summary.
 pub fn demo(
     clip: &Clip,
     dataset: &Dataset,
     opts: &ExtractOptions,
     quiet: bool,
     out: &mut impl Write,
-) -> Result<()> {
+) -> Result<Vec<crate::eval::EvalReport>> {
     let config = TipConfig::resolve("default")?;
     let train = dataset.samples(Split::Train)?;
     let build = tip::BuildOptions {
@@ -324,10 +325,5 @@ pub fn demo(
     write_summary(&tipf, out)?;
     let run_f = tip::evaluate_adapter(clip, dataset, &tipf, Split::Test, opts)?;
     crate::eval::write_table(&run_f.report, out)?;
-    writeln!(out)?;
-    writeln!(out, "test top-1 side by side")?;
-    for r in [&run.report, &run_f.report] {
-        writeln!(out, "  {:<14} {:6.2}%", r.method, r.top1)?;
-    }
-    Ok(())
+    Ok(vec![run.report, run_f.report])
 }
