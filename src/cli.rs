@@ -490,7 +490,7 @@ fn save_logits(
     clip: &Clip,
     dataset: &Dataset,
     split: Split,
-    run: &crate::eval::ZeroShotRun,
+    run: &crate::eval::EvalRun,
 ) -> Result<()> {
     let mut meta = rows_metadata(clip, dataset, split, &run.paths);
     meta["kind"] = "logits".into();

@@ -130,13 +130,50 @@ pub fn write_table(report: &EvalReport, out: &mut impl Write) -> std::io::Result
     Ok(())
 }
 
-/// Everything `clipft eval --method zeroshot` computes for one split.
-pub struct ZeroShotRun {
+/// Everything `clipft eval` computes for one split, whatever the method.
+pub struct EvalRun {
     pub report: EvalReport,
     /// `[N, C]` logits of the readable images, rows in dataset order.
     pub logits: Tensor,
     pub labels: Vec<usize>,
     pub paths: Vec<std::path::PathBuf>,
+}
+
+/// Scores a split with any classifier on CLIP image features: centre-crop features (through the
+/// feature cache), L2-normalised, given to `logits_of`, then the metrics.
+pub fn evaluate_split(
+    clip: &crate::model::Clip,
+    dataset: &crate::data::Dataset,
+    split: crate::data::Split,
+    opts: &crate::features::ExtractOptions,
+    method: &str,
+    logits_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<EvalRun> {
+    use crate::features::{image_features, l2_normalize};
+    let samples = dataset.samples(split)?;
+    let paths: Vec<_> = samples.iter().map(|s| s.path.clone()).collect();
+    let feats = image_features(clip, &paths, &crate::preprocess::View::Center, opts)?;
+    let logits = logits_of(&l2_normalize(&feats.features)?)?;
+    let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
+    let report = evaluate(
+        &logits,
+        &labels,
+        &dataset.class_names(),
+        method,
+        split.as_str(),
+        feats.skipped.len(),
+    )?;
+    let paths = feats
+        .kept
+        .iter()
+        .map(|&i| samples[i].path.clone())
+        .collect();
+    Ok(EvalRun {
+        report,
+        logits,
+        labels,
+        paths,
+    })
 }
 
 /// Zero-shot CLIP on a split: prompt-ensemble classifier, centre-crop image features, `100·cos`.
@@ -146,38 +183,16 @@ pub fn zero_shot(
     split: crate::data::Split,
     template_set: &[String],
     opts: &crate::features::ExtractOptions,
-) -> Result<ZeroShotRun> {
-    use crate::features::{image_features, l2_normalize, text_classifier};
-    let samples = dataset.samples(split)?;
-    let classifier = text_classifier(
+) -> Result<EvalRun> {
+    let classifier = crate::features::text_classifier(
         clip,
         &dataset.class_names(),
         template_set,
         opts.batch_size.max(64),
         opts.progress,
     )?;
-    let paths: Vec<_> = samples.iter().map(|s| s.path.clone()).collect();
-    let feats = image_features(clip, &paths, &crate::preprocess::View::Center, opts)?;
-    let logits = zero_shot_logits(&l2_normalize(&feats.features)?, &classifier)?;
-    let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
-    let report = evaluate(
-        &logits,
-        &labels,
-        &dataset.class_names(),
-        "zeroshot",
-        split.as_str(),
-        feats.skipped.len(),
-    )?;
-    let paths = feats
-        .kept
-        .iter()
-        .map(|&i| samples[i].path.clone())
-        .collect();
-    Ok(ZeroShotRun {
-        report,
-        logits,
-        labels,
-        paths,
+    evaluate_split(clip, dataset, split, opts, "zeroshot", |f| {
+        zero_shot_logits(f, &classifier)
     })
 }
 

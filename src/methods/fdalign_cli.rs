@@ -147,7 +147,7 @@ pub fn eval_adapter(
     split: Split,
     opts: &crate::features::ExtractOptions,
     quiet: bool,
-) -> Result<(Clip, crate::eval::ZeroShotRun)> {
+) -> Result<(Clip, crate::eval::EvalRun)> {
     let head_path = dir.join(HEAD_FILE);
     ensure!(
         head_path.is_file(),
@@ -182,32 +182,8 @@ pub fn eval_adapter(
         format!("evaluating the FD-Align model in {}", dir.display()),
         quiet,
     );
-    let samples = dataset.samples(split)?;
-    let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
-    let feats =
-        crate::features::image_features(&clip, &paths, &crate::preprocess::View::Center, opts)?;
-    let logits = fdalign::normalized_linear(&feats.features, &w, Some(&b))?;
-    let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
-    let report = crate::eval::evaluate(
-        &logits,
-        &labels,
-        &dataset.class_names(),
-        "fd-align",
-        split.as_str(),
-        feats.skipped.len(),
-    )?;
-    let paths = feats
-        .kept
-        .iter()
-        .map(|&i| samples[i].path.clone())
-        .collect();
-    Ok((
-        clip,
-        crate::eval::ZeroShotRun {
-            report,
-            logits,
-            labels,
-            paths,
-        },
-    ))
+    let run = crate::eval::evaluate_split(&clip, dataset, split, opts, "fd-align", |f| {
+        fdalign::normalized_linear(f, &w, Some(&b))
+    })?;
+    Ok((clip, run))
 }

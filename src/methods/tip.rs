@@ -1130,24 +1130,15 @@ pub fn evaluate_adapter(
     artifact: &TipArtifact,
     split: Split,
     opts: &ExtractOptions,
-) -> Result<crate::eval::ZeroShotRun> {
-    let samples = dataset.samples(split)?;
-    let (f, labels, paths, skipped) = split_features(clip, &samples, opts)?;
-    let logits = artifact.logits(&f)?;
-    let report = crate::eval::evaluate(
-        &logits,
-        &labels,
-        &dataset.class_names(),
+) -> Result<crate::eval::EvalRun> {
+    crate::eval::evaluate_split(
+        clip,
+        dataset,
+        split,
+        opts,
         artifact.meta.kind.method_name(),
-        split.as_str(),
-        skipped,
-    )?;
-    Ok(crate::eval::ZeroShotRun {
-        report,
-        logits,
-        labels,
-        paths,
-    })
+        |f| artifact.logits(f),
+    )
 }
 
 #[cfg(test)]

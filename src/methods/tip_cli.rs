@@ -275,7 +275,7 @@ pub fn eval_adapter(
     split: Split,
     opts: &ExtractOptions,
     quiet: bool,
-) -> Result<(Clip, crate::eval::ZeroShotRun)> {
+) -> Result<(Clip, crate::eval::EvalRun)> {
     let art = TipArtifact::load(path)?;
     let clip = load_for(model, &art, dataset, path, quiet)?;
     let run = tip::evaluate_adapter(&clip, dataset, &art, split, opts)?;
