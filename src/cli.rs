@@ -49,6 +49,8 @@ pub enum Command {
     Tip(crate::methods::tip_cli::TipArgs),
     /// FD-Align: fine-tune the image encoder (`train`), keeping spurious features aligned.
     Fdalign(crate::methods::fdalign_cli::FdAlignArgs),
+    /// Cross-modal linear probing: train a head on image and class-name text features (`train`).
+    Crossmodal(crate::methods::crossmodal_cli::CrossmodalArgs),
 }
 
 /// Which checkpoint, on which device, in which precision.
@@ -203,6 +205,10 @@ pub struct EvalArgs {
     /// Its model, classes, templates and α/β are used; a different --model or dataset is an error.
     #[arg(long, value_name = "FILE")]
     pub adapter: Option<PathBuf>,
+    /// Which head of a cross-modal artifact to use: `default` (the artifact's), `learned` or
+    /// `wiseft` (the WiSE-FT head from `crossmodal train --wise-ft`).
+    #[arg(long, default_value = "default", value_name = "VARIANT")]
+    pub head_variant: String,
     #[command(flatten)]
     pub extract: ExtractArgs,
 }
@@ -250,6 +256,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info_cmd(a, quiet),
         Command::Tip(a) => crate::methods::tip_cli::run(a, quiet),
         Command::Fdalign(a) => crate::methods::fdalign_cli::run(a, quiet),
+        Command::Crossmodal(a) => crate::methods::crossmodal_cli::run(a, quiet),
     }
 }
 
@@ -453,6 +460,20 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     let (clip, run) = if let Some(adapter) = a.adapter.as_ref().filter(|p| p.is_dir()) {
         crate::methods::fdalign_cli::eval_adapter(
             adapter, &a.model, &dataset, a.split, &opts, quiet,
+        )?
+    } else if let Some(adapter) = a
+        .adapter
+        .as_ref()
+        .filter(|p| crate::methods::crossmodal_cli::is_crossmodal(p))
+    {
+        crate::methods::crossmodal_cli::eval_adapter(
+            adapter,
+            &a.head_variant,
+            &a.model,
+            &dataset,
+            a.split,
+            &opts,
+            quiet,
         )?
     } else if let Some(adapter) = &a.adapter {
         crate::methods::tip_cli::eval_adapter(adapter, &a.model, &dataset, a.split, &opts, quiet)?

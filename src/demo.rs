@@ -56,6 +56,9 @@ pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> 
     reports.extend(crate::methods::tip_cli::demo(
         &clip, &dataset, &opts, quiet, out,
     )?);
+    reports.extend(crate::methods::crossmodal_cli::demo(
+        &clip, &dataset, &opts, quiet, out,
+    )?);
     writeln!(out)?;
     writeln!(out, "test top-1 side by side")?;
     for r in &reports {

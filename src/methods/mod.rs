@@ -2,9 +2,74 @@
 //! on tensors (testable without a model) and adds thin orchestration over [`crate::model::Clip`],
 //! [`crate::data::Dataset`] and [`crate::features`].
 
+pub mod crossmodal;
+pub mod crossmodal_cli;
 pub mod fdalign;
 pub mod fdalign_cli;
 pub mod fdalign_train;
 pub mod optim;
 pub mod tip;
 pub mod tip_cli;
+
+use std::path::Path;
+
+use anyhow::{ensure, Result};
+
+/// What an artifact was built for: checked against a loaded model and dataset.
+pub struct ArtifactIdentity<'a> {
+    pub model: &'a str,
+    pub projection_dim: usize,
+    pub class_folders: &'a [String],
+    pub class_names: &'a [String],
+}
+
+/// Checks that a loaded model and dataset are the ones an artifact was built for (same model,
+/// feature dimension, class folders and names).
+pub fn check_compatible(
+    id: &ArtifactIdentity,
+    clip: &crate::model::Clip,
+    dataset: &crate::data::Dataset,
+    path: &Path,
+) -> Result<()> {
+    let dim = clip.config().projection_dim;
+    ensure!(
+        tip::same_model(&clip.files.id, id.model),
+        "--model {}: {} was built with model `{}`; pass --model {} (or leave --model out)",
+        clip.files.id,
+        path.display(),
+        id.model,
+        id.model
+    );
+    ensure!(
+        dim == id.projection_dim,
+        "--model {}: feature dimension {dim}, but {} has {}-dimensional features",
+        clip.files.id,
+        path.display(),
+        id.projection_dim
+    );
+    let folders = dataset.class_folders();
+    ensure!(
+        folders == id.class_folders,
+        "--data {}: class folders {} differ from the {} classes {} was built with ({})",
+        dataset.root.display(),
+        summarize(&folders),
+        id.class_folders.len(),
+        path.display(),
+        summarize(id.class_folders)
+    );
+    ensure!(
+        dataset.class_names() == id.class_names,
+        "--data {}: class names (classnames.txt) differ from those {} was built with",
+        dataset.root.display(),
+        path.display()
+    );
+    Ok(())
+}
+
+fn summarize(v: &[String]) -> String {
+    let mut s: Vec<String> = v.iter().take(5).map(|x| format!("`{x}`")).collect();
+    if v.len() > 5 {
+        s.push(format!("... ({} in all)", v.len()));
+    }
+    s.join(", ")
+}

@@ -814,48 +814,18 @@ impl TipArtifact {
 
     /// Checks that a loaded model and dataset are the ones this artifact was built for.
     pub fn check_compatible(&self, clip: &Clip, dataset: &Dataset, path: &Path) -> Result<()> {
-        let dim = clip.config().projection_dim;
-        ensure!(
-            same_model(&clip.files.id, &self.meta.model),
-            "--model {}: {} was built with model `{}`; pass --model {} (or leave --model out)",
-            clip.files.id,
-            path.display(),
-            self.meta.model,
-            self.meta.model
-        );
-        ensure!(
-            dim == self.meta.projection_dim,
-            "--model {}: feature dimension {dim}, but {} has {}-dimensional keys",
-            clip.files.id,
-            path.display(),
-            self.meta.projection_dim
-        );
-        let folders = dataset.class_folders();
-        ensure!(
-            folders == self.meta.class_folders,
-            "--data {}: class folders {} differ from the {} classes {} was built with ({})",
-            dataset.root.display(),
-            summarize(&folders),
-            self.meta.class_folders.len(),
-            path.display(),
-            summarize(&self.meta.class_folders)
-        );
-        ensure!(
-            dataset.class_names() == self.meta.class_names,
-            "--data {}: class names (classnames.txt) differ from those {} was built with",
-            dataset.root.display(),
-            path.display()
-        );
-        Ok(())
+        super::check_compatible(
+            &super::ArtifactIdentity {
+                model: &self.meta.model,
+                projection_dim: self.meta.projection_dim,
+                class_folders: &self.meta.class_folders,
+                class_names: &self.meta.class_names,
+            },
+            clip,
+            dataset,
+            path,
+        )
     }
-}
-
-fn summarize(v: &[String]) -> String {
-    let mut s: Vec<String> = v.iter().take(5).map(|x| format!("`{x}`")).collect();
-    if v.len() > 5 {
-        s.push(format!("... ({} in all)", v.len()));
-    }
-    s.join(", ")
 }
 
 /// Whether two model ids name the same checkpoint (equal ids, or the same local folder).

@@ -1,0 +1,433 @@
+//! `clipft crossmodal train` and the cross-modal part of `clipft eval --adapter` and `clipft
+//! demo`: the command line of [`super::crossmodal`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use clap::{Args, Subcommand};
+
+use super::crossmodal::{
+    self as cm, CrossArtifact, CrossMeta, Hyper, Init, Mat, Modality, Rows, TrainSettings,
+};
+use crate::cli::{info, load_model, split_samples, ExtractArgs, ModelArgs, ShotArgs};
+use crate::data::{Dataset, Sample, Split};
+use crate::features::{image_features, text_features, ExtractOptions};
+use crate::model::Clip;
+use crate::preprocess::View;
+
+#[derive(Args, Debug)]
+pub struct CrossmodalArgs {
+    #[command(subcommand)]
+    pub command: CrossmodalCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CrossmodalCommand {
+    /// Train a linear head on few-shot image features plus class-name text features.
+    Train(TrainArgs),
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageViews {
+    /// The centre crop only.
+    Center,
+    /// The centre crop and the same crop flipped (the official default).
+    Flip,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset folder (DIR/{train,val,test}/<class>/<image>); needs train/ and val/.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub shots: ShotArgs,
+    /// Prompt templates whose text features are training samples: a built-in set (clip,
+    /// ensemble7, imagenet80) or a file with one template per line.
+    #[arg(long, default_value = "clip", value_name = "NAME|FILE")]
+    pub templates: String,
+    /// `cross`: text and image features (the method); `image`: image features only (the
+    /// uni-modal linear probe, to see the cross-modal gain).
+    #[arg(long, value_enum, default_value_t = Modality::Cross)]
+    pub modality: Modality,
+    /// Head weight init: `zeroshot` (per-class mean of the normalised template text features,
+    /// normalised, as the official code) or `random` [default: zeroshot for cross, random for
+    /// image].
+    #[arg(long, value_enum)]
+    pub init: Option<Init>,
+    /// Image training views: the centre crop, or it plus its mirror image.
+    #[arg(long, value_enum, default_value_t = ImageViews::Flip)]
+    pub image_views: ImageViews,
+    /// Head: `linear` (normalise, bias-free linear layer, ×100). Only linear is implemented.
+    #[arg(long, default_value = "linear", value_name = "HEAD")]
+    pub head: String,
+    /// Training iterations per setting.
+    #[arg(long, default_value_t = 12800, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub iters: u64,
+    /// Take --lr/--weight-decay/--batch-size as given instead of sweeping lr {1e-3,1e-4} × wd
+    /// {0,1e-2,1e-4} × batch {8,32} on val.
+    #[arg(long)]
+    pub no_sweep: bool,
+    /// Learning rate with --no-sweep.
+    #[arg(long, default_value_t = 1e-3, value_name = "LR")]
+    pub lr: f64,
+    /// Weight decay with --no-sweep.
+    #[arg(long, default_value_t = 0.0, value_name = "WD")]
+    pub weight_decay: f64,
+    /// Training batch size (half text, half image) with --no-sweep.
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: u64,
+    /// Also store the WiSE-FT head A·W + (1−A)·normalize(W_zeroshot) [A: 0.5 when the flag is
+    /// given without a value].
+    #[arg(long, value_name = "A", num_args = 0..=1, default_missing_value = "0.5")]
+    pub wise_ft: Option<f64>,
+    #[command(flatten)]
+    pub extract: ExtractArgs,
+    /// Output head (safetensors with JSON metadata).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: CrossmodalArgs, quiet: bool) -> Result<()> {
+    match args.command {
+        CrossmodalCommand::Train(a) => train_cmd(a, quiet),
+    }
+}
+
+/// Options of [`train`], independent of clap.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub templates: Vec<String>,
+    pub modality: Modality,
+    pub init: Init,
+    pub flip: bool,
+    pub iters: usize,
+    /// `None`: the default sweep; `Some`: this one setting.
+    pub hyper: Option<Hyper>,
+    pub wise_ft: Option<f64>,
+    pub shots: Option<usize>,
+    pub seed: u64,
+}
+
+fn raw_image_rows(
+    clip: &Clip,
+    samples: &[Sample],
+    view: &View,
+    opts: &ExtractOptions,
+) -> Result<Mat> {
+    let strict = ExtractOptions {
+        skip_bad_images: false,
+        ..opts.clone()
+    };
+    let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
+    Mat::from_tensor(&image_features(clip, &paths, view, &strict)?.features)
+}
+
+/// `clipft crossmodal train` on a loaded model: features (cached), init, sweep, WiSE-FT.
+pub fn train(
+    clip: &Clip,
+    dataset: &Dataset,
+    train: &[Sample],
+    o: &TrainOptions,
+    opts: &ExtractOptions,
+) -> Result<(CrossArtifact, Vec<String>)> {
+    ensure!(!train.is_empty(), "no training images");
+    let val = dataset.samples(Split::Val).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}. Cross-modal training picks its hyperparameters and best iteration on the val \
+             split; clipft never tunes on test, so the dataset needs a val/ folder"
+        )
+    })?;
+    let class_names = dataset.class_names();
+    let c = class_names.len();
+    let prompts: Vec<String> = class_names
+        .iter()
+        .flat_map(|n| o.templates.iter().map(|t| crate::templates::fill(t, n)))
+        .collect();
+    let text_raw = Mat::from_tensor(&text_features(clip, &prompts, opts.batch_size.max(64))?)?;
+    let zs = cm::zeroshot_init(&text_raw, c)?;
+    let text = Rows::new(&text_raw, cm::text_labels(c, o.templates.len()));
+    let mut views = vec![View::Center];
+    if o.flip {
+        views.push(View::Flip);
+    }
+    let labels: Vec<usize> = train.iter().map(|s| s.label).collect();
+    let mut img_rows = Vec::new();
+    let mut img_labels = Vec::new();
+    for v in &views {
+        let m = raw_image_rows(clip, train, v, opts)?;
+        img_rows.extend(m.data);
+        img_labels.extend(labels.iter().copied());
+    }
+    let dim = text_raw.cols;
+    let image = Rows::new(&Mat::new(img_labels.len(), dim, img_rows), img_labels);
+    let val_paths: Vec<PathBuf> = val.iter().map(|s| s.path.clone()).collect();
+    let vf = image_features(clip, &val_paths, &View::Center, opts)?;
+    let val_labels: Vec<usize> = vf.kept.iter().map(|&i| val[i].label).collect();
+    let val_rows = Rows::new(&Mat::from_tensor(&vf.features)?, val_labels);
+    let init = match o.init {
+        Init::Zeroshot => zs.clone(),
+        Init::Random => cm::random_init(c, dim, o.seed),
+    };
+    let settings = TrainSettings {
+        iters: o.iters,
+        modality: o.modality,
+        init: o.init,
+        seed: o.seed,
+    };
+    let grid = match o.hyper {
+        Some(h) => vec![h],
+        None => cm::default_grid(),
+    };
+    let out = cm::sweep(&text, &image, &val_rows, &init, &grid, &settings)?;
+    let val_acc_zeroshot = cm::accuracy(&cm::logits_normalized(&val_rows.x, &zs), &val_rows.labels);
+    let head_wiseft = o
+        .wise_ft
+        .map(|a| cm::wise_ft(&out.best.weight, &zs, a as f32));
+    let val_acc_wiseft = head_wiseft
+        .as_ref()
+        .map(|w| cm::accuracy(&cm::logits_normalized(&val_rows.x, w), &val_rows.labels));
+    let meta = CrossMeta {
+        kind: "crossmodal".into(),
+        version: 1,
+        model: clip.files.id.clone(),
+        revision: clip.files.revision.clone(),
+        projection_dim: dim,
+        class_folders: dataset.class_folders(),
+        class_names,
+        templates: o.templates.clone(),
+        shots: o.shots,
+        seed: o.seed,
+        head: "linear".into(),
+        modality: o.modality,
+        init: o.init,
+        image_views: views
+            .iter()
+            .map(|v| format!("{v:?}").to_lowercase())
+            .collect(),
+        iters: o.iters,
+        swept: o.hyper.is_none(),
+        hyper: out.best.hyper,
+        best_iter: out.best.best_iter,
+        val_acc: out.best.val_acc,
+        val_acc_zeroshot,
+        val_n: val_rows.labels.len(),
+        sweep: out.results,
+        wise_ft_alpha: o.wise_ft,
+        val_acc_wiseft,
+        default_head: "head".into(),
+    };
+    Ok((
+        CrossArtifact {
+            meta,
+            head: out.best.weight,
+            head_wiseft,
+        },
+        out.notes,
+    ))
+}
+
+/// The val numbers of a head.
+pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Result<()> {
+    let m = &art.meta;
+    let name = match m.modality {
+        Modality::Cross => "cross-modal linear probe",
+        Modality::Image => "image-only linear probe",
+    };
+    writeln!(
+        out,
+        "{name}: {} classes, {} templates, init {:?}, {} iterations",
+        m.class_names.len(),
+        m.templates.len(),
+        m.init,
+        m.iters
+    )?;
+    writeln!(
+        out,
+        "  chosen: lr {} weight decay {} batch {} ({}), best iteration {}",
+        m.hyper.lr,
+        m.hyper.weight_decay,
+        m.hyper.batch_size,
+        if m.swept { "swept on val" } else { "as given" },
+        m.best_iter
+    )?;
+    write!(
+        out,
+        "  val ({} images): zero-shot {:.2}%, head {:.2}%",
+        m.val_n, m.val_acc_zeroshot, m.val_acc
+    )?;
+    if let (Some(a), Some(acc)) = (m.wise_ft_alpha, m.val_acc_wiseft) {
+        write!(out, ", WiSE-FT (α {a}) {acc:.2}%")?;
+    }
+    writeln!(out)
+}
+
+fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
+    ensure!(
+        a.head == "linear",
+        "--head {}: only `linear` is implemented (the CLIP-Adapter head is not yet)",
+        a.head
+    );
+    if let Some(w) = a.wise_ft {
+        ensure!((0.0..=1.0).contains(&w), "--wise-ft must be in [0, 1]");
+    }
+    ensure!(a.lr > 0.0 && a.lr.is_finite(), "--lr must be positive");
+    let templates = crate::templates::resolve(&a.templates)?;
+    let dataset = Dataset::open(&a.data)?;
+    dataset.samples(Split::Val).with_context(|| {
+        "cross-modal training sweeps hyperparameters on the val split (clipft never tunes on test)"
+    })?;
+    let train_s = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
+    let clip = load_model(&a.model, quiet)?;
+    let opts = a.extract.options(quiet);
+    let o = TrainOptions {
+        templates,
+        modality: a.modality,
+        init: a.init.unwrap_or(match a.modality {
+            Modality::Cross => Init::Zeroshot,
+            Modality::Image => Init::Random,
+        }),
+        flip: a.image_views == ImageViews::Flip,
+        iters: a.iters as usize,
+        hyper: a.no_sweep.then_some(Hyper {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            batch_size: a.batch as usize,
+        }),
+        wise_ft: a.wise_ft,
+        shots: a.shots.shots.map(|k| k as usize),
+        seed: a.shots.seed,
+    };
+    info(
+        format!(
+            "training: {} settings × {} iterations",
+            if o.hyper.is_some() { 1 } else { 12 },
+            o.iters
+        ),
+        quiet,
+    );
+    let (art, notes) = train(&clip, &dataset, &train_s, &o, &opts)?;
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+    art.save(&a.out)?;
+    write_summary(&art, &mut std::io::stdout().lock())?;
+    info(format!("wrote {}", a.out.display()), quiet);
+    Ok(())
+}
+
+/// Whether a file is a cross-modal head (by its metadata `kind`).
+pub fn is_crossmodal(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let Ok((_, header)) = safetensors::SafeTensors::read_metadata(&bytes) else {
+        return false;
+    };
+    header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(crate::io::META_KEY))
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .is_some_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some("crossmodal"))
+}
+
+/// `clipft eval --adapter HEAD`: loads the head and its model, checks them, scores the split.
+pub fn eval_adapter(
+    path: &Path,
+    variant: &str,
+    model: &ModelArgs,
+    dataset: &Dataset,
+    split: Split,
+    opts: &ExtractOptions,
+    quiet: bool,
+) -> Result<(Clip, crate::eval::EvalRun)> {
+    let art = CrossArtifact::load(path)?;
+    let (head, method) = art.pick(variant)?;
+    let mut args = model.clone();
+    match &args.model {
+        Some(m) => ensure!(
+            super::tip::same_model(m, &art.meta.model),
+            "--model {m}: {} was built with model `{}`; pass --model {} (or leave --model out)",
+            path.display(),
+            art.meta.model,
+            art.meta.model
+        ),
+        None => {
+            info(
+                format!("using the model of {}: {}", path.display(), art.meta.model),
+                quiet,
+            );
+            args.model = Some(art.meta.model.clone());
+        }
+    }
+    if args.revision.is_none() {
+        args.revision = art.meta.revision.clone();
+    }
+    let clip = load_model(&args, quiet)?;
+    art.check_compatible(&clip, dataset, path)?;
+    let w = head.clone();
+    let run = crate::eval::evaluate_split(&clip, dataset, split, opts, method, |f| {
+        cm::logits_normalized(&Mat::from_tensor(f)?, &w).to_tensor()
+    })?;
+    Ok((clip, run))
+}
+
+/// The cross-modal part of `clipft demo`: image-only linear probe vs cross-modal (1 shot, no
+/// sweep, short training), scored on test.
+pub fn demo(
+    clip: &Clip,
+    dataset: &Dataset,
+    opts: &ExtractOptions,
+    quiet: bool,
+    out: &mut impl Write,
+) -> Result<Vec<crate::eval::EvalReport>> {
+    let all = dataset.samples(Split::Train)?;
+    let (train_s, _) = crate::data::few_shot(dataset, &all, 1, 1, false)?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "linear probes, 1 shot: image-only (random init) vs cross-modal (text features as extra \
+         samples, zero-shot init). With the demo's random weights the text features carry no \
+         class information, so no cross-modal gain is expected here; with a real CLIP it helps."
+    )?;
+    let mut reports = Vec::new();
+    for (modality, init) in [
+        (Modality::Image, Init::Random),
+        (Modality::Cross, Init::Zeroshot),
+    ] {
+        info(format!("linear probe ({modality:?}), 1 shot"), quiet);
+        let o = TrainOptions {
+            templates: crate::templates::resolve("clip")?,
+            modality,
+            init,
+            flip: true,
+            iters: 1000,
+            hyper: Some(Hyper {
+                lr: 1e-3,
+                weight_decay: 0.0,
+                batch_size: 2,
+            }),
+            wise_ft: None,
+            shots: Some(1),
+            seed: 1,
+        };
+        let (art, _) = train(clip, dataset, &train_s, &o, opts)?;
+        writeln!(out)?;
+        write_summary(&art, out)?;
+        let w = art.head.clone();
+        let name = match modality {
+            Modality::Image => "linear-probe",
+            Modality::Cross => "crossmodal",
+        };
+        let run = crate::eval::evaluate_split(clip, dataset, Split::Test, opts, name, |f| {
+            cm::logits_normalized(&Mat::from_tensor(f)?, &w).to_tensor()
+        })?;
+        crate::eval::write_table(&run.report, out)?;
+        reports.push(run.report);
+    }
+    Ok(reports)
+}
