@@ -347,26 +347,13 @@ pub fn eval_adapter(
 ) -> Result<(Clip, crate::eval::EvalRun)> {
     let art = CrossArtifact::load(path)?;
     let (head, method) = art.pick(variant)?;
-    let mut args = model.clone();
-    match &args.model {
-        Some(m) => ensure!(
-            super::tip::same_model(m, &art.meta.model),
-            "--model {m}: {} was built with model `{}`; pass --model {} (or leave --model out)",
-            path.display(),
-            art.meta.model,
-            art.meta.model
-        ),
-        None => {
-            info(
-                format!("using the model of {}: {}", path.display(), art.meta.model),
-                quiet,
-            );
-            args.model = Some(art.meta.model.clone());
-        }
-    }
-    if args.revision.is_none() {
-        args.revision = art.meta.revision.clone();
-    }
+    let args = super::model_for(
+        model,
+        &art.meta.model,
+        art.meta.revision.as_deref(),
+        path,
+        quiet,
+    )?;
     let clip = load_model(&args, quiet)?;
     art.check_compatible(&clip, dataset, path)?;
     let w = head.clone();

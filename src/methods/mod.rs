@@ -66,6 +66,33 @@ pub fn check_compatible(
     Ok(())
 }
 
+/// The `--model` to load for an artifact built with `model` (at `revision`): the artifact's own
+/// when `--model` is not given; an error when `--model` names another model.
+pub fn model_for(
+    args: &crate::cli::ModelArgs,
+    model: &str,
+    revision: Option<&str>,
+    path: &Path,
+    quiet: bool,
+) -> Result<crate::cli::ModelArgs> {
+    let mut args = args.clone();
+    match &args.model {
+        Some(m) => ensure!(
+            tip::same_model(m, model),
+            "--model {m}: {} was built with model `{model}`; pass --model {model} (or leave --model out)",
+            path.display()
+        ),
+        None => {
+            crate::cli::info(format!("using the model of {}: {model}", path.display()), quiet);
+            args.model = Some(model.to_string());
+        }
+    }
+    if args.revision.is_none() {
+        args.revision = revision.map(str::to_string);
+    }
+    Ok(args)
+}
+
 fn summarize(v: &[String]) -> String {
     let mut s: Vec<String> = v.iter().take(5).map(|x| format!("`{x}`")).collect();
     if v.len() > 5 {

@@ -176,32 +176,6 @@ pub fn write_summary(art: &TipArtifact, out: &mut impl Write) -> std::io::Result
     }
 }
 
-/// The `--model` to load for an artifact: the artifact's own when `--model` is not given; an
-/// error when it names another model.
-fn model_for(args: &ModelArgs, art: &TipArtifact, path: &Path, quiet: bool) -> Result<ModelArgs> {
-    let mut args = args.clone();
-    match &args.model {
-        Some(m) => ensure!(
-            tip::same_model(m, &art.meta.model),
-            "--model {m}: {} was built with model `{}`; pass --model {} (or leave --model out)",
-            path.display(),
-            art.meta.model,
-            art.meta.model
-        ),
-        None => {
-            info(
-                format!("using the model of {}: {}", path.display(), art.meta.model),
-                quiet,
-            );
-            args.model = Some(art.meta.model.clone());
-        }
-    }
-    if args.revision.is_none() {
-        args.revision = art.meta.revision.clone();
-    }
-    Ok(args)
-}
-
 fn load_for(
     args: &ModelArgs,
     art: &TipArtifact,
@@ -209,7 +183,16 @@ fn load_for(
     path: &Path,
     quiet: bool,
 ) -> Result<Clip> {
-    let clip = load_model(&model_for(args, art, path, quiet)?, quiet)?;
+    let clip = load_model(
+        &super::model_for(
+            args,
+            &art.meta.model,
+            art.meta.revision.as_deref(),
+            path,
+            quiet,
+        )?,
+        quiet,
+    )?;
     art.check_compatible(&clip, dataset, path)?;
     Ok(clip)
 }
