@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::fdalign::{self, FdAlignSettings, Sgd};
 use crate::data::Sample;
-use crate::features::text_features;
+use crate::features::{text_features, view_key};
 use crate::model::trainable::TrainableVision;
 use crate::model::Clip;
 use crate::preprocess::{load_rgb, View};
@@ -35,17 +35,13 @@ pub struct FdAlignOutcome {
     pub best_val: f64,
 }
 
-fn pixels(
-    clip: &Clip,
-    paths: &[&Path],
-    view: impl Fn(u64) -> View + Sync,
-    keys: &[u64],
-) -> Result<Tensor> {
+/// Pixels of one view of each image, keyed per image as the feature extractor keys its views
+/// ([`crate::features::view_key`]), decoded in parallel.
+fn pixels(clip: &Clip, paths: &[&Path], view: &View) -> Result<Tensor> {
     let (h, w) = clip.preprocess.crop;
     let rows: Vec<Vec<f32>> = paths
         .par_iter()
-        .zip(keys)
-        .map(|(p, &k)| load_rgb(p).map(|img| clip.preprocess.apply(&img, &view(k), k)))
+        .map(|p| load_rgb(p).map(|img| clip.preprocess.apply(&img, view, view_key(p))))
         .collect::<std::result::Result<_, _>>()?;
     Ok(Tensor::from_vec(
         rows.concat(),
@@ -53,10 +49,6 @@ fn pixels(
         &clip.device,
     )?
     .to_dtype(clip.dtype)?)
-}
-
-fn key_of(i: usize) -> u64 {
-    i as u64
 }
 
 /// Val top-1 (percent) of the current tower and head on centre crops.
@@ -70,8 +62,7 @@ fn val_accuracy(
     let mut hits = 0usize;
     for chunk in val.chunks(64) {
         let paths: Vec<&Path> = chunk.iter().map(|s| s.path.as_path()).collect();
-        let keys: Vec<u64> = (0..chunk.len()).map(key_of).collect();
-        let x = pixels(clip, &paths, |_| View::Center, &keys)?;
+        let x = pixels(clip, &paths, &View::Center)?;
         let f = tv.tower.forward(&x)?.detach();
         let logits = fdalign::normalized_linear(&f, head_w, Some(head_b))?.to_dtype(DType::F32)?;
         let pred = logits.argmax(1)?.to_vec1::<u32>()?;
@@ -197,20 +188,15 @@ pub fn train(
             let mut grads: Option<candle_core::backprop::GradStore> = None;
             for part in step.chunks(micro) {
                 let paths: Vec<&Path> = part.iter().map(|&i| train_set[i].path.as_path()).collect();
-                let keys: Vec<u64> = part.iter().map(|&i| key_of(i)).collect();
-                let (lo, hi) = settings.scale;
-                let x = pixels(
-                    clip,
-                    &paths,
-                    |_| View::Augment {
-                        seed: settings.seed,
-                        epoch: epoch as u64,
-                        scale_min: lo,
-                        scale_max: hi,
-                        flip_p: 0.0,
-                    },
-                    &keys,
-                )?;
+                let (scale_min, scale_max) = settings.scale;
+                let view = View::Augment {
+                    seed: settings.seed,
+                    epoch: epoch as u64,
+                    scale_min,
+                    scale_max,
+                    flip_p: 0.0,
+                };
+                let x = pixels(clip, &paths, &view)?;
                 let y = Tensor::from_vec(
                     part.iter()
                         .map(|&i| train_set[i].label as u32)
