@@ -10,6 +10,11 @@
 //! The gradient of the mean cross-entropy with respect to `W` is
 //! `s/B · (softmax(logits) − onehot)ᵀ · normalize(x)`, checked against candle autograd and finite
 //! differences in the tests.
+//!
+//! Head (`adapter`, the official CLIP-Adapter head): `z = ρ·relu(W₂·relu(W₁·x̂)) + (1−ρ)·x̂` on
+//! `x̂ = normalize(x)`, then `logits = s · z · Wᵀ`; `z` is not normalised again (the official
+//! `LogitHead` normalises only its input). The backward runs through both ReLUs and the residual
+//! blend by hand (checked the same way, and against PyTorch's autograd in the reference).
 
 use std::path::Path;
 
@@ -32,6 +37,11 @@ pub const WARMUP_ITERS: usize = 50;
 pub const WARMUP_LR: f64 = 1e-5;
 /// Validation interval (iterations).
 pub const EVAL_FREQ: usize = 100;
+
+/// CLIP-Adapter defaults of the official head (engine/model/head.py: `Adapter(c_in, reduction=4,
+/// residual_ratio=0.2)`; `make_classifier_head` passes ratio 0.2 and keeps reduction 4).
+pub const ADAPTER_REDUCTION: usize = 4;
+pub const ADAPTER_RATIO: f32 = 0.2;
 
 /// Row-major `[rows, cols]` f32 matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +125,16 @@ pub enum Modality {
     Image,
 }
 
+/// Which head is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    /// Normalise, bias-free linear layer, ×100.
+    Linear,
+    /// The CLIP-Adapter MLP (reduction 4, ReLU, residual ratio 0.2) in front of the linear layer.
+    Adapter,
+}
+
 /// How the head weight starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -187,6 +207,170 @@ pub fn logits_normalized(xn: &Mat, w: &Mat) -> Mat {
     out
 }
 
+/// `y += a·x`.
+#[inline]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}
+
+/// The CLIP-Adapter MLP of the official `--classifier_head adapter` (engine/model/head.py
+/// `Adapter`): `z = ρ·relu(fc2·relu(fc1·x)) + (1−ρ)·x`, both layers bias-free.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    /// First layer `[D/r, D]` (PyTorch's out × in layout).
+    pub fc1: Mat,
+    /// Second layer `[D, D/r]`.
+    pub fc2: Mat,
+    /// Residual ratio ρ (weight of the MLP branch).
+    pub ratio: f32,
+}
+
+/// Activations of an adapter forward, kept for the backward.
+struct AdapterActs {
+    /// `relu(fc1·x)`, `[N, D/r]`.
+    a1: Mat,
+    /// `relu(fc2·a1)`, `[N, D]`.
+    a2: Mat,
+    /// The blend, `[N, D]`.
+    z: Mat,
+}
+
+impl Adapter {
+    /// `nn.Linear`'s default init (kaiming-uniform with a = √5, i.e. uniform ±1/√fan_in) for both
+    /// layers, seeded; the hidden width is `⌊D/r⌋` as the official `c_in // reduction`.
+    pub fn random(dim: usize, reduction: usize, ratio: f32, seed: u64) -> Result<Self> {
+        use rand::Rng;
+        ensure!(
+            reduction > 0 && dim / reduction > 0,
+            "adapter reduction {reduction} leaves no hidden units for dimension {dim}"
+        );
+        let hidden = dim / reduction;
+        // Its own stream, so the adapter does not shift the linear layer's random init.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xADA9_7E12);
+        let mut uniform = |rows: usize, cols: usize| {
+            let b = 1.0 / (cols as f32).sqrt();
+            Mat::new(
+                rows,
+                cols,
+                (0..rows * cols).map(|_| rng.random_range(-b..b)).collect(),
+            )
+        };
+        let fc1 = uniform(hidden, dim);
+        let fc2 = uniform(dim, hidden);
+        Ok(Self { fc1, fc2, ratio })
+    }
+
+    /// The ratio as the f64 of its shortest decimal (0.2, not 0.20000000298), for metadata; it
+    /// reads back as the same f32.
+    pub fn ratio_for_meta(&self) -> f64 {
+        self.ratio.to_string().parse().unwrap_or(self.ratio as f64)
+    }
+
+    /// Checks that the layers chain `D → h → D`.
+    pub fn validate(&self, dim: usize) -> Result<()> {
+        let h = self.fc1.rows;
+        ensure!(
+            h > 0 && self.fc1.cols == dim && self.fc2.rows == dim && self.fc2.cols == h,
+            "adapter layers [{}, {}] and [{}, {}] do not chain {dim} → h → {dim}",
+            self.fc1.rows,
+            self.fc1.cols,
+            self.fc2.rows,
+            self.fc2.cols
+        );
+        Ok(())
+    }
+
+    fn forward_acts(&self, x: &Mat) -> AdapterActs {
+        let (n, d, h) = (x.rows, self.fc2.rows, self.fc1.rows);
+        assert_eq!(x.cols, self.fc1.cols);
+        let mut a1 = Mat::zeros(n, h);
+        let mut a2 = Mat::zeros(n, d);
+        let mut z = Mat::zeros(n, d);
+        let rho = self.ratio;
+        for i in 0..n {
+            let xi = x.row(i);
+            let h1 = &mut a1.data[i * h..(i + 1) * h];
+            for (j, v) in h1.iter_mut().enumerate() {
+                *v = dot(self.fc1.row(j), xi).max(0.0);
+            }
+            let h2 = &mut a2.data[i * d..(i + 1) * d];
+            let zi = &mut z.data[i * d..(i + 1) * d];
+            for k in 0..d {
+                h2[k] = dot(self.fc2.row(k), h1).max(0.0);
+                zi[k] = rho * h2[k] + (1.0 - rho) * xi[k];
+            }
+        }
+        AdapterActs { a1, a2, z }
+    }
+
+    /// The adapter output of (normalised) rows, `[N, D]`.
+    pub fn forward(&self, x: &Mat) -> Mat {
+        self.forward_acts(x).z
+    }
+}
+
+/// A head: the optional CLIP-Adapter, then the bias-free linear layer, ×[`LOGIT_SCALE`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    /// The CLIP-Adapter in front of the linear layer (`--head adapter`).
+    pub adapter: Option<Adapter>,
+    /// The linear layer `[C, D]`.
+    pub weight: Mat,
+}
+
+impl Head {
+    pub fn linear(weight: Mat) -> Self {
+        Self {
+            adapter: None,
+            weight,
+        }
+    }
+
+    pub fn kind(&self) -> HeadKind {
+        match self.adapter {
+            Some(_) => HeadKind::Adapter,
+            None => HeadKind::Linear,
+        }
+    }
+
+    /// Logits of already L2-normalised rows: `s · adapter(xn) · Wᵀ` (`s · xn · Wᵀ` without one).
+    pub fn logits(&self, xn: &Mat) -> Mat {
+        match &self.adapter {
+            Some(a) => logits_normalized(&a.forward(xn), &self.weight),
+            None => logits_normalized(xn, &self.weight),
+        }
+    }
+
+    /// The same head with another linear layer (WiSE-FT keeps the adapter).
+    pub fn with_weight(&self, weight: Mat) -> Self {
+        Self {
+            adapter: self.adapter.clone(),
+            weight,
+        }
+    }
+
+    /// Parameter tensors, linear layer first.
+    fn params_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut p = vec![self.weight.data.as_mut_slice()];
+        if let Some(a) = &mut self.adapter {
+            p.push(a.fc1.data.as_mut_slice());
+            p.push(a.fc2.data.as_mut_slice());
+        }
+        p
+    }
+
+    fn params(&self) -> Vec<&[f32]> {
+        let mut p = vec![self.weight.data.as_slice()];
+        if let Some(a) = &self.adapter {
+            p.push(a.fc1.data.as_slice());
+            p.push(a.fc2.data.as_slice());
+        }
+        p
+    }
+}
+
 /// Top-1 accuracy (percent) of logits; ties go to the lower class index.
 pub fn accuracy(logits: &Mat, labels: &[usize]) -> f64 {
     if labels.is_empty() {
@@ -207,13 +391,9 @@ pub fn accuracy(logits: &Mat, labels: &[usize]) -> f64 {
     100.0 * hits as f64 / labels.len() as f64
 }
 
-/// Mean cross-entropy of the head on normalised rows `xn` and its gradient w.r.t. `W`
-/// (`s/B · (softmax − onehot)ᵀ · xn`), written into `grad` (`[C, D]`, overwritten).
-pub fn loss_and_grad(xn: &Mat, labels: &[usize], w: &Mat, grad: &mut Mat) -> f32 {
-    let b = xn.rows;
-    let c = w.rows;
-    let d = w.cols;
-    let mut p = logits_normalized(xn, w);
+/// Turns logits `[B, C]` into `softmax − onehot` in place; returns the mean cross-entropy.
+fn softmax_minus_onehot(p: &mut Mat, labels: &[usize]) -> f32 {
+    let (b, c) = (p.rows, p.cols);
     let mut loss = 0f64;
     for i in 0..b {
         let r = &mut p.data[i * c..(i + 1) * c];
@@ -230,19 +410,83 @@ pub fn loss_and_grad(xn: &Mat, labels: &[usize], w: &Mat, grad: &mut Mat) -> f32
         }
         r[labels[i]] -= 1.0;
     }
-    let scale = LOGIT_SCALE / b as f32;
+    (loss / b as f64) as f32
+}
+
+/// `grad = scale · deltaᵀ · x` (`[C, D]`, overwritten).
+fn linear_weight_grad(delta: &Mat, x: &Mat, scale: f32, grad: &mut Mat) {
+    let (b, c, d) = (x.rows, delta.cols, x.cols);
     grad.data.fill(0.0);
     for (ci, g) in grad.data.chunks_mut(d).enumerate() {
         for i in 0..b {
-            let coef = scale * p.data[i * c + ci];
+            let coef = scale * delta.data[i * c + ci];
             if coef != 0.0 {
-                for (gv, xv) in g.iter_mut().zip(xn.row(i)) {
-                    *gv += coef * xv;
-                }
+                axpy(coef, x.row(i), g);
             }
         }
     }
-    (loss / b as f64) as f32
+}
+
+/// Mean cross-entropy of the head on normalised rows `xn` and its gradient w.r.t. `W`
+/// (`s/B · (softmax − onehot)ᵀ · xn`), written into `grad` (`[C, D]`, overwritten).
+pub fn loss_and_grad(xn: &Mat, labels: &[usize], w: &Mat, grad: &mut Mat) -> f32 {
+    let mut p = logits_normalized(xn, w);
+    let loss = softmax_minus_onehot(&mut p, labels);
+    linear_weight_grad(&p, xn, LOGIT_SCALE / xn.rows as f32, grad);
+    loss
+}
+
+/// Mean cross-entropy of any head on normalised rows `xn` and its gradient with respect to every
+/// parameter, written into `grad` (same shapes as `head`, overwritten).
+///
+/// Adapter backward, per row with `Δ = s/B · (softmax − onehot)`: `dW = Δᵀz`; `dz = ΔW`;
+/// `dg = ρ·dz ⊙ [a₂ > 0]`; `dfc2 = dgᵀa₁`; `da₁ = dg·fc2 ⊙ [a₁ > 0]`; `dfc1 = da₁ᵀx̂` (the residual
+/// branch `(1−ρ)·x̂` has no parameters, and `x̂` is fixed).
+pub fn head_loss_and_grad(xn: &Mat, labels: &[usize], head: &Head, grad: &mut Head) -> f32 {
+    let Some(a) = &head.adapter else {
+        return loss_and_grad(xn, labels, &head.weight, &mut grad.weight);
+    };
+    let g = grad
+        .adapter
+        .as_mut()
+        .expect("gradient of an adapter head needs adapter buffers");
+    let (b, c, d, h) = (xn.rows, head.weight.rows, a.fc2.rows, a.fc1.rows);
+    let acts = a.forward_acts(xn);
+    let mut delta = logits_normalized(&acts.z, &head.weight);
+    let loss = softmax_minus_onehot(&mut delta, labels);
+    let scale = LOGIT_SCALE / b as f32;
+    linear_weight_grad(&delta, &acts.z, scale, &mut grad.weight);
+    g.fc1.data.fill(0.0);
+    g.fc2.data.fill(0.0);
+    let mut dg = vec![0f32; d];
+    let mut da1 = vec![0f32; h];
+    for i in 0..b {
+        dg.fill(0.0);
+        for ci in 0..c {
+            let coef = scale * delta.data[i * c + ci];
+            if coef != 0.0 {
+                axpy(coef, head.weight.row(ci), &mut dg);
+            }
+        }
+        let a1 = acts.a1.row(i);
+        let a2 = acts.a2.row(i);
+        da1.fill(0.0);
+        for k in 0..d {
+            // ReLU passes the gradient where its output is positive (PyTorch: 0 at 0).
+            if a2[k] > 0.0 {
+                let v = a.ratio * dg[k];
+                axpy(v, a1, &mut g.fc2.data[k * h..(k + 1) * h]);
+                axpy(v, a.fc2.row(k), &mut da1);
+            }
+        }
+        let x = xn.row(i);
+        for j in 0..h {
+            if a1[j] > 0.0 {
+                axpy(da1[j], x, &mut g.fc1.data[j * d..(j + 1) * d]);
+            }
+        }
+    }
+    loss
 }
 
 /// Learning rate of iteration `t` (0-based), as the official `LinearWarmupScheduler` (50
@@ -386,6 +630,31 @@ pub fn default_grid() -> Vec<Hyper> {
     g
 }
 
+/// The official adapter sweep, `HYPER_DICT['adapter']` (engine/optimizer/default.py, used by
+/// adapter.sh with `--classifier_head adapter`): lr {1e-4, 1e-5, 1e-6, 1e-7} × wd {0, 1e-3,
+/// 1e-5} × batch {8}.
+pub fn adapter_grid() -> Vec<Hyper> {
+    let mut g = Vec::new();
+    for lr in [1e-4, 1e-5, 1e-6, 1e-7] {
+        for weight_decay in [0.0, 1e-3, 1e-5] {
+            g.push(Hyper {
+                lr,
+                weight_decay,
+                batch_size: 8,
+            });
+        }
+    }
+    g
+}
+
+/// The default sweep of a head.
+pub fn grid_for(head: HeadKind) -> Vec<Hyper> {
+    match head {
+        HeadKind::Linear => default_grid(),
+        HeadKind::Adapter => adapter_grid(),
+    }
+}
+
 /// Settings of one training run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainSettings {
@@ -400,7 +669,7 @@ pub struct TrainSettings {
 pub struct RunOutcome {
     pub hyper: Hyper,
     /// Best state (by val, first best).
-    pub weight: Mat,
+    pub head: Head,
     pub val_acc: f64,
     pub best_iter: usize,
 }
@@ -437,14 +706,57 @@ impl Adam {
     }
 }
 
-/// Trains the linear head from `init` for one hyperparameter setting; validates every
-/// [`EVAL_FREQ`] iterations and keeps the best state (`best_iter` is the 0-based iteration after
-/// whose step it was taken). `None` when the batch does not fit the sets.
+/// A head under training: one AdamW state per parameter tensor, all with the same lr and
+/// decoupled decay, as the official single `AdamW` over `logit_head.parameters()` (train.py).
+pub struct Trainer {
+    head: Head,
+    grad: Head,
+    adam: Vec<Adam>,
+}
+
+impl Trainer {
+    pub fn new(init: &Head) -> Self {
+        let mut head = init.clone();
+        let adam = head
+            .params_mut()
+            .iter()
+            .map(|p| Adam::new(p.len()))
+            .collect();
+        Self {
+            grad: head.clone(),
+            head,
+            adam,
+        }
+    }
+
+    /// One optimiser step on a batch of normalised rows; returns the batch loss before the step.
+    pub fn step(&mut self, xn: &Mat, labels: &[usize], lr: f64, weight_decay: f64) -> f32 {
+        let loss = head_loss_and_grad(xn, labels, &self.head, &mut self.grad);
+        for ((p, g), adam) in self
+            .head
+            .params_mut()
+            .into_iter()
+            .zip(self.grad.params())
+            .zip(&mut self.adam)
+        {
+            adam.step(p, g, lr, weight_decay);
+        }
+        loss
+    }
+
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+}
+
+/// Trains a head from `init` for one hyperparameter setting; validates every [`EVAL_FREQ`]
+/// iterations and keeps the best state (`best_iter` is the 0-based iteration after whose step it
+/// was taken). `None` when the batch does not fit the sets.
 pub fn train_one(
     text: &Rows,
     image: &Rows,
     val: &Rows,
-    init: &Mat,
+    init: &Head,
     hyper: Hyper,
     settings: &TrainSettings,
 ) -> Option<RunOutcome> {
@@ -455,16 +767,14 @@ pub fn train_one(
         image.labels.len(),
     )?;
     let mut sampler = Sampler::new(th, ih, text.labels.len(), image.labels.len(), settings.seed);
-    let d = init.cols;
-    let mut w = init.clone();
-    let mut grad = Mat::zeros(init.rows, d);
-    let mut adam = Adam::new(w.data.len());
+    let d = init.weight.cols;
+    let mut trainer = Trainer::new(init);
     let mut batch = Mat::zeros(th + ih, d);
     let mut labels = vec![0usize; th + ih];
-    let val_acc = |w: &Mat| accuracy(&logits_normalized(&val.x, w), &val.labels);
+    let val_acc = |h: &Head| accuracy(&h.logits(&val.x), &val.labels);
     // As the official loop: validate after the step of every iteration `it` with
     // `it % EVAL_FREQ == 0` (after 1, 101, 201, ... steps) and keep the first best state.
-    let mut best: Option<(f64, usize, Mat)> = None;
+    let mut best: Option<(f64, usize, Head)> = None;
     for it in 0..settings.iters {
         let (ti, ii) = sampler.next_batch();
         for (k, &r) in ti.iter().enumerate() {
@@ -476,24 +786,23 @@ pub fn train_one(
             batch.data[k * d..(k + 1) * d].copy_from_slice(image.x.row(r));
             labels[k] = image.labels[r];
         }
-        loss_and_grad(&batch, &labels, &w, &mut grad);
-        adam.step(
-            &mut w.data,
-            &grad.data,
+        trainer.step(
+            &batch,
+            &labels,
             lr_at(hyper.lr, it, settings.iters),
             hyper.weight_decay,
         );
         if it % EVAL_FREQ == 0 {
-            let acc = val_acc(&w);
+            let acc = val_acc(trainer.head());
             if best.as_ref().is_none_or(|b| acc > b.0) {
-                best = Some((acc, it, w.clone()));
+                best = Some((acc, it, trainer.head().clone()));
             }
         }
     }
-    let (val_acc, best_iter, weight) = best?;
+    let (val_acc, best_iter, head) = best?;
     Some(RunOutcome {
         hyper,
-        weight,
+        head,
         val_acc,
         best_iter,
     })
@@ -515,7 +824,7 @@ pub fn sweep(
     text: &Rows,
     image: &Rows,
     val: &Rows,
-    init: &Mat,
+    init: &Head,
     grid: &[Hyper],
     settings: &TrainSettings,
 ) -> Result<SweepOutcome> {
@@ -572,6 +881,12 @@ pub fn wise_ft(learned: &Mat, zeroshot: &Mat, alpha: f32) -> Mat {
     )
 }
 
+/// WiSE-FT of a head: the formula on the final linear layer only, the adapter kept as learned (the
+/// official `get_wiseft`, train.py, does the same for its `Sequential(adapter, linear)` head).
+pub fn wise_ft_head(learned: &Head, zeroshot: &Mat, alpha: f32) -> Head {
+    learned.with_weight(wise_ft(&learned.weight, zeroshot, alpha))
+}
+
 /// Text training rows: every `(class, template)` pair, class-major, with its class label.
 pub fn text_labels(classes: usize, templates: usize) -> Vec<usize> {
     (0..classes * templates).map(|r| r / templates).collect()
@@ -595,7 +910,13 @@ pub struct CrossMeta {
     pub templates: Vec<String>,
     pub shots: Option<usize>,
     pub seed: u64,
-    pub head: String,
+    pub head: HeadKind,
+    /// CLIP-Adapter reduction and residual ratio (`head: adapter` only; absent in linear heads,
+    /// so linear artifacts read and write as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_reduction: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_ratio: Option<f64>,
     pub modality: Modality,
     pub init: Init,
     pub image_views: Vec<String>,
@@ -614,12 +935,14 @@ pub struct CrossMeta {
     pub default_head: String,
 }
 
-/// A trained head: `head` `[C, D]` and the optional WiSE-FT head.
+/// A trained head: `head` `[C, D]`, the optional WiSE-FT head (same shape) and, for `--head
+/// adapter`, the adapter both use (`adapter.fc1` `[D/r, D]`, `adapter.fc2` `[D, D/r]`).
 #[derive(Debug, Clone)]
 pub struct CrossArtifact {
     pub meta: CrossMeta,
     pub head: Mat,
     pub head_wiseft: Option<Mat>,
+    pub adapter: Option<Adapter>,
 }
 
 impl CrossArtifact {
@@ -630,9 +953,18 @@ impl CrossArtifact {
             .as_ref()
             .map(|m| m.to_tensor())
             .transpose()?;
+        let a = self
+            .adapter
+            .as_ref()
+            .map(|a| Ok::<_, anyhow::Error>((a.fc1.to_tensor()?, a.fc2.to_tensor()?)))
+            .transpose()?;
         let mut t: Vec<(&str, &Tensor)> = vec![("head", &h)];
         if let Some(w) = &w {
             t.push(("head_wiseft", w));
+        }
+        if let Some((fc1, fc2)) = &a {
+            t.push(("adapter.fc1", fc1));
+            t.push(("adapter.fc2", fc2));
         }
         crate::io::save(path, &t, &serde_json::to_value(&self.meta)?)
     }
@@ -652,6 +984,38 @@ impl CrossArtifact {
             .remove("head_wiseft")
             .map(|x| Mat::from_tensor(&x))
             .transpose()?;
+        let adapter = match meta.head {
+            HeadKind::Linear => {
+                ensure!(
+                    !t.contains_key("adapter.fc1") && !t.contains_key("adapter.fc2"),
+                    "{}: a linear head with adapter tensors",
+                    path.display()
+                );
+                None
+            }
+            HeadKind::Adapter => {
+                let ratio = meta.adapter_ratio.with_context(|| {
+                    format!("{}: adapter head without `adapter_ratio`", path.display())
+                })?;
+                let a = Adapter {
+                    fc1: Mat::from_tensor(&crate::io::take(&mut t, "adapter.fc1", path)?)?,
+                    fc2: Mat::from_tensor(&crate::io::take(&mut t, "adapter.fc2", path)?)?,
+                    ratio: ratio as f32,
+                };
+                a.validate(meta.projection_dim)
+                    .with_context(|| format!("{}: inconsistent adapter", path.display()))?;
+                if let Some(r) = meta.adapter_reduction {
+                    ensure!(
+                        r > 0 && a.fc1.rows == meta.projection_dim / r,
+                        "{}: adapter hidden width {} is not {} / reduction {r}",
+                        path.display(),
+                        a.fc1.rows,
+                        meta.projection_dim
+                    );
+                }
+                Some(a)
+            }
+        };
         let c = meta.class_names.len();
         ensure!(
             head.rows == c
@@ -667,11 +1031,12 @@ impl CrossArtifact {
             meta,
             head,
             head_wiseft,
+            adapter,
         })
     }
 
-    /// The head of a variant: `default`, `learned` or `wiseft`.
-    pub fn pick(&self, variant: &str) -> Result<(&Mat, &'static str)> {
+    /// The head of a variant (`default`, `learned` or `wiseft`) and its method name.
+    pub fn pick(&self, variant: &str) -> Result<(Head, &'static str)> {
         let v = if variant == "default" {
             if self.meta.default_head == "head_wiseft" {
                 "wiseft"
@@ -681,14 +1046,36 @@ impl CrossArtifact {
         } else {
             variant
         };
-        match v {
-            "learned" => Ok((&self.head, "crossmodal")),
+        let adapter = self.adapter.is_some();
+        let (weight, method) = match v {
+            "learned" => (
+                &self.head,
+                if adapter {
+                    "crossmodal-adapter"
+                } else {
+                    "crossmodal"
+                },
+            ),
             "wiseft" => match &self.head_wiseft {
-                Some(w) => Ok((w, "crossmodal-wiseft")),
+                Some(w) => (
+                    w,
+                    if adapter {
+                        "crossmodal-adapter-wiseft"
+                    } else {
+                        "crossmodal-wiseft"
+                    },
+                ),
                 None => bail!("this head has no WiSE-FT variant; train with --wise-ft"),
             },
             other => bail!("unknown head variant `{other}` (default, learned, wiseft)"),
-        }
+        };
+        Ok((
+            Head {
+                adapter: self.adapter.clone(),
+                weight: weight.clone(),
+            },
+            method,
+        ))
     }
 
     pub fn check_compatible(&self, clip: &Clip, dataset: &Dataset, path: &Path) -> Result<()> {
@@ -721,6 +1108,27 @@ mod tests {
     #[test]
     fn grid_has_twelve_settings() {
         assert_eq!(default_grid().len(), 12);
+        assert_eq!(adapter_grid().len(), 12);
+        assert!(adapter_grid().iter().all(|h| h.batch_size == 8));
+    }
+
+    #[test]
+    fn adapter_init_is_seeded_linear_default() {
+        let a = Adapter::random(32, 4, 0.2, 3).unwrap();
+        assert_eq!(
+            (a.fc1.rows, a.fc1.cols, a.fc2.rows, a.fc2.cols),
+            (8, 32, 32, 8)
+        );
+        a.validate(32).unwrap();
+        // nn.Linear's default bound 1/√fan_in per layer, and not all near zero.
+        let max1 = a.fc1.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let max2 = a.fc2.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(max1 <= 1.0 / 32f32.sqrt() && max1 > 0.8 / 32f32.sqrt());
+        assert!(max2 <= 1.0 / 8f32.sqrt() && max2 > 0.8 / 8f32.sqrt());
+        assert_eq!(a, Adapter::random(32, 4, 0.2, 3).unwrap());
+        assert_ne!(a.fc1, Adapter::random(32, 4, 0.2, 4).unwrap().fc1);
+        assert!(Adapter::random(3, 4, 0.2, 3).is_err());
+        assert!(a.validate(16).is_err());
     }
 
     #[test]

@@ -8,7 +8,8 @@ use anyhow::{ensure, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::crossmodal::{
-    self as cm, CrossArtifact, CrossMeta, Hyper, Init, Mat, Modality, Rows, TrainSettings,
+    self as cm, Adapter, CrossArtifact, CrossMeta, Head, HeadKind, Hyper, Init, Mat, Modality,
+    Rows, TrainSettings,
 };
 use crate::cli::{info, load_model, split_samples, ExtractArgs, ModelArgs, ShotArgs};
 use crate::data::{Dataset, Sample, Split};
@@ -24,7 +25,8 @@ pub struct CrossmodalArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CrossmodalCommand {
-    /// Train a linear head on few-shot image features plus class-name text features.
+    /// Train a linear (or CLIP-Adapter) head on few-shot image features plus class-name text
+    /// features.
     Train(TrainArgs),
 }
 
@@ -61,14 +63,21 @@ pub struct TrainArgs {
     /// Image training views: the centre crop, or it plus its mirror image.
     #[arg(long, value_enum, default_value_t = ImageViews::Flip)]
     pub image_views: ImageViews,
-    /// Head: `linear` (normalise, bias-free linear layer, ×100). Only linear is implemented.
-    #[arg(long, default_value = "linear", value_name = "HEAD")]
-    pub head: String,
+    /// Head: `linear` (normalise, bias-free linear layer D→C, ×100) or `adapter`, the official
+    /// CLIP-Adapter head: the normalised feature x goes through a bias-free MLP D→D/4→D with a
+    /// ReLU after each layer, blended as 0.2·mlp(x) + 0.8·x, then the same linear layer ×100. The
+    /// MLP starts at PyTorch's nn.Linear default (uniform ±1/√fan_in, seeded by --seed), the
+    /// linear layer as --init says; AdamW trains all three layers. Its default sweep is the
+    /// official adapter grid: lr {1e-4,1e-5,1e-6,1e-7} × wd {0,1e-3,1e-5} × batch 8.
+    /// --wise-ft blends the final linear layer only and keeps the learned MLP, as the official
+    /// code.
+    #[arg(long, value_enum, default_value_t = HeadKind::Linear)]
+    pub head: HeadKind,
     /// Training iterations per setting.
     #[arg(long, default_value_t = 12800, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub iters: u64,
-    /// Take --lr/--weight-decay/--batch-size as given instead of sweeping lr {1e-3,1e-4} × wd
-    /// {0,1e-2,1e-4} × batch {8,32} on val.
+    /// Take --lr/--weight-decay/--batch as given instead of sweeping on val (linear: lr
+    /// {1e-3,1e-4} × wd {0,1e-2,1e-4} × batch {8,32}; adapter: see --head).
     #[arg(long)]
     pub no_sweep: bool,
     /// Learning rate with --no-sweep.
@@ -81,7 +90,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: u64,
     /// Also store the WiSE-FT head A·W + (1−A)·normalize(W_zeroshot) [A: 0.5 when the flag is
-    /// given without a value].
+    /// given without a value]; with --head adapter W is the final linear layer, the adapter is
+    /// kept.
     #[arg(long, value_name = "A", num_args = 0..=1, default_missing_value = "0.5")]
     pub wise_ft: Option<f64>,
     #[command(flatten)]
@@ -103,6 +113,7 @@ pub struct TrainOptions {
     pub templates: Vec<String>,
     pub modality: Modality,
     pub init: Init,
+    pub head: HeadKind,
     pub flip: bool,
     pub iters: usize,
     /// `None`: the default sweep; `Some`: this one setting.
@@ -168,9 +179,23 @@ pub fn train(
     let vf = image_features(clip, &val_paths, &View::Center, opts)?;
     let val_labels: Vec<usize> = vf.kept.iter().map(|&i| val[i].label).collect();
     let val_rows = Rows::new(&Mat::from_tensor(&vf.features)?, val_labels);
-    let init = match o.init {
+    let weight = match o.init {
         Init::Zeroshot => zs.clone(),
         Init::Random => cm::random_init(c, dim, o.seed),
+    };
+    // As the official `make_classifier_head`: --init sets the linear layer only; the adapter
+    // always starts at nn.Linear's default.
+    let init = Head {
+        adapter: match o.head {
+            HeadKind::Linear => None,
+            HeadKind::Adapter => Some(Adapter::random(
+                dim,
+                cm::ADAPTER_REDUCTION,
+                cm::ADAPTER_RATIO,
+                o.seed,
+            )?),
+        },
+        weight,
     };
     let settings = TrainSettings {
         iters: o.iters,
@@ -180,16 +205,17 @@ pub fn train(
     };
     let grid = match o.hyper {
         Some(h) => vec![h],
-        None => cm::default_grid(),
+        None => cm::grid_for(o.head),
     };
     let out = cm::sweep(&text, &image, &val_rows, &init, &grid, &settings)?;
     let val_acc_zeroshot = cm::accuracy(&cm::logits_normalized(&val_rows.x, &zs), &val_rows.labels);
     let head_wiseft = o
         .wise_ft
-        .map(|a| cm::wise_ft(&out.best.weight, &zs, a as f32));
+        .map(|a| cm::wise_ft_head(&out.best.head, &zs, a as f32));
     let val_acc_wiseft = head_wiseft
         .as_ref()
-        .map(|w| cm::accuracy(&cm::logits_normalized(&val_rows.x, w), &val_rows.labels));
+        .map(|h| cm::accuracy(&h.logits(&val_rows.x), &val_rows.labels));
+    let adapter = out.best.head.adapter.clone();
     let meta = CrossMeta {
         kind: "crossmodal".into(),
         version: 1,
@@ -201,7 +227,9 @@ pub fn train(
         templates: o.templates.clone(),
         shots: o.shots,
         seed: o.seed,
-        head: "linear".into(),
+        head: o.head,
+        adapter_reduction: adapter.as_ref().map(|_| cm::ADAPTER_REDUCTION),
+        adapter_ratio: adapter.as_ref().map(Adapter::ratio_for_meta),
         modality: o.modality,
         init: o.init,
         image_views: views
@@ -223,8 +251,9 @@ pub fn train(
     Ok((
         CrossArtifact {
             meta,
-            head: out.best.weight,
-            head_wiseft,
+            head: out.best.head.weight,
+            head_wiseft: head_wiseft.map(|h| h.weight),
+            adapter,
         },
         out.notes,
     ))
@@ -233,9 +262,11 @@ pub fn train(
 /// The val numbers of a head.
 pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Result<()> {
     let m = &art.meta;
-    let name = match m.modality {
-        Modality::Cross => "cross-modal linear probe",
-        Modality::Image => "image-only linear probe",
+    let name = match (m.modality, m.head) {
+        (Modality::Cross, HeadKind::Linear) => "cross-modal linear probe",
+        (Modality::Image, HeadKind::Linear) => "image-only linear probe",
+        (Modality::Cross, HeadKind::Adapter) => "cross-modal CLIP-Adapter head",
+        (Modality::Image, HeadKind::Adapter) => "image-only CLIP-Adapter head",
     };
     writeln!(
         out,
@@ -266,11 +297,6 @@ pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Resu
 }
 
 fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
-    ensure!(
-        a.head == "linear",
-        "--head {}: only `linear` is implemented (the CLIP-Adapter head is not yet)",
-        a.head
-    );
     if let Some(w) = a.wise_ft {
         ensure!((0.0..=1.0).contains(&w), "--wise-ft must be in [0, 1]");
     }
@@ -290,6 +316,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
             Modality::Cross => Init::Zeroshot,
             Modality::Image => Init::Random,
         }),
+        head: a.head,
         flip: a.image_views == ImageViews::Flip,
         iters: a.iters as usize,
         hyper: a.no_sweep.then_some(Hyper {
@@ -304,7 +331,11 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     info(
         format!(
             "training: {} settings × {} iterations",
-            if o.hyper.is_some() { 1 } else { 12 },
+            if o.hyper.is_some() {
+                1
+            } else {
+                cm::grid_for(o.head).len()
+            },
             o.iters
         ),
         quiet,
@@ -356,9 +387,10 @@ pub fn eval_adapter(
     )?;
     let clip = load_model(&args, quiet)?;
     art.check_compatible(&clip, dataset, path)?;
-    let w = head.clone();
+    // The rows arrive L2-normalised; the head applies its adapter (if any), W and ×100, as
+    // trained.
     let run = crate::eval::evaluate_split(&clip, dataset, split, opts, method, |f| {
-        cm::logits_normalized(&Mat::from_tensor(f)?, &w).to_tensor()
+        head.logits(&Mat::from_tensor(f)?).to_tensor()
     })?;
     Ok((clip, run))
 }
@@ -391,6 +423,7 @@ pub fn demo(
             templates: crate::templates::resolve("clip")?,
             modality,
             init,
+            head: HeadKind::Linear,
             flip: true,
             iters: 1000,
             hyper: Some(Hyper {
@@ -405,13 +438,13 @@ pub fn demo(
         let (art, _) = train(clip, dataset, &train_s, &o, opts)?;
         writeln!(out)?;
         write_summary(&art, out)?;
-        let w = art.head.clone();
+        let (head, _) = art.pick("learned")?;
         let name = match modality {
             Modality::Image => "linear-probe",
             Modality::Cross => "crossmodal",
         };
         let run = crate::eval::evaluate_split(clip, dataset, Split::Test, opts, name, |f| {
-            cm::logits_normalized(&Mat::from_tensor(f)?, &w).to_tensor()
+            head.logits(&Mat::from_tensor(f)?).to_tensor()
         })?;
         crate::eval::write_table(&run.report, out)?;
         reports.push(run.report);
