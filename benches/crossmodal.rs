@@ -9,6 +9,10 @@
 //!
 //! Compare with `python3 scripts/bench_crossmodal_vs_pytorch.py` (the official logic in PyTorch).
 
+// The allocator the clipft binary uses (src/main.rs); `keep_freed_memory` is called in main.
+#[global_allocator]
+static GLOBAL: clipft::alloc::Allocator = clipft::alloc::Allocator {};
+
 use std::time::Instant;
 
 use clipft::methods::crossmodal::{
@@ -29,6 +33,7 @@ fn random(rows: usize, cols: usize, seed: u64) -> Mat {
 }
 
 fn main() {
+    clipft::alloc::keep_freed_memory();
     let (c, d, shots, nval) = (100, 512, 16, 1000);
     let iters: usize = std::env::var("CROSSMODAL_BENCH_ITERS")
         .ok()

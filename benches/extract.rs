@@ -7,16 +7,25 @@
 //! - `CLIPFT_BENCH_MODEL`: checkpoint folder (default: a random ViT-B/32 generated in a temp dir)
 //! - `CLIPFT_BENCH_IMAGES`: folder of images (default: 256 generated 500×375 JPEGs cut from the
 //!   photographs in tests/fixtures/preprocess)
-//! - `CLIPFT_BENCH_BATCH` (32), `CLIPFT_BENCH_DTYPE` (f32), `RAYON_NUM_THREADS` (all cores)
+//! - `CLIPFT_BENCH_N` (256): how many JPEGs to generate when no folder is given
+//! - `CLIPFT_BENCH_BATCH` (32), `CLIPFT_BENCH_DTYPE` (f32), `CLIPFT_BENCH_DEVICE` (cpu; `cuda`)
+//! - `CLIPFT_BENCH_PASSES` (1): passes over the preprocessed batches in the model-only timing
+//! - `CLIPFT_BENCH_TEXT_CLASSES` (20): class names for the text timing (× the 80 ImageNet
+//!   templates, encoded class by class as `text_classifier` does); 0 skips it
+//! - `RAYON_NUM_THREADS` (all cores)
 //!
 //! `scripts/bench_vs_pytorch.py` runs this next to `transformers` on the same checkpoint and images.
+
+// The allocator the clipft binary uses (src/main.rs); `keep_freed_memory` is called in main.
+#[global_allocator]
+static GLOBAL: clipft::alloc::Allocator = clipft::alloc::Allocator {};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use clipft::features::{image_features, ExtractOptions};
-use clipft::model::{synth, Clip, ClipConfig, DTypeArg, ModelSpec};
+use clipft::features::{image_features, text_classifier, ExtractOptions};
+use clipft::model::{synth, Clip, ClipConfig, DTypeArg, DeviceArg, ModelSpec};
 use clipft::preprocess::{load_rgb, View};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -51,6 +60,7 @@ fn env_or(name: &str, default: &str) -> String {
 }
 
 fn main() {
+    clipft::alloc::keep_freed_memory();
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = std::env::var("CLIPFT_BENCH_MODEL")
         .map(PathBuf::from)
@@ -64,12 +74,16 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             let d = tmp.path().join("images");
-            eprintln!("generating 256 JPEGs (500×375) in {}", d.display());
-            make_images(&d, 256);
+            let n: usize = env_or("CLIPFT_BENCH_N", "256").parse().unwrap();
+            eprintln!("generating {n} JPEGs (500×375) in {}", d.display());
+            make_images(&d, n);
             d
         });
     let batch: usize = env_or("CLIPFT_BENCH_BATCH", "32").parse().unwrap();
     let dtype: DTypeArg = env_or("CLIPFT_BENCH_DTYPE", "f32").parse().unwrap();
+    let device: DeviceArg = env_or("CLIPFT_BENCH_DEVICE", "cpu").parse().unwrap();
+    let passes: usize = env_or("CLIPFT_BENCH_PASSES", "1").parse().unwrap();
+    let text_classes: usize = env_or("CLIPFT_BENCH_TEXT_CLASSES", "20").parse().unwrap();
     let threads = rayon::current_num_threads();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&image_dir)
         .unwrap()
@@ -80,6 +94,7 @@ fn main() {
 
     let mut spec = ModelSpec::local(&model_dir);
     spec.dtype = dtype;
+    spec.device = device;
     let clip = Clip::load(&spec).unwrap();
     let (s, _) = clip.preprocess.crop;
     let s = s as usize;
@@ -104,14 +119,20 @@ fn main() {
                 .unwrap()
                 .to_dtype(clip.dtype)
                 .unwrap()
+                .to_device(&clip.device)
+                .unwrap()
         })
         .collect();
     clip.model.image_features(&batches[0]).unwrap();
+    clip.device.synchronize().unwrap();
     let t = Instant::now();
-    for b in &batches {
-        clip.model.image_features(b).unwrap();
+    for _ in 0..passes {
+        for b in &batches {
+            clip.model.image_features(b).unwrap();
+        }
     }
-    let model = (batches.len() * batch) as f64 / t.elapsed().as_secs_f64();
+    clip.device.synchronize().unwrap();
+    let model = (passes * batches.len() * batch) as f64 / t.elapsed().as_secs_f64();
 
     // 3. End to end through the pipelined extractor (no cache).
     let opts = ExtractOptions {
@@ -125,10 +146,21 @@ fn main() {
     let e2e = n as f64 / t.elapsed().as_secs_f64();
     assert_eq!(f.kept.len(), n);
 
+    // 4. Text: a class-name × template classifier, one batch of templates per class.
+    let text = (text_classes > 0).then(|| {
+        let templates = clipft::templates::resolve("imagenet80").unwrap();
+        let names: Vec<String> = (0..text_classes).map(class_name).collect();
+        text_classifier(&clip, &names[..1], &templates, templates.len(), false).unwrap();
+        let t = Instant::now();
+        text_classifier(&clip, &names, &templates, templates.len(), false).unwrap();
+        (names.len() * templates.len()) as f64 / t.elapsed().as_secs_f64()
+    });
+
     println!(
-        "clipft feature extraction: {} ({}), {n} images from {}, batch {batch}, {threads} threads",
+        "clipft feature extraction: {} ({}, {}), {n} images from {}, batch {batch}, {threads} threads",
         clip.config().arch_name(),
         dtype,
+        clipft::model::load::device_name(&clip.device),
         image_dir.display()
     );
     println!("  decode+preprocess  {pre:8.1} img/s");
@@ -137,4 +169,22 @@ fn main() {
         "  end to end         {e2e:8.1} img/s  ({:.0}% of model-only)",
         100.0 * e2e / model
     );
+    if let Some(text) = text {
+        println!("  text               {text:8.1} prompts/s");
+    }
+}
+
+/// Deterministic made-up class names of varied length (the same list in bench_vs_pytorch.py).
+fn class_name(i: usize) -> String {
+    const PARTS: [&str; 8] = [
+        "golden",
+        "retriever",
+        "sports car",
+        "tabby",
+        "cat",
+        "maple",
+        "leaf",
+        "aircraft carrier",
+    ];
+    format!("{} {}", PARTS[i % 8], PARTS[(i * 3 + 1) % 8])
 }

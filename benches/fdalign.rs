@@ -5,8 +5,13 @@
 //!     cargo bench --bench fdalign
 //!
 //! `CLIPFT_BENCH_MODEL` selects a checkpoint folder (default: a random ViT-B/32 in a temp dir),
-//! `CLIPFT_BENCH_BATCH` the batch (32), `CLIPFT_BENCH_STEPS` the timed steps (3).
+//! `CLIPFT_BENCH_BATCH` the batch (32), `CLIPFT_BENCH_STEPS` the timed steps (3),
+//! `CLIPFT_BENCH_DEVICE` the device (cpu; `cuda`: f32 weights, timed after a synchronise).
 //! `scripts/bench_fdalign_vs_pytorch.py` runs the same step in PyTorch next to it.
+
+// The allocator the clipft binary uses (src/main.rs); `keep_freed_memory` is called in main.
+#[global_allocator]
+static GLOBAL: clipft::alloc::Allocator = clipft::alloc::Allocator {};
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,7 +19,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use clipft::methods::fdalign;
 use clipft::model::trainable::TrainableVision;
-use clipft::model::{synth, Clip, ClipConfig, ModelSpec};
+use clipft::model::{synth, Clip, ClipConfig, DeviceArg, ModelSpec};
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -28,6 +33,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
+    clipft::alloc::keep_freed_memory();
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = std::env::var("CLIPFT_BENCH_MODEL")
         .map(PathBuf::from)
@@ -44,8 +50,13 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let dev = Device::Cpu;
-    let clip = Clip::load(&ModelSpec::local(&model_dir)).unwrap();
+    let mut spec = ModelSpec::local(&model_dir);
+    spec.device = std::env::var("CLIPFT_BENCH_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse::<DeviceArg>()
+        .unwrap();
+    let clip = Clip::load(&spec).unwrap();
+    let dev: Device = clip.device.clone();
     let tv = TrainableVision::from_files(&clip.files, clip.config(), &dev, DType::F32).unwrap();
     let d = clip.config().projection_dim;
     let classes = 100;
@@ -83,14 +94,17 @@ fn main() {
         opt.step(&total.backward().unwrap()).unwrap();
     };
     step(); // warm-up
+    dev.synchronize().unwrap();
     let t = Instant::now();
     for _ in 0..steps {
         step();
     }
+    dev.synchronize().unwrap();
     let per_step = t.elapsed().as_secs_f64() / steps as f64;
     println!(
-        "clipft FD-Align step: {} batch {batch}, {} threads",
+        "clipft FD-Align step: {} batch {batch}, {}, {} threads",
         clip.config().arch_name(),
+        clipft::model::load::device_name(&dev),
         rayon::current_num_threads()
     );
     println!("  seconds per step   {per_step:.3}");

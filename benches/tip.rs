@@ -10,6 +10,10 @@
 //! `CLIPFT_BENCH_REPEATS` (5); `RAYON_NUM_THREADS` (all cores). Prints one `name seconds` line
 //! per measurement (best of the repeats) on stdout.
 
+// The allocator the clipft binary uses (src/main.rs); `keep_freed_memory` is called in main.
+#[global_allocator]
+static GLOBAL: clipft::alloc::Allocator = clipft::alloc::Allocator {};
+
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -69,6 +73,7 @@ fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    clipft::alloc::keep_freed_memory();
     let repeats: usize = std::env::var("CLIPFT_BENCH_REPEATS")
         .ok()
         .and_then(|s| s.parse().ok())

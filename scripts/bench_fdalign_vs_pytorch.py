@@ -2,6 +2,7 @@
 """One FD-Align training step, PyTorch vs clipft, same random ViT-B/32 checkpoint and threads.
 
     python3 scripts/bench_fdalign_vs_pytorch.py [--threads 2] [--batch 32] [--steps 3]
+        [--device cpu|cuda] [--autocast bf16] [--bench-bin PATH]
 
 The step: frozen-encoder forward (no grad) for P0, trainable forward, CE + 20 * KLDivLoss over
 20 spurious prototypes, backward, SGD(momentum 0.9, nesterov, weight decay 5e-4). Prints seconds
@@ -22,43 +23,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pytorch_step(model_dir, threads, batch, steps):
+def pytorch_step(model_dir, threads, batch, steps, device="cpu", autocast=None):
     import torch
     import torch.nn.functional as F
     from transformers import CLIPModel
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    clip = CLIPModel.from_pretrained(model_dir)
+    clip = CLIPModel.from_pretrained(model_dir).to(device)
     vision, proj = clip.vision_model, clip.visual_projection
     frozen_v, frozen_p = copy.deepcopy(vision).eval(), copy.deepcopy(proj).eval()
     vision.train()
     s = clip.config.vision_config.image_size
     d = clip.config.projection_dim
-    x = torch.randn(batch, 3, s, s)
-    y = torch.arange(batch) % 100
-    protos = torch.randn(20, d) * 10
-    head = torch.nn.Linear(d, 100)
+    x = torch.randn(batch, 3, s, s, device=device)
+    y = torch.arange(batch, device=device) % 100
+    protos = torch.randn(20, d, device=device) * 10
+    head = torch.nn.Linear(d, 100).to(device)
     params = list(vision.parameters()) + list(proj.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=5e-5 * batch / 256, momentum=0.9, nesterov=True, weight_decay=5e-4)
     kl = torch.nn.KLDivLoss()
 
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    amp = dict(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast == "bf16")
+
     def step():
-        with torch.no_grad():
-            f0 = frozen_p(frozen_v(pixel_values=x).pooler_output)
-        ft = proj(vision(pixel_values=x).pooler_output)
-        ctx = lambda f: F.normalize(f, dim=-1) @ protos.t()
-        loss = F.cross_entropy(head(F.normalize(ft, dim=-1)), y) + 20 * kl(torch.log(F.softmax(ctx(ft), 1)), F.softmax(ctx(f0), 1))
+        with torch.autocast(**amp):
+            with torch.no_grad():
+                f0 = frozen_p(frozen_v(pixel_values=x).pooler_output)
+            ft = proj(vision(pixel_values=x).pooler_output)
+            ctx = lambda f: F.normalize(f.float(), dim=-1) @ protos.t()
+            loss = F.cross_entropy(head(F.normalize(ft.float(), dim=-1)), y) + 20 * kl(torch.log(F.softmax(ctx(ft), 1)), F.softmax(ctx(f0), 1))
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     step()
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     per_step = (time.perf_counter() - t) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"PYTORCH {per_step:.3f} {peak:.0f}")
 
 
@@ -68,10 +79,13 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--model", help="checkpoint folder (default: a random ViT-B/32 written by transformers)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    ap.add_argument("--autocast", choices=["bf16"], help="PyTorch side under torch.autocast (clipft trains in f32)")
+    ap.add_argument("--bench-bin", help="prebuilt clipft fdalign bench binary (default: cargo bench)")
     ap.add_argument("--_pytorch", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._pytorch:
-        return pytorch_step(args._pytorch, args.threads, args.batch, args.steps)
+        return pytorch_step(args._pytorch, args.threads, args.batch, args.steps, args.device, args.autocast)
     work = Path(tempfile.mkdtemp(prefix="clipft-fd-bench-"))
     model = Path(args.model) if args.model else work / "vit-b32"
     if not args.model:
@@ -79,20 +93,26 @@ def main():
         from bench_vs_pytorch import make_checkpoint
         make_checkpoint(model)
     py = subprocess.run([sys.executable, __file__, "--_pytorch", str(model), "--threads", str(args.threads),
-                         "--batch", str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True)
+                         "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+                        + (["--autocast", args.autocast] if args.autocast else []), capture_output=True, text=True)
     if py.returncode:
         sys.exit(py.stderr)
     pt_step, pt_peak = map(float, re.search(r"PYTORCH ([\d.]+) ([\d.]+)", py.stdout).groups())
     env = dict(os.environ, CLIPFT_BENCH_MODEL=str(model), CLIPFT_BENCH_BATCH=str(args.batch),
-               CLIPFT_BENCH_STEPS=str(args.steps), RAYON_NUM_THREADS=str(args.threads))
-    rs = subprocess.run(["cargo", "bench", "--bench", "fdalign"], cwd=ROOT, env=env, capture_output=True, text=True)
+               CLIPFT_BENCH_STEPS=str(args.steps), CLIPFT_BENCH_DEVICE=args.device,
+               RAYON_NUM_THREADS=str(args.threads))
+    cmd = [args.bench_bin] if args.bench_bin else ["cargo", "bench", "--bench", "fdalign"]
+    rs = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if rs.returncode:
         sys.exit(rs.stderr)
     print(rs.stdout.strip())
     cf_step = float(re.search(r"seconds per step\s+([\d.]+)", rs.stdout).group(1))
     cf_peak = float(re.search(r"peak RSS MiB\s+([\d.]+)", rs.stdout).group(1))
-    print(f"PyTorch FD-Align step: {pt_step:.3f} s/step, peak RSS {pt_peak:.0f} MiB ({args.threads} threads, batch {args.batch})")
-    print(f"ratio (PyTorch time / clipft time): {pt_step / cf_step:.2f}x   peak memory clipft/PyTorch: {cf_peak / pt_peak:.2f}")
+    what = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    print(f"PyTorch FD-Align step: {pt_step:.3f} s/step, {what} {pt_peak:.0f} MiB ({args.device}, "
+          f"{args.autocast or 'f32'}, {args.threads} threads, batch {args.batch})")
+    mem = "" if args.device.startswith("cuda") else f"   peak memory clipft/PyTorch: {cf_peak / pt_peak:.2f}"
+    print(f"ratio (PyTorch time / clipft time): {pt_step / cf_step:.2f}x{mem}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--processor", default=None, help="a preprocessor_config.json "
                     "(default: CLIPImageProcessor() defaults, 224 px, as openai/clip-vit-base-patch32)")
+    ap.add_argument("--features", help="cargo features of the clipft build to check (e.g. simd-jpeg)")
     args = ap.parse_args()
     try:  # transformers 5: the PIL backend (the default one needs torchvision)
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -76,7 +77,8 @@ def main():
         images = make_images(tmp / "img")
         proc = CLIPImageProcessor.from_pretrained(cfg.parent)
         out = tmp / "px.safetensors"
-        subprocess.run(["cargo", "run", "-q", "--profile", PROFILE, "--example", "pixels", "--", str(cfg), str(out)]
+        feats = ["--features", args.features] if args.features else []
+        subprocess.run(["cargo", "run", "-q", "--profile", PROFILE] + feats + ["--example", "pixels", "--", str(cfg), str(out)]
                        + [str(p) for p in images], cwd=ROOT, check=True)
         from safetensors.numpy import load_file
         ours = load_file(out)["pixel_values"]

@@ -171,7 +171,7 @@ impl FeatureCache {
     }
 }
 
-/// Images encoded between checks for a cache save.
+/// Images encoded before a cache save is considered.
 const CACHE_CHUNK: usize = 1024;
 /// Minimum time between two cache saves during one extraction.
 const CACHE_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -191,6 +191,12 @@ fn common_parent(paths: &[PathBuf]) -> PathBuf {
         }
     }
     common
+}
+
+fn save_cache(cache: &FeatureCache) -> Result<()> {
+    cache
+        .save()
+        .with_context(|| format!("writing the feature cache {}", cache.path.display()))
 }
 
 /// Encodes images into raw CLIP image features (`get_image_features`), reusing cached rows.
@@ -238,15 +244,16 @@ pub fn image_features(
     let todo: Vec<usize> = (0..paths.len())
         .filter(|&i| rows[i].is_none() && !bad[i])
         .collect();
-    // Encode in chunks and save the cache now and then, so an interrupted run over a large split
-    // keeps what it has encoded (writes are atomic, so a cache file is always complete).
+    // One pipeline over every image to encode; the cache is saved now and then from the sink, so
+    // an interrupted run over a large split keeps what it has encoded (writes are atomic, so a
+    // cache file is always complete).
     let pb = crate::progress::bar(todo.len() as u64, "encoding", opts.progress);
     let mut n_encoded = 0;
+    let mut unsaved = 0;
     let mut last_save = std::time::Instant::now();
-    for chunk in todo.chunks(CACHE_CHUNK) {
-        let chunk_paths: Vec<&Path> = chunk.iter().map(|&i| paths[i].as_path()).collect();
-        let encoded = encode_images(clip, &chunk_paths, view, opts, &pb)?;
-        for (&i, result) in chunk.iter().zip(encoded) {
+    let todo_paths: Vec<&Path> = todo.iter().map(|&i| paths[i].as_path()).collect();
+    encode_images(clip, &todo_paths, view, opts, &pb, |first, results| {
+        for (&i, result) in todo[first..].iter().zip(results) {
             match result {
                 Ok(row) => {
                     if let (Some(cache), Some(id)) = (cache.as_mut(), &ids[i]) {
@@ -254,18 +261,23 @@ pub fn image_features(
                     }
                     rows[i] = Some(row);
                     n_encoded += 1;
+                    unsaved += 1;
                 }
                 Err(e) => skipped.push(e),
             }
         }
-        let done = chunk.last() == todo.last();
         if let Some(cache) = &cache {
-            if n_encoded > 0 && (done || last_save.elapsed() >= CACHE_SAVE_INTERVAL) {
-                cache.save().with_context(|| {
-                    format!("writing the feature cache {}", cache.path.display())
-                })?;
+            if unsaved >= CACHE_CHUNK && last_save.elapsed() >= CACHE_SAVE_INTERVAL {
+                save_cache(cache)?;
+                unsaved = 0;
                 last_save = std::time::Instant::now();
             }
+        }
+        Ok(())
+    })?;
+    if let Some(cache) = &cache {
+        if unsaved > 0 {
+            save_cache(cache)?;
         }
     }
     pb.finish_and_clear();
@@ -285,68 +297,137 @@ pub fn image_features(
     })
 }
 
-type Decoded = Vec<std::result::Result<Vec<f32>, ImageError>>;
+/// The good images' pixels of a batch, back to back, in the dtype they travel to the device in.
+enum Pixels {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
 
-/// Decodes and preprocesses batches on all cores in a producer thread while the model encodes
-/// the previous batch. Returns one result per path; the first bad image is an error unless
-/// `skip_bad_images`.
+impl Pixels {
+    /// Half-precision models on a GPU get their pixels converted on the decoding cores: half the
+    /// bytes over PCIe, and the same values as converting on the device (both round to nearest
+    /// even).
+    fn for_model(pixels: Vec<f32>, clip: &Clip) -> Self {
+        match clip.dtype {
+            _ if clip.device.is_cpu() => Self::F32(pixels),
+            DType::BF16 => Self::Bf16(
+                pixels
+                    .par_iter()
+                    .map(|&x| half::bf16::from_f32(x))
+                    .collect(),
+            ),
+            DType::F16 => Self::F16(pixels.par_iter().map(|&x| half::f16::from_f32(x)).collect()),
+            _ => Self::F32(pixels),
+        }
+    }
+
+    fn into_tensor(self, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            Self::F32(v) => Tensor::from_vec(v, shape, device)?,
+            Self::Bf16(v) => Tensor::from_vec(v, shape, device)?,
+            Self::F16(v) => Tensor::from_vec(v, shape, device)?,
+        })
+    }
+}
+
+/// One decoded batch: its good images' pixels, how many, and which inputs failed.
+struct Decoded {
+    pixels: Pixels,
+    n_good: usize,
+    errors: Vec<Option<ImageError>>,
+}
+
+/// Decodes and preprocesses batches in a pool of its own while the model encodes the previous
+/// batch, and hands each batch's results (one per path, in order) to `sink` with the index of
+/// its first path. The first bad image is an error unless `skip_bad_images`.
 fn encode_images(
     clip: &Clip,
     paths: &[&Path],
     view: &View,
     opts: &ExtractOptions,
     pb: &indicatif::ProgressBar,
-) -> Result<Vec<std::result::Result<Vec<f32>, ImageError>>> {
+    mut sink: impl FnMut(usize, Vec<std::result::Result<Vec<f32>, ImageError>>) -> Result<()>,
+) -> Result<()> {
     if paths.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let batch = opts.batch_size.max(1);
     let (ch, cw) = clip.preprocess.crop;
-    let mut out: Vec<std::result::Result<Vec<f32>, ImageError>> = Vec::with_capacity(paths.len());
+    let per_image = 3 * ch as usize * cw as usize;
     let pre = &clip.preprocess;
     // Decoding gets its own pool: sharing the global one (which candle's CPU matmul uses) queues
     // GEMM tasks behind decode tasks and stalls the model. On the CPU the model is the bottleneck
     // (a ViT-B/32 batch costs ~100x its decoding), so a quarter of the cores keep it fed; on a GPU
-    // decoding is the bottleneck and gets every core.
+    // decoding is the bottleneck and gets every core but one, which the thread launching the
+    // model's kernels needs to itself (with all cores decoding, the GPU waits on that thread).
     let cores = rayon::current_num_threads();
     let decoders = if clip.device.is_cpu() {
         (cores / 4).max(1)
     } else {
-        cores
+        cores.saturating_sub(1).max(1)
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(decoders)
         .thread_name(|i| format!("clipft-decode-{i}"))
         .build()?;
     std::thread::scope(|s| -> Result<()> {
+        // Two batches in flight ahead of the model: enough to hide decode jitter, bounded memory.
         let (tx, rx) = sync_channel::<Decoded>(2);
         let pool = &pool;
         s.spawn(move || {
             for chunk in paths.chunks(batch) {
-                let decoded: Decoded = pool.install(|| {
-                    chunk
-                        .par_iter()
-                        .map(|p| load_rgb(p).map(|img| pre.apply(&img, view, view_key(p))))
+                // Each image is written straight into its slot of the batch buffer.
+                let mut pixels = vec![0f32; chunk.len() * per_image];
+                let errors: Vec<Option<ImageError>> = pool.install(|| {
+                    pixels
+                        .par_chunks_mut(per_image)
+                        .zip(chunk.par_iter())
+                        .map(|(slot, p)| match load_rgb(p) {
+                            Ok(img) => {
+                                slot.copy_from_slice(&pre.apply(&img, view, view_key(p)));
+                                None
+                            }
+                            Err(e) => Some(e),
+                        })
                         .collect()
                 });
+                if errors.iter().any(Option::is_some) {
+                    // Rare: drop the failed images' slots so the batch holds good images only.
+                    let mut good = Vec::with_capacity(pixels.len());
+                    for (slot, e) in pixels.chunks(per_image).zip(&errors) {
+                        if e.is_none() {
+                            good.extend_from_slice(slot);
+                        }
+                    }
+                    pixels = good;
+                }
+                let n_good = pixels.len() / per_image;
+                let pixels = pool.install(|| Pixels::for_model(pixels, clip));
+                let decoded = Decoded {
+                    pixels,
+                    n_good,
+                    errors,
+                };
                 if tx.send(decoded).is_err() {
                     break;
                 }
             }
         });
-        for decoded in rx {
-            let n = decoded.len();
-            let good: Vec<&Vec<f32>> = decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
-            let mut feats = if good.is_empty() {
+        let mut first = 0;
+        for Decoded {
+            pixels,
+            n_good,
+            errors,
+        } in rx
+        {
+            let n = errors.len();
+            let mut feats = if n_good == 0 {
                 Vec::new()
             } else {
-                let flat: Vec<f32> = good.iter().flat_map(|v| v.iter().copied()).collect();
-                let x = Tensor::from_vec(
-                    flat,
-                    (good.len(), 3, ch as usize, cw as usize),
-                    &clip.device,
-                )?
-                .to_dtype(clip.dtype)?;
+                let x = pixels
+                    .into_tensor((n_good, 3, ch as usize, cw as usize), &clip.device)?
+                    .to_dtype(clip.dtype)?;
                 clip.model
                     .image_features(&x)?
                     .to_dtype(DType::F32)?
@@ -354,18 +435,20 @@ fn encode_images(
                     .to_vec2::<f32>()?
             }
             .into_iter();
-            for r in decoded {
-                match r {
-                    Ok(_) => out.push(Ok(feats.next().expect("one row per good image"))),
-                    Err(e) if opts.skip_bad_images => out.push(Err(e)),
-                    Err(e) => return Err(e.into()),
+            let mut results = Vec::with_capacity(n);
+            for e in errors {
+                match e {
+                    None => results.push(Ok(feats.next().expect("one row per good image"))),
+                    Some(e) if opts.skip_bad_images => results.push(Err(e)),
+                    Some(e) => return Err(e.into()),
                 }
             }
+            sink(first, results)?;
+            first += n;
             pb.inc(n as u64);
         }
         Ok(())
-    })?;
-    Ok(out)
+    })
 }
 
 /// Raw text features (`get_text_features`) of prompts, `[N, D]` f32 on the CPU.

@@ -5,6 +5,7 @@
 //! reads dataset folders and samples few-shot sets; [`features`] is the shared, cached, pipelined
 //! feature extractor; [`eval`] scores logits; [`cli`] is the command line on top of all of it.
 
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod demo;
@@ -16,3 +17,5 @@ pub mod model;
 pub mod preprocess;
 pub mod progress;
 pub mod templates;
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -65,16 +65,7 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
         candle_core::safetensors::load(ws.model().join("model.safetensors"), &Device::Cpu).unwrap();
     let after =
         candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
-    let diff = |n: &str| {
-        (&before[n] - &after[n])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = |n: &str| common::max_abs_diff(&before[n], &after[n]);
     assert!(diff("vision_model.encoder.layers.0.mlp.fc1.weight") > 0.0);
     assert!(diff("visual_projection.weight") > 0.0);
     assert_eq!(diff("text_model.encoder.layers.0.mlp.fc1.weight"), 0.0);

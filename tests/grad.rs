@@ -1,6 +1,8 @@
 //! The trainable vision tower: every parameter receives its true gradient (finite differences in
 //! f64), and its forward pass equals the inference model's.
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -107,14 +109,7 @@ fn trainable_tower_computes_the_inference_features() {
     let x = pixels(DType::F32);
     let a = clip.model.image_features(&x).unwrap();
     let b = tv.tower.forward(&x).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
     assert!(diff < 1e-5, "{diff}");
     // A step on one variable changes the output: the tower reads the variables, not copies.
     let (_, var): (String, Var) = tv
@@ -124,14 +119,7 @@ fn trainable_tower_computes_the_inference_features() {
         .unwrap();
     var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
     let c = tv.tower.forward(&x).unwrap();
-    let moved = (clip.model.image_features(&x).unwrap() - c)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = common::max_abs_diff(&clip.model.image_features(&x).unwrap(), &c);
     assert!(moved > 1e-3, "{moved}");
 }
 

@@ -136,14 +136,7 @@ mod tests {
             let mut grads = candle_core::backprop::GradStore::default();
             grads.insert(b.as_tensor(), g);
             reference.step(&grads).unwrap();
-            let diff = (a.as_tensor() - b.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::testutil::max_abs_diff(a.as_tensor(), b.as_tensor());
             assert!(diff < 1e-5, "step {step}: {diff}");
         }
     }

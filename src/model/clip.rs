@@ -14,8 +14,9 @@ use super::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 /// Layer normalisation that keeps gradients flowing.
 ///
 /// candle-nn's `LayerNorm::forward` takes a fused kernel on contiguous input that records no
-/// backward op, which silently stops gradients. The fused kernel is only used when nothing in the
-/// computation is tracked (inference); otherwise the same formula is built from differentiable ops.
+/// backward op, which silently stops gradients. That kernel is only used when nothing in the
+/// computation is tracked (inference); otherwise clipft's own fused op with a backward pass
+/// ([`super::kernels::layer_norm`], CPU f32) or the formula built from differentiable ops.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -36,6 +37,9 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
+            if let Some(y) = super::kernels::layer_norm(xs, &self.weight, &self.bias, self.eps) {
+                return y;
+            }
             let dtype = xs.dtype();
             // Statistics in at least f32 (f64 stays f64, for gradient checks).
             let x = match dtype {
@@ -59,7 +63,8 @@ impl Module for LayerNorm {
 ///
 /// candle-nn's `Linear` multiplies a `[B, T, H]` input batch by batch (B small GEMMs of T rows);
 /// flattening to `[B·T, H]` makes it one large GEMM, which the CPU backend runs several times
-/// faster. Composed of differentiable ops, so it trains as well.
+/// faster, with the bias fused into it ([`super::kernels::dense_bias`]). Differentiable, so it
+/// trains as well.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -79,25 +84,37 @@ impl Linear {
     }
 }
 
+/// `x·Wᵀ (+ b)` for a 2-D `x`.
+fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match b {
+        Some(b) => super::kernels::dense_bias(x, w, b),
+        None => x.matmul(&w.t()?),
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let in_dim = *dims.last().expect("non-scalar input");
         let rows = xs.elem_count() / in_dim;
-        let y = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = dense(
+            &xs.reshape((rows, in_dim))?,
+            &self.weight,
+            self.bias.as_ref(),
+        )?;
         let mut out = dims;
         *out.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
         y.reshape(out)
     }
 }
 
-/// Softmax over the last dimension; fused for inference, composed (differentiable) when tracked.
+/// Softmax over the last dimension; candle's fused kernel for inference, a differentiable one
+/// when tracked ([`super::kernels::softmax_last_dim`] on CPU f32, composed ops elsewhere).
 pub fn softmax(xs: &Tensor) -> Result<Tensor> {
     if xs.track_op() {
+        if let Some(y) = super::kernels::softmax_last_dim(xs) {
+            return y;
+        }
         let max = xs.max_keepdim(D::Minus1)?.detach();
         let e = xs.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -108,17 +125,26 @@ pub fn softmax(xs: &Tensor) -> Result<Tensor> {
 
 fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
     match act {
-        Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+        Activation::QuickGelu => super::kernels::quick_gelu(xs),
         Activation::Gelu => xs.gelu_erf(),
         Activation::GeluNew => xs.gelu(),
     }
 }
 
+/// The query, key and value projections.
+#[derive(Debug, Clone)]
+enum Qkv {
+    /// Three layers, as in the checkpoint: used when the weights are trained (gradients per
+    /// tensor, and the optimiser updates the checkpoint's own variables).
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// One `[3H, H]` layer with the attention scale folded into the query rows: one GEMM that
+    /// reads the input once instead of three, and one head-split copy instead of three.
+    Fused(Linear),
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     out_proj: Linear,
     num_heads: usize,
     head_dim: usize,
@@ -127,27 +153,52 @@ struct Attention {
 impl Attention {
     fn new(vb: VarBuilder, hidden: usize, num_heads: usize) -> Result<Self> {
         let lin = |name| Linear::new(vb.pp(name), hidden, hidden, true);
+        let head_dim = hidden / num_heads;
+        let (q, k, v) = (lin("q_proj")?, lin("k_proj")?, lin("v_proj")?);
+        let qkv = if q.weight.track_op() || k.weight.track_op() || v.weight.track_op() {
+            Qkv::Separate { q, k, v }
+        } else {
+            let scale = (head_dim as f64).powf(-0.5);
+            let bias = |l: &Linear| l.bias.clone().expect("q/k/v projections have biases");
+            Qkv::Fused(Linear {
+                weight: Tensor::cat(&[&(&q.weight * scale)?, &k.weight, &v.weight], 0)?,
+                bias: Some(Tensor::cat(
+                    &[&(bias(&q) * scale)?, &bias(&k), &bias(&v)],
+                    0,
+                )?),
+            })
+        };
         Ok(Self {
-            q_proj: lin("q_proj")?,
-            k_proj: lin("k_proj")?,
-            v_proj: lin("v_proj")?,
+            qkv,
             out_proj: lin("out_proj")?,
             num_heads,
-            head_dim: hidden / num_heads,
+            head_dim,
         })
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, h) = xs.dims3()?;
-        let heads = |x: Tensor| {
-            x.reshape((b, t, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let (nh, hd) = (self.num_heads, self.head_dim);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => {
+                let heads = |x: Tensor| x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous();
+                let scale = (hd as f64).powf(-0.5);
+                (
+                    heads((q.forward(xs)? * scale)?)?,
+                    heads(k.forward(xs)?)?,
+                    heads(v.forward(xs)?)?,
+                )
+            }
+            Qkv::Fused(qkv) => {
+                // [B, T, 3H] -> [3, B, heads, T, head_dim] in one copy.
+                let y = qkv
+                    .forward(xs)?
+                    .reshape((b, t, 3, nh, hd))?
+                    .permute((2, 0, 3, 1, 4))?
+                    .contiguous()?;
+                (y.get(0)?, y.get(1)?, y.get(2)?)
+            }
         };
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let q = heads((self.q_proj.forward(xs)? * scale)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
         let mut attn = q.matmul(&k.t()?)?;
         if let Some(mask) = mask {
             attn = attn.broadcast_add(mask)?;
@@ -411,9 +462,7 @@ impl ClipVisionTransformer {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
-        let patches = patches
-            .matmul(&self.patch_weight.t()?)?
-            .reshape((b, g * g, hidden))?;
+        let patches = dense(&patches, &self.patch_weight, None)?.reshape((b, g * g, hidden))?;
         let cls = self
             .class_embedding
             .reshape((1, 1, hidden))?
@@ -480,14 +529,7 @@ mod tests {
         };
         let a = fused.forward(&x).unwrap();
         let y = tracked.forward(&x).unwrap();
-        let diff = (a - &y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::testutil::max_abs_diff(&a, &y);
         assert!(diff < 1e-5, "{diff}");
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(
@@ -503,14 +545,7 @@ mod tests {
             .unwrap();
         let a = softmax(&x.as_tensor().detach()).unwrap();
         let b = softmax(x.as_tensor()).unwrap();
-        let diff = (a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::testutil::max_abs_diff(&a, &b);
         assert!(diff < 1e-6, "{diff}");
         let grads = (b.narrow(1, 0, 1).unwrap().sum_all().unwrap())
             .backward()

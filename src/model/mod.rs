@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod config;
 pub mod hub;
+pub mod kernels;
 pub mod load;
 pub mod synth;
 pub mod tokenizer;

@@ -192,11 +192,15 @@ impl PreprocessConfig {
         match *view {
             View::Center | View::Flip => {
                 let (w, h) = self.resized_size(img.width(), img.height());
-                let resized = resize(img, w, h, self.resample);
-                let mut out = if self.do_center_crop {
-                    center_crop(&resized, self.crop.0, self.crop.1)
+                let (ch, cw) = self.crop;
+                let mut out = if self.do_center_crop && w >= cw && h >= ch {
+                    // Only the crop's pixels of the resized image (same offsets as center_crop).
+                    let (left, top) = ((w - cw) / 2, (h - ch) / 2);
+                    pil::resize_region(img, w, h, self.resample, (left, top, cw, ch))
+                } else if self.do_center_crop {
+                    center_crop(&resize(img, w, h, self.resample), ch, cw)
                 } else {
-                    resized
+                    resize(img, w, h, self.resample)
                 };
                 if *view == View::Flip {
                     out = image::imageops::flip_horizontal(&out);
@@ -233,13 +237,12 @@ impl PreprocessConfig {
     /// Rescale and normalise in f32, operation for operation as `transformers` does (rescale in
     /// f64 then cast, then `(x - mean) / std` in f32), so values match to the last bit.
     pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let mut out = vec![0f32; 3 * w * h];
-        let raw = img.as_raw();
-        for c in 0..3 {
-            let plane = &mut out[c * w * h..(c + 1) * w * h];
-            for (i, v) in plane.iter_mut().enumerate() {
-                let x = raw[i * 3 + c] as f64;
+        // Each output depends only on the byte and the channel: a 3×256 table computed with the
+        // exact formula, then one lookup per value.
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (byte, v) in table.iter_mut().enumerate() {
+                let x = byte as f64;
                 let mut x = match self.rescale_factor {
                     Some(f) => (x * f) as f32,
                     None => x as f32,
@@ -249,6 +252,15 @@ impl PreprocessConfig {
                 }
                 *v = x;
             }
+        }
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut out = vec![0f32; 3 * w * h];
+        let (r, rest) = out.split_at_mut(w * h);
+        let (g, b) = rest.split_at_mut(w * h);
+        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+            r[i] = lut[0][px[0] as usize];
+            g[i] = lut[1][px[1] as usize];
+            b[i] = lut[2][px[2] as usize];
         }
         out
     }

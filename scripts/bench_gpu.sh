@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU side-by-side: clipft (CUDA build) vs PyTorch + transformers on the same random ViT-B/32,
+# same JPEGs, same GPU, in one run. Meant for the lent GPU machine, which has PyTorch but no Rust:
+#
+#   here:  CARGO_FEATURES="cuda simd-jpeg" OUT_DIR=.gpu \
+#              CARGO_BUILD_ARGS="--bin clipft --bench extract --bench fdalign --bench layer_ops" \
+#              ../shared/gpu/build-cuda.sh .
+#   there: scripts/bench_gpu.sh BIN_DIR      (BIN_DIR holds clipft, extract, fdalign, layer_ops,
+#                                             without the cargo hash suffixes)
+#
+# Prints, per dtype (f32, bf16, f16): decode+preprocess, model-only and end-to-end images/s and
+# text prompts/s for both, with ratios; then clipft's CUDA features against transformers' f32
+# features (cosine); then one FD-Align training step (f32 vs PyTorch f32 and bf16 autocast).
+# Env: IMAGES (2048), BATCH (256), THREADS (all cores), PASSES (10), WORK (a temp dir),
+# DTYPES ("f32 bf16 f16"), LAYERS=0 / FDALIGN=0 to skip those parts.
+set -euo pipefail
+BIN=$(cd "${1:?usage: bench_gpu.sh BIN_DIR}" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+IMAGES=${IMAGES:-2048}
+BATCH=${BATCH:-256}
+THREADS=${THREADS:-$(nproc)}
+PASSES=${PASSES:-10}
+WORK=${WORK:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+NV=$(python3 -c 'import nvidia; print(nvidia.__path__[0])' 2>/dev/null || true)
+[ -n "$NV" ] && export LD_LIBRARY_PATH=$NV/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+cd "$ROOT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+for dt in ${DTYPES:-f32 bf16 f16}; do
+  echo "== image + text features, $dt, batch $BATCH, $THREADS threads"
+  python3 scripts/bench_vs_pytorch.py --device cuda --dtype "$dt" --batch "$BATCH" --threads "$THREADS" \
+    --images "$IMAGES" --passes "$PASSES" --text-classes 20 --bench-bin "$BIN/extract" --workdir "$WORK"
+done
+
+[ "${LAYERS:-1}" = 0 ] || echo "== one ViT-B/32 encoder layer, op by op, batch $BATCH"
+[ "${LAYERS:-1}" = 0 ] || for dt in f32 bf16; do
+  CLIPFT_BENCH_DEVICE=cuda CLIPFT_BENCH_DTYPE=$dt CLIPFT_BENCH_BATCH=$BATCH "$BIN/layer_ops" || true
+done
+
+echo "== clipft CUDA features vs transformers f32 (first 256 images)"
+DS=$WORK/ds
+mkdir -p "$DS/train/a"
+for f in $(cd "$WORK/images" && ls | sort | head -256); do ln -sf "$WORK/images/$f" "$DS/train/a/$f"; done
+for dt in f32 bf16 f16; do
+  "$BIN/clipft" features -q --model "$WORK/vit-b32" --data "$DS" --split train --device cuda \
+    --dtype "$dt" --batch-size 64 --no-cache --out "$WORK/feat-$dt.safetensors" || echo "clipft features $dt failed"
+done
+python3 - "$WORK" <<'EOF' || echo "feature check failed"
+import sys
+from pathlib import Path
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPImageProcessor, CLIPModel
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+w = Path(sys.argv[1])
+paths = sorted((w / "ds/train/a").iterdir())
+model = CLIPModel.from_pretrained(w / "vit-b32").eval().cuda()
+proc = CLIPImageProcessor.from_pretrained(w / "vit-b32")
+with torch.inference_mode():
+    feats = lambda o: o if isinstance(o, torch.Tensor) else o.pooler_output
+    ref = torch.cat([feats(model.get_image_features(pixel_values=proc(images=[Image.open(p) for p in paths[i:i + 64]],
+                                                                    return_tensors="pt")["pixel_values"].cuda()))
+                     for i in range(0, len(paths), 64)])
+ref = torch.nn.functional.normalize(ref.float(), dim=-1).cpu()
+for dt in ("f32", "bf16", "f16"):
+    f = load_file(w / f"feat-{dt}.safetensors")["image_features"].float()
+    cos = (f * ref).sum(-1)
+    print(f"clipft cuda {dt:4} vs transformers f32: rows {len(f)}, min cosine {cos.min():.6f}, "
+          f"mean cosine {cos.mean():.6f}, max abs diff {(f - ref).abs().max():.2e}")
+EOF
+
+[ "${FDALIGN:-1}" = 0 ] && exit 0
+echo "== FD-Align training step, batch $BATCH"
+python3 scripts/bench_fdalign_vs_pytorch.py --device cuda --batch "$BATCH" --steps 5 --threads "$THREADS" \
+  --model "$WORK/vit-b32" --bench-bin "$BIN/fdalign"
+python3 scripts/bench_fdalign_vs_pytorch.py --device cuda --batch "$BATCH" --steps 5 --threads "$THREADS" \
+  --model "$WORK/vit-b32" --bench-bin "$BIN/fdalign" --autocast bf16

@@ -1,0 +1,387 @@
+//! Fused CPU kernels for the element-heavy steps of a transformer layer.
+//!
+//! candle composes `x·Wᵀ + b` from a GEMM and a broadcast add, and QuickGELU `x·σ(1.702x)` from
+//! three element-wise passes, each allocating a fresh output; its fused layer-norm and softmax
+//! kernels have no backward pass, so training composes those too (six and five passes, each
+//! output kept alive by the autograd graph). On the CPU those extra passes cost about a tenth of
+//! a ViT forward, and more of a training step and its memory. Here the bias is the GEMM's
+//! initial output (`gemm` accumulates onto it), and QuickGELU, layer norm and softmax are one
+//! pass each. All keep a backward pass built from ordinary candle ops, so the same layers train;
+//! other devices and dtypes use the composed formulation.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The contiguous f32 elements of a CPU operand, or `None` for anything else.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Some(&data[start..end]),
+        _ => None,
+    }
+}
+
+fn threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `x·Wᵀ + b` for `x` `[M, K]`, `W` `[N, K]`, `b` `[N]`.
+struct DenseBias;
+
+impl CustomOp3 for DenseBias {
+    fn name(&self) -> &'static str {
+        "dense-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        let (Some(x), Some(w), Some(b)) = (f32_slice(s1, l1), f32_slice(s2, l2), f32_slice(s3, l3))
+        else {
+            candle_core::bail!("dense-bias: contiguous f32 operands expected")
+        };
+        if k != k2 || b.len() != n {
+            candle_core::bail!(
+                "dense-bias: shapes {:?} {:?} {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let mut out = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            out.extend_from_slice(b);
+        }
+        // SAFETY: `out` is m×n row-major, `x` m×k row-major, and Wᵀ is read from the n×k
+        // row-major `w` through strides (column stride k, row stride 1); all in bounds.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                threads(),
+            )
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?), Some(g.sum(0)?)))
+    }
+}
+
+/// `x·Wᵀ + b` for a 2-D `x` `[M, K]`, `W` `[N, K]`, `b` `[N]`: fused on the CPU in f32.
+pub fn dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && [x.dtype(), w.dtype(), b.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32);
+    if fused {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, DenseBias)
+    } else {
+        x.matmul(&w.t()?)?.broadcast_add(b)
+    }
+}
+
+/// QuickGELU `x·σ(1.702·x)`.
+struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(x) = f32_slice(s, l) else {
+            candle_core::bail!("quick-gelu: contiguous f32 input expected")
+        };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = x / (1.0 + (-1.702 * x).exp());
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // d/dx x·σ(ax) = σ(ax)·(1 + a·x·(1 − σ(ax)))
+        let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
+        let d = (&s * ((x * &(1.0 - &s)?)? * 1.702)?.affine(1.0, 1.0)?)?;
+        Ok(Some((g * d)?))
+    }
+}
+
+/// QuickGELU `x·σ(1.702·x)`: one fused pass on the CPU in f32.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(QuickGelu)
+    } else {
+        x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+    }
+}
+
+/// Layer normalisation over the last dimension, `(x − μ)/√(σ² + ε)·w + b`.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some(x), Some(w), Some(b)) = (f32_slice(s1, l1), f32_slice(s2, l2), f32_slice(s3, l3))
+        else {
+            candle_core::bail!("layer-norm: contiguous f32 operands expected")
+        };
+        let h = w.len();
+        if h == 0 || b.len() != h || x.len() % h != 0 {
+            candle_core::bail!(
+                "layer-norm: shapes {:?} {:?} {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(o, x)| {
+                let mean = x.iter().sum::<f32>() / h as f32;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+                let rstd = 1.0 / (var + self.eps).sqrt();
+                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                    *o = (x - mean) * rstd * w + b;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // x̂ = (x − μ)·r; dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = g·w.
+        let h = w.dim(0)?;
+        let rows = x.elem_count() / h;
+        let (x2, g2) = (x.reshape((rows, h))?, g.reshape((rows, h))?);
+        let mean = x2.mean_keepdim(1)?;
+        let xc = x2.broadcast_sub(&mean)?;
+        let r = (xc.sqr()?.mean_keepdim(1)? + self.eps as f64)?
+            .sqrt()?
+            .recip()?;
+        let xhat = xc.broadcast_mul(&r)?;
+        let dxhat = g2.broadcast_mul(w)?;
+        let dx = dxhat
+            .broadcast_sub(&dxhat.mean_keepdim(1)?)?
+            .sub(&xhat.broadcast_mul(&(&dxhat * &xhat)?.mean_keepdim(1)?)?)?
+            .broadcast_mul(&r)?;
+        let dw = (&g2 * &xhat)?.sum(0)?;
+        let db = g2.sum(0)?;
+        Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
+    }
+}
+
+/// Layer normalisation over the last dimension: one fused pass on the CPU in f32 with a
+/// backward pass that recomputes the statistics (so training keeps one tensor per call, not the
+/// six a composed formulation keeps); `None` elsewhere, for the caller's own formulation.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Option<Result<Tensor>> {
+    let cpu_f32 = x.device().is_cpu()
+        && [x.dtype(), w.dtype(), b.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32);
+    cpu_f32.then(|| {
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LayerNormOp { eps: eps as f32 },
+        )
+    })
+}
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(x) = f32_slice(s, l) else {
+            candle_core::bail!("softmax: contiguous f32 input expected")
+        };
+        let n = *l.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n.max(1) * 64)
+            .zip(x.par_chunks(n.max(1) * 64))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
+                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = (x - max).exp();
+                        sum += *o;
+                    }
+                    o.iter_mut().for_each(|o| *o /= sum);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // dx = y ⊙ (g − Σ g⊙y)
+        let dot = (g * y)?.sum_keepdim(candle_core::D::Minus1)?;
+        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// Softmax over the last dimension with a backward pass: fused on the CPU in f32, `None`
+/// elsewhere.
+pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
+    (x.device().is_cpu() && x.dtype() == DType::F32).then(|| x.contiguous()?.apply_op1(Softmax))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::max_abs_diff as max_diff;
+    use candle_core::{Device, Var};
+
+    /// `ours` and `theirs` agree, and so do the gradients of `Σ ours·mix` and `Σ theirs·mix`
+    /// with respect to each of `vars`.
+    fn assert_same(ours: Tensor, theirs: Tensor, mix: &Tensor, vars: &[&Var], tol: f32) {
+        assert!(max_diff(&ours, &theirs) < tol);
+        let g1 = (ours * mix).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * mix)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in vars {
+            let d = max_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < tol, "gradient differs by {d}");
+        }
+    }
+
+    #[test]
+    fn dense_bias_and_its_gradients_equal_the_composed_ops() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (x, w, b) = (var(&[7, 5]), var(&[3, 5]), var(&[3]));
+        let mix = Tensor::randn(0f32, 1.0, (7, 3), &dev).unwrap();
+        let ours = dense_bias(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let theirs = x
+            .as_tensor()
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        assert_same(ours, theirs, &mix, &[&x, &w, &b], 1e-5);
+    }
+
+    #[test]
+    fn quick_gelu_and_its_gradient_equal_the_composed_ops() {
+        let dev = Device::Cpu;
+        // Larger than one parallel chunk, with a tail.
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 1.0, 40_000, &dev).unwrap() * 4.0).unwrap())
+            .unwrap();
+        let mix = Tensor::randn(0f32, 1.0, 40_000, &dev).unwrap();
+        let ours = quick_gelu(x.as_tensor()).unwrap();
+        let xs = x.as_tensor();
+        let theirs = (xs * candle_nn::ops::sigmoid(&(xs * 1.702).unwrap()).unwrap()).unwrap();
+        assert_same(ours, theirs, &mix, &[&x], 1e-4);
+    }
+
+    #[test]
+    fn layer_norm_and_softmax_with_gradients_equal_the_composed_ops() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], s: f64| {
+            Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * s).unwrap())
+                .unwrap()
+        };
+        let (x, w, b) = (var(&[3, 4, 9], 3.0), var(&[9], 1.0), var(&[9], 1.0));
+        let mix = Tensor::randn(0f32, 1.0, (3, 4, 9), &dev).unwrap();
+        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+            .unwrap()
+            .unwrap();
+        let xs = x.as_tensor();
+        let xc = xs.broadcast_sub(&xs.mean_keepdim(2).unwrap()).unwrap();
+        let var_ = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+        let theirs = xc
+            .broadcast_div(&(var_ + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        assert_same(ours, theirs, &mix, &[&x, &w, &b], 1e-4);
+
+        let s = var(&[5, 3, 7], 4.0);
+        let mix = Tensor::randn(0f32, 1.0, (5, 3, 7), &dev).unwrap();
+        let ours = softmax_last_dim(s.as_tensor()).unwrap().unwrap();
+        let e = s
+            .as_tensor()
+            .broadcast_sub(&s.as_tensor().max_keepdim(2).unwrap())
+            .unwrap()
+            .exp()
+            .unwrap();
+        let theirs = e.broadcast_div(&e.sum_keepdim(2).unwrap()).unwrap();
+        assert_same(ours, theirs, &mix, &[&s], 1e-5);
+    }
+}
