@@ -252,7 +252,7 @@ pub fn image_features(
     let mut unsaved = 0;
     let mut last_save = std::time::Instant::now();
     let todo_paths: Vec<&Path> = todo.iter().map(|&i| paths[i].as_path()).collect();
-    encode_images(clip, &todo_paths, view, opts, &pb, |first, results| {
+    let encoded = encode_images(clip, &todo_paths, view, opts, &pb, |first, results| {
         for (&i, result) in todo[first..].iter().zip(results) {
             match result {
                 Ok(row) => {
@@ -274,12 +274,14 @@ pub fn image_features(
             }
         }
         Ok(())
-    })?;
+    });
+    // Also when encoding stopped on an error: the rows encoded so far are complete and valid.
     if let Some(cache) = &cache {
         if unsaved > 0 {
             save_cache(cache)?;
         }
     }
+    encoded?;
     pb.finish_and_clear();
     let kept: Vec<usize> = (0..paths.len()).filter(|&i| rows[i].is_some()).collect();
     let flat: Vec<f32> = kept

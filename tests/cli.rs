@@ -542,3 +542,42 @@ fn adapter_and_templates_do_not_mix() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_run_stopped_by_a_bad_image_keeps_what_it_encoded_in_the_cache() {
+    let ws = Workspace::new();
+    let train = ws.data().join("train");
+    let mut classes: Vec<_> = std::fs::read_dir(&train)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    classes.sort();
+    // Last in encoding order: every good image is encoded before it.
+    std::fs::write(
+        classes.last().unwrap().join("zzz_broken.jpg"),
+        b"not a jpeg",
+    )
+    .unwrap();
+    let out_file = ws.path().join("f.safetensors");
+    let run = |extra: &[&str]| {
+        ws.cmd("features")
+            .arg("--data")
+            .arg(ws.data())
+            .args(["--split", "train", "--batch-size", "1", "--out"])
+            .arg(&out_file)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("zzz_broken.jpg"), "{}", stderr(&out));
+    assert!(!out_file.exists(), "no output after a failed run");
+    let out = run(&["--skip-bad-images"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("0 encoded, 18 from cache"),
+        "{}",
+        stderr(&out)
+    );
+}
