@@ -103,6 +103,23 @@ fn perturbed(w0: &Mat) -> Mat {
     )
 }
 
+/// candle's cross-entropy of `logits` against `labels` equals `loss`; returns its gradients.
+fn autograd_cross_entropy(
+    logits: &Tensor,
+    labels: &[usize],
+    loss: f32,
+) -> candle_core::backprop::GradStore {
+    let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let y = Tensor::new(y.as_slice(), &Device::Cpu).unwrap();
+    let l = candle_nn::loss::cross_entropy(logits, &y).unwrap();
+    let la = l.to_scalar::<f32>().unwrap();
+    assert!(
+        (la - loss).abs() < 1e-4 * (1.0 + la.abs()),
+        "{la} vs {loss}"
+    );
+    l.backward().unwrap()
+}
+
 #[test]
 fn zeroshot_init_matches_reference() {
     let r = reference();
@@ -173,15 +190,7 @@ fn gradient_matches_autograd_and_finite_differences() {
         .unwrap()
         * cm::LOGIT_SCALE as f64)
         .unwrap();
-    let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
-    let y = Tensor::new(y.as_slice(), &Device::Cpu).unwrap();
-    let l = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
-    let la = l.to_scalar::<f32>().unwrap();
-    assert!(
-        (la - loss).abs() < 1e-4 * (1.0 + la.abs()),
-        "{la} vs {loss}"
-    );
-    let grads = l.backward().unwrap();
+    let grads = autograd_cross_entropy(&logits, &labels, loss);
     let ga = Mat::from_tensor(grads.get(var.as_tensor()).unwrap()).unwrap();
     assert!(ga.data.iter().any(|v| v.abs() > 1e-3));
     assert!(max_abs_diff(&g, &ga) < 1e-4, "{}", max_abs_diff(&g, &ga));
@@ -490,15 +499,7 @@ fn adapter_gradient_matches_autograd_and_finite_differences() {
     let rho = cm::ADAPTER_RATIO as f64;
     let z = ((a2 * rho).unwrap() + (x * (1.0 - rho)).unwrap()).unwrap();
     let logits = (z.matmul(&w.as_tensor().t().unwrap()).unwrap() * cm::LOGIT_SCALE as f64).unwrap();
-    let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
-    let y = Tensor::new(y.as_slice(), &Device::Cpu).unwrap();
-    let l = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
-    let la = l.to_scalar::<f32>().unwrap();
-    assert!(
-        (la - loss).abs() < 1e-4 * (1.0 + la.abs()),
-        "{la} vs {loss}"
-    );
-    let grads = l.backward().unwrap();
+    let grads = autograd_cross_entropy(&logits, &labels, loss);
     let ga = g.adapter.as_ref().unwrap();
     for (v, got) in [(&w, &g.weight), (&fc1, &ga.fc1), (&fc2, &ga.fc2)] {
         let want = Mat::from_tensor(grads.get(v.as_tensor()).unwrap()).unwrap();
@@ -684,17 +685,27 @@ mod cli {
         p.to_str().unwrap()
     }
 
+    /// A temp dir holding a tiny checkpoint (`model`) and a 3-class dataset (`data`).
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        synth::write_checkpoint(&dir.path().join("model"), &synth::tiny_config(), 0).unwrap();
+        let splits = [("train", 4), ("val", 3), ("test", 4)];
+        synth::write_dataset(&dir.path().join("data"), 3, splits, 0).unwrap();
+        dir
+    }
+
+    /// `clipft --quiet` with the feature cache inside `dir`.
+    fn clipft(dir: &Path) -> Command {
+        let mut c = Command::cargo_bin("clipft").unwrap();
+        c.env("CLIPFT_CACHE_DIR", dir.join("cache")).arg("--quiet");
+        c
+    }
+
     #[test]
     fn train_then_eval_adapter_end_to_end() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = fixture();
         let p = |n: &str| -> PathBuf { dir.path().join(n) };
-        synth::write_checkpoint(&p("model"), &synth::tiny_config(), 0).unwrap();
-        synth::write_dataset(&p("data"), 3, [("train", 4), ("val", 3), ("test", 4)], 0).unwrap();
-        let cmd = || {
-            let mut c = Command::cargo_bin("clipft").unwrap();
-            c.env("CLIPFT_CACHE_DIR", p("cache")).arg("--quiet");
-            c
-        };
+        let cmd = || clipft(dir.path());
         let out = cmd()
             .args(["crossmodal", "train", "--model", s(&p("model")), "--data"])
             .arg(s(&p("data")))
@@ -753,15 +764,9 @@ mod cli {
     fn train_adapter_head_then_eval() {
         use clipft::methods::crossmodal::{CrossArtifact, Head, Mat};
         use predicates::prelude::*;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = fixture();
         let p = |n: &str| -> PathBuf { dir.path().join(n) };
-        synth::write_checkpoint(&p("model"), &synth::tiny_config(), 0).unwrap();
-        synth::write_dataset(&p("data"), 3, [("train", 4), ("val", 3), ("test", 4)], 0).unwrap();
-        let cmd = || {
-            let mut c = Command::cargo_bin("clipft").unwrap();
-            c.env("CLIPFT_CACHE_DIR", p("cache")).arg("--quiet");
-            c
-        };
+        let cmd = || clipft(dir.path());
         let train = |extra: &[&str], out: &str| {
             cmd()
                 .args(["crossmodal", "train", "--model", s(&p("model")), "--data"])
