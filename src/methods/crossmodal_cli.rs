@@ -56,7 +56,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Modality::Cross)]
     pub modality: Modality,
     /// Head weight init: `zeroshot` (per-class mean of the normalised template text features,
-    /// normalised, as the official code) or `random` [default: zeroshot for cross, random for
+    /// normalised, as the official code does) or `random` [default: zeroshot for cross, random for
     /// image].
     #[arg(long, value_enum)]
     pub init: Option<Init>,
@@ -69,8 +69,8 @@ pub struct TrainArgs {
     /// MLP starts at PyTorch's nn.Linear default (uniform ±1/√fan_in, seeded by --seed), the
     /// linear layer as --init says; AdamW trains all three layers. Its default sweep is the
     /// official adapter grid: lr {1e-4,1e-5,1e-6,1e-7} × wd {0,1e-3,1e-5} × batch 8.
-    /// --wise-ft blends the final linear layer only and keeps the learned MLP, as the official
-    /// code.
+    /// With --wise-ft the official code's rule applies: only the final linear layer is blended,
+    /// the learned MLP is kept.
     #[arg(long, value_enum, default_value_t = HeadKind::Linear)]
     pub head: HeadKind,
     /// Training iterations per setting.
