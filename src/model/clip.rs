@@ -177,16 +177,15 @@ impl Attention {
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, h) = xs.dims3()?;
+        let (b, t, _) = xs.dims3()?;
         let (nh, hd) = (self.num_heads, self.head_dim);
         let (q, k, v) = match &self.qkv {
             Qkv::Separate { q, k, v } => {
-                let heads = |x: Tensor| x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous();
                 let scale = (hd as f64).powf(-0.5);
                 (
-                    heads((q.forward(xs)? * scale)?)?,
-                    heads(k.forward(xs)?)?,
-                    heads(v.forward(xs)?)?,
+                    self.split_heads(&(q.forward(xs)? * scale)?)?,
+                    self.split_heads(&k.forward(xs)?)?,
+                    self.split_heads(&v.forward(xs)?)?,
                 )
             }
             Qkv::Fused(qkv) => {
@@ -199,12 +198,30 @@ impl Attention {
                 (y.get(0)?, y.get(1)?, y.get(2)?)
             }
         };
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// `[B, T, H]` -> `[B, heads, T, head_dim]`, contiguous.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Scaled queries, keys and values (`[B, heads, T, head_dim]`) to the output projection of
+    /// the attention, `[B, Tq, H]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, tq, _) = q.dims4()?;
         let mut attn = q.matmul(&k.t()?)?;
         if let Some(mask) = mask {
             attn = attn.broadcast_add(mask)?;
         }
         let attn = softmax(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let out =
+            attn.matmul(v)?
+                .transpose(1, 2)?
+                .reshape((b, tq, self.num_heads * self.head_dim))?;
         self.out_proj.forward(&out)
     }
 
@@ -213,14 +230,13 @@ impl Attention {
     fn forward_pooled(&self, xs: &Tensor, q_xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, h) = xs.dims3()?;
         let (nh, hd) = (self.num_heads, self.head_dim);
-        let heads = |x: Tensor, t: usize| x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = match &self.qkv {
             Qkv::Separate { q, k, v } => {
                 let scale = (hd as f64).powf(-0.5);
                 (
-                    heads((q.forward(q_xs)? * scale)?, 1)?,
-                    heads(k.forward(xs)?, t)?,
-                    heads(v.forward(xs)?, t)?,
+                    self.split_heads(&(q.forward(q_xs)? * scale)?)?,
+                    self.split_heads(&k.forward(xs)?)?,
+                    self.split_heads(&v.forward(xs)?)?,
                 )
             }
             Qkv::Fused(qkv) => {
@@ -242,19 +258,13 @@ impl Attention {
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()?;
                 (
-                    heads(part(0, h)?.forward(q_xs)?, 1)?,
+                    self.split_heads(&part(0, h)?.forward(q_xs)?)?,
                     kv.get(0)?,
                     kv.get(1)?,
                 )
             }
         };
-        let mut attn = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            attn = attn.broadcast_add(mask)?;
-        }
-        let attn = softmax(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, 1, h))?;
-        self.out_proj.forward(&out)
+        self.attend(&q, &k, &v, mask)
     }
 }
 
@@ -308,8 +318,12 @@ impl EncoderLayer {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?;
-        let xs = (xs + h)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
+        self.mlp_block(&(xs + h)?)
+    }
+
+    /// `x + MLP(LN2(x))`, the second half of the layer.
+    fn mlp_block(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(&self.layer_norm2.forward(xs)?)?;
         let h = self.fc2.forward(&activate(self.act, &h)?)?;
         xs + h
     }
@@ -321,10 +335,7 @@ impl EncoderLayer {
         let h = self
             .self_attn
             .forward_pooled(&normed, &select_rows(&normed, pos)?, mask)?;
-        let xs = (select_rows(xs, pos)? + h)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
-        let h = self.fc2.forward(&activate(self.act, &h)?)?;
-        xs + h
+        self.mlp_block(&(select_rows(xs, pos)? + h)?)
     }
 }
 

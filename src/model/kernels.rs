@@ -20,6 +20,21 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
     }
 }
 
+/// A new output of `l`'s shape, filled by `f(out_block, in_block)` over blocks of `block`
+/// elements in parallel (`block` a multiple of whatever row the op works on).
+fn map_blocks(
+    x: &[f32],
+    l: &Layout,
+    block: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) -> (CpuStorage, Shape) {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(block.max(1))
+        .zip(x.par_chunks(block.max(1)))
+        .for_each(|(o, x)| f(o, x));
+    (CpuStorage::F32(out), l.shape().clone())
+}
+
 fn threads() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
@@ -128,15 +143,11 @@ impl CustomOp1 for QuickGelu {
         let Some(x) = f32_slice(s, l) else {
             candle_core::bail!("quick-gelu: contiguous f32 input expected")
         };
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14))
-            .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = x / (1.0 + (-1.702 * x).exp());
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok(map_blocks(x, l, 1 << 14, |o, x| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = x / (1.0 + (-1.702 * x).exp());
+            }
+        }))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -188,18 +199,14 @@ impl CustomOp3 for LayerNormOp {
                 l3.dims()
             )
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h)
-            .zip(x.par_chunks(h))
-            .for_each(|(o, x)| {
-                let mean = x.iter().sum::<f32>() / h as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-                let rstd = 1.0 / (var + self.eps).sqrt();
-                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                    *o = (x - mean) * rstd * w + b;
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(map_blocks(x, l1, h, |o, x| {
+            let mean = x.iter().sum::<f32>() / h as f32;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                *o = (x - mean) * rstd * w + b;
+            }
+        }))
     }
 
     fn bwd(
@@ -260,22 +267,18 @@ impl CustomOp1 for Softmax {
         let Some(x) = f32_slice(s, l) else {
             candle_core::bail!("softmax: contiguous f32 input expected")
         };
-        let n = *l.dims().last().unwrap_or(&1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n.max(1) * 64)
-            .zip(x.par_chunks(n.max(1) * 64))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
-                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = (x - max).exp();
-                        sum += *o;
-                    }
-                    o.iter_mut().for_each(|o| *o /= sum);
+        let n = (*l.dims().last().unwrap_or(&1)).max(1);
+        Ok(map_blocks(x, l, n * 64, |o, x| {
+            for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = (x - max).exp();
+                    sum += *o;
                 }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+                o.iter_mut().for_each(|o| *o /= sum);
+            }
+        }))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
