@@ -11,7 +11,9 @@
 //! - `CLIPFT_BENCH_BATCH` (32), `CLIPFT_BENCH_DTYPE` (f32), `CLIPFT_BENCH_DEVICE` (cpu; `cuda`)
 //! - `CLIPFT_BENCH_PASSES` (1): passes over the preprocessed batches in the model-only timing
 //! - `CLIPFT_BENCH_TEXT_CLASSES` (20): class names for the text timing (× the 80 ImageNet
-//!   templates, encoded class by class as `text_classifier` does); 0 skips it
+//!   templates, through `text_classifier`); 0 skips it
+//! - `CLIPFT_BENCH_TEXT_BATCH` (`features::TEXT_BATCH`, what the CLI uses): prompts per batch;
+//!   80 encodes class by class, as the official repositories do
 //! - `RAYON_NUM_THREADS` (all cores)
 //!
 //! `scripts/bench_vs_pytorch.py` runs this next to `transformers` on the same checkpoint and images.
@@ -84,6 +86,12 @@ fn main() {
     let device: DeviceArg = env_or("CLIPFT_BENCH_DEVICE", "cpu").parse().unwrap();
     let passes: usize = env_or("CLIPFT_BENCH_PASSES", "1").parse().unwrap();
     let text_classes: usize = env_or("CLIPFT_BENCH_TEXT_CLASSES", "20").parse().unwrap();
+    let text_batch: usize = env_or(
+        "CLIPFT_BENCH_TEXT_BATCH",
+        &clipft::features::TEXT_BATCH.to_string(),
+    )
+    .parse()
+    .unwrap();
     let threads = rayon::current_num_threads();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&image_dir)
         .unwrap()
@@ -146,13 +154,13 @@ fn main() {
     let e2e = n as f64 / t.elapsed().as_secs_f64();
     assert_eq!(f.kept.len(), n);
 
-    // 4. Text: a class-name × template classifier, one batch of templates per class.
+    // 4. Text: a class-name × template classifier.
     let text = (text_classes > 0).then(|| {
         let templates = clipft::templates::resolve("imagenet80").unwrap();
         let names: Vec<String> = (0..text_classes).map(class_name).collect();
-        text_classifier(&clip, &names[..1], &templates, templates.len(), false).unwrap();
+        text_classifier(&clip, &names[..1], &templates, text_batch, false).unwrap();
         let t = Instant::now();
-        text_classifier(&clip, &names, &templates, templates.len(), false).unwrap();
+        text_classifier(&clip, &names, &templates, text_batch, false).unwrap();
         (names.len() * templates.len()) as f64 / t.elapsed().as_secs_f64()
     });
 
@@ -170,7 +178,7 @@ fn main() {
         100.0 * e2e / model
     );
     if let Some(text) = text {
-        println!("  text               {text:8.1} prompts/s");
+        println!("  text               {text:8.1} prompts/s (batches of {text_batch} prompts)");
     }
 }
 

@@ -188,7 +188,7 @@ pub fn zero_shot(
         clip,
         &dataset.class_names(),
         template_set,
-        opts.batch_size.max(64),
+        crate::features::TEXT_BATCH,
         opts.progress,
     )?;
     evaluate_split(clip, dataset, split, opts, "zeroshot", |f| {

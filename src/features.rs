@@ -453,8 +453,23 @@ fn encode_images(
     })
 }
 
+/// Prompts per text-tower batch. Sequences are packed without padding, so a batch mixing
+/// classes and templates of every length costs no more per prompt than a small one, and keeps
+/// the GEMMs (and a GPU) busy; at most 256 × 77 token rows.
+pub const TEXT_BATCH: usize = 256;
+
 /// Raw text features (`get_text_features`) of prompts, `[N, D]` f32 on the CPU.
 pub fn text_features(clip: &Clip, prompts: &[String], batch_size: usize) -> Result<Tensor> {
+    encode_prompts(clip, prompts, batch_size, |_| {})
+}
+
+/// [`text_features`], calling `done(n)` after each batch of `n` prompts.
+fn encode_prompts(
+    clip: &Clip,
+    prompts: &[String],
+    batch_size: usize,
+    mut done: impl FnMut(usize),
+) -> Result<Tensor> {
     let mut rows = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch_size.max(1)) {
         let ids = clip.tokenizer.encode_batch(chunk)?;
@@ -464,12 +479,15 @@ pub fn text_features(clip: &Clip, prompts: &[String], batch_size: usize) -> Resu
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?;
         rows.push(f);
+        done(chunk.len());
     }
     Ok(Tensor::cat(&rows, 0)?)
 }
 
 /// Zero-shot classifier `[C, D]`: for each class, the mean of the L2-normalised embeddings of
-/// every template, re-normalised (the CLIP prompt ensemble).
+/// every template, re-normalised (the CLIP prompt ensemble). Batches of `batch_size` prompts
+/// span classes: the text tower packs sequences without padding, so one large batch costs no
+/// more per prompt than a class's own and keeps the GEMMs (and a GPU) busy.
 pub fn text_classifier(
     clip: &Clip,
     class_names: &[String],
@@ -477,17 +495,17 @@ pub fn text_classifier(
     batch_size: usize,
     progress: bool,
 ) -> Result<Tensor> {
-    let pb = crate::progress::bar(class_names.len() as u64, "prompts", progress);
-    let mut weights = Vec::with_capacity(class_names.len());
-    for name in class_names {
-        let prompts: Vec<String> = template_set
-            .iter()
-            .map(|t| templates::fill(t, name))
-            .collect();
-        let f = l2_normalize(&text_features(clip, &prompts, batch_size)?)?;
-        weights.push(l2_normalize(&f.mean(0)?)?);
-        pb.inc(1);
-    }
+    anyhow::ensure!(
+        !class_names.is_empty() && !template_set.is_empty(),
+        "a zero-shot classifier needs at least one class name and one prompt template"
+    );
+    let prompts: Vec<String> = class_names
+        .iter()
+        .flat_map(|name| template_set.iter().map(|t| templates::fill(t, name)))
+        .collect();
+    let pb = crate::progress::bar(prompts.len() as u64, "prompts", progress);
+    let f = encode_prompts(clip, &prompts, batch_size, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    Ok(Tensor::stack(&weights, 0)?)
+    let f = l2_normalize(&f)?.reshape((class_names.len(), template_set.len(), ()))?;
+    l2_normalize(&f.mean(1)?)
 }

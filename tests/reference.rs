@@ -88,6 +88,40 @@ fn tokenizer_matches_transformers_including_truncation() {
     assert_eq!(*long.last().unwrap(), 1513);
 }
 
+/// Sequences of different lengths are packed without padding for the text tower; each one's
+/// features must be what it gets when encoded alone (no padding at all).
+#[test]
+fn text_features_do_not_depend_on_the_batch() {
+    let clip = tiny();
+    let prompts: Vec<String> = [
+        "a photo of a cat.",
+        "itap of a dog",
+        "a bad photo of the large golden retriever sitting in the grass.",
+        "x",
+        "a photo of a cat.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ids = clip.tokenizer.encode_batch(&prompts).unwrap();
+    let lens: std::collections::BTreeSet<usize> = ids.iter().map(Vec::len).collect();
+    assert!(lens.len() >= 3, "prompts should differ in length: {lens:?}");
+    let batch = clip.model.text_features(&ids, &Device::Cpu).unwrap();
+    for (i, row) in ids.iter().enumerate() {
+        let alone = clip
+            .model
+            .text_features(std::slice::from_ref(row), &Device::Cpu)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let ours = batch.get(i).unwrap().to_vec1::<f32>().unwrap();
+        let diff = max_abs_diff(&ours, &alone);
+        assert!(diff < 1e-5, "prompt {i}: {diff}");
+    }
+}
+
 #[test]
 fn text_features_match_transformers() {
     let r = reference();
@@ -156,6 +190,65 @@ fn image_features_match_transformers_on_reference_pixels() {
         assert!(cos >= 0.99999, "{}: cosine {cos}", img["file"]);
         assert!(max_abs_diff(&ours, &theirs) < 1e-4, "{}", img["file"]);
     }
+}
+
+/// `--dtype bf16` on the CPU: bf16 products in every dense layer (the portable kernel where the
+/// CPU lacks AVX512-BF16), f32 in between. Features must stay within cosine 0.999 of
+/// transformers' f32 ones, and must not be the f32 path's (the bf16 kernel really ran).
+#[test]
+fn bf16_matmul_features_stay_close_to_f32() {
+    let r = reference();
+    let files =
+        clipft::model::hub::resolve(fixtures().join("tiny-clip").to_str().unwrap(), None, false)
+            .unwrap();
+    let precision = clipft::model::Precision {
+        dtype: candle_core::DType::F32,
+        bf16_matmul: true,
+    };
+    let clip = Clip::from_files(files, Device::Cpu, precision, vec![]).unwrap();
+    assert!(
+        clip.describe().contains("BF16 matmuls"),
+        "{}",
+        clip.describe()
+    );
+    let mut worst = 1f64;
+    for img in r["images"].as_array().unwrap() {
+        let x =
+            Tensor::from_vec(floats(&img["pixel_values"]), (1, 3, 32, 32), &Device::Cpu).unwrap();
+        let ours = clip
+            .model
+            .image_features(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        let theirs = floats(&img["image_features"]);
+        assert!(
+            max_abs_diff(&ours, &theirs) > 1e-6,
+            "{}: f32 result",
+            img["file"]
+        );
+        worst = worst.min(cosine(&ours, &theirs));
+    }
+    let prompts: Vec<String> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let ids = clip.tokenizer.encode_batch(&prompts).unwrap();
+    let ours = clip
+        .model
+        .text_features(&ids, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (a, b) in ours.iter().zip(r["text_features"].as_array().unwrap()) {
+        let b = floats(b);
+        assert!(max_abs_diff(a, &b) > 1e-6, "f32 text result");
+        worst = worst.min(cosine(a, &b));
+    }
+    assert!(worst >= 0.999, "cosine {worst}");
 }
 
 #[test]

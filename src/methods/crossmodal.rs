@@ -152,7 +152,7 @@ pub enum Init {
 pub fn zeroshot_init(text_raw: &Mat, classes: usize) -> Result<Mat> {
     let text_raw = &text_raw.l2_normalized();
     ensure!(
-        classes > 0 && text_raw.rows % classes == 0 && text_raw.rows > 0,
+        classes > 0 && text_raw.rows.is_multiple_of(classes) && text_raw.rows > 0,
         "{} text rows for {classes} classes",
         text_raw.rows
     );

@@ -158,7 +158,7 @@ pub fn train(
         .iter()
         .flat_map(|n| o.templates.iter().map(|t| crate::templates::fill(t, n)))
         .collect();
-    let text_raw = Mat::from_tensor(&text_features(clip, &prompts, opts.batch_size.max(64))?)?;
+    let text_raw = Mat::from_tensor(&text_features(clip, &prompts, crate::features::TEXT_BATCH)?)?;
     let zs = cm::zeroshot_init(&text_raw, c)?;
     let text = Rows::new(&text_raw, cm::text_labels(c, o.templates.len()));
     let mut views = vec![View::Center];

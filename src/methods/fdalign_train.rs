@@ -86,7 +86,13 @@ pub fn template_class_features(
         .flat_map(|t| class_names.iter().map(move |c| templates::fill(t, c)))
         .collect();
     let d = clip.config().projection_dim;
-    Ok(text_features(clip, &prompts, 256)?.reshape((template_set.len(), class_names.len(), d))?)
+    Ok(
+        text_features(clip, &prompts, crate::features::TEXT_BATCH)?.reshape((
+            template_set.len(),
+            class_names.len(),
+            d,
+        ))?,
+    )
 }
 
 struct State {

@@ -916,7 +916,7 @@ pub fn build_cache(
         clip,
         &class_names,
         &cfg.templates,
-        opts.batch_size.max(64),
+        crate::features::TEXT_BATCH,
         opts.progress,
     )?;
     let paths: Vec<PathBuf> = train.iter().map(|s| s.path.clone()).collect();
@@ -949,7 +949,7 @@ pub fn build_cache(
         model: clip.files.id.clone(),
         revision: clip.files.revision.clone(),
         projection_dim: clip.config().projection_dim,
-        dtype: format!("{:?}", clip.dtype),
+        dtype: clip.precision.to_string(),
         class_folders: dataset.class_folders(),
         class_names,
         templates: cfg.templates.clone(),

@@ -169,15 +169,15 @@ impl ClipConfig {
         let v = &self.vision_config;
         let checks = [
             (
-                t.hidden_size % t.num_attention_heads == 0,
+                t.hidden_size.is_multiple_of(t.num_attention_heads),
                 "text_config.hidden_size must be divisible by num_attention_heads",
             ),
             (
-                v.hidden_size % v.num_attention_heads == 0,
+                v.hidden_size.is_multiple_of(v.num_attention_heads),
                 "vision_config.hidden_size must be divisible by num_attention_heads",
             ),
             (
-                v.patch_size > 0 && v.image_size % v.patch_size == 0,
+                v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
                 "vision_config.image_size must be a multiple of patch_size",
             ),
             (

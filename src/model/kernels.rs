@@ -9,8 +9,12 @@
 //! pass each. All keep a backward pass built from ordinary candle ops, so the same layers train;
 //! other devices and dtypes use the composed formulation.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
+
+use super::gemm_bf16::{Epilogue, PackedView};
 
 /// The contiguous f32 elements of a CPU operand, or `None` for anything else.
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
@@ -129,6 +133,85 @@ pub fn dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     } else {
         x.matmul(&w.t()?)?.broadcast_add(b)
     }
+}
+
+/// `x·Wᵀ + b` with bf16 products ([`super::gemm_bf16`]), QuickGELU applied if `gelu`;
+/// inference only.
+struct DenseBf16<'a> {
+    w: &'a PackedView,
+    gelu: bool,
+}
+
+impl DenseBf16<'_> {
+    fn run(&self, s: &CpuStorage, l: &Layout, epilogue: Epilogue) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let Some(x) = f32_slice(s, l) else {
+            candle_core::bail!("dense-bf16: a contiguous f32 input expected")
+        };
+        if k != self.w.in_dim() {
+            candle_core::bail!(
+                "dense-bf16: input {:?} for {} inputs",
+                l.dims(),
+                self.w.in_dim()
+            )
+        }
+        let y = super::gemm_bf16::dense(x, m, self.w, epilogue);
+        Ok((CpuStorage::F32(y), Shape::from((m, self.w.out_dim()))))
+    }
+}
+
+impl CustomOp1 for DenseBf16<'_> {
+    fn name(&self) -> &'static str {
+        "dense-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let epilogue = if self.gelu {
+            Epilogue::QuickGelu
+        } else {
+            Epilogue::None
+        };
+        self.run(s, l, epilogue)
+    }
+}
+
+/// With a residual added as the second operand.
+impl CustomOp2 for DenseBf16<'_> {
+    fn name(&self) -> &'static str {
+        "dense-bf16-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(r) = f32_slice(s2, l2) else {
+            candle_core::bail!("dense-bf16: a contiguous f32 residual expected")
+        };
+        if l2.dims() != [l1.dims()[0], self.w.out_dim()] {
+            candle_core::bail!(
+                "dense-bf16: residual {:?} for input {:?}",
+                l2.dims(),
+                l1.dims()
+            )
+        }
+        self.run(s1, l1, Epilogue::Add(r))
+    }
+}
+
+/// `x·Wᵀ + b` for a 2-D f32 CPU `x` `[M, K]` and a packed bf16 layer, then QuickGELU if `gelu`;
+/// no gradient.
+pub fn dense_bf16(x: &Tensor, w: &PackedView, gelu: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&DenseBf16 { w, gelu })
+}
+
+/// `residual + x·Wᵀ + b`, the residual `[M, N]` added in the GEMM's epilogue; no gradient.
+pub fn dense_bf16_add(x: &Tensor, w: &PackedView, residual: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&residual.contiguous()?, &DenseBf16 { w, gelu: false })
 }
 
 /// QuickGELU `x·σ(1.702·x)`.

@@ -115,15 +115,52 @@ impl DeviceArg {
     }
 }
 
-/// Resolves the dtype for a device: candle 0.11 has no bf16 matmul on CPU, so bf16 on CPU falls
-/// back to f32 with a warning (the one message the user sees), instead of failing mid-run.
-pub fn effective_dtype(requested: DTypeArg, device: &Device) -> (DType, Option<String>) {
-    match (requested, device) {
-        (DTypeArg::Bf16, Device::Cpu) => (
-            DType::F32,
-            Some("--dtype bf16 is not supported on the CPU by candle 0.11 (no bf16 matmul); using f32".into()),
-        ),
-        (r, _) => (r.dtype(), None),
+/// How a model computes on a device: its tensors' dtype, and whether its dense layers take
+/// their products in bf16 on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    pub dtype: DType,
+    pub bf16_matmul: bool,
+}
+
+impl Precision {
+    /// Resolves `--dtype` for a device. candle 0.11 has no bf16 matmul on the CPU, so bf16 there
+    /// means clipft's bf16 dense layers with f32 activations, on CPUs with AVX512-BF16; other
+    /// CPUs fall back to f32 with a warning (the one message the user sees) instead of running
+    /// a slower emulation.
+    pub fn resolve(requested: DTypeArg, device: &Device) -> (Self, Option<String>) {
+        let plain = |dtype| Self {
+            dtype,
+            bf16_matmul: false,
+        };
+        match (requested, device) {
+            (DTypeArg::Bf16, Device::Cpu) if super::gemm_bf16::native() => (
+                Self {
+                    dtype: DType::F32,
+                    bf16_matmul: true,
+                },
+                None,
+            ),
+            (DTypeArg::Bf16, Device::Cpu) => (
+                plain(DType::F32),
+                Some(
+                    "--dtype bf16 on the CPU needs AVX512-BF16 (AMD Zen 4, Intel Cooper Lake or \
+                     Sapphire Rapids and later), which this CPU lacks; using f32"
+                        .into(),
+                ),
+            ),
+            (r, _) => (plain(r.dtype()), None),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.bf16_matmul {
+            f.write_str("BF16 matmuls, F32 activations")
+        } else {
+            write!(f, "{:?}", self.dtype)
+        }
     }
 }
 
@@ -157,7 +194,10 @@ pub struct Clip {
     pub preprocess: PreprocessConfig,
     pub files: ModelFiles,
     pub device: Device,
+    /// The dtype of the model's tensors (and of the pixels it takes).
     pub dtype: DType,
+    /// `dtype` and how the dense layers multiply: what to report and to key caches on.
+    pub precision: Precision,
     /// Stable identity of the weights (paths, sizes, mtimes) and dtype, for feature caches.
     pub fingerprint: String,
     /// Warnings produced while loading (e.g. a dtype fallback), for the caller to show.
@@ -168,16 +208,17 @@ impl Clip {
     pub fn load(spec: &ModelSpec) -> anyhow::Result<Self> {
         let files = hub::resolve(&spec.model, spec.revision.as_deref(), spec.progress)?;
         let device = spec.device.device()?;
-        let (dtype, warning) = effective_dtype(spec.dtype, &device);
-        Self::from_files(files, device, dtype, warning.into_iter().collect())
+        let (precision, warning) = Precision::resolve(spec.dtype, &device);
+        Self::from_files(files, device, precision, warning.into_iter().collect())
     }
 
     pub fn from_files(
         files: ModelFiles,
         device: Device,
-        dtype: DType,
+        precision: Precision,
         warnings: Vec<String>,
     ) -> anyhow::Result<Self> {
+        let dtype = precision.dtype;
         let config_text =
             std::fs::read_to_string(&files.config).map_err(|e| LoadError::BadFile {
                 path: files.config.clone(),
@@ -189,12 +230,15 @@ impl Clip {
         })?;
         check_tensors(&files.weights, &config)?;
         let vb = weights_var_builder(&files.weights, dtype, &device)?;
-        let model = ClipModel::new(vb, &config).with_context(|| {
+        let mut model = ClipModel::new(vb, &config).with_context(|| {
             format!(
                 "building the CLIP model from {}",
                 files.weights.paths()[0].display()
             )
         })?;
+        if precision.bf16_matmul {
+            model.pack_bf16()?;
+        }
         let tokenizer =
             ClipTokenizer::from_file(&files.tokenizer, config.text_config.max_position_embeddings)?;
         if tokenizer.vocab_size() > config.text_config.vocab_size {
@@ -240,7 +284,7 @@ impl Clip {
             }
             .into());
         }
-        let fingerprint = fingerprint(&files, dtype)?;
+        let fingerprint = fingerprint(&files, precision)?;
         Ok(Self {
             model,
             tokenizer,
@@ -248,6 +292,7 @@ impl Clip {
             files,
             device,
             dtype,
+            precision,
             fingerprint,
             warnings,
         })
@@ -261,7 +306,7 @@ impl Clip {
     pub fn describe(&self) -> String {
         let c = self.config();
         format!(
-            "{} ({}), vision {}x{} hidden {} ({} layers), text hidden {} ({} layers, context {}), embedding dim {}, {:?} on {}",
+            "{} ({}), vision {}x{} hidden {} ({} layers), text hidden {} ({} layers, context {}), embedding dim {}, {} on {}",
             self.files.id,
             c.arch_name(),
             c.vision_config.image_size,
@@ -272,7 +317,7 @@ impl Clip {
             c.text_config.num_hidden_layers,
             c.text_config.max_position_embeddings,
             c.projection_dim,
-            self.dtype,
+            self.precision,
             device_name(&self.device),
         )
     }
@@ -396,10 +441,14 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
     Ok(())
 }
 
-fn fingerprint(files: &ModelFiles, dtype: DType) -> anyhow::Result<String> {
+fn fingerprint(files: &ModelFiles, precision: Precision) -> anyhow::Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(format!("{dtype:?}\n").as_bytes());
+    // f32 keeps the key it always had, so existing caches stay valid.
+    h.update(format!("{:?}\n", precision.dtype).as_bytes());
+    if precision.bf16_matmul {
+        h.update(b"bf16 matmul\n");
+    }
     let mut paths: Vec<&Path> = files.weights.paths();
     paths.push(&files.config);
     for p in paths {

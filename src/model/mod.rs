@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod gemm_bf16;
 pub mod hub;
 pub mod kernels;
 pub mod load;
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 
 pub use clip::ClipModel;
 pub use config::ClipConfig;
-pub use load::{Clip, DTypeArg, DeviceArg, ModelSpec};
+pub use load::{Clip, DTypeArg, DeviceArg, ModelSpec, Precision};
 pub use tokenizer::ClipTokenizer;
 
 /// What can go wrong while locating or reading a checkpoint. Callers branch on these (e.g. tests

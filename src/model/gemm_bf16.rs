@@ -1,0 +1,592 @@
+//! Dense layers with bf16 products on the CPU: `y = x·Wᵀ + b` for f32 `x` and `y`, with `W`
+//! stored in bf16 and `x` rounded to bf16 (to nearest, ties to even) as it is packed, products
+//! summed in f32. That is what PyTorch's bf16 autocast does inside a linear layer, here with f32
+//! activations kept between layers (layer norm, softmax, residuals).
+//!
+//! candle 0.11 has no bf16 matmul on the CPU. CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel
+//! Cooper Lake and Sapphire Rapids and later) multiply bf16 pairs at twice the rate of f32 FMAs
+//! (`vdpbf16ps`); the micro-kernel below is built on that instruction. A portable kernel with the
+//! same layout and rounding runs elsewhere (correct, but no faster than f32, so the loader only
+//! offers bf16 where the instruction exists) and is the reference the fast one is tested against.
+
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per panel: two 16-lane f32 registers.
+const NR: usize = 32;
+/// Rows per micro-tile: 12 × 2 accumulators leave registers for two weight vectors and a
+/// broadcast input pair.
+const MR: usize = 12;
+/// k pairs per cache block: a panel's block is then 16 KiB and stays in L1 across all row tiles.
+const KC: usize = 128;
+
+/// Whether this CPU has the bf16 dot-product instruction.
+pub fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Two values as bf16 in one u32, as `vdpbf16ps` reads them: the even k in the low half.
+fn pair(lo: f32, hi: f32) -> u32 {
+    u32::from(bf16::from_f32(lo).to_bits()) | u32::from(bf16::from_f32(hi).to_bits()) << 16
+}
+
+fn unpair(p: u32) -> (f32, f32) {
+    (
+        bf16::from_bits(p as u16).to_f32(),
+        bf16::from_bits((p >> 16) as u16).to_f32(),
+    )
+}
+
+/// `W` `[N, K]` and its bias in the micro-kernel's layout: panels of [`NR`] output columns;
+/// in each panel, for every pair of k, the panel's columns' (k, k+1) pairs side by side.
+#[derive(Debug)]
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    pairs: usize,
+    data: Vec<u32>,
+    /// Padded to whole panels; zeros when the layer has no bias.
+    bias: Vec<f32>,
+}
+
+impl PackedWeight {
+    /// Packs a row-major `[n, k]` f32 weight (rounded to bf16) and an optional `[n]` bias
+    /// (kept in f32: it is added, not multiplied).
+    pub fn new(w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Self {
+        assert_eq!(w.len(), n * k, "weight of shape [{n}, {k}]");
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * pairs * NR];
+        data.par_chunks_mut(pairs * NR)
+            .enumerate()
+            .for_each(|(panel, dst)| {
+                for c in 0..NR.min(n - panel * NR) {
+                    let row = &w[(panel * NR + c) * k..][..k];
+                    for p in 0..pairs {
+                        let hi = if 2 * p + 1 < k { row[2 * p + 1] } else { 0.0 };
+                        dst[p * NR + c] = pair(row[2 * p], hi);
+                    }
+                }
+            });
+        let mut padded = vec![0f32; panels * NR];
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "bias of length {n}");
+            padded[..n].copy_from_slice(b);
+        }
+        Self {
+            n,
+            k,
+            pairs,
+            data,
+            bias: padded,
+        }
+    }
+}
+
+/// Output columns `[first_panel·NR, first_panel·NR + n)` of a packed weight: a whole layer, or
+/// the query or key-value rows of the fused QKV projection.
+#[derive(Debug, Clone)]
+pub struct PackedView {
+    w: Arc<PackedWeight>,
+    first_panel: usize,
+    n: usize,
+}
+
+impl PackedView {
+    pub fn new(w: PackedWeight) -> Self {
+        let n = w.n;
+        Self {
+            w: Arc::new(w),
+            first_panel: 0,
+            n,
+        }
+    }
+
+    /// Columns `[from, from + n)` of this view, when `from` starts a panel (every CLIP width
+    /// is a multiple of 32).
+    pub fn narrow(&self, from: usize, n: usize) -> Option<Self> {
+        (from.is_multiple_of(NR) && from + n <= self.n).then(|| Self {
+            w: self.w.clone(),
+            first_panel: self.first_panel + from / NR,
+            n,
+        })
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.w.k
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.n
+    }
+}
+
+/// What happens to the output tile after its last k block, while it is still in registers: one
+/// pass over memory saved per fused step.
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a> {
+    None,
+    /// QuickGELU `y·σ(1.702·y)`: the MLP's first layer.
+    QuickGelu,
+    /// `y + r` for a row-major `[m, n]` `r`: the residual connection after a layer.
+    Add(&'a [f32]),
+}
+
+/// A raw output pointer shared by threads that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each thread writes only its own panels' columns of the output.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The output at element `i` (a method, so closures capture the `Sync` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `epilogue(x·Wᵀ + b)` for a row-major `[m, k]` f32 `x`: `[m, n]` row-major f32.
+pub fn dense(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
+    dense_with(x, m, w, epilogue, native())
+}
+
+fn dense_with(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, simd: bool) -> Vec<f32> {
+    let (k, pairs, n) = (w.w.k, w.w.pairs, w.n);
+    assert_eq!(x.len(), m * k, "input of shape [{m}, {k}]");
+    if let Epilogue::Add(r) = epilogue {
+        assert_eq!(r.len(), m * n, "residual of shape [{m}, {n}]");
+    }
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    // x in bf16 pairs, rows padded to whole tiles with zeros.
+    let tiles = m.div_ceil(MR);
+    let mut a: Vec<u32> = Vec::with_capacity(tiles * MR * pairs);
+    let spare = &mut a.spare_capacity_mut()[..tiles * MR * pairs];
+    let (rows, pad) = spare.split_at_mut(m * pairs);
+    rows.par_chunks_mut(pairs)
+        .zip(x.par_chunks(k))
+        .for_each(|(dst, src)| to_pairs(src, dst, simd));
+    pad.fill(MaybeUninit::new(0));
+    // SAFETY: every element up to this length was written just above.
+    unsafe { a.set_len(tiles * MR * pairs) };
+
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let out = Out(y.as_mut_ptr());
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads().clamp(1, panels);
+    // Each thread a run of panels (columns), reading all of `a`.
+    (0..threads).into_par_iter().for_each(|t| {
+        for j in panels * t / threads..panels * (t + 1) / threads {
+            let panel = w.first_panel + j;
+            let b = &w.w.data[panel * pairs * NR..][..pairs * NR];
+            let bias = &w.w.bias[panel * NR..][..NR];
+            let cols = NR.min(n - j * NR);
+            for kc in (0..pairs).step_by(KC) {
+                let kn = KC.min(pairs - kc);
+                for i in 0..tiles {
+                    let at = i * MR * n + j * NR;
+                    let tile = Tile {
+                        a: &a[i * MR * pairs + kc..],
+                        lda: pairs,
+                        b: &b[kc * NR..][..kn * NR],
+                        // Row i·MR, column j·NR of the m×n output.
+                        c: out.at(at),
+                        ldc: n,
+                        rows: MR.min(m - i * MR),
+                        cols,
+                        bias: (kc == 0).then_some(bias),
+                        epilogue: match epilogue {
+                            _ if kc + kn < pairs => Epilogue::None,
+                            Epilogue::Add(r) => Epilogue::Add(&r[at..]),
+                            e => e,
+                        },
+                    };
+                    // SAFETY: the tile's rows and columns lie inside the output, which no other
+                    // thread writes there; `a` holds MR rows of `lda` pairs from the tile's start.
+                    unsafe { tile.run(simd) }
+                }
+            }
+        }
+    });
+    // SAFETY: the panels cover all n columns, the tiles all m rows, and each tile stored all of
+    // its rows' columns.
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+/// One `rows × cols` block of the output over one block of k pairs: initialised with the bias
+/// (first k block) or accumulated onto what earlier blocks stored; the epilogue (last k block)
+/// reads a residual, if any, with the output's row stride from its tile start.
+struct Tile<'a> {
+    a: &'a [u32],
+    lda: usize,
+    b: &'a [u32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    bias: Option<&'a [f32]>,
+    epilogue: Epilogue<'a>,
+}
+
+impl Tile<'_> {
+    unsafe fn run(&self, simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            return self.avx512();
+        }
+        let _ = simd;
+        self.portable()
+    }
+
+    unsafe fn portable(&self) {
+        let kn = self.b.len() / NR;
+        for r in 0..self.rows {
+            let c = self.c.add(r * self.ldc);
+            for col in 0..self.cols {
+                let mut acc = match self.bias {
+                    Some(b) => b[col],
+                    None => *c.add(col),
+                };
+                for p in 0..kn {
+                    let (a0, a1) = unpair(self.a[r * self.lda + p]);
+                    let (b0, b1) = unpair(self.b[p * NR + col]);
+                    acc += a1 * b1 + a0 * b0;
+                }
+                *c.add(col) = match self.epilogue {
+                    Epilogue::None => acc,
+                    Epilogue::QuickGelu => acc / (1.0 + (-1.702 * acc).exp()),
+                    Epilogue::Add(res) => acc + res[r * self.ldc + col],
+                };
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn avx512(&self) {
+        use std::arch::x86_64::*;
+        let kn = self.b.len() / NR;
+        let (a, b, c) = (self.a.as_ptr(), self.b.as_ptr(), self.c);
+        let mask = |from: usize| -> u16 {
+            match self.cols.saturating_sub(from) {
+                n if n >= 16 => 0xffff,
+                n => (1u16 << n) - 1,
+            }
+        };
+        let (m0, m1) = (mask(0), mask(16));
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        match self.bias {
+            Some(bias) => {
+                let b0 = _mm512_loadu_ps(bias.as_ptr());
+                let b1 = _mm512_loadu_ps(bias.as_ptr().add(16));
+                for row in acc.iter_mut() {
+                    *row = [b0, b1];
+                }
+            }
+            None => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    if r < self.rows {
+                        let c = c.add(r * self.ldc);
+                        *row = [
+                            _mm512_maskz_loadu_ps(m0, c),
+                            _mm512_maskz_loadu_ps(m1, c.add(16)),
+                        ];
+                    }
+                }
+            }
+        }
+        for p in 0..kn {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(b.add(p * NR) as *const f32));
+            let b1: __m512bh =
+                std::mem::transmute(_mm512_loadu_ps(b.add(p * NR + 16) as *const f32));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(r * self.lda + p) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            if r < self.rows {
+                let c = c.add(r * self.ldc);
+                _mm512_mask_storeu_ps(c, m0, row[0]);
+                _mm512_mask_storeu_ps(c.add(16), m1, row[1]);
+            }
+        }
+        // A second pass over the tile just stored (still in L1): kept out of the loop above,
+        // whose 24 accumulators must stay in registers.
+        if !matches!(self.epilogue, Epilogue::None) {
+            self.epilogue_avx512(m0, m1);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    unsafe fn epilogue_avx512(&self, m0: u16, m1: u16) {
+        use std::arch::x86_64::*;
+        for r in 0..self.rows {
+            let c = self.c.add(r * self.ldc);
+            for (half, mask) in [(0, m0), (16, m1)] {
+                let y = _mm512_maskz_loadu_ps(mask, c.add(half));
+                let y = match self.epilogue {
+                    Epilogue::None => y,
+                    Epilogue::QuickGelu => quick_gelu(y),
+                    Epilogue::Add(res) => _mm512_add_ps(
+                        y,
+                        _mm512_maskz_loadu_ps(mask, res.as_ptr().add(r * self.ldc + half)),
+                    ),
+                };
+                _mm512_mask_storeu_ps(c.add(half), mask, y);
+            }
+        }
+    }
+}
+
+/// QuickGELU `x / (1 + e^(−1.702·x))` on 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quick_gelu(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let e = exp(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
+    _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+}
+
+/// `e^x` on 16 lanes, within 2 ulp of libm: `x = n·ln2 + r` with |r| ≤ ln2/2, a degree-6
+/// polynomial for `e^r` and `scalef` for the `2^n` (which also gives 0 and ∞ out of range).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(
+        _mm512_min_ps(x, _mm512_set1_ps(100.0)),
+        _mm512_set1_ps(-110.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    // ln2 in two parts so that n·ln2_hi is exact.
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// One row of f32 to bf16 pairs (the odd last k paired with zero).
+fn to_pairs(src: &[f32], dst: &mut [MaybeUninit<u32>], simd: bool) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the CPU has AVX512-BF16 (`simd`); 32 floats read and 16 pairs written per step,
+        // all in bounds.
+        unsafe { done = to_pairs_avx512(src, dst) };
+    }
+    let _ = simd;
+    for (p, d) in dst.iter_mut().enumerate().skip(done) {
+        let hi = src.get(2 * p + 1).copied().unwrap_or(0.0);
+        d.write(pair(src[2 * p], hi));
+    }
+}
+
+/// Converts whole 32-float blocks; returns how many pairs it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn to_pairs_avx512(src: &[f32], dst: &mut [MaybeUninit<u32>]) -> usize {
+    use std::arch::x86_64::*;
+    let blocks = src.len() / 32;
+    for i in 0..blocks {
+        let lo = _mm512_loadu_ps(src.as_ptr().add(32 * i));
+        let hi = _mm512_loadu_ps(src.as_ptr().add(32 * i + 16));
+        // The low 16 bf16 come from the second operand.
+        let v: __m512 = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_ps(dst.as_mut_ptr().add(16 * i) as *mut f32, v);
+    }
+    blocks * 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn round(x: f32) -> f32 {
+        bf16::from_f32(x).to_f32()
+    }
+
+    /// `x·Wᵀ + b` in f64 from the bf16-rounded operands.
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, b: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|t| f64::from(round(x[i * k + t])) * f64::from(round(w[j * k + t])))
+                    .sum();
+                y[i * n + j] = (dot + f64::from(b[j])) as f32;
+            }
+        }
+        y
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Shapes with partial tiles, partial panels, odd k, and k past one cache block.
+    const SHAPES: [(usize, usize, usize); 5] = [
+        (1, 1, 1),
+        (13, 33, 7),
+        (25, 70, 300),
+        (12, 32, 256),
+        (50, 96, 513),
+    ];
+
+    #[test]
+    fn portable_kernel_is_the_bf16_product() {
+        for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
+            let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
+            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            let y = dense_with(&x, m, &packed, Epilogue::None, false);
+            let diff = max_diff(&y, &reference(&x, m, &w, n, k, &b));
+            assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
+        }
+    }
+
+    #[test]
+    fn native_kernel_equals_the_portable_one() {
+        if !native() {
+            eprintln!("this CPU has no AVX512-BF16; only the portable kernel was checked");
+            return;
+        }
+        for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
+            let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
+            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            let fast = dense_with(&x, m, &packed, Epilogue::None, true);
+            let slow = dense_with(&x, m, &packed, Epilogue::None, false);
+            let diff = max_diff(&fast, &slow);
+            assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
+        }
+    }
+
+    #[test]
+    fn narrowed_view_is_the_column_range() {
+        let (m, n, k) = (5, 96, 40);
+        let (x, w, b) = (random(m * k, 1), random(n * k, 2), random(n, 3));
+        let full = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+        let y = dense(&x, m, &full, Epilogue::None);
+        let part = full.narrow(32, 64).unwrap();
+        assert_eq!((part.in_dim(), part.out_dim()), (k, 64));
+        let yp = dense(&x, m, &part, Epilogue::None);
+        for i in 0..m {
+            assert_eq!(&yp[i * 64..][..64], &y[i * n + 32..][..64]);
+        }
+        assert!(full.narrow(16, 32).is_none(), "not at a panel start");
+    }
+
+    #[test]
+    fn no_bias_is_zero_bias() {
+        let (m, n, k) = (3, 10, 9);
+        let (x, w) = (random(m * k, 4), random(n * k, 5));
+        let a = dense(
+            &x,
+            m,
+            &PackedView::new(PackedWeight::new(&w, n, k, None)),
+            Epilogue::None,
+        );
+        let b = dense(
+            &x,
+            m,
+            &PackedView::new(PackedWeight::new(&w, n, k, Some(&vec![0.0; n]))),
+            Epilogue::None,
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn epilogues_are_gelu_and_residual_on_both_kernels() {
+        let (m, n, k) = (14, 40, 300);
+        let (x, w, b, res) = (
+            random(m * k, 8),
+            random(n * k, 9),
+            random(n, 10),
+            random(m * n, 11),
+        );
+        let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+        let kernels: &[bool] = if native() { &[false, true] } else { &[false] };
+        for &simd in kernels {
+            let plain = dense_with(&x, m, &packed, Epilogue::None, simd);
+            let gelu = dense_with(&x, m, &packed, Epilogue::QuickGelu, simd);
+            let added = dense_with(&x, m, &packed, Epilogue::Add(&res), simd);
+            for i in 0..m * n {
+                let y = plain[i];
+                let want = y / (1.0 + (-1.702 * y).exp());
+                assert!(
+                    (gelu[i] - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{simd} {i}: {} vs {want}",
+                    gelu[i]
+                );
+                assert!((added[i] - (y + res[i])).abs() <= 1e-6, "{simd} {i}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_matches_libm() {
+        if !native() {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let mut worst = 0f32;
+        let mut x = -104.0f32;
+        while x < 88.0 {
+            let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 1e-3);
+            let mut got = [0f32; 16];
+            // SAFETY: the CPU has AVX-512 (`native`).
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_loadu_ps(xs.as_ptr()))) };
+            for (g, x) in got.iter().zip(xs) {
+                let want = x.exp();
+                if want.is_normal() {
+                    worst = worst.max(((g - want) / want).abs());
+                }
+            }
+            x += 0.37;
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
+        // Out of range: 0 and ∞ as libm gives, and QuickGELU of large |x| stays finite.
+        unsafe {
+            let mut got = [0f32; 16];
+            _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_set1_ps(-200.0)));
+            assert_eq!(got[0], 0.0);
+            _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_set1_ps(200.0)));
+            assert_eq!(got[0], f32::INFINITY);
+            _mm512_storeu_ps(got.as_mut_ptr(), quick_gelu(_mm512_set1_ps(-500.0)));
+            assert_eq!(got[0], 0.0);
+            _mm512_storeu_ps(got.as_mut_ptr(), quick_gelu(_mm512_set1_ps(500.0)));
+            assert_eq!(got[0], 500.0);
+        }
+    }
+}
