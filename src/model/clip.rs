@@ -364,9 +364,14 @@ impl Attention {
                 )
             }
             Qkv::Fused(qkv) => {
+                let y = rows.grid_of(&qkv.forward(xs)?)?;
+                if let Some(out) = super::attention_cpu::attention(&y, nh, mask) {
+                    return self
+                        .out_proj
+                        .forward_residual(&rows.rows_of(&out?)?, residual);
+                }
                 // [B, T, 3H] -> [3, B, heads, T, head_dim] in one copy.
-                let y = rows
-                    .grid_of(&qkv.forward(xs)?)?
+                let y = y
                     .reshape((b, t, 3, nh, hd))?
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()?;

@@ -1,5 +1,6 @@
 //! Model loading: CLIP checkpoints in the Hugging Face layout, from a folder or the hub.
 
+pub mod attention_cpu;
 pub mod clip;
 pub mod config;
 pub mod gemm_bf16;

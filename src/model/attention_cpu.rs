@@ -1,0 +1,317 @@
+//! The attention core `softmax(q·kᵀ + mask)·v` of every head in one pass on the CPU, for
+//! inference.
+//!
+//! candle composes it from a head-split copy, a batched matmul of many tiny (T×64) matrices, a
+//! broadcast mask add, a softmax pass, a second batched matmul and a head-merge copy, each with
+//! its own output buffer. Here each sequence's heads are read straight from the fused QKV
+//! projection's output and written straight into the layout the output projection reads; the
+//! scores of one query row live in a small buffer. About a tenth of a ViT-B/32 layer's time goes
+//! to those steps on the CPU, most of it overhead rather than arithmetic.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Which vector instructions the kernel is compiled for at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+}
+
+fn isa() -> Option<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return Some(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Some(Isa::Avx2);
+        }
+    }
+    None
+}
+
+/// The attention core of a multi-head layer: `qkv` `[B, T, 3H]` holds each row's queries
+/// (already scaled by 1/√head_dim), keys and values, heads side by side in each; `mask` an
+/// optional additive `[T, T]`. Returns the heads' outputs side by side, `[B, T, H]` (what the
+/// output projection takes). `None` where this kernel does not apply (anything tracked, not on
+/// the CPU, not f32, or a CPU without AVX2/FMA): the caller composes it from candle ops.
+pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Option<Result<Tensor>> {
+    let applies = qkv.device().is_cpu()
+        && qkv.dtype() == DType::F32
+        && !qkv.track_op()
+        && mask.is_none_or(|m| m.dtype() == DType::F32 && !m.track_op())
+        && isa().is_some();
+    if !applies {
+        return None;
+    }
+    let op = Attention { heads };
+    Some(qkv.contiguous().and_then(|qkv| match mask {
+        Some(m) => qkv.apply_op2_no_bwd(&m.contiguous()?, &op),
+        None => qkv.apply_op1_no_bwd(&op),
+    }))
+}
+
+struct Attention {
+    heads: usize,
+}
+
+impl Attention {
+    fn run(&self, s: &CpuStorage, l: &Layout, mask: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let (b, t, h3) = l.shape().dims3()?;
+        let (CpuStorage::F32(data), Some((start, end))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("attention: a contiguous f32 input expected")
+        };
+        let h = h3 / 3;
+        if h3 % 3 != 0 || self.heads == 0 || h % self.heads != 0 {
+            candle_core::bail!("attention: {h3} columns for {} heads", self.heads)
+        }
+        if mask.is_some_and(|m| m.len() != t * t) {
+            candle_core::bail!("attention: mask for a sequence of {t} expected")
+        }
+        let Some(isa) = isa() else {
+            candle_core::bail!("attention: needs AVX2 and FMA")
+        };
+        let qkv = &data[start..end];
+        let hd = h / self.heads;
+        let mut out = vec![0f32; b * t * h];
+        out.par_chunks_mut(t * h)
+            .zip(qkv.par_chunks(t * h3))
+            .for_each(|(out, x)| {
+                let seq = Sequence {
+                    x,
+                    t,
+                    h,
+                    hd,
+                    heads: self.heads,
+                    mask,
+                };
+                // SAFETY: `isa` was detected on this CPU.
+                unsafe {
+                    match isa {
+                        Isa::Avx512 => seq.avx512(out),
+                        Isa::Avx2 => seq.avx2(out),
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h))))
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(s, l, None)
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(m), Some((start, end))) = (s2, l2.contiguous_offsets()) else {
+            candle_core::bail!("attention: a contiguous f32 mask expected")
+        };
+        self.run(s1, l1, Some(&m[start..end]))
+    }
+}
+
+/// One sequence's `[T, 3H]` rows.
+struct Sequence<'a> {
+    x: &'a [f32],
+    t: usize,
+    h: usize,
+    hd: usize,
+    heads: usize,
+    mask: Option<&'a [f32]>,
+}
+
+impl Sequence<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn avx512(&self, out: &mut [f32]) {
+        self.heads_into(out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(&self, out: &mut [f32]) {
+        self.heads_into(out)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn avx512(&self, out: &mut [f32]) {
+        self.heads_into(out)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn avx2(&self, out: &mut [f32]) {
+        self.heads_into(out)
+    }
+
+    /// Plain loops over contiguous slices, inlined into the entry points above so that the
+    /// compiler vectorises them for the detected instruction set (`mul_add` becomes an FMA).
+    #[inline(always)]
+    fn heads_into(&self, out: &mut [f32]) {
+        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
+        let mut kt = vec![0f32; hd * t];
+        let mut s = vec![0f32; t];
+        for head in 0..self.heads {
+            // Keys transposed, so each query's scores are FMAs over whole rows.
+            for j in 0..t {
+                let k = &self.x[j * h3 + h + head * hd..][..hd];
+                for (d, &k) in k.iter().enumerate() {
+                    kt[d * t + j] = k;
+                }
+            }
+            for i in 0..t {
+                let q = &self.x[i * h3 + head * hd..][..hd];
+                match self.mask {
+                    Some(m) => s.copy_from_slice(&m[i * t..][..t]),
+                    None => s.fill(0.0),
+                }
+                for (d, &qd) in q.iter().enumerate() {
+                    for (s, &k) in s.iter_mut().zip(&kt[d * t..][..t]) {
+                        *s = qd.mul_add(k, *s);
+                    }
+                }
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in s.iter_mut() {
+                    *s = exp(*s - max);
+                    sum += *s;
+                }
+                let o = &mut out[i * h + head * hd..][..hd];
+                o.fill(0.0);
+                for (j, &p) in s.iter().enumerate() {
+                    let v = &self.x[j * h3 + 2 * h + head * hd..][..hd];
+                    for (o, &v) in o.iter_mut().zip(v) {
+                        *o = p.mul_add(v, *o);
+                    }
+                }
+                let inv = 1.0 / sum;
+                for o in o.iter_mut() {
+                    *o *= inv;
+                }
+            }
+        }
+    }
+}
+
+/// `e^x` for `x ≤ 0` (scores minus their maximum) within a few ulp, written so it vectorises:
+/// `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, `2^n` built in the exponent bits; below
+/// the normal range (masked scores, −∞ included) it is 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let below = x < -87.0;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // ln2 in two parts so that n·ln2_hi is exact.
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut p: f32 = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if below {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    /// The composed formulation clip.rs falls back to.
+    fn composed(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Tensor {
+        let (b, t, h3) = qkv.dims3().unwrap();
+        let (h, hd) = (h3 / 3, h3 / 3 / heads);
+        let y = qkv
+            .reshape((b, t, 3, heads, hd))
+            .unwrap()
+            .permute((2, 0, 3, 1, 4))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let (q, k, v) = (y.get(0).unwrap(), y.get(1).unwrap(), y.get(2).unwrap());
+        let mut a = q.matmul(&k.t().unwrap()).unwrap();
+        if let Some(m) = mask {
+            a = a.broadcast_add(m).unwrap();
+        }
+        let a = candle_nn::ops::softmax(&a, D::Minus1).unwrap();
+        a.matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, h))
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_equals_the_composed_ops() {
+        if isa().is_none() {
+            eprintln!("no AVX2/FMA on this CPU: the composed ops are used instead");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (b, t, heads, hd) in [(3, 50, 4, 16), (2, 7, 2, 64), (1, 1, 1, 8)] {
+            let qkv = Tensor::randn(0f32, 1.5, (b, t, 3 * heads * hd), &dev).unwrap();
+            let causal: Vec<f32> = (0..t * t)
+                .map(|i| {
+                    if i % t > i / t {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let causal = Tensor::from_vec(causal, (t, t), &dev).unwrap();
+            for mask in [None, Some(&causal)] {
+                let fused = attention(&qkv, heads, mask).unwrap().unwrap();
+                let want = composed(&qkv, heads, mask);
+                let diff = crate::testutil::max_abs_diff(&fused, &want);
+                assert!(
+                    diff < 1e-5,
+                    "{b}×{t}, {heads} heads, mask {}: {diff}",
+                    mask.is_some()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_and_zero_below_range() {
+        let mut worst = 0f32;
+        let mut x = -86.9f32;
+        while x <= 0.0 {
+            let want = x.exp();
+            worst = worst.max(((exp(x) - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn tracked_inputs_take_the_composed_path() {
+        let v = candle_core::Var::randn(0f32, 1.0, (1, 4, 12), &Device::Cpu).unwrap();
+        assert!(attention(v.as_tensor(), 2, None).is_none());
+    }
+}
