@@ -117,7 +117,45 @@ impl CustomOp3 for DenseBias {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?), Some(g.sum(0)?)))
+        let db = match cpu_f32_grad(&[g], |t| t[0].apply_op1_no_bwd(&ColumnSum)) {
+            Some(db) => db?,
+            None => g.sum(0)?,
+        };
+        Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?), Some(db)))
+    }
+}
+
+/// Column sums of a `[M, N]` matrix (the bias gradient), over blocks of rows in parallel
+/// (candle's own sum over rows runs on one core).
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, n) = l.shape().dims2()?;
+        let Some(g) = f32_slice(s, l) else {
+            candle_core::bail!("column-sum: a contiguous f32 input expected")
+        };
+        let sums = g
+            .par_chunks(64 * n.max(1))
+            .map(|block| {
+                let mut p = vec![0f32; n];
+                for row in block.chunks(n.max(1)) {
+                    p.iter_mut().zip(row).for_each(|(p, g)| *p += g);
+                }
+                p
+            })
+            .reduce(
+                || vec![0f32; n],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        Ok((CpuStorage::F32(sums), Shape::from(n)))
     }
 }
 
@@ -234,11 +272,63 @@ impl CustomOp1 for QuickGelu {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(dx) = cpu_f32_grad(&[x, g], |t| t[0].apply_op2_no_bwd(&t[1], &QuickGeluGrad)) {
+            return dx.map(Some);
+        }
         // d/dx x·σ(ax) = σ(ax)·(1 + a·x·(1 − σ(ax)))
         let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
         let d = (&s * ((x * &(1.0 - &s)?)? * 1.702)?.affine(1.0, 1.0)?)?;
         Ok(Some((g * d)?))
     }
+}
+
+/// QuickGELU's backward pass `g·σ(ax)·(1 + a·x·(1 − σ(ax)))` for `(x, g)`, one pass.
+struct QuickGeluGrad;
+
+impl CustomOp2 for QuickGeluGrad {
+    fn name(&self) -> &'static str {
+        "quick-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some(x), Some(g)) = (f32_slice(s1, l1), f32_slice(s2, l2)) else {
+            candle_core::bail!("quick-gelu-grad: contiguous f32 operands expected")
+        };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                    let s = 1.0 / (1.0 + (-1.702 * x).exp());
+                    *o = g * s * (1.0 + 1.702 * x * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// A backward pass's fused CPU kernel applied to contiguous copies of `ts` when all are f32 on
+/// the CPU; `None` otherwise (the caller composes candle ops). Gradients need no gradient of
+/// their own here (no second-order training), so these kernels record none.
+fn cpu_f32_grad(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Option<Result<Tensor>> {
+    let applies = ts
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    applies.then(|| {
+        f(&ts
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<Vec<_>>>()?)
+    })
 }
 
 /// QuickGELU `x·σ(1.702·x)`: one fused pass on the CPU in f32.
@@ -302,6 +392,19 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // x̂ = (x − μ)·r; dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = g·w.
         let h = w.dim(0)?;
+        let eps = self.eps;
+        if let Some(all) = cpu_f32_grad(&[x, w, g], |t| {
+            t[0].apply_op3_no_bwd(&t[1], &t[2], &LayerNormGrad { eps })
+        }) {
+            // Rows of dx, then dw and db.
+            let all = all?;
+            let rows = x.elem_count() / h;
+            return Ok((
+                Some(all.narrow(0, 0, rows)?.reshape(x.shape())?),
+                Some(all.get(rows)?),
+                Some(all.get(rows + 1)?),
+            ));
+        }
         let rows = x.elem_count() / h;
         let (x2, g2) = (x.reshape((rows, h))?, g.reshape((rows, h))?);
         let mean = x2.mean_keepdim(1)?;
@@ -318,6 +421,81 @@ impl CustomOp3 for LayerNormOp {
         let dw = (&g2 * &xhat)?.sum(0)?;
         let db = g2.sum(0)?;
         Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
+    }
+}
+
+/// Layer norm's backward pass for `(x, w, g)`: `[rows + 2, h]`, the rows of dx, then dw and db
+/// (summed over rows in parallel blocks), statistics recomputed per row.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some(x), Some(w), Some(g)) = (f32_slice(s1, l1), f32_slice(s2, l2), f32_slice(s3, l3))
+        else {
+            candle_core::bail!("layer-norm-grad: contiguous f32 operands expected")
+        };
+        let h = w.len();
+        if h == 0 || x.len() % h != 0 || g.len() != x.len() {
+            candle_core::bail!(
+                "layer-norm-grad: shapes {:?} {:?} {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let rows = x.len() / h;
+        let mut out = vec![0f32; (rows + 2) * h];
+        let (dx, params) = out.split_at_mut(rows * h);
+        let block = 32 * h;
+        let sums = dx
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+            .map(|(dx, (x, g))| {
+                let mut p = vec![0f32; 2 * h];
+                let mut xhat = vec![0f32; h];
+                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                    let mean = x.iter().sum::<f32>() / h as f32;
+                    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+                    let r = 1.0 / (var + self.eps).sqrt();
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for j in 0..h {
+                        xhat[j] = (x[j] - mean) * r;
+                        let d = g[j] * w[j];
+                        m1 += d;
+                        m2 += d * xhat[j];
+                        p[j] += g[j] * xhat[j];
+                        p[h + j] += g[j];
+                    }
+                    let (m1, m2) = (m1 / h as f32, m2 / h as f32);
+                    for j in 0..h {
+                        dx[j] = r * (g[j] * w[j] - m1 - xhat[j] * m2);
+                    }
+                }
+                p
+            })
+            .reduce(
+                || vec![0f32; 2 * h],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        params.copy_from_slice(&sums);
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, h))))
     }
 }
 
@@ -365,9 +543,46 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(dx) = cpu_f32_grad(&[y, g], |t| t[0].apply_op2_no_bwd(&t[1], &SoftmaxGrad)) {
+            return dx.map(Some);
+        }
         // dx = y ⊙ (g − Σ g⊙y)
         let dot = (g * y)?.sum_keepdim(candle_core::D::Minus1)?;
         Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// Softmax's backward pass `y ⊙ (g − Σ g⊙y)` for `(y, g)`, row by row in one pass.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some(y), Some(g)) = (f32_slice(s1, l1), f32_slice(s2, l2)) else {
+            candle_core::bail!("softmax-grad: contiguous f32 operands expected")
+        };
+        let n = (*l1.dims().last().unwrap_or(&1)).max(1);
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(n * 64)
+            .zip(y.par_chunks(n * 64).zip(g.par_chunks(n * 64)))
+            .for_each(|(o, (y, g))| {
+                for ((o, y), g) in o.chunks_mut(n).zip(y.chunks(n)).zip(g.chunks(n)) {
+                    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                        *o = y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
