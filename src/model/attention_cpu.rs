@@ -8,7 +8,7 @@
 //! scores of one query row live in a small buffer. Those steps took about 7% of a ViT-B/32
 //! forward on the CPU (perf), mostly overhead rather than arithmetic; fused, images/s rose 5–6%.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Which vector instructions the kernel is compiled for at run time.
@@ -33,31 +33,44 @@ fn isa() -> Option<Isa> {
 
 /// The attention core of a multi-head layer: `qkv` `[B, T, 3H]` holds each row's queries
 /// (already scaled by 1/√head_dim), keys and values, heads side by side in each; `mask` an
-/// optional additive `[T, T]`. Returns the heads' outputs side by side, `[B, T, H]` (what the
-/// output projection takes). `None` where this kernel does not apply (anything tracked, not on
-/// the CPU, not f32, or a CPU without AVX2/FMA): the caller composes it from candle ops.
+/// optional additive `[T, T]` constant. Returns the heads' outputs side by side, `[B, T, H]`
+/// (what the output projection takes), with a backward pass to `qkv` when it is tracked
+/// (recomputing the scores: only `qkv` and the output stay alive for it). `None` where this
+/// kernel does not apply (not on the CPU, not f32, a tracked mask, or a CPU without AVX2/FMA):
+/// the caller composes it from candle ops.
 pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Option<Result<Tensor>> {
     let applies = qkv.device().is_cpu()
         && qkv.dtype() == DType::F32
-        && !qkv.track_op()
         && mask.is_none_or(|m| m.dtype() == DType::F32 && !m.track_op())
         && isa().is_some();
     if !applies {
         return None;
     }
-    let op = Attention { heads };
-    Some(qkv.contiguous().and_then(|qkv| match mask {
-        Some(m) => qkv.apply_op2_no_bwd(&m.contiguous()?, &op),
-        None => qkv.apply_op1_no_bwd(&op),
-    }))
+    let op = Attention {
+        heads,
+        mask: mask.cloned(),
+    };
+    Some(qkv.contiguous().and_then(|qkv| qkv.apply_op1(op)))
 }
 
 struct Attention {
     heads: usize,
+    mask: Option<Tensor>,
 }
 
 impl Attention {
-    fn run(&self, s: &CpuStorage, l: &Layout, mask: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    /// The mask's values, read out of its tensor (a constant, so copied once per call).
+    fn mask_values(&self) -> Result<Option<Vec<f32>>> {
+        self.mask
+            .as_ref()
+            .map(|m| m.flatten_all()?.to_vec1::<f32>())
+            .transpose()
+    }
+
+    /// The output `[B, T, H]`, or with `grad` `[B, T, H]` the gradient `[B, T, 3H]` of `qkv`.
+    fn run(&self, s: &CpuStorage, l: &Layout, grad: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let mask = self.mask_values()?;
+        let mask = mask.as_deref();
         let (b, t, h3) = l.shape().dims3()?;
         let (CpuStorage::F32(data), Some((start, end))) = (s, l.contiguous_offsets()) else {
             candle_core::bail!("attention: a contiguous f32 input expected")
@@ -74,10 +87,15 @@ impl Attention {
         };
         let qkv = &data[start..end];
         let hd = h / self.heads;
-        let mut out = vec![0f32; b * t * h];
-        out.par_chunks_mut(t * h)
+        let width = if grad.is_some() { h3 } else { h };
+        if grad.is_some_and(|g| g.len() != b * t * h) {
+            candle_core::bail!("attention: gradient of shape [{b}, {t}, {h}] expected")
+        }
+        let mut out = vec![0f32; b * t * width];
+        out.par_chunks_mut(t * width)
             .zip(qkv.par_chunks(t * h3))
-            .for_each(|(out, x)| {
+            .enumerate()
+            .for_each(|(i, (out, x))| {
                 let seq = Sequence {
                     x,
                     t,
@@ -86,15 +104,16 @@ impl Attention {
                     heads: self.heads,
                     mask,
                 };
+                let g = grad.map(|g| &g[i * t * h..][..t * h]);
                 // SAFETY: `isa` was detected on this CPU.
                 unsafe {
                     match isa {
-                        Isa::Avx512 => seq.avx512(out),
-                        Isa::Avx2 => seq.avx2(out),
+                        Isa::Avx512 => seq.avx512(out, g),
+                        Isa::Avx2 => seq.avx2(out, g),
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((b, t, h))))
+        Ok((CpuStorage::F32(out), Shape::from((b, t, width))))
     }
 }
 
@@ -106,24 +125,37 @@ impl CustomOp1 for Attention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run(s, l, None)
     }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(gv)) = &*gs else {
+            candle_core::bail!("attention: an f32 CPU gradient expected")
+        };
+        let Some((start, end)) = gl.contiguous_offsets() else {
+            candle_core::bail!("attention: a contiguous gradient expected")
+        };
+        let gv = gv[start..end].to_vec();
+        drop(gs);
+        Ok(Some(
+            qkv.detach().apply_op1_no_bwd(&Grad { op: self, g: gv })?,
+        ))
+    }
 }
 
-impl CustomOp2 for Attention {
+/// The backward pass as an op of its own: `qkv` to its gradient, given the output's.
+struct Grad<'a> {
+    op: &'a Attention,
+    g: Vec<f32>,
+}
+
+impl CustomOp1 for Grad<'_> {
     fn name(&self) -> &'static str {
-        "attention-masked"
+        "attention-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(m), Some((start, end))) = (s2, l2.contiguous_offsets()) else {
-            candle_core::bail!("attention: a contiguous f32 mask expected")
-        };
-        self.run(s1, l1, Some(&m[start..end]))
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.op.run(s, l, Some(&self.g))
     }
 }
 
@@ -138,26 +170,122 @@ struct Sequence<'a> {
 }
 
 impl Sequence<'_> {
+    /// The heads' outputs into `out` `[T, H]`, or with `g` (`[T, H]`, the outputs' gradient)
+    /// the gradient of the `[T, 3H]` input into `out`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn avx512(&self, out: &mut [f32]) {
-        self.heads_into(out)
+    unsafe fn avx512(&self, out: &mut [f32], g: Option<&[f32]>) {
+        match g {
+            None => self.heads_into(out),
+            Some(g) => self.grads_into(g, out),
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(&self, out: &mut [f32]) {
-        self.heads_into(out)
+    unsafe fn avx2(&self, out: &mut [f32], g: Option<&[f32]>) {
+        match g {
+            None => self.heads_into(out),
+            Some(g) => self.grads_into(g, out),
+        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn avx512(&self, out: &mut [f32]) {
-        self.heads_into(out)
+    unsafe fn avx512(&self, out: &mut [f32], g: Option<&[f32]>) {
+        match g {
+            None => self.heads_into(out),
+            Some(g) => self.grads_into(g, out),
+        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn avx2(&self, out: &mut [f32]) {
-        self.heads_into(out)
+    unsafe fn avx2(&self, out: &mut [f32], g: Option<&[f32]>) {
+        self.avx512(out, g)
+    }
+
+    /// Keys (or values) of `head` transposed into `dst` `[head_dim, T]`, from column `col`.
+    #[inline(always)]
+    fn transposed(&self, head: usize, col: usize, dst: &mut [f32]) {
+        let (t, hd, h3) = (self.t, self.hd, 3 * self.h);
+        for j in 0..t {
+            let k = &self.x[j * h3 + col + head * hd..][..hd];
+            for (d, &k) in k.iter().enumerate() {
+                dst[d * t + j] = k;
+            }
+        }
+    }
+
+    /// Row `i`'s softmax probabilities of `head` into `p` (`kt`: the keys transposed).
+    #[inline(always)]
+    fn probabilities(&self, head: usize, i: usize, kt: &[f32], p: &mut [f32]) {
+        let (t, hd, h3) = (self.t, self.hd, 3 * self.h);
+        let q = &self.x[i * h3 + head * hd..][..hd];
+        match self.mask {
+            Some(m) => p.copy_from_slice(&m[i * t..][..t]),
+            None => p.fill(0.0),
+        }
+        for (d, &qd) in q.iter().enumerate() {
+            for (s, &k) in p.iter_mut().zip(&kt[d * t..][..t]) {
+                *s = qd.mul_add(k, *s);
+            }
+        }
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in p.iter_mut() {
+            *s = exp(*s - max);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        p.iter_mut().for_each(|s| *s *= inv);
+    }
+
+    /// With `P = softmax(q·kᵀ + mask)` and `O = P·v`: `dv = Pᵀ·dO`, `dP = dO·vᵀ`,
+    /// `dS = P ⊙ (dP − rowsum(dP ⊙ P))`, `dq = dS·k`, `dk = dSᵀ·q`, into `dx` `[T, 3H]`.
+    #[inline(always)]
+    fn grads_into(&self, g: &[f32], dx: &mut [f32]) {
+        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
+        dx.fill(0.0);
+        let mut kt = vec![0f32; hd * t];
+        let mut vt = vec![0f32; hd * t];
+        let mut p = vec![0f32; t];
+        let mut dp = vec![0f32; t];
+        for head in 0..self.heads {
+            self.transposed(head, h, &mut kt);
+            self.transposed(head, 2 * h, &mut vt);
+            let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
+            for i in 0..t {
+                self.probabilities(head, i, &kt, &mut p);
+                let go = &g[i * h + head * hd..][..hd];
+                dp.fill(0.0);
+                for (d, &gd) in go.iter().enumerate() {
+                    for (s, &v) in dp.iter_mut().zip(&vt[d * t..][..t]) {
+                        *s = gd.mul_add(v, *s);
+                    }
+                }
+                let dot: f32 = dp.iter().zip(&p).map(|(a, b)| a * b).sum();
+                for (s, &pj) in dp.iter_mut().zip(&p) {
+                    *s = pj * (*s - dot);
+                }
+                // dq_i = Σ_j dS_ij k_j; dk_j += dS_ij q_i; dv_j += P_ij dO_i.
+                let q: Vec<f32> = self.x[i * h3 + qc..][..hd].to_vec();
+                let mut dq = vec![0f32; hd];
+                for j in 0..t {
+                    let (ds, pj) = (dp[j], p[j]);
+                    let k = &self.x[j * h3 + kc..][..hd];
+                    for (a, &k) in dq.iter_mut().zip(k) {
+                        *a = ds.mul_add(k, *a);
+                    }
+                    let row = &mut dx[j * h3..][..h3];
+                    for (a, &q) in row[kc..kc + hd].iter_mut().zip(&q) {
+                        *a = ds.mul_add(q, *a);
+                    }
+                    for (a, &g) in row[vc..vc + hd].iter_mut().zip(go) {
+                        *a = pj.mul_add(g, *a);
+                    }
+                }
+                dx[i * h3 + qc..][..hd].copy_from_slice(&dq);
+            }
+        }
     }
 
     /// Plain loops over contiguous slices, inlined into the entry points above so that the
@@ -166,43 +294,19 @@ impl Sequence<'_> {
     fn heads_into(&self, out: &mut [f32]) {
         let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
         let mut kt = vec![0f32; hd * t];
-        let mut s = vec![0f32; t];
+        let mut p = vec![0f32; t];
         for head in 0..self.heads {
             // Keys transposed, so each query's scores are FMAs over whole rows.
-            for j in 0..t {
-                let k = &self.x[j * h3 + h + head * hd..][..hd];
-                for (d, &k) in k.iter().enumerate() {
-                    kt[d * t + j] = k;
-                }
-            }
+            self.transposed(head, h, &mut kt);
             for i in 0..t {
-                let q = &self.x[i * h3 + head * hd..][..hd];
-                match self.mask {
-                    Some(m) => s.copy_from_slice(&m[i * t..][..t]),
-                    None => s.fill(0.0),
-                }
-                for (d, &qd) in q.iter().enumerate() {
-                    for (s, &k) in s.iter_mut().zip(&kt[d * t..][..t]) {
-                        *s = qd.mul_add(k, *s);
-                    }
-                }
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in s.iter_mut() {
-                    *s = exp(*s - max);
-                    sum += *s;
-                }
+                self.probabilities(head, i, &kt, &mut p);
                 let o = &mut out[i * h + head * hd..][..hd];
                 o.fill(0.0);
-                for (j, &p) in s.iter().enumerate() {
+                for (j, &pj) in p.iter().enumerate() {
                     let v = &self.x[j * h3 + 2 * h + head * hd..][..hd];
                     for (o, &v) in o.iter_mut().zip(v) {
-                        *o = p.mul_add(v, *o);
+                        *o = pj.mul_add(v, *o);
                     }
-                }
-                let inv = 1.0 / sum;
-                for o in o.iter_mut() {
-                    *o *= inv;
                 }
             }
         }
@@ -312,8 +416,41 @@ mod tests {
     }
 
     #[test]
-    fn tracked_inputs_take_the_composed_path() {
-        let v = candle_core::Var::randn(0f32, 1.0, (1, 4, 12), &Device::Cpu).unwrap();
-        assert!(attention(v.as_tensor(), 2, None).is_none());
+    fn fused_attention_gradient_equals_the_composed_one() {
+        if isa().is_none() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for (b, t, heads, hd) in [(2, 9, 3, 16), (1, 50, 2, 64)] {
+            let qkv = candle_core::Var::from_tensor(
+                &(Tensor::randn(0f32, 1.0, (b, t, 3 * heads * hd), &dev).unwrap() * 0.5).unwrap(),
+            )
+            .unwrap();
+            let mix = Tensor::randn(0f32, 1.0, (b, t, heads * hd), &dev).unwrap();
+            let causal: Vec<f32> = (0..t * t)
+                .map(|i| {
+                    if i % t > i / t {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let causal = Tensor::from_vec(causal, (t, t), &dev).unwrap();
+            for mask in [None, Some(&causal)] {
+                let grad = |y: Tensor| {
+                    let g = (y * &mix).unwrap().sum_all().unwrap().backward().unwrap();
+                    g.get(qkv.as_tensor()).unwrap().clone()
+                };
+                let fused = grad(attention(qkv.as_tensor(), heads, mask).unwrap().unwrap());
+                let want = grad(composed(qkv.as_tensor(), heads, mask));
+                let diff = crate::testutil::max_abs_diff(&fused, &want);
+                assert!(
+                    diff < 1e-4,
+                    "{b}×{t}, {heads} heads, mask {}: {diff}",
+                    mask.is_some()
+                );
+            }
+        }
     }
 }

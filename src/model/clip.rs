@@ -148,6 +148,17 @@ impl Linear {
         }
     }
 
+    /// `QuickGELU(pre)·Wᵀ + b`: for training, the activation taken inside this layer's op keeps
+    /// only `pre` alive for the backward pass ([`super::kernels::quick_gelu_dense_bias`]).
+    fn forward_after_quick_gelu(&self, pre: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => self.apply(pre, |x| {
+                super::kernels::quick_gelu_dense_bias(x, &self.weight, b)
+            }),
+            None => self.forward(&super::kernels::quick_gelu(pre)?),
+        }
+    }
+
     /// The packed weights, when nothing here needs a gradient.
     fn packed_for(&self, xs: &Tensor, residual: Option<&Tensor>) -> Option<&PackedView> {
         let tracked = xs.track_op() || residual.is_some_and(Tensor::track_op);
@@ -196,15 +207,43 @@ fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The query, key and value projections.
+/// The query, key and value projections. Both run as one `[3H, H]` layer with the attention
+/// scale folded into the query rows: one GEMM that reads the input once instead of three, and
+/// one `[B, T, 3H]` output the attention core reads directly.
 #[derive(Debug, Clone)]
 enum Qkv {
-    /// Three layers, as in the checkpoint: used when the weights are trained (gradients per
-    /// tensor, and the optimiser updates the checkpoint's own variables).
-    Separate { q: Linear, k: Linear, v: Linear },
-    /// One `[3H, H]` layer with the attention scale folded into the query rows: one GEMM that
-    /// reads the input once instead of three, and one head-split copy instead of three.
+    /// Three layers, as in the checkpoint: used when the weights are trained (the optimiser
+    /// updates the checkpoint's own variables); concatenated at each forward pass, a
+    /// differentiable op, so their gradients flow back to them.
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        scale: f64,
+    },
+    /// Concatenated once, for inference.
     Fused(Linear),
+}
+
+impl Qkv {
+    fn fuse(q: &Linear, k: &Linear, v: &Linear, scale: f64) -> Result<Linear> {
+        let bias = |l: &Linear| l.bias.clone().expect("q/k/v projections have biases");
+        Ok(Linear {
+            weight: Tensor::cat(&[&(&q.weight * scale)?, &k.weight, &v.weight], 0)?,
+            bias: Some(Tensor::cat(&[&(bias(q) * scale)?, &bias(k), &bias(v)], 0)?),
+            packed: None,
+        })
+    }
+
+    /// The `[3H, H]` layer.
+    fn linear(&self) -> Result<std::borrow::Cow<'_, Linear>> {
+        Ok(match self {
+            Qkv::Separate { q, k, v, scale } => {
+                std::borrow::Cow::Owned(Self::fuse(q, k, v, *scale)?)
+            }
+            Qkv::Fused(l) => std::borrow::Cow::Borrowed(l),
+        })
+    }
 }
 
 /// Where the rows of a `[N, H]` activation sit in the `[B, T]` grid of sequences.
@@ -322,19 +361,11 @@ impl Attention {
         let lin = |name| Linear::new(vb.pp(name), hidden, hidden, true);
         let head_dim = hidden / num_heads;
         let (q, k, v) = (lin("q_proj")?, lin("k_proj")?, lin("v_proj")?);
+        let scale = (head_dim as f64).powf(-0.5);
         let qkv = if q.weight.track_op() || k.weight.track_op() || v.weight.track_op() {
-            Qkv::Separate { q, k, v }
+            Qkv::Separate { q, k, v, scale }
         } else {
-            let scale = (head_dim as f64).powf(-0.5);
-            let bias = |l: &Linear| l.bias.clone().expect("q/k/v projections have biases");
-            Qkv::Fused(Linear {
-                weight: Tensor::cat(&[&(&q.weight * scale)?, &k.weight, &v.weight], 0)?,
-                bias: Some(Tensor::cat(
-                    &[&(bias(&q) * scale)?, &bias(&k), &bias(&v)],
-                    0,
-                )?),
-                packed: None,
-            })
+            Qkv::Fused(Qkv::fuse(&q, &k, &v, scale)?)
         };
         Ok(Self {
             qkv,
@@ -354,42 +385,26 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t) = rows.grid();
         let (nh, hd) = (self.num_heads, self.head_dim);
-        let (q, k, v) = match &self.qkv {
-            Qkv::Separate { q, k, v } => {
-                let scale = (hd as f64).powf(-0.5);
-                (
-                    self.split_heads(&rows.grid_of(&(q.forward(xs)? * scale)?)?)?,
-                    self.split_heads(&rows.grid_of(&k.forward(xs)?)?)?,
-                    self.split_heads(&rows.grid_of(&v.forward(xs)?)?)?,
-                )
-            }
-            Qkv::Fused(qkv) => {
-                let y = rows.grid_of(&qkv.forward(xs)?)?;
-                if let Some(out) = super::attention_cpu::attention(&y, nh, mask) {
-                    return self
-                        .out_proj
-                        .forward_residual(&rows.rows_of(&out?)?, residual);
-                }
+        let y = rows.grid_of(&self.qkv.linear()?.forward(xs)?)?;
+        let out = match super::attention_cpu::attention(&y, nh, mask) {
+            Some(out) => out?,
+            None => {
                 // [B, T, 3H] -> [3, B, heads, T, head_dim] in one copy.
                 let y = y
                     .reshape((b, t, 3, nh, hd))?
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()?;
-                (y.get(0)?, y.get(1)?, y.get(2)?)
+                self.attend(&y.get(0)?, &y.get(1)?, &y.get(2)?, mask)?
             }
         };
-        let out = rows.rows_of(&self.attend(&q, &k, &v, mask)?)?;
-        self.out_proj.forward_residual(&out, residual)
+        self.out_proj
+            .forward_residual(&rows.rows_of(&out)?, residual)
     }
 
     fn pack_bf16(&mut self) -> Result<()> {
-        match &mut self.qkv {
-            Qkv::Separate { q, k, v } => {
-                q.pack_bf16()?;
-                k.pack_bf16()?;
-                v.pack_bf16()?;
-            }
-            Qkv::Fused(qkv) => qkv.pack_bf16()?,
+        // Trained projections (`Separate`) run in f32 whatever is packed.
+        if let Qkv::Fused(qkv) = &mut self.qkv {
+            qkv.pack_bf16()?;
         }
         self.out_proj.pack_bf16()
     }
@@ -429,31 +444,15 @@ impl Attention {
         let (b, t) = rows.grid();
         let h = xs.dim(1)?;
         let (nh, hd) = (self.num_heads, self.head_dim);
-        let q_heads = |q: Tensor| self.split_heads(&q.reshape((b, 1, h))?);
-        let (q, k, v) = match &self.qkv {
-            Qkv::Separate { q, k, v } => {
-                let scale = (hd as f64).powf(-0.5);
-                (
-                    q_heads((q.forward(q_xs)? * scale)?)?,
-                    self.split_heads(&rows.grid_of(&k.forward(xs)?)?)?,
-                    self.split_heads(&rows.grid_of(&v.forward(xs)?)?)?,
-                )
-            }
-            Qkv::Fused(qkv) => {
-                // Rows [0, H) of the fused layer are the (pre-scaled) queries, [H, 3H) keys and
-                // values.
-                let kv = rows
-                    .grid_of(&qkv.narrow_out(h, 2 * h)?.forward(xs)?)?
-                    .reshape((b, t, 2, nh, hd))?
-                    .permute((2, 0, 3, 1, 4))?
-                    .contiguous()?;
-                (
-                    q_heads(qkv.narrow_out(0, h)?.forward(q_xs)?)?,
-                    kv.get(0)?,
-                    kv.get(1)?,
-                )
-            }
-        };
+        // Rows [0, H) of the fused layer are the (pre-scaled) queries, [H, 3H) keys and values.
+        let qkv = self.qkv.linear()?;
+        let kv = rows
+            .grid_of(&qkv.narrow_out(h, 2 * h)?.forward(xs)?)?
+            .reshape((b, t, 2, nh, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let q = self.split_heads(&qkv.narrow_out(0, h)?.forward(q_xs)?.reshape((b, 1, h))?)?;
+        let (k, v) = (kv.get(0)?, kv.get(1)?);
         let out = self.attend(&q, &k, &v, mask)?.reshape((b, h))?;
         self.out_proj.forward_residual(&out, residual)
     }
@@ -504,9 +503,11 @@ impl EncoderLayer {
 
     /// `x + MLP(LN2(x))`, the second half of the layer.
     fn mlp_block(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self
-            .fc1
-            .forward_act(&self.layer_norm2.forward(xs)?, self.act)?;
+        let x = self.layer_norm2.forward(xs)?;
+        if self.act == Activation::QuickGelu && x.track_op() {
+            return xs + self.fc2.forward_after_quick_gelu(&self.fc1.forward(&x)?)?;
+        }
+        let h = self.fc1.forward_act(&x, self.act)?;
         self.fc2.forward_residual(&h, xs)
     }
 

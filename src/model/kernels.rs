@@ -46,8 +46,13 @@ fn threads() -> gemm::Parallelism {
     }
 }
 
-/// `x·Wᵀ + b` for `x` `[M, K]`, `W` `[N, K]`, `b` `[N]`.
-struct DenseBias;
+/// `x·Wᵀ + b` for `x` `[M, K]`, `W` `[N, K]`, `b` `[N]`; with `gelu_input`,
+/// `QuickGELU(x)·Wᵀ + b`, the MLP's activation taken inside the second layer so that training
+/// keeps the `[M, K]` pre-activation alone for the backward pass, not the activation as well
+/// (each is 4× the width of the residual stream); the activation is recomputed there.
+struct DenseBias {
+    gelu_input: bool,
+}
 
 impl CustomOp3 for DenseBias {
     fn name(&self) -> &'static str {
@@ -77,6 +82,17 @@ impl CustomOp3 for DenseBias {
                 l3.dims()
             )
         }
+        let activated;
+        let x = if self.gelu_input {
+            let mut a = vec![0f32; x.len()];
+            a.par_chunks_mut(1 << 14)
+                .zip(x.par_chunks(1 << 14))
+                .for_each(|(a, x)| quick_gelu_into(a, x));
+            activated = a;
+            &activated[..]
+        } else {
+            x
+        };
         let mut out = Vec::with_capacity(m * n);
         for _ in 0..m {
             out.extend_from_slice(b);
@@ -121,7 +137,32 @@ impl CustomOp3 for DenseBias {
             Some(db) => db?,
             None => g.sum(0)?,
         };
-        Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?), Some(db)))
+        let dx = g.matmul(w)?;
+        if !self.gelu_input {
+            return Ok((Some(dx), Some(g.t()?.matmul(x)?), Some(db)));
+        }
+        let x = x.detach().contiguous()?;
+        let a = x.apply_op1_no_bwd(&QuickGelu)?;
+        let dx = x.apply_op2_no_bwd(&dx.contiguous()?, &QuickGeluGrad)?;
+        Ok((Some(dx), Some(g.t()?.matmul(&a)?), Some(db)))
+    }
+}
+
+/// `QuickGELU(x)·Wᵀ + b` for a 2-D `x` `[M, K]`: on the CPU in f32 one op that keeps only `x`
+/// for the backward pass; composed elsewhere.
+pub fn quick_gelu_dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && [x.dtype(), w.dtype(), b.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32);
+    if fused {
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            DenseBias { gelu_input: true },
+        )
+    } else {
+        dense_bias(&quick_gelu(x)?, w, b)
     }
 }
 
@@ -166,8 +207,11 @@ pub fn dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
             .iter()
             .all(|&d| d == DType::F32);
     if fused {
-        x.contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, DenseBias)
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            DenseBias { gelu_input: false },
+        )
     } else {
         x.matmul(&w.t()?)?.broadcast_add(b)
     }
@@ -264,11 +308,7 @@ impl CustomOp1 for QuickGelu {
         let Some(x) = f32_slice(s, l) else {
             candle_core::bail!("quick-gelu: contiguous f32 input expected")
         };
-        Ok(map_blocks(x, l, 1 << 14, |o, x| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = x / (1.0 + (-1.702 * x).exp());
-            }
-        }))
+        Ok(map_blocks(x, l, 1 << 14, quick_gelu_into))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -279,6 +319,12 @@ impl CustomOp1 for QuickGelu {
         let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
         let d = (&s * ((x * &(1.0 - &s)?)? * 1.702)?.affine(1.0, 1.0)?)?;
         Ok(Some((g * d)?))
+    }
+}
+
+fn quick_gelu_into(o: &mut [f32], x: &[f32]) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o = x / (1.0 + (-1.702 * x).exp());
     }
 }
 
@@ -634,6 +680,26 @@ mod tests {
             .broadcast_add(b.as_tensor())
             .unwrap();
         assert_same(ours, theirs, &mix, &[&x, &w, &b], 1e-5);
+    }
+
+    #[test]
+    fn gelu_dense_and_its_gradients_equal_the_composed_ops() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], s: f64| {
+            Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * s).unwrap())
+                .unwrap()
+        };
+        let (x, w, b) = (var(&[9, 6], 3.0), var(&[4, 6], 1.0), var(&[4], 1.0));
+        let mix = Tensor::randn(0f32, 1.0, (9, 4), &dev).unwrap();
+        let ours = quick_gelu_dense_bias(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let xs = x.as_tensor();
+        let a = (xs * candle_nn::ops::sigmoid(&(xs * 1.702).unwrap()).unwrap()).unwrap();
+        let theirs = a
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        assert_same(ours, theirs, &mix, &[&x, &w, &b], 1e-4);
     }
 
     #[test]
