@@ -249,6 +249,7 @@ impl Sequence<'_> {
         let mut vt = vec![0f32; hd * t];
         let mut p = vec![0f32; t];
         let mut dp = vec![0f32; t];
+        let mut dq = vec![0f32; hd];
         for head in 0..self.heads {
             self.transposed(head, h, &mut kt);
             self.transposed(head, 2 * h, &mut vt);
@@ -267,8 +268,8 @@ impl Sequence<'_> {
                     *s = pj * (*s - dot);
                 }
                 // dq_i = Σ_j dS_ij k_j; dk_j += dS_ij q_i; dv_j += P_ij dO_i.
-                let q: Vec<f32> = self.x[i * h3 + qc..][..hd].to_vec();
-                let mut dq = vec![0f32; hd];
+                let q = &self.x[i * h3 + qc..][..hd];
+                dq.fill(0.0);
                 for j in 0..t {
                     let (ds, pj) = (dp[j], p[j]);
                     let k = &self.x[j * h3 + kc..][..hd];
@@ -276,7 +277,7 @@ impl Sequence<'_> {
                         *a = ds.mul_add(k, *a);
                     }
                     let row = &mut dx[j * h3..][..h3];
-                    for (a, &q) in row[kc..kc + hd].iter_mut().zip(&q) {
+                    for (a, &q) in row[kc..kc + hd].iter_mut().zip(q) {
                         *a = ds.mul_add(q, *a);
                     }
                     for (a, &g) in row[vc..vc + hd].iter_mut().zip(go) {
