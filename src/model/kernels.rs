@@ -6,8 +6,9 @@
 //! output kept alive by the autograd graph). On the CPU those extra passes cost about a tenth of
 //! a ViT forward, and more of a training step and its memory. Here the bias is the GEMM's
 //! initial output (`gemm` accumulates onto it), and QuickGELU, layer norm and softmax are one
-//! pass each. All keep a backward pass built from ordinary candle ops, so the same layers train;
-//! other devices and dtypes use the composed formulation.
+//! pass each, forward and backward (the backward passes are fused kernels of their own on the
+//! CPU, composed candle ops elsewhere), so the same layers train; other devices and dtypes use
+//! the composed formulation.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
