@@ -18,6 +18,16 @@ fn reference() -> Value {
         .unwrap()
 }
 
+/// The reference prompts.
+fn prompts(r: &Value) -> Vec<String> {
+    r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
         .unwrap()
@@ -49,12 +59,7 @@ fn tiny() -> Clip {
 fn tokenizer_matches_transformers_including_truncation() {
     let r = reference();
     let clip = tiny();
-    let prompts: Vec<String> = r["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
+    let prompts = prompts(&r);
     let ids = clip.tokenizer.encode_batch(&prompts).unwrap();
     for (i, (ours, theirs)) in ids
         .iter()
@@ -126,12 +131,7 @@ fn text_features_do_not_depend_on_the_batch() {
 fn text_features_match_transformers() {
     let r = reference();
     let clip = tiny();
-    let prompts: Vec<String> = r["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
+    let prompts = prompts(&r);
     let ids = clip.tokenizer.encode_batch(&prompts).unwrap();
     let ours = clip
         .model
@@ -230,12 +230,7 @@ fn bf16_matmul_features_stay_close_to_f32() {
         );
         worst = worst.min(cosine(&ours, &theirs));
     }
-    let prompts: Vec<String> = r["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
+    let prompts = prompts(&r);
     let ids = clip.tokenizer.encode_batch(&prompts).unwrap();
     let ours = clip
         .model

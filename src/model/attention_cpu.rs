@@ -378,16 +378,7 @@ mod tests {
         let dev = Device::Cpu;
         for (b, t, heads, hd) in [(3, 50, 4, 16), (2, 7, 2, 64), (1, 1, 1, 8)] {
             let qkv = Tensor::randn(0f32, 1.5, (b, t, 3 * heads * hd), &dev).unwrap();
-            let causal: Vec<f32> = (0..t * t)
-                .map(|i| {
-                    if i % t > i / t {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let causal = Tensor::from_vec(causal, (t, t), &dev).unwrap();
+            let causal = crate::model::clip::causal_mask(t, DType::F32, &dev).unwrap();
             for mask in [None, Some(&causal)] {
                 let fused = attention(&qkv, heads, mask).unwrap().unwrap();
                 let want = composed(&qkv, heads, mask);
@@ -430,16 +421,7 @@ mod tests {
             )
             .unwrap();
             let mix = Tensor::randn(0f32, 1.0, (b, t, heads * hd), &dev).unwrap();
-            let causal: Vec<f32> = (0..t * t)
-                .map(|i| {
-                    if i % t > i / t {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let causal = Tensor::from_vec(causal, (t, t), &dev).unwrap();
+            let causal = crate::model::clip::causal_mask(t, DType::F32, &dev).unwrap();
             for mask in [None, Some(&causal)] {
                 let grad = |y: Tensor| {
                     let g = (y * &mix).unwrap().sum_all().unwrap().backward().unwrap();

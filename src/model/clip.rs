@@ -707,7 +707,8 @@ impl ClipTextTransformer {
     }
 }
 
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// The additive `[T, T]` causal mask: −∞ above the diagonal.
+pub(crate) fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();

@@ -420,9 +420,7 @@ impl CustomOp3 for LayerNormOp {
             )
         }
         Ok(map_blocks(x, l1, h, |o, x| {
-            let mean = x.iter().sum::<f32>() / h as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-            let rstd = 1.0 / (var + self.eps).sqrt();
+            let (mean, rstd) = row_stats(x, self.eps);
             for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
                 *o = (x - mean) * rstd * w + b;
             }
@@ -471,6 +469,14 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
+/// Mean and `1/√(σ² + ε)` of one row, as layer norm's forward and backward passes both need.
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 /// Layer norm's backward pass for `(x, w, g)`: `[rows + 2, h]`, the rows of dx, then dw and db
 /// (summed over rows in parallel blocks), statistics recomputed per row.
 struct LayerNormGrad {
@@ -515,9 +521,7 @@ impl CustomOp3 for LayerNormGrad {
                 let mut p = vec![0f32; 2 * h];
                 let mut xhat = vec![0f32; h];
                 for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                    let mean = x.iter().sum::<f32>() / h as f32;
-                    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-                    let r = 1.0 / (var + self.eps).sqrt();
+                    let (mean, r) = row_stats(x, self.eps);
                     let (mut m1, mut m2) = (0f32, 0f32);
                     for j in 0..h {
                         xhat[j] = (x[j] - mean) * r;
