@@ -14,6 +14,8 @@
 //!   templates, through `text_classifier`); 0 skips it
 //! - `CLIPFT_BENCH_TEXT_BATCH` (`features::TEXT_BATCH`, what the CLI uses): prompts per batch;
 //!   80 encodes class by class, as the official repositories do
+//! - `CLIPFT_BENCH_FAST_DECODE` (0): 1 decodes as `--fast-decode` does (JPEGs reduced in the
+//!   decoder where large enough)
 //! - `RAYON_NUM_THREADS` (all cores)
 //!
 //! `scripts/bench_vs_pytorch.py` runs this next to `transformers` on the same checkpoint and images.
@@ -28,7 +30,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use clipft::features::{image_features, text_classifier, ExtractOptions};
 use clipft::model::{synth, Clip, ClipConfig, DTypeArg, DeviceArg, ModelSpec};
-use clipft::preprocess::{load_rgb, View};
+use clipft::preprocess::{load_rgb, Decode, View};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
@@ -92,6 +94,11 @@ fn main() {
     )
     .parse()
     .unwrap();
+    let decode = if env_or("CLIPFT_BENCH_FAST_DECODE", "0") == "1" {
+        Decode::Reduced
+    } else {
+        Decode::Exact
+    };
     let threads = rayon::current_num_threads();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&image_dir)
         .unwrap()
@@ -112,8 +119,11 @@ fn main() {
     let pixels: Vec<Vec<f32>> = paths
         .par_iter()
         .map(|p| {
-            clip.preprocess
-                .apply(&load_rgb(p).unwrap(), &View::Center, 0)
+            let pre = &clip.preprocess;
+            let src = pre.load(p, &View::Center, decode).unwrap();
+            let mut px = vec![0f32; 3 * s * s];
+            pre.apply_into(&src.rgb, src.full_size, &View::Center, 0, &mut px);
+            px
         })
         .collect();
     let pre = n as f64 / t.elapsed().as_secs_f64();
@@ -148,6 +158,7 @@ fn main() {
         skip_bad_images: false,
         progress: false,
         cache_dir: None,
+        decode,
     };
     let t = Instant::now();
     let f = image_features(&clip, &paths, &View::Center, &opts).unwrap();
@@ -165,11 +176,12 @@ fn main() {
     });
 
     println!(
-        "clipft feature extraction: {} ({}, {}), {n} images from {}, batch {batch}, {threads} threads",
+        "clipft feature extraction: {} ({}, {}), {n} images from {}, batch {batch}, {threads} threads{}",
         clip.config().arch_name(),
         dtype,
         clipft::model::load::device_name(&clip.device),
-        image_dir.display()
+        image_dir.display(),
+        if decode == Decode::Exact { "" } else { ", fast decode" }
     );
     println!("  decode+preprocess  {pre:8.1} img/s");
     println!("  model              {model:8.1} img/s");

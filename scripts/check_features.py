@@ -2,12 +2,14 @@
 """clipft image features vs Hugging Face transformers f32 on real-size JPEGs, per --dtype.
 
     python3 scripts/check_features.py [--dtype f32 bf16] [--device cpu] [--images 128]
-        [--threads 2] [--clipft target/release/clipft] [--workdir DIR]
+        [--threads 2] [--clipft target/release/clipft] [--workdir DIR] [--image-dir DIR] [--fast-decode]
 
 Uses the random ViT-B/32 checkpoint and the 500x375 JPEGs of scripts/bench_vs_pytorch.py (made
 in --workdir if missing), runs `clipft features` once per dtype, and prints each one's cosine
 to transformers' f32 features (min and mean over the images) and max abs difference; with a
 reduced precision, transformers' own features in that dtype (`torch_dtype`) for comparison.
+--image-dir uses the JPEGs of a folder instead; --fast-decode runs clipft with `--fast-decode`
+(its features against the exact transformers ones: the option's effect on features).
 Needs: torch, transformers, pillow, safetensors (for this check only).
 """
 import argparse
@@ -49,18 +51,20 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clipft", default=str(ROOT / "target/release/clipft"))
     ap.add_argument("--workdir")
+    ap.add_argument("--image-dir", help="JPEGs to use instead of the generated 500x375 ones")
+    ap.add_argument("--fast-decode", action="store_true", help="run clipft with --fast-decode")
     args = ap.parse_args()
 
     from safetensors import safe_open
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipft-check-"))
-    model_dir, image_dir = work / "vit-b32", work / "images"
+    model_dir, image_dir = work / "vit-b32", Path(args.image_dir or work / "images")
     if not (model_dir / "config.json").exists():
         bench.make_checkpoint(model_dir)
     if not image_dir.exists():
         bench.make_images(image_dir, args.images)
-    # A one-class dataset over the first --images JPEGs.
-    ds = work / "check-ds"
+    # A one-class dataset over the first --images JPEGs (one per image folder).
+    ds = work / ("check-ds-" + image_dir.name if args.image_dir else "check-ds")
     cls = ds / "train" / "a"
     cls.mkdir(parents=True, exist_ok=True)
     for p in sorted(image_dir.glob("*.jpg"))[: args.images]:
@@ -73,7 +77,8 @@ def main():
         out = work / f"check-{dt}.safetensors"
         subprocess.run([args.clipft, "features", "-q", "--model", str(model_dir), "--data", str(ds),
                         "--device", args.device, "--dtype", dt, "--threads", str(args.threads),
-                        "--no-cache", "--out", str(out)], check=True)
+                        "--no-cache", "--out", str(out)] + (["--fast-decode"] if args.fast_decode else []),
+                       check=True)
         with safe_open(out, "pt") as f:
             ours = f.get_tensor("image_features").float()
             meta = f.metadata()
@@ -81,7 +86,8 @@ def main():
         if ref is None:
             ref = transformers_features(model_dir, paths, "f32", args.device, args.threads)
         cos = (ours * ref).sum(-1)
-        print(f"clipft {args.device} {dt:4} vs transformers f32: {len(paths)} images, min cosine "
+        label = " --fast-decode" if args.fast_decode else ""
+        print(f"clipft {args.device} {dt:4}{label} vs transformers f32: {len(paths)} images, min cosine "
               f"{cos.min():.7f}, mean {cos.mean():.7f}, max abs diff {(ours - ref).abs().max():.2e}")
         if dt != "f32":
             theirs = transformers_features(model_dir, paths, dt, args.device, args.threads)

@@ -2,7 +2,12 @@
 """Pixel agreement of clipft's preprocessing with transformers' CLIPImageProcessor on real
 photographs of many sizes, aspect ratios, modes and formats.
 
-    python3 scripts/check_preprocess.py [--processor preprocessor_config.json]
+    python3 scripts/check_preprocess.py [--processor preprocessor_config.json] [--fast-decode]
+
+With --fast-decode, clipft's `--fast-decode` pixels are compared with Pillow's own reduced decoding
+(`Image.draft` to the resize size, then the same resize from the full image's size, crop and
+normalisation; expected equal), and their difference from the exact `CLIPImageProcessor` pixels
+is printed: the accuracy cost of the option.
 
 Uses the photographs shipped with scikit-image, re-encoded at various sizes (JPEG at several
 qualities, PNG, grayscale, RGBA, palette, CMYK, 16-bit). Prints, per image, the max and mean
@@ -61,6 +66,8 @@ def main():
     ap.add_argument("--processor", default=None, help="a preprocessor_config.json "
                     "(default: CLIPImageProcessor() defaults, 224 px, as openai/clip-vit-base-patch32)")
     ap.add_argument("--features", help="cargo features of the clipft build to check (e.g. simd-jpeg)")
+    ap.add_argument("--fast-decode", action="store_true", help="check clipft --fast-decode against Pillow's Image.draft")
+    ap.add_argument("--images", help="a folder of images to use instead of the generated set")
     args = ap.parse_args()
     try:  # transformers 5: the PIL backend (the default one needs torchvision)
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -74,14 +81,17 @@ def main():
         else:
             CLIPImageProcessor().save_pretrained(tmp / "proc")
             cfg = tmp / "proc" / "preprocessor_config.json"
-        images = make_images(tmp / "img")
+        images = sorted(Path(args.images).iterdir()) if args.images else make_images(tmp / "img")
         proc = CLIPImageProcessor.from_pretrained(cfg.parent)
         out = tmp / "px.safetensors"
         feats = ["--features", args.features] if args.features else []
-        subprocess.run(["cargo", "run", "-q", "--profile", PROFILE] + feats + ["--example", "pixels", "--", str(cfg), str(out)]
-                       + [str(p) for p in images], cwd=ROOT, check=True)
+        fast = ["--fast-decode"] if args.fast_decode else []
+        subprocess.run(["cargo", "run", "-q", "--profile", PROFILE] + feats + ["--example", "pixels", "--"] + fast
+                       + [str(cfg), str(out)] + [str(p) for p in images], cwd=ROOT, check=True)
         from safetensors.numpy import load_file
         ours = load_file(out)["pixel_values"]
+        if args.fast_decode:
+            return check_fast_decode(proc, images, ours)
         worst, total, count = 0.0, 0.0, 0
         for k, p in enumerate(images):
             ref = proc(images=Image.open(p), return_tensors="np")["pixel_values"][0]
@@ -94,6 +104,49 @@ def main():
             count += d.size
         print(f"ALL {len(images)} images: max abs diff {worst:.4f}, mean abs diff {total / count:.6f} "
               f"(one 8-bit level = {1 / 255 / 0.2686:.4f} after normalisation)")
+
+
+def draft_reference(proc, path):
+    """Pillow's reduced decoding: `Image.draft` to the resize size (libjpeg picks 1/2, 1/4 or
+    1/8 while the image stays at least that large), resize to the size the full image would get,
+    then the processor's crop and normalisation. `None` for files clipft decodes in full
+    (not a YCbCr / RGB / grey JPEG)."""
+    from transformers.image_transforms import get_resize_output_image_size
+    from transformers.image_utils import ChannelDimension
+
+    im = Image.open(path)
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None, im.size
+    w, h = im.size
+    edge = proc.size["shortest_edge"]
+    new_h, new_w = get_resize_output_image_size(np.zeros((h, w, 3), np.uint8), size=edge, default_to_square=False,
+                                                input_data_format=ChannelDimension.LAST)
+    im.draft("RGB", (new_w, new_h))
+    drafted = im.size
+    resized = im.convert("RGB").resize((new_w, new_h), Image.Resampling(proc.resample))
+    return proc(images=resized, do_resize=False, return_tensors="np")["pixel_values"][0], drafted
+
+
+def check_fast_decode(proc, images, ours):
+    level = 1 / 255 / 0.2686
+    worst_ref, worst, total, count, reduced = 0.0, 0.0, 0.0, 0, 0
+    for k, p in enumerate(images):
+        exact = proc(images=Image.open(p), return_tensors="np")["pixel_values"][0]
+        ref, drafted = draft_reference(proc, p)
+        size = Image.open(p).size
+        vs_ref = float(np.abs(ours[k] - ref).max()) if ref is not None else float("nan")
+        d = np.abs(ours[k] - exact)
+        if drafted != size:
+            reduced += 1
+            total += float(d.sum())
+            count += d.size
+            worst = max(worst, float(d.max()))
+        if ref is not None:
+            worst_ref = max(worst_ref, vs_ref)
+        print(f"{p.name:34s} {size[0]}x{size[1]} -> {drafted[0]}x{drafted[1]}  vs Image.draft max {vs_ref:.2e}  "
+              f"vs exact: max {d.max() / level:5.1f} mean {d.mean() / level:.3f} levels")
+    print(f"ALL {len(images)} images, {reduced} reduced: max abs diff to Pillow's Image.draft path {worst_ref:.2e}; "
+          f"reduced images vs exact pixels: max {worst / level:.1f}, mean {total / max(count, 1) / level:.3f} 8-bit levels")
 
 
 if __name__ == "__main__":

@@ -401,6 +401,31 @@ def make_preprocess():
     return info
 
 
+def make_preprocess_reduced():
+    """photo3.jpg, large enough for a 1/2 JPEG reduction, and Pillow's result with
+    `Image.draft` (libjpeg's reduced inverse DCT) then the same resize and crop, sized from the
+    full image as `clipft --fast-decode` does."""
+    arr = skimage.data.hubble_deep_field()[200:660, 300:800]           # 500x460, real detail
+    jpg = os.path.join(PRE_DIR, "photo3.jpg")
+    pil(arr).save(jpg, format="JPEG", quality=90)
+    src = Image.open(jpg)
+    w, h = src.size
+    new_h, new_w = get_resize_output_image_size(       # from the size only: draft before loading
+        np.zeros((h, w, 3), np.uint8), size=224, default_to_square=False,
+        input_data_format=ChannelDimension.LAST)
+    src.draft("RGB", (new_w, new_h))
+    reduced = src.size
+    assert reduced == ((w + 1) // 2, (h + 1) // 2), reduced
+    resized = src.convert("RGB").resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    top, left = (new_h - 224) // 2, (new_w - 224) // 2
+    crop = np.asarray(resized)[top:top + 224, left:left + 224]
+    png = os.path.join(PRE_DIR, "photo3_224_draft.png")
+    Image.fromarray(crop).save(png, format="PNG", optimize=True)
+    return {"file": "photo3.jpg", "size": [w, h], "draft_size": list(reduced),
+            "resized_size": [int(new_w), int(new_h)], "crop_top": int(top), "crop_left": int(left),
+            "result": "photo3_224_draft.png"}
+
+
 # --------------------------------------------------------------------------------------
 # READMEs (written by the script so they always match the generated files)
 # --------------------------------------------------------------------------------------
@@ -413,6 +438,8 @@ def write_readmes(ver, pre, images):
         "# " + "; ".join(f"{p['file']}: resize to {p['resized_size'][0]}x{p['resized_size'][1]} (WxH), crop top={p['crop_top']} left={p['crop_left']}" for p in pre) + ".",
         "# (png/255 - mean)/std in f32 reproduces transformers' pixel_values to <=1e-6 (asserted by scripts/make_fixtures.py).",
         "# JPEG decoding (libjpeg-turbo via Pillow) is part of the pipeline: other decoders may differ by a few levels; see reference.json \"preprocess\".",
+        "# photo3.jpg: 500x460 crop of skimage hubble_deep_field (JPEG q90); photo3_224_draft.png: Pillow with Image.draft('RGB', (243, 224)) (libjpeg decodes at 1/2 size, 250x230),",
+        "# then BICUBIC resize to 243x224 (the full image's resize size) and center crop top=0 left=9: what `clipft --fast-decode` computes.",
     ]
     with open(os.path.join(PRE_DIR, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(l[2:] for l in lines) + "\n")
@@ -557,6 +584,7 @@ def main():
         rec["image_features"] = f32list(row)
 
     pre = make_preprocess()
+    make_preprocess_reduced()
 
     logit_scale = float(model.logit_scale.detach().exp())
     ref = {
@@ -598,7 +626,7 @@ def main():
     print(json.dumps(sizes, indent=1))
     assert sizes["reference.json"] < 1_000_000
     assert sizes["images"] < 300_000
-    assert sizes["preprocess"] < 400_000
+    assert sizes["preprocess"] < 500_000
     print("text features max |diff| without attention_mask:", mask_diff, " eager vs sdpa:", sdpa_diff)
     print("logit_scale:", logit_scale)
     for p, ids, m in zip(PROMPTS, input_ids, attn):
@@ -608,4 +636,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--only-reduced"]:  # just photo3 (added later; leaves the rest as it is)
+        print(make_preprocess_reduced())
+    else:
+        main()

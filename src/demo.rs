@@ -43,6 +43,7 @@ pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> 
         skip_bad_images: false,
         progress: !quiet,
         cache_dir: Some(root.join("cache")),
+        ..ExtractOptions::default()
     };
     let templates = crate::templates::resolve("clip")?;
     let run = crate::eval::zero_shot(&clip, &dataset, Split::Test, &templates, &opts)?;

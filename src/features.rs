@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::model::Clip;
-use crate::preprocess::{load_rgb, ImageError, View};
+use crate::preprocess::{Decode, ImageError, View};
 use crate::templates;
 
 /// How to run an extraction.
@@ -23,6 +23,8 @@ pub struct ExtractOptions {
     pub progress: bool,
     /// Folder of the feature cache; `None` disables it.
     pub cache_dir: Option<PathBuf>,
+    /// How JPEGs are decoded ([`Decode::Reduced`] trades exact pixels for speed on large photos).
+    pub decode: Decode,
 }
 
 impl Default for ExtractOptions {
@@ -32,6 +34,7 @@ impl Default for ExtractOptions {
             skip_bad_images: false,
             progress: false,
             cache_dir: None,
+            decode: Decode::Exact,
         }
     }
 }
@@ -106,17 +109,22 @@ fn path_of(identity: &str) -> &str {
 }
 
 impl FeatureCache {
-    fn open(dir: &Path, clip: &Clip, view: &View, folder: &Path) -> Self {
+    fn open(dir: &Path, clip: &Clip, view: &View, decode: Decode, folder: &Path) -> Self {
         let view_json = serde_json::to_string(view).expect("view serialises");
         let folder = folder
             .canonicalize()
             .unwrap_or_else(|_| folder.to_path_buf());
-        let key = short_hash(&[
-            &clip.fingerprint,
-            &clip.preprocess.cache_key(),
-            &view_json,
-            &folder.to_string_lossy(),
-        ]);
+        let mut parts = vec![
+            clip.fingerprint.clone(),
+            clip.preprocess.cache_key(),
+            view_json,
+            folder.to_string_lossy().into_owned(),
+        ];
+        // Exact decoding keeps the keys of caches written before the option existed.
+        if decode != Decode::Exact {
+            parts.push(serde_json::to_string(&decode).expect("decode serialises"));
+        }
+        let key = short_hash(&parts.iter().map(String::as_str).collect::<Vec<_>>());
         let path = dir.join(format!("{key}.safetensors"));
         let dim = clip.config().projection_dim;
         let mut rows = HashMap::new();
@@ -230,7 +238,7 @@ pub fn image_features(
     let mut cache = opts
         .cache_dir
         .as_ref()
-        .map(|dir| FeatureCache::open(dir, clip, view, &common_parent(paths)));
+        .map(|dir| FeatureCache::open(dir, clip, view, opts.decode, &common_parent(paths)));
     let mut rows: Vec<Option<Vec<f32>>> = vec![None; paths.len()];
     let mut cache_hits = 0;
     if let Some(cache) = &cache {
@@ -385,9 +393,9 @@ fn encode_images(
                     pixels
                         .par_chunks_mut(per_image)
                         .zip(chunk.par_iter())
-                        .map(|(slot, p)| match load_rgb(p) {
-                            Ok(img) => {
-                                slot.copy_from_slice(&pre.apply(&img, view, view_key(p)));
+                        .map(|(slot, p)| match pre.load(p, view, opts.decode) {
+                            Ok(src) => {
+                                pre.apply_into(&src.rgb, src.full_size, view, view_key(p), slot);
                                 None
                             }
                             Err(e) => Some(e),

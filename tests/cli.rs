@@ -121,6 +121,57 @@ fn features_writes_normalised_rows_in_dataset_order_and_uses_the_cache() {
 }
 
 #[test]
+fn fast_decode_reduces_large_jpegs_only_and_is_cached_apart() {
+    let ws = Workspace::new();
+    let run = |fast: bool, out_file: &Path| {
+        let mut c = ws.cmd("features");
+        c.arg("--data")
+            .arg(ws.data())
+            .args(["--split", "train", "--out"])
+            .arg(out_file);
+        if fast {
+            c.arg("--fast-decode");
+        }
+        c.output().unwrap()
+    };
+    let (exact_file, fast_file) = (ws.path().join("exact.st"), ws.path().join("fast.st"));
+    let out = run(false, &exact_file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Not served from the exact run's cache...
+    let out = run(true, &fast_file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("18 encoded, 0 from cache"),
+        "{}",
+        stderr(&out)
+    );
+    // ...but from its own.
+    let out = run(true, &fast_file);
+    assert!(
+        stderr(&out).contains("0 encoded, 18 from cache"),
+        "{}",
+        stderr(&out)
+    );
+    let (exact, meta) = load_meta(&exact_file);
+    let (fast, _) = load_meta(&fast_file);
+    let exact = exact["image_features"].to_vec2::<f32>().unwrap();
+    let fast = fast["image_features"].to_vec2::<f32>().unwrap();
+    let paths: Vec<String> = serde_json::from_value(meta["paths"].clone()).unwrap();
+    let mut reduced = 0;
+    for ((p, e), f) in paths.iter().zip(&exact).zip(&fast) {
+        let img = image::image_dimensions(p).unwrap();
+        // The tiny model resizes to 32 px: JPEGs of 64+ px on both sides decode at half size.
+        if p.ends_with(".jpg") && img.0 >= 64 && img.1 >= 64 {
+            reduced += 1;
+            assert_ne!(e, f, "{p} ({img:?}) should have been reduced");
+        } else {
+            assert_eq!(e, f, "{p} ({img:?}) is not reduced");
+        }
+    }
+    assert!(reduced > 0, "no JPEG of the set is large enough");
+}
+
+#[test]
 fn cache_matches_fresh_encoding_and_corrupt_cache_is_rebuilt() {
     let ws = Workspace::new();
     let a = ws.path().join("a.safetensors");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use clipft::model::{Clip, ModelSpec};
-use clipft::preprocess::{load_rgb, View};
+use clipft::preprocess::{load_rgb, Decode, PreprocessConfig, View};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -312,5 +312,59 @@ fn real_size_photos_resize_and_crop_like_pil() {
         let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
         eprintln!("photo{n}: max {max} mean {mean:.4} (u8 levels)");
         assert_eq!(max, 0, "photo{n}: mean {mean}");
+    }
+}
+
+/// Normalised pixels of `path` through the extractor's path: load (exact or reduced), then
+/// resize, crop and normalise into a buffer.
+fn pixels(pre: &PreprocessConfig, path: &Path, decode: Decode) -> (Vec<f32>, (u32, u32)) {
+    let src = pre.load(path, &View::Center, decode).unwrap();
+    let mut out = vec![0f32; 3 * 224 * 224];
+    pre.apply_into(&src.rgb, src.full_size, &View::Center, 0, &mut out);
+    (out, src.rgb.dimensions())
+}
+
+#[test]
+fn fast_decode_equals_pillow_draft_and_stays_close_to_the_exact_pixels() {
+    let pre = PreprocessConfig::openai(224);
+    let dir = fixtures().join("preprocess");
+    let photo = dir.join("photo3.jpg");
+    // Pillow: Image.draft (libjpeg's 1/2 inverse DCT), resize to the full image's 243 × 224,
+    // centre crop; as normalised pixels.
+    let draft = image::open(dir.join("photo3_224_draft.png"))
+        .unwrap()
+        .to_rgb8();
+    let expected = pre.normalize(&draft);
+
+    let (fast, decoded) = pixels(&pre, &photo, Decode::Reduced);
+    assert_eq!(decoded, (250, 230), "decoded at half size");
+    let max = fast
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max <= 1e-6, "fast decode vs Pillow's draft: max {max}");
+
+    // The exact path decodes in full and differs, but only by a few levels on average.
+    let (exact, decoded) = pixels(&pre, &photo, Decode::Exact);
+    assert_eq!(decoded, (500, 460));
+    let level = 1.0 / 255.0 / 0.27;
+    let mean = exact
+        .iter()
+        .zip(&fast)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / exact.len() as f32
+        / level;
+    eprintln!("photo3: fast vs exact mean {mean:.3} levels");
+    assert!(mean > 0.05 && mean < 3.0, "mean difference {mean} levels");
+
+    // Photos too small to reduce come out exactly as without the option.
+    for n in 1..=2 {
+        let p = dir.join(format!("photo{n}.jpg"));
+        assert_eq!(
+            pixels(&pre, &p, Decode::Reduced),
+            pixels(&pre, &p, Decode::Exact)
+        );
     }
 }

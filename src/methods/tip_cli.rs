@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// Neither read nor write the feature cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// Decode large val JPEGs reduced inside the JPEG decoder (see `clipft features --help`);
+    /// the augmented train views always decode in full.
+    #[arg(long)]
+    pub fast_decode: bool,
     /// Output artifact.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -226,6 +230,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
                     .unwrap_or_else(crate::cli::default_cache_dir),
             )
         },
+        decode: crate::cli::decode_mode(a.fast_decode),
     };
     let mut settings = TipFSettings::from_config(&m.config, m.seed);
     if let Some(e) = a.epochs {

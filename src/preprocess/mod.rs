@@ -189,11 +189,29 @@ impl PreprocessConfig {
     /// Pixels (CHW, f32) of one view of an image. `key` identifies the image (see
     /// [`View::Augment`]) so a random view does not depend on processing order.
     pub fn apply(&self, img: &RgbImage, view: &View, key: u64) -> Vec<f32> {
-        match *view {
+        let (ch, cw) = self.crop;
+        let mut out = vec![0f32; 3 * ch as usize * cw as usize];
+        self.apply_into(img, img.dimensions(), view, key, &mut out);
+        out
+    }
+
+    /// [`apply`](Self::apply) written into `out` (`3 × crop` values), for an image decoded from
+    /// one of `full_size` (larger when a JPEG was reduced while decoding, see [`Source`]). A
+    /// reduced image is resampled to the size the full one would have been resized to, so the
+    /// crop covers the same part of the picture.
+    pub fn apply_into(
+        &self,
+        img: &RgbImage,
+        full_size: (u32, u32),
+        view: &View,
+        key: u64,
+        out: &mut [f32],
+    ) {
+        let pixels = match *view {
             View::Center | View::Flip => {
-                let (w, h) = self.resized_size(img.width(), img.height());
+                let (w, h) = self.resized_size(full_size.0, full_size.1);
                 let (ch, cw) = self.crop;
-                let mut out = if self.do_center_crop && w >= cw && h >= ch {
+                let mut px = if self.do_center_crop && w >= cw && h >= ch {
                     // Only the crop's pixels of the resized image (same offsets as center_crop).
                     let (left, top) = ((w - cw) / 2, (h - ch) / 2);
                     pil::resize_region(img, w, h, self.resample, (left, top, cw, ch))
@@ -203,9 +221,9 @@ impl PreprocessConfig {
                     resize(img, w, h, self.resample)
                 };
                 if *view == View::Flip {
-                    out = image::imageops::flip_horizontal(&out);
+                    px = image::imageops::flip_horizontal(&px);
                 }
-                self.normalize(&out)
+                px
             }
             View::Augment {
                 seed,
@@ -214,6 +232,11 @@ impl PreprocessConfig {
                 scale_max,
                 flip_p,
             } => {
+                debug_assert_eq!(
+                    img.dimensions(),
+                    full_size,
+                    "augmented views decode in full"
+                );
                 // torchvision: RandomResizedCrop(crop, scale, ratio=(3/4, 4/3), bicubic) on the
                 // original image (crop, then resize the crop), then RandomHorizontalFlip(flip_p).
                 let mut rng = view_rng(seed, epoch, key);
@@ -225,18 +248,48 @@ impl PreprocessConfig {
                     &mut rng,
                 );
                 let crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
-                let mut out = resize(&crop, self.crop.1, self.crop.0, self.resample);
+                let mut px = resize(&crop, self.crop.1, self.crop.0, self.resample);
                 if rng.random::<f64>() < flip_p {
-                    out = image::imageops::flip_horizontal(&out);
+                    px = image::imageops::flip_horizontal(&px);
                 }
-                self.normalize(&out)
+                px
             }
+        };
+        self.normalize_into(&pixels, out);
+    }
+
+    /// The JPEG reduction (1, 2, 4 or 8) that [`Decode::Reduced`] applies to a `(w, h)` image
+    /// for `view`: the largest that keeps the image at least as large as the resize output in
+    /// both dimensions, as Pillow's `Image.draft(mode, resized_size)` picks it. 1 (no reduction)
+    /// for augmented views, which crop the full image, and without a resize step.
+    pub fn jpeg_reduction(&self, w: u32, h: u32, view: &View) -> u32 {
+        if self.resize.is_none() || matches!(view, View::Augment { .. }) {
+            return 1;
+        }
+        let (rw, rh) = self.resized_size(w, h);
+        let scale = (w / rw.max(1)).min(h / rh.max(1));
+        [8, 4, 2].into_iter().find(|&d| scale >= d).unwrap_or(1)
+    }
+
+    /// Reads and decodes the image at `path` for `view`, reduced while decoding when `decode`
+    /// asks for it and the image is a JPEG large enough (see [`jpeg_reduction`](Self::jpeg_reduction)).
+    pub fn load(&self, path: &Path, view: &View, decode: Decode) -> Result<Source, ImageError> {
+        match decode {
+            Decode::Exact => load_rgb(path).map(Source::full),
+            Decode::Reduced => load_rgb_with(path, |w, h| self.jpeg_reduction(w, h, view)),
         }
     }
 
     /// Rescale and normalise in f32, operation for operation as `transformers` does (rescale in
     /// f64 then cast, then `(x - mean) / std` in f32), so values match to the last bit.
     pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+        let mut out = vec![0f32; 3 * img.width() as usize * img.height() as usize];
+        self.normalize_into(img, &mut out);
+        out
+    }
+
+    /// [`normalize`](Self::normalize) into `out` (CHW, `3 × w × h` values).
+    pub fn normalize_into(&self, img: &RgbImage, out: &mut [f32]) {
         // Each output depends only on the byte and the channel: a 3×256 table computed with the
         // exact formula, then one lookup per value.
         let mut lut = [[0f32; 256]; 3];
@@ -253,16 +306,44 @@ impl PreprocessConfig {
                 *v = x;
             }
         }
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let mut out = vec![0f32; 3 * w * h];
-        let (r, rest) = out.split_at_mut(w * h);
-        let (g, b) = rest.split_at_mut(w * h);
+        let n = img.width() as usize * img.height() as usize;
+        assert_eq!(out.len(), 3 * n, "output holds 3 × {n} values");
+        let (r, rest) = out.split_at_mut(n);
+        let (g, b) = rest.split_at_mut(n);
         for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
             r[i] = lut[0][px[0] as usize];
             g[i] = lut[1][px[1] as usize];
             b[i] = lut[2][px[2] as usize];
         }
-        out
+    }
+}
+
+/// How JPEG files are decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decode {
+    /// Full resolution: Pillow's pixels exactly.
+    #[default]
+    Exact,
+    /// Reduced by 1/2, 1/4 or 1/8 inside libjpeg's inverse DCT when the image stays at least as
+    /// large as the resize output (what Pillow's `Image.draft` does): much less decoding and
+    /// resampling on large photos, pixels no longer exactly `CLIPImageProcessor`'s.
+    Reduced,
+}
+
+/// An image decoded for preprocessing.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub rgb: RgbImage,
+    /// `(w, h)` of the full-resolution image: larger than `rgb` when it was reduced.
+    pub full_size: (u32, u32),
+}
+
+impl Source {
+    /// An image decoded at full resolution.
+    pub fn full(rgb: RgbImage) -> Self {
+        let full_size = rgb.dimensions();
+        Self { rgb, full_size }
     }
 }
 
@@ -377,6 +458,15 @@ pub struct ImageError {
 /// code Pillow uses: accurate integer IDCT, fancy chroma upsampling), so their pixels are
 /// Pillow's exactly; other JPEGs (CMYK) and all other formats go through the `image` crate.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    load_rgb_with(path, |_, _| 1).map(|source| source.rgb)
+}
+
+/// [`load_rgb`], with JPEGs of the YCbCr, RGB or grey path reduced by `reduction(w, h)` (1, 2, 4
+/// or 8) of their full size `(w, h)` inside libjpeg's inverse DCT (as Pillow's `Image.draft`).
+pub fn load_rgb_with(
+    path: &Path,
+    reduction: impl Fn(u32, u32) -> u32,
+) -> Result<Source, ImageError> {
     let err = |msg: String| ImageError {
         path: path.to_path_buf(),
         msg,
@@ -392,8 +482,8 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
                 "truncated JPEG (no end-of-image marker after the image data)".into(),
             ));
         }
-        if let Ok(Some(rgb)) = jpeg::decode(&bytes) {
-            return Ok(rgb);
+        if let Ok(Some(source)) = jpeg::decode(&bytes, reduction) {
+            return Ok(source);
         }
         // Anything libjpeg declines (CMYK, arithmetic coding, damage) gets a second opinion below.
     }
@@ -402,18 +492,21 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     if img.width() == 0 || img.height() == 0 {
         return Err(err("image has no pixels".into()));
     }
-    Ok(match img {
+    Ok(Source::full(match img {
         image::DynamicImage::ImageRgb8(rgb) => rgb,
         other => composite_on_white(&other.to_rgba8()),
-    })
+    }))
 }
 
 mod jpeg {
     use std::cell::Cell;
+    use std::panic::AssertUnwindSafe;
     use std::sync::Once;
 
     use image::RgbImage;
     use mozjpeg::ColorSpace;
+
+    use super::Source;
 
     thread_local!(static DECODING: Cell<bool> = const { Cell::new(false) });
     static QUIET_HOOK: Once = Once::new();
@@ -442,23 +535,35 @@ mod jpeg {
     }
 
     /// `Ok(None)`: a JPEG colour space this path does not handle (CMYK, YCCK).
-    pub fn decode(bytes: &[u8]) -> Result<Option<RgbImage>, String> {
+    pub fn decode(
+        bytes: &[u8],
+        reduction: impl Fn(u32, u32) -> u32,
+    ) -> Result<Option<Source>, String> {
         install_quiet_hook();
         DECODING.with(|d| d.set(true));
-        let result = std::panic::catch_unwind(|| -> std::io::Result<Option<RgbImage>> {
-            let d = mozjpeg::Decompress::new_mem(bytes)?;
-            if !matches!(
-                d.color_space(),
-                ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE
-            ) {
-                return Ok(None);
-            }
-            let mut started = d.rgb()?;
-            let (w, h) = (started.width() as u32, started.height() as u32);
-            let pixels: Vec<u8> = started.read_scanlines()?;
-            started.finish()?;
-            Ok(RgbImage::from_raw(w, h, pixels))
-        });
+        // Unwind safe: nothing outside the closure is left half-updated by a libjpeg error.
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| -> std::io::Result<Option<Source>> {
+                let mut d = mozjpeg::Decompress::new_mem(bytes)?;
+                if !matches!(
+                    d.color_space(),
+                    ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE
+                ) {
+                    return Ok(None);
+                }
+                let full_size = (d.width() as u32, d.height() as u32);
+                // libjpeg scales by scale_num / 8: 8 (none), 4, 2 or 1.
+                let reduce = reduction(full_size.0, full_size.1);
+                debug_assert!(matches!(reduce, 1 | 2 | 4 | 8), "JPEG reduction {reduce}");
+                if reduce > 1 {
+                    d.scale((8 / reduce.clamp(1, 8)) as u8);
+                }
+                let mut started = d.rgb()?;
+                let (w, h) = (started.width() as u32, started.height() as u32);
+                let pixels: Vec<u8> = started.read_scanlines()?;
+                started.finish()?;
+                Ok(RgbImage::from_raw(w, h, pixels).map(|rgb| Source { rgb, full_size }))
+            }));
         DECODING.with(|d| d.set(false));
         match result {
             Ok(Ok(img)) => Ok(img),
@@ -528,6 +633,40 @@ mod tests {
         assert_eq!(p.resized_size(224, 224), (224, 224));
         assert_eq!(p.resized_size(20, 15), (298, 224));
         assert_eq!(p.resized_size(1000, 3), (74666, 224));
+    }
+
+    #[test]
+    fn jpeg_reduction_keeps_the_resize_size_like_pillow_draft() {
+        let p = PreprocessConfig::openai(224);
+        let c = View::Center;
+        // ImageNet-sized photos are never reduced.
+        assert_eq!(p.jpeg_reduction(500, 375, &c), 1);
+        assert_eq!(p.jpeg_reduction(447, 447, &c), 1);
+        // Each factor needs the reduced image to cover the resize output (298 × 224 for 4:3).
+        assert_eq!(p.jpeg_reduction(448, 448, &c), 2);
+        assert_eq!(p.jpeg_reduction(1000, 750, &c), 2);
+        assert_eq!(p.jpeg_reduction(1200, 900, &c), 4);
+        assert_eq!(p.jpeg_reduction(2400, 1800, &c), 8);
+        assert_eq!(p.jpeg_reduction(8000, 6000, &c), 8);
+        assert_eq!(p.jpeg_reduction(6000, 8000, &c), 8);
+        // Both sides count: a panorama's short side decides.
+        assert_eq!(p.jpeg_reduction(4000, 300, &c), 1);
+        assert_eq!(p.jpeg_reduction(4000, 500, &c), 2);
+        // Random crops need the full image; without a resize there is nothing to reduce to.
+        let aug = View::Augment {
+            seed: 0,
+            epoch: 0,
+            scale_min: 0.5,
+            scale_max: 1.0,
+            flip_p: 0.5,
+        };
+        assert_eq!(p.jpeg_reduction(4000, 3000, &aug), 1);
+        assert_eq!(p.jpeg_reduction(4000, 3000, &View::Flip), 8);
+        let no_resize = PreprocessConfig {
+            resize: None,
+            ..PreprocessConfig::openai(224)
+        };
+        assert_eq!(no_resize.jpeg_reduction(4000, 3000, &c), 1);
     }
 
     #[test]
