@@ -192,18 +192,37 @@ unsafe fn passes_avx2(a: &Passes) -> Vec<u8> {
     passes(a)
 }
 
-/// `acc[i] += src[i] * k`: the inner loop of both passes, written so it vectorises.
+/// One output line of either pass: `out[i] = clip8(init + Σ_t src[t * stride + i] · k[t])`, the
+/// taps' source lines `stride` bytes apart. Integer sums are exact, so any order gives Pillow's
+/// value; 16 outputs at a time are summed over all taps in registers (this vectorises).
 #[inline(always)]
-fn mac(acc: &mut [i32], src: &[u8], k: i32) {
-    for (a, &p) in acc.iter_mut().zip(src) {
-        *a += p as i32 * k;
+fn filter_line(out: &mut [u8], src: &[u8], stride: usize, k: &[i32]) {
+    const W: usize = 32;
+    let init = 1i32 << (PRECISION_BITS - 1);
+    let len = out.len();
+    assert!(
+        k.is_empty() || (k.len() - 1) * stride + len <= src.len(),
+        "taps inside src"
+    );
+    let whole = len / W * W;
+    for i in (0..whole).step_by(W) {
+        let mut acc = [init; W];
+        for (t, &kt) in k.iter().enumerate() {
+            let line: &[u8; W] = src[t * stride + i..][..W].try_into().expect("W bytes");
+            for (a, &p) in acc.iter_mut().zip(line) {
+                *a += p as i32 * kt;
+            }
+        }
+        for (o, &a) in out[i..i + W].iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
     }
-}
-
-#[inline(always)]
-fn clip_row(out: &mut [u8], acc: &[i32]) {
-    for (o, &a) in out.iter_mut().zip(acc) {
-        *o = clip8(a);
+    for i in whole..len {
+        let sum = k
+            .iter()
+            .enumerate()
+            .fold(init, |a, (t, &kt)| a + src[t * stride + i] as i32 * kt);
+        out[i] = clip8(sum);
     }
 }
 
@@ -224,15 +243,19 @@ fn passes(a: &Passes) -> Vec<u8> {
         _ => (y0, rh),
     };
     let row_len = rw * 3;
-    let init = 1i32 << (PRECISION_BITS - 1);
 
-    // Horizontal pass into `rows × rw` pixels. Done on the transposed image, so that each output
-    // column is a sum of whole source columns (contiguous after the transpose).
+    // Horizontal pass into `rows × rw` pixels, `row_stride` bytes apart. Done on the transposed
+    // image, so that each output column is a sum of whole source columns (contiguous after the
+    // transpose). Both transposes move pixels as 4-byte words (one load, one store instead of a
+    // 2- and a 1-byte copy): each word's fourth byte lands on the next pixel's first, which is
+    // written after it, or on a spare byte at the end of a line.
+    let row_stride = row_len + 1;
     let tmp = match a.horiz {
         None => {
-            let mut tmp = Vec::with_capacity(rows * row_len);
-            for r in first_row..first_row + rows {
-                tmp.extend_from_slice(&src[(r * in_w + x0) * 3..(r * in_w + x0 + rw) * 3]);
+            let mut tmp = vec![0u8; rows * row_stride];
+            for (r, line) in tmp.chunks_exact_mut(row_stride).enumerate() {
+                let start = ((first_row + r) * in_w + x0) * 3;
+                line[..row_len].copy_from_slice(&src[start..start + row_len]);
             }
             tmp
         }
@@ -241,54 +264,80 @@ fn passes(a: &Passes) -> Vec<u8> {
             let (lx, ln) = h.bounds[x0 + rw - 1];
             let cols = lx + ln - cx0;
             let col_len = rows * 3;
-            let mut src_t = vec![0u8; cols * col_len];
+            let col_stride = col_len + 1;
+            let mut src_t = vec![0u8; cols * col_stride];
             for r in 0..rows {
-                let row = &src[((first_row + r) * in_w + cx0) * 3..][..cols * 3];
-                for (x, px) in row.chunks_exact(3).enumerate() {
-                    src_t[x * col_len + r * 3..][..3].copy_from_slice(px);
-                }
+                // With the byte after the window where there is one, for the last word.
+                let start = ((first_row + r) * in_w + cx0) * 3;
+                let row = &src[start..(start + cols * 3 + 1).min(src.len())];
+                transpose_row(row, &mut src_t[r * 3..], col_stride);
             }
-            let mut acc = vec![0i32; col_len];
-            let mut col = vec![0u8; col_len];
-            let mut tmp = vec![0u8; rows * row_len];
+            let mut col = vec![0u8; col_len + 1];
+            let mut tmp = vec![0u8; rows * row_stride];
             for xx in 0..rw {
                 let (xmin, n) = h.bounds[x0 + xx];
                 let k = &h.weights[(x0 + xx) * h.ksize..][..n];
-                acc.fill(init);
-                for (t, &kx) in k.iter().enumerate() {
-                    mac(
-                        &mut acc,
-                        &src_t[(xmin - cx0 + t) * col_len..][..col_len],
-                        kx,
-                    );
-                }
-                clip_row(&mut col, &acc);
-                for (r, px) in col.chunks_exact(3).enumerate() {
-                    tmp[r * row_len + xx * 3..][..3].copy_from_slice(px);
-                }
+                filter_line(
+                    &mut col[..col_len],
+                    &src_t[(xmin - cx0) * col_stride..],
+                    col_stride,
+                    k,
+                );
+                transpose_row(&col, &mut tmp[xx * 3..], row_stride);
             }
             tmp
         }
         Some(_) => Vec::new(),
     };
     let Some(v) = a.vert else {
-        return tmp;
+        let mut out = Vec::with_capacity(rh * row_len);
+        for line in tmp.chunks_exact(row_stride) {
+            out.extend_from_slice(&line[..row_len]);
+        }
+        return out;
     };
 
     // Vertical pass, a whole output row at a time.
     let mut out = vec![0u8; rw * rh * 3];
-    let mut acc = vec![0i32; row_len];
     for (yy, out_row) in out.chunks_exact_mut(row_len.max(1)).enumerate().take(rh) {
         let (ymin, n) = v.bounds[y0 + yy];
-        let ymin = ymin - first_row;
         let k = &v.weights[(y0 + yy) * v.ksize..][..n];
-        acc.fill(init);
-        for (t, &ky) in k.iter().enumerate() {
-            mac(&mut acc, &tmp[(ymin + t) * row_len..][..row_len], ky);
-        }
-        clip_row(out_row, &acc);
+        filter_line(
+            out_row,
+            &tmp[(ymin - first_row) * row_stride..],
+            row_stride,
+            k,
+        );
     }
     out
+}
+
+/// Writes the pixels of `line` (3 bytes each) `stride` bytes apart into `out`: pixel `i` to
+/// `out[i * stride..][..3]`, clobbering `out[i * stride + 3]`. The last pixel is copied as 3
+/// bytes when `line` has no fourth byte to read after it.
+#[inline(always)]
+fn transpose_row(line: &[u8], out: &mut [u8], stride: usize) {
+    let n = line.len() / 3;
+    let whole = if line.len() > 3 * n {
+        n
+    } else {
+        n.saturating_sub(1)
+    };
+    assert!(
+        n == 0 || (n - 1) * stride + 4 <= out.len(),
+        "room for every word"
+    );
+    for i in 0..whole {
+        // SAFETY: `3i + 4 <= line.len()` (i < whole) and `i * stride + 4 <= out.len()` (asserted
+        // for the last i); unaligned 4-byte moves.
+        unsafe {
+            let word = std::ptr::read_unaligned(line.as_ptr().add(3 * i) as *const u32);
+            std::ptr::write_unaligned(out.as_mut_ptr().add(i * stride) as *mut u32, word);
+        }
+    }
+    for i in whole..n {
+        out[i * stride..][..3].copy_from_slice(&line[3 * i..][..3]);
+    }
 }
 
 /// Pillow's NEAREST resize (source pixel `floor((x + 0.5) * in / out)`), over a window.
@@ -321,6 +370,20 @@ mod tests {
         Resample::Hamming,
         Resample::Nearest,
     ];
+
+    #[test]
+    fn transpose_row_places_every_pixel_and_stays_in_bounds() {
+        for (n, spare) in [(1, 0), (1, 1), (5, 0), (5, 1), (5, 2)] {
+            let line: Vec<u8> = (1..=(3 * n + spare) as u8).collect();
+            let stride = 7;
+            // Exactly the room the last word needs: out of bounds would panic.
+            let mut out = vec![0u8; (n - 1) * stride + 4];
+            transpose_row(&line, &mut out, stride);
+            for i in 0..n {
+                assert_eq!(out[i * stride..][..3], line[3 * i..][..3], "n {n} pixel {i}");
+            }
+        }
+    }
 
     /// Expected values: Pillow's BICUBIC resize of a 7×5 gradient, horizontal pass then vertical
     /// (each pass a single-axis `Image.resize`, so independent of Pillow's pass order).
