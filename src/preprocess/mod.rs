@@ -527,6 +527,11 @@ mod jpeg {
     /// True when no end-of-image marker (FF D9) follows the last start-of-scan (FF DA). Entropy-
     /// coded data never contains FF D9 (0xFF bytes are stuffed), and thumbnails come earlier.
     pub fn is_truncated(bytes: &[u8]) -> bool {
+        // The usual file ends with its end-of-image marker: then any start-of-scan (found near
+        // the start, after the headers) comes before it, and the whole scan below is not needed.
+        if bytes.ends_with(&[0xFF, 0xD9]) && bytes.windows(2).any(|w| w == [0xFF, 0xDA]) {
+            return false;
+        }
         let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
         match last_sos {
             Some(i) => !bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
@@ -623,6 +628,21 @@ mod tests {
             ],
             [206, 244, 219]
         );
+    }
+
+    #[test]
+    fn truncation_needs_an_end_marker_after_the_last_scan() {
+        let t = jpeg::is_truncated;
+        assert!(!t(&[0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 0xFF, 0xD9]));
+        // Trailing bytes after the end marker are fine.
+        assert!(!t(&[0xFF, 0xD8, 0xFF, 0xDA, 1, 0xFF, 0xD9, 0, 0]));
+        // Cut off inside the scan; or the only end marker belongs to a thumbnail before it.
+        assert!(t(&[0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 3]));
+        assert!(t(&[0xFF, 0xD8, 0xFF, 0xD9, 0xFF, 0xDA, 1, 2]));
+        // A progressive file's later scans count; no scan at all is truncated too.
+        assert!(t(&[0xFF, 0xDA, 1, 0xFF, 0xD9, 0xFF, 0xDA, 2]));
+        assert!(!t(&[0xFF, 0xDA, 1, 0xFF, 0xDA, 2, 0xFF, 0xD9]));
+        assert!(t(&[0xFF, 0xD8, 0xFF, 0xD9]));
     }
 
     #[test]
