@@ -380,7 +380,11 @@ mod tests {
             let mut out = vec![0u8; (n - 1) * stride + 4];
             transpose_row(&line, &mut out, stride);
             for i in 0..n {
-                assert_eq!(out[i * stride..][..3], line[3 * i..][..3], "n {n} pixel {i}");
+                assert_eq!(
+                    out[i * stride..][..3],
+                    line[3 * i..][..3],
+                    "n {n} pixel {i}"
+                );
             }
         }
     }
