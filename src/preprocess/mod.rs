@@ -272,7 +272,8 @@ impl PreprocessConfig {
     }
 
     /// Reads and decodes the image at `path` for `view`, reduced while decoding when `decode`
-    /// asks for it and the image is a JPEG large enough (see [`jpeg_reduction`](Self::jpeg_reduction)).
+    /// asks for it and the image is a JPEG large enough (see
+    /// [`jpeg_reduction`](Self::jpeg_reduction)).
     pub fn load(&self, path: &Path, view: &View, decode: Decode) -> Result<Source, ImageError> {
         match decode {
             Decode::Exact => load_rgb(path).map(Source::full),
