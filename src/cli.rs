@@ -99,7 +99,22 @@ pub struct ExtractArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
-    /// Skip unreadable or corrupt images (they are counted and listed) instead of failing.
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+impl ExtractArgs {
+    pub(crate) fn options(&self, quiet: bool) -> ExtractOptions {
+        self.read.options(self.batch_size as usize, quiet)
+    }
+}
+
+/// How image files are read and their features cached; with `ExtractArgs`'s `--batch-size`, or
+/// on its own where `--batch-size` means something else (`tip train`).
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
+    /// Skip unreadable or corrupt images (they are counted and listed) instead of failing; train
+    /// images of an adapter are never skipped.
     #[arg(long)]
     pub skip_bad_images: bool,
     /// Feature cache folder [default: $XDG_CACHE_HOME/clipft/features or ~/.cache/clipft/features].
@@ -118,10 +133,10 @@ pub struct ExtractArgs {
     pub fast_decode: bool,
 }
 
-impl ExtractArgs {
-    pub(crate) fn options(&self, quiet: bool) -> ExtractOptions {
+impl ReadArgs {
+    pub(crate) fn options(&self, batch_size: usize, quiet: bool) -> ExtractOptions {
         ExtractOptions {
-            batch_size: self.batch_size as usize,
+            batch_size,
             skip_bad_images: self.skip_bad_images,
             progress: !quiet,
             cache_dir: if self.no_cache {
@@ -129,17 +144,12 @@ impl ExtractArgs {
             } else {
                 Some(self.cache_dir.clone().unwrap_or_else(default_cache_dir))
             },
-            decode: decode_mode(self.fast_decode),
+            decode: if self.fast_decode {
+                Decode::Reduced
+            } else {
+                Decode::Exact
+            },
         }
-    }
-}
-
-/// The JPEG decoding `--fast-decode` selects.
-pub(crate) fn decode_mode(fast_decode: bool) -> Decode {
-    if fast_decode {
-        Decode::Reduced
-    } else {
-        Decode::Exact
     }
 }
 

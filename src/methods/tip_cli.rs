@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::tip::{self, TipArtifact, TipConfig, TipFSettings};
-use crate::cli::{info, load_model, split_samples, ExtractArgs, ModelArgs, ShotArgs};
+use crate::cli::{info, load_model, split_samples, ExtractArgs, ModelArgs, ReadArgs, ShotArgs};
 use crate::data::{Dataset, Split};
 use crate::features::ExtractOptions;
 use crate::model::Clip;
@@ -80,19 +80,8 @@ pub struct TrainArgs {
     /// Images per forward pass when encoding.
     #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub encode_batch_size: u64,
-    /// Skip unreadable val images instead of failing (train images are never skipped).
-    #[arg(long)]
-    pub skip_bad_images: bool,
-    /// Feature cache folder [default: $XDG_CACHE_HOME/clipft/features or ~/.cache/clipft/features].
-    #[arg(long, env = "CLIPFT_CACHE_DIR", value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Neither read nor write the feature cache.
-    #[arg(long)]
-    pub no_cache: bool,
-    /// Decode large val JPEGs reduced inside the JPEG decoder (see `clipft features --help`);
-    /// the augmented train views always decode in full.
-    #[arg(long)]
-    pub fast_decode: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Output artifact.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -217,21 +206,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     };
     let train = split_samples(&dataset, Split::Train, &shots, true)?;
     let clip = load_for(&a.model, &cache, &dataset, &a.cache, quiet)?;
-    let opts = ExtractOptions {
-        batch_size: a.encode_batch_size as usize,
-        skip_bad_images: a.skip_bad_images,
-        progress: !quiet,
-        cache_dir: if a.no_cache {
-            None
-        } else {
-            Some(
-                a.cache_dir
-                    .clone()
-                    .unwrap_or_else(crate::cli::default_cache_dir),
-            )
-        },
-        decode: crate::cli::decode_mode(a.fast_decode),
-    };
+    let opts = a.read.options(a.encode_batch_size as usize, quiet);
     let mut settings = TipFSettings::from_config(&m.config, m.seed);
     if let Some(e) = a.epochs {
         settings.epochs = e as usize;
