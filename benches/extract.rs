@@ -119,10 +119,10 @@ fn main() {
     let pixels: Vec<Vec<f32>> = paths
         .par_iter()
         .map(|p| {
-            let pre = &clip.preprocess;
-            let src = pre.load(p, &View::Center, decode).unwrap();
             let mut px = vec![0f32; 3 * s * s];
-            pre.apply_into(&src.rgb, src.full_size, &View::Center, 0, &mut px);
+            clip.preprocess
+                .read_into(p, &View::Center, decode, 0, &mut px)
+                .unwrap();
             px
         })
         .collect();

@@ -25,9 +25,8 @@ fn main() -> anyhow::Result<()> {
     let (h, w) = pre.crop;
     let mut rows = Vec::new();
     for p in &args[2..] {
-        let src = pre.load(&PathBuf::from(p), &View::Center, decode)?;
         let mut px = vec![0f32; 3 * h as usize * w as usize];
-        pre.apply_into(&src.rgb, src.full_size, &View::Center, 0, &mut px);
+        pre.read_into(&PathBuf::from(p), &View::Center, decode, 0, &mut px)?;
         rows.push(Tensor::from_vec(
             px,
             (3, h as usize, w as usize),

@@ -393,12 +393,8 @@ fn encode_images(
                     pixels
                         .par_chunks_mut(per_image)
                         .zip(chunk.par_iter())
-                        .map(|(slot, p)| match pre.load(p, view, opts.decode) {
-                            Ok(src) => {
-                                pre.apply_into(&src.rgb, src.full_size, view, view_key(p), slot);
-                                None
-                            }
-                            Err(e) => Some(e),
+                        .map(|(slot, p)| {
+                            pre.read_into(p, view, opts.decode, view_key(p), slot).err()
                         })
                         .collect()
                 });

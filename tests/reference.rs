@@ -55,6 +55,17 @@ fn tiny() -> Clip {
     Clip::load(&ModelSpec::local(fixtures().join("tiny-clip"))).unwrap()
 }
 
+/// Features of one reference image (`pixel_values` of reference.json) through `clip`.
+fn reference_image_features(clip: &Clip, img: &Value) -> Vec<f32> {
+    let x = Tensor::from_vec(floats(&img["pixel_values"]), (1, 3, 32, 32), &Device::Cpu).unwrap();
+    clip.model
+        .image_features(&x)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .remove(0)
+}
+
 #[test]
 fn tokenizer_matches_transformers_including_truncation() {
     let r = reference();
@@ -176,15 +187,7 @@ fn image_features_match_transformers_on_reference_pixels() {
     let r = reference();
     let clip = tiny();
     for img in r["images"].as_array().unwrap() {
-        let px = floats(&img["pixel_values"]);
-        let x = Tensor::from_vec(px, (1, 3, 32, 32), &Device::Cpu).unwrap();
-        let ours = clip
-            .model
-            .image_features(&x)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
-            .remove(0);
+        let ours = reference_image_features(&clip, img);
         let theirs = floats(&img["image_features"]);
         let cos = cosine(&ours, &theirs);
         assert!(cos >= 0.99999, "{}: cosine {cos}", img["file"]);
@@ -213,15 +216,7 @@ fn bf16_matmul_features_stay_close_to_f32() {
     );
     let mut worst = 1f64;
     for img in r["images"].as_array().unwrap() {
-        let x =
-            Tensor::from_vec(floats(&img["pixel_values"]), (1, 3, 32, 32), &Device::Cpu).unwrap();
-        let ours = clip
-            .model
-            .image_features(&x)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
-            .remove(0);
+        let ours = reference_image_features(&clip, img);
         let theirs = floats(&img["image_features"]);
         assert!(
             max_abs_diff(&ours, &theirs) > 1e-6,
@@ -315,13 +310,18 @@ fn real_size_photos_resize_and_crop_like_pil() {
     }
 }
 
-/// Normalised pixels of `path` through the extractor's path: load (exact or reduced), then
-/// resize, crop and normalise into a buffer.
+/// Normalised pixels of `path` through the extractor's path (load, exact or reduced, then
+/// resize, crop and normalise into a buffer), and the size it was decoded at.
 fn pixels(pre: &PreprocessConfig, path: &Path, decode: Decode) -> (Vec<f32>, (u32, u32)) {
-    let src = pre.load(path, &View::Center, decode).unwrap();
     let mut out = vec![0f32; 3 * 224 * 224];
-    pre.apply_into(&src.rgb, src.full_size, &View::Center, 0, &mut out);
-    (out, src.rgb.dimensions())
+    pre.read_into(path, &View::Center, decode, 0, &mut out)
+        .unwrap();
+    let decoded = pre
+        .load(path, &View::Center, decode)
+        .unwrap()
+        .rgb
+        .dimensions();
+    (out, decoded)
 }
 
 #[test]

@@ -281,6 +281,21 @@ impl PreprocessConfig {
         }
     }
 
+    /// [`load`](Self::load) then [`apply_into`](Self::apply_into): the pixels of `view` of the
+    /// image at `path`, written into `out` (`3 × crop` values).
+    pub fn read_into(
+        &self,
+        path: &Path,
+        view: &View,
+        decode: Decode,
+        key: u64,
+        out: &mut [f32],
+    ) -> Result<(), ImageError> {
+        let src = self.load(path, view, decode)?;
+        self.apply_into(&src.rgb, src.full_size, view, key, out);
+        Ok(())
+    }
+
     /// Rescale and normalise in f32, operation for operation as `transformers` does (rescale in
     /// f64 then cast, then `(x - mean) / std` in f32), so values match to the last bit.
     pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
