@@ -1,5 +1,5 @@
 //! Feature-extraction throughput on a folder of real-size JPEGs with a ViT-B/32-sized checkpoint,
-//! split into decode+preprocess and model time.
+//! split into decode+preprocess, the pipeline's feed rate to the model's device, and model time.
 //!
 //!     cargo bench --bench extract
 //!
@@ -16,6 +16,8 @@
 //!   80 encodes class by class, as the official repositories do
 //! - `CLIPFT_BENCH_FAST_DECODE` (0): 1 decodes as `--fast-decode` does (JPEGs reduced in the
 //!   decoder where large enough)
+//! - `CLIPFT_BENCH_TRANSFER` (auto): `normalized` or `bytes`, how pixels reach the device
+//!   (`features::PixelTransfer`; auto is f32 on the CPU, bytes on a GPU)
 //! - `RAYON_NUM_THREADS` (all cores)
 //!
 //! `scripts/bench_vs_pytorch.py` runs this next to `transformers` on the same checkpoint and images.
@@ -28,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use clipft::features::{image_features, text_classifier, ExtractOptions};
+use clipft::features::{
+    decoding_threads, image_batches, image_features, text_classifier, ExtractOptions, PixelTransfer,
+};
 use clipft::model::{synth, Clip, ClipConfig, DTypeArg, DeviceArg, ModelSpec};
 use clipft::preprocess::{load_rgb, Decode, View};
 use rand::{Rng, SeedableRng};
@@ -99,6 +103,12 @@ fn main() {
     } else {
         Decode::Exact
     };
+    let transfer = match env_or("CLIPFT_BENCH_TRANSFER", "auto").as_str() {
+        "auto" => PixelTransfer::Auto,
+        "normalized" => PixelTransfer::Normalized,
+        "bytes" => PixelTransfer::Bytes,
+        t => panic!("CLIPFT_BENCH_TRANSFER={t}: expected auto, normalized or bytes"),
+    };
     let threads = rayon::current_num_threads();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&image_dir)
         .unwrap()
@@ -152,20 +162,32 @@ fn main() {
     clip.device.synchronize().unwrap();
     let model = (passes * batches.len() * batch) as f64 / t.elapsed().as_secs_f64();
 
-    // 3. End to end through the pipelined extractor (no cache).
+    // 3. The pipeline alone: batches decoded on its own pool, uploaded and made the model's
+    //    input on its device, nothing else. End to end can be no faster than this.
     let opts = ExtractOptions {
         batch_size: batch,
-        skip_bad_images: false,
-        progress: false,
-        cache_dir: None,
         decode,
+        transfer,
+        ..ExtractOptions::default()
     };
+    let refs: Vec<&std::path::Path> = paths.iter().map(PathBuf::as_path).collect();
+    let t = Instant::now();
+    image_batches(&clip, &refs, &View::Center, &opts, |x, _| {
+        if let Some(x) = x {
+            x.device().synchronize()?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let feed = n as f64 / t.elapsed().as_secs_f64();
+
+    // 4. End to end through the pipelined extractor (no cache).
     let t = Instant::now();
     let f = image_features(&clip, &paths, &View::Center, &opts).unwrap();
     let e2e = n as f64 / t.elapsed().as_secs_f64();
     assert_eq!(f.kept.len(), n);
 
-    // 4. Text: a class-name × template classifier.
+    // 5. Text: a class-name × template classifier.
     let text = (text_classes > 0).then(|| {
         let templates = clipft::templates::resolve("imagenet80").unwrap();
         let names: Vec<String> = (0..text_classes).map(class_name).collect();
@@ -184,6 +206,10 @@ fn main() {
         if decode == Decode::Exact { "" } else { ", fast decode" }
     );
     println!("  decode+preprocess  {pre:8.1} img/s");
+    println!(
+        "  pipeline feed      {feed:8.1} img/s  ({} decoding threads, {transfer:?} pixels)",
+        decoding_threads(&clip.device)
+    );
     println!("  model              {model:8.1} img/s");
     println!(
         "  end to end         {e2e:8.1} img/s  ({:.0}% of model-only)",

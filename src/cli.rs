@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::data::{few_shot, Dataset, Sample, Split};
-use crate::features::{image_features, l2_normalize, ExtractOptions};
+use crate::features::{image_features, l2_normalize, ExtractOptions, PixelTransfer};
 use crate::model::hub::DEFAULT_MODEL;
 use crate::model::{Clip, DTypeArg, DeviceArg, ModelSpec};
 use crate::preprocess::Decode;
@@ -149,6 +149,7 @@ impl ReadArgs {
             } else {
                 Decode::Exact
             },
+            transfer: PixelTransfer::Auto,
         }
     }
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::model::Clip;
-use crate::preprocess::{Decode, ImageError, View};
+use crate::preprocess::{Decode, ImageError, PreprocessConfig, View};
 use crate::templates;
 
 /// How to run an extraction.
@@ -25,6 +25,8 @@ pub struct ExtractOptions {
     pub cache_dir: Option<PathBuf>,
     /// How JPEGs are decoded ([`Decode::Reduced`] trades exact pixels for speed on large photos).
     pub decode: Decode,
+    /// How pixels reach the model's device (the same values either way).
+    pub transfer: PixelTransfer,
 }
 
 impl Default for ExtractOptions {
@@ -35,6 +37,7 @@ impl Default for ExtractOptions {
             progress: false,
             cache_dir: None,
             decode: Decode::Exact,
+            transfer: PixelTransfer::Auto,
         }
     }
 }
@@ -307,111 +310,178 @@ pub fn image_features(
     })
 }
 
-/// The good images' pixels of a batch, back to back, in the dtype they travel to the device in.
-enum Pixels {
-    F32(Vec<f32>),
-    Bf16(Vec<half::bf16>),
-    F16(Vec<half::f16>),
+/// How a batch's pixels travel from the decoding cores to the model's device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PixelTransfer {
+    /// [`Normalized`](Self::Normalized) for a model on the CPU, [`Bytes`](Self::Bytes) on a GPU.
+    #[default]
+    Auto,
+    /// Normalised f32 values, computed on the decoding cores.
+    Normalized,
+    /// The crop's 8-bit pixels (a quarter of the f32 bytes over PCIe, no normalising pass on the
+    /// decoding cores), mapped on the model's device through the table the CPU path uses: the
+    /// same values, bit for bit.
+    Bytes,
 }
 
-impl Pixels {
-    /// Half-precision models on a GPU get their pixels converted on the decoding cores: half the
-    /// bytes over PCIe, and the same values as converting on the device (both round to nearest
-    /// even).
-    fn for_model(pixels: Vec<f32>, clip: &Clip) -> Self {
-        match clip.dtype {
-            _ if clip.device.is_cpu() => Self::F32(pixels),
-            DType::BF16 => Self::Bf16(
-                pixels
-                    .par_iter()
-                    .map(|&x| half::bf16::from_f32(x))
-                    .collect(),
-            ),
-            DType::F16 => Self::F16(pixels.par_iter().map(|&x| half::f16::from_f32(x)).collect()),
-            _ => Self::F32(pixels),
+impl PixelTransfer {
+    fn bytes_on(self, device: &Device) -> bool {
+        match self {
+            Self::Auto => !device.is_cpu(),
+            Self::Normalized => false,
+            Self::Bytes => true,
         }
     }
+}
 
-    fn into_tensor(self, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {
-        Ok(match self {
-            Self::F32(v) => Tensor::from_vec(v, shape, device)?,
-            Self::Bf16(v) => Tensor::from_vec(v, shape, device)?,
-            Self::F16(v) => Tensor::from_vec(v, shape, device)?,
-        })
+/// Maps `[B, 3, H, W]` 8-bit pixels on a device to the model's input there:
+/// [`PreprocessConfig::normalize_table`] in the model's dtype, indexed by `byte + 256 × channel`. The table is rounded to the dtype
+/// once, as the CPU path rounds each value, so both give identical inputs.
+struct DeviceNormalizer {
+    /// `[3 × 256]`, model dtype, on the device.
+    table: Tensor,
+    /// `[1, 3, 1, 1]` u32: each channel's first entry in `table`.
+    offsets: Tensor,
+}
+
+impl DeviceNormalizer {
+    fn new(pre: &PreprocessConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let table: Vec<f32> = pre.normalize_table().concat();
+        let table = Tensor::from_vec(table, 3 * 256, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let offsets = Tensor::from_slice(&[0u32, 256, 512], (1, 3, 1, 1), device)?;
+        Ok(Self { table, offsets })
+    }
+
+    fn apply(&self, bytes: &Tensor) -> Result<Tensor> {
+        // u32 indices: candle's index_select reads an index equal to its type's maximum as
+        // "zero", which would turn u8 255 into 0.
+        let ids = bytes.to_dtype(DType::U32)?.broadcast_add(&self.offsets)?;
+        let dims = ids.dims4()?;
+        Ok(self
+            .table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(dims)?)
     }
 }
 
-/// One decoded batch: its good images' pixels, how many, and which inputs failed.
-struct Decoded {
-    pixels: Pixels,
+/// One decoded batch: a recycled buffer with its good images' values back to back, how many,
+/// and which inputs failed.
+struct Decoded<T> {
+    buf: Vec<T>,
     n_good: usize,
     errors: Vec<Option<ImageError>>,
 }
 
-/// Decodes and preprocesses batches in a pool of its own while the model encodes the previous
-/// batch, and hands each batch's results (one per path, in order) to `sink` with the index of
-/// its first path. The first bad image is an error unless `skip_bad_images`.
-fn encode_images(
+/// Decodes and preprocesses `paths` in batches of `opts.batch_size`, in a pool of its own, and
+/// hands each batch to `consume` as the model's input on its device (`[n, 3, H, W]` in the
+/// model's dtype; `None` when no image of the batch could be read) with one read error or
+/// `None` per path, while the next batches decode.
+pub fn image_batches(
     clip: &Clip,
     paths: &[&Path],
     view: &View,
     opts: &ExtractOptions,
-    pb: &indicatif::ProgressBar,
-    mut sink: impl FnMut(usize, Vec<std::result::Result<Vec<f32>, ImageError>>) -> Result<()>,
+    consume: impl FnMut(Option<Tensor>, Vec<Option<ImageError>>) -> Result<()>,
+) -> Result<()> {
+    let pre = &clip.preprocess;
+    let key = |p: &Path| view_key(p);
+    if opts.transfer.bytes_on(&clip.device) {
+        let norm = DeviceNormalizer::new(pre, clip.dtype, &clip.device)?;
+        run_pipeline::<u8>(
+            clip,
+            paths,
+            opts.batch_size,
+            |p, slot| {
+                let img = pre.read_view(p, view, opts.decode, key(p))?;
+                crate::preprocess::planar_into(&img, slot);
+                Ok(())
+            },
+            |x| norm.apply(&x),
+            consume,
+        )
+    } else {
+        run_pipeline::<f32>(
+            clip,
+            paths,
+            opts.batch_size,
+            |p, slot| pre.read_into(p, view, opts.decode, key(p), slot),
+            |x| Ok(x.to_dtype(clip.dtype)?),
+            consume,
+        )
+    }
+}
+
+/// Threads the extraction pipeline decodes on for a model on `device`. On the CPU the model is
+/// the bottleneck (a ViT-B/32 batch costs ~100x its decoding), so a quarter of the cores keep it
+/// fed; on a GPU decoding is the bottleneck and gets every core but one, which the thread
+/// launching the model's kernels needs to itself (with all cores decoding, the GPU waits on it).
+pub fn decoding_threads(device: &Device) -> usize {
+    let cores = rayon::current_num_threads();
+    if device.is_cpu() {
+        (cores / 4).max(1)
+    } else {
+        cores.saturating_sub(1).max(1)
+    }
+}
+
+/// [`image_batches`] for one element type of the batch buffers (`read` fills one image's
+/// slot, `to_input` makes the model's input of a batch uploaded to the device).
+fn run_pipeline<T: candle_core::WithDType>(
+    clip: &Clip,
+    paths: &[&Path],
+    batch: usize,
+    read: impl Fn(&Path, &mut [T]) -> std::result::Result<(), ImageError> + Sync,
+    to_input: impl Fn(Tensor) -> Result<Tensor>,
+    mut consume: impl FnMut(Option<Tensor>, Vec<Option<ImageError>>) -> Result<()>,
 ) -> Result<()> {
     if paths.is_empty() {
         return Ok(());
     }
-    let batch = opts.batch_size.max(1);
+    let batch = batch.max(1);
     let (ch, cw) = clip.preprocess.crop;
-    let per_image = 3 * ch as usize * cw as usize;
-    let pre = &clip.preprocess;
+    let (ch, cw) = (ch as usize, cw as usize);
+    let per_image = 3 * ch * cw;
     // Decoding gets its own pool: sharing the global one (which candle's CPU matmul uses) queues
-    // GEMM tasks behind decode tasks and stalls the model. On the CPU the model is the bottleneck
-    // (a ViT-B/32 batch costs ~100x its decoding), so a quarter of the cores keep it fed; on a GPU
-    // decoding is the bottleneck and gets every core but one, which the thread launching the
-    // model's kernels needs to itself (with all cores decoding, the GPU waits on that thread).
-    let cores = rayon::current_num_threads();
-    let decoders = if clip.device.is_cpu() {
-        (cores / 4).max(1)
-    } else {
-        cores.saturating_sub(1).max(1)
-    };
+    // GEMM tasks behind decode tasks and stalls the model.
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(decoders)
+        .num_threads(decoding_threads(&clip.device))
         .thread_name(|i| format!("clipft-decode-{i}"))
         .build()?;
     std::thread::scope(|s| -> Result<()> {
         // Two batches in flight ahead of the model: enough to hide decode jitter, bounded memory.
-        let (tx, rx) = sync_channel::<Decoded>(2);
-        let pool = &pool;
+        let (tx, rx) = sync_channel::<Decoded<T>>(2);
+        // Buffers come back once their batch is on the device, so after the first few batches
+        // none is allocated (a fresh one costs page faults and zeroing: 154 MB for 256 f32
+        // images).
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<T>>();
+        let (pool, read) = (&pool, &read);
         s.spawn(move || {
             for chunk in paths.chunks(batch) {
+                let mut buf = free_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| vec![T::zero(); batch * per_image]);
                 // Each image is written straight into its slot of the batch buffer.
-                let mut pixels = vec![0f32; chunk.len() * per_image];
                 let errors: Vec<Option<ImageError>> = pool.install(|| {
-                    pixels
+                    buf[..chunk.len() * per_image]
                         .par_chunks_mut(per_image)
                         .zip(chunk.par_iter())
-                        .map(|(slot, p)| {
-                            pre.read_into(p, view, opts.decode, view_key(p), slot).err()
-                        })
+                        .map(|(slot, p)| read(p, slot).err())
                         .collect()
                 });
-                if errors.iter().any(Option::is_some) {
-                    // Rare: drop the failed images' slots so the batch holds good images only.
-                    let mut good = Vec::with_capacity(pixels.len());
-                    for (slot, e) in pixels.chunks(per_image).zip(&errors) {
-                        if e.is_none() {
-                            good.extend_from_slice(slot);
+                // Rare: move the good images' slots together.
+                let mut n_good = 0;
+                for (i, e) in errors.iter().enumerate() {
+                    if e.is_none() {
+                        if i != n_good {
+                            buf.copy_within(i * per_image..(i + 1) * per_image, n_good * per_image);
                         }
+                        n_good += 1;
                     }
-                    pixels = good;
                 }
-                let n_good = pixels.len() / per_image;
-                let pixels = pool.install(|| Pixels::for_model(pixels, clip));
                 let decoded = Decoded {
-                    pixels,
+                    buf,
                     n_good,
                     errors,
                 };
@@ -420,39 +490,65 @@ fn encode_images(
                 }
             }
         });
-        let mut first = 0;
         for Decoded {
-            pixels,
+            buf,
             n_good,
             errors,
         } in rx
         {
-            let n = errors.len();
-            let mut feats = if n_good == 0 {
-                Vec::new()
+            let x = if n_good == 0 {
+                None
             } else {
-                let x = pixels
-                    .into_tensor((n_good, 3, ch as usize, cw as usize), &clip.device)?
-                    .to_dtype(clip.dtype)?;
-                clip.model
-                    .image_features(&x)?
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?
-                    .to_vec2::<f32>()?
-            }
-            .into_iter();
-            let mut results = Vec::with_capacity(n);
-            for e in errors {
-                match e {
-                    None => results.push(Ok(feats.next().expect("one row per good image"))),
-                    Some(e) if opts.skip_bad_images => results.push(Err(e)),
-                    Some(e) => return Err(e.into()),
-                }
-            }
-            sink(first, results)?;
-            first += n;
-            pb.inc(n as u64);
+                let x = Tensor::from_slice(
+                    &buf[..n_good * per_image],
+                    (n_good, 3, ch, cw),
+                    &clip.device,
+                )?;
+                Some(to_input(x)?)
+            };
+            // The producer may have finished already; then the buffer is simply dropped.
+            let _ = free_tx.send(buf);
+            consume(x, errors)?;
         }
+        Ok(())
+    })
+}
+
+/// Encodes `paths` through [`image_batches`] and hands each batch's results (one per path, in
+/// order) to `sink` with the index of its first path. The first bad image is an error unless
+/// `skip_bad_images`.
+fn encode_images(
+    clip: &Clip,
+    paths: &[&Path],
+    view: &View,
+    opts: &ExtractOptions,
+    pb: &indicatif::ProgressBar,
+    mut sink: impl FnMut(usize, Vec<std::result::Result<Vec<f32>, ImageError>>) -> Result<()>,
+) -> Result<()> {
+    let mut first = 0;
+    image_batches(clip, paths, view, opts, |x, errors| {
+        let n = errors.len();
+        let mut feats = match x {
+            None => Vec::new(),
+            Some(x) => clip
+                .model
+                .image_features(&x)?
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .to_vec2::<f32>()?,
+        }
+        .into_iter();
+        let mut results = Vec::with_capacity(n);
+        for e in errors {
+            match e {
+                None => results.push(Ok(feats.next().expect("one row per good image"))),
+                Some(e) if opts.skip_bad_images => results.push(Err(e)),
+                Some(e) => return Err(e.into()),
+            }
+        }
+        sink(first, results)?;
+        first += n;
+        pb.inc(n as u64);
         Ok(())
     })
 }
@@ -512,4 +608,58 @@ pub fn text_classifier(
     pb.finish_and_clear();
     let f = l2_normalize(&f)?.reshape((class_names.len(), template_set.len(), ()))?;
     l2_normalize(&f.mean(1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::RgbImage;
+
+    /// Every byte in every channel, mapped on the device, equals the CPU path's value rounded
+    /// to the model's dtype.
+    #[test]
+    fn device_normalizer_maps_bytes_exactly_as_the_cpu_path() {
+        let pre = PreprocessConfig::openai(16);
+        // Two images: every byte value in each channel (shifted per channel and image).
+        let images: Vec<RgbImage> = (0..2u32)
+            .map(|k| {
+                RgbImage::from_fn(16, 16, |x, y| {
+                    let v = y * 16 + x;
+                    image::Rgb([0, 1, 2].map(|c| ((v + 37 * c + 101 * k) % 256) as u8))
+                })
+            })
+            .collect();
+        let mut bytes = vec![0u8; 2 * 3 * 256];
+        let mut values = vec![0f32; 2 * 3 * 256];
+        for (i, img) in images.iter().enumerate() {
+            crate::preprocess::planar_into(img, &mut bytes[i * 768..(i + 1) * 768]);
+            pre.normalize_into(img, &mut values[i * 768..(i + 1) * 768]);
+        }
+        let bytes = Tensor::from_vec(bytes, (2, 3, 16, 16), &Device::Cpu).unwrap();
+        let values = Tensor::from_vec(values, (2, 3, 16, 16), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let norm = DeviceNormalizer::new(&pre, dtype, &Device::Cpu).unwrap();
+            let got = norm.apply(&bytes).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.dims(), &[2, 3, 16, 16]);
+            let want = values.to_dtype(dtype).unwrap();
+            let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            let want = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                got.to_vec1::<f32>().unwrap(),
+                want.to_vec1::<f32>().unwrap(),
+                "{dtype:?}"
+            );
+        }
+        // Byte 255 (candle's "no index" value for u8 indices) maps to its value, not to 0.
+        let white = Tensor::full(255u8, (1, 3, 1, 1), &Device::Cpu).unwrap();
+        let norm = DeviceNormalizer::new(&pre, DType::F32, &Device::Cpu).unwrap();
+        let got = norm.apply(&white).unwrap().flatten_all().unwrap();
+        let table = pre.normalize_table();
+        assert_eq!(
+            got.to_vec1::<f32>().unwrap(),
+            vec![table[0][255], table[1][255], table[2][255]]
+        );
+        assert!(table[0][255] > 1.0);
+    }
 }

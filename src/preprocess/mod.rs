@@ -196,9 +196,7 @@ impl PreprocessConfig {
     }
 
     /// [`apply`](Self::apply) written into `out` (`3 × crop` values), for an image decoded from
-    /// one of `full_size` (larger when a JPEG was reduced while decoding, see [`Source`]). A
-    /// reduced image is resampled to the size the full one would have been resized to, so the
-    /// crop covers the same part of the picture.
+    /// one of `full_size` (larger when a JPEG was reduced while decoding, see [`Source`]).
     pub fn apply_into(
         &self,
         img: &RgbImage,
@@ -207,7 +205,20 @@ impl PreprocessConfig {
         key: u64,
         out: &mut [f32],
     ) {
-        let pixels = match *view {
+        self.normalize_into(&self.view_pixels(img, full_size, view, key), out);
+    }
+
+    /// The 8-bit RGB pixels of `view` of an image decoded from one of `full_size`, before
+    /// normalisation (`crop` in size). A reduced image is resampled to the size the full one
+    /// would have been resized to, so the crop covers the same part of the picture.
+    pub fn view_pixels(
+        &self,
+        img: &RgbImage,
+        full_size: (u32, u32),
+        view: &View,
+        key: u64,
+    ) -> RgbImage {
+        match *view {
             View::Center | View::Flip => {
                 let (w, h) = self.resized_size(full_size.0, full_size.1);
                 let (ch, cw) = self.crop;
@@ -254,8 +265,7 @@ impl PreprocessConfig {
                 }
                 px
             }
-        };
-        self.normalize_into(&pixels, out);
+        }
     }
 
     /// The JPEG reduction (1, 2, 4 or 8) that [`Decode::Reduced`] applies to a `(w, h)` image
@@ -291,9 +301,22 @@ impl PreprocessConfig {
         key: u64,
         out: &mut [f32],
     ) -> Result<(), ImageError> {
-        let src = self.load(path, view, decode)?;
-        self.apply_into(&src.rgb, src.full_size, view, key, out);
+        let img = self.read_view(path, view, decode, key)?;
+        self.normalize_into(&img, out);
         Ok(())
+    }
+
+    /// [`load`](Self::load) then [`view_pixels`](Self::view_pixels): the 8-bit pixels of `view`
+    /// of the image at `path`.
+    pub fn read_view(
+        &self,
+        path: &Path,
+        view: &View,
+        decode: Decode,
+        key: u64,
+    ) -> Result<RgbImage, ImageError> {
+        let src = self.load(path, view, decode)?;
+        Ok(self.view_pixels(&src.rgb, src.full_size, view, key))
     }
 
     /// Rescale and normalise in f32, operation for operation as `transformers` does (rescale in
@@ -306,8 +329,22 @@ impl PreprocessConfig {
 
     /// [`normalize`](Self::normalize) into `out` (CHW, `3 × w × h` values).
     pub fn normalize_into(&self, img: &RgbImage, out: &mut [f32]) {
-        // Each output depends only on the byte and the channel: a 3×256 table computed with the
-        // exact formula, then one lookup per value.
+        let lut = self.normalize_table();
+        let n = img.width() as usize * img.height() as usize;
+        assert_eq!(out.len(), 3 * n, "output holds 3 × {n} values");
+        let (r, rest) = out.split_at_mut(n);
+        let (g, b) = rest.split_at_mut(n);
+        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+            r[i] = lut[0][px[0] as usize];
+            g[i] = lut[1][px[1] as usize];
+            b[i] = lut[2][px[2] as usize];
+        }
+    }
+
+    /// The normalised value of every byte in every channel, `[channel][byte]`, computed with the
+    /// exact formula: each output depends only on those two, so normalising is one lookup per
+    /// value (on the CPU, or on a GPU from the 8-bit pixels, see [`planar_into`]).
+    pub fn normalize_table(&self) -> [[f32; 256]; 3] {
         let mut lut = [[0f32; 256]; 3];
         for (c, table) in lut.iter_mut().enumerate() {
             for (byte, v) in table.iter_mut().enumerate() {
@@ -322,15 +359,21 @@ impl PreprocessConfig {
                 *v = x;
             }
         }
-        let n = img.width() as usize * img.height() as usize;
-        assert_eq!(out.len(), 3 * n, "output holds 3 × {n} values");
-        let (r, rest) = out.split_at_mut(n);
-        let (g, b) = rest.split_at_mut(n);
-        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
-            r[i] = lut[0][px[0] as usize];
-            g[i] = lut[1][px[1] as usize];
-            b[i] = lut[2][px[2] as usize];
-        }
+        lut
+    }
+}
+
+/// The bytes of an RGB image in channel-major order (CHW, `3 × w × h` values), the layout of
+/// the model's input before [`PreprocessConfig::normalize_table`] maps them to values.
+pub fn planar_into(img: &RgbImage, out: &mut [u8]) {
+    let n = img.width() as usize * img.height() as usize;
+    assert_eq!(out.len(), 3 * n, "output holds 3 × {n} bytes");
+    let (r, rest) = out.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+        r[i] = px[0];
+        g[i] = px[1];
+        b[i] = px[2];
     }
 }
 
