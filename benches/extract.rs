@@ -207,7 +207,7 @@ fn main() {
     );
     println!("  decode+preprocess  {pre:8.1} img/s");
     println!(
-        "  pipeline feed      {feed:8.1} img/s  ({} decoding threads, {transfer:?} pixels)",
+        "  pipeline feed      {feed:8.1} img/s  (decoded on {} threads, {transfer:?} pixels)",
         decoding_threads(&clip.device)
     );
     println!("  model              {model:8.1} img/s");
