@@ -334,9 +334,10 @@ impl PixelTransfer {
     }
 }
 
-/// Maps `[B, 3, H, W]` 8-bit pixels on a device to the model's input there:
-/// [`PreprocessConfig::normalize_table`] in the model's dtype, indexed by `byte + 256 × channel`. The table is rounded to the dtype
-/// once, as the CPU path rounds each value, so both give identical inputs.
+/// Maps `[B, 3, H, W]` 8-bit pixels on a device to the model's input there: the entries of
+/// [`PreprocessConfig::normalize_table`] in the model's dtype, indexed by `byte + 256 × channel`.
+/// The table is rounded to the dtype once, as the CPU path rounds each value, so both give
+/// identical inputs.
 struct DeviceNormalizer {
     /// `[3 × 256]`, model dtype, on the device.
     table: Tensor,
