@@ -386,14 +386,26 @@ pub fn image_batches(
     opts: &ExtractOptions,
     consume: impl FnMut(Option<Tensor>, Vec<Option<ImageError>>) -> Result<()>,
 ) -> Result<()> {
+    let batches: Vec<&[&Path]> = paths.chunks(opts.batch_size.max(1)).collect();
+    image_batches_of(clip, &batches, view, opts, consume)
+}
+
+/// [`image_batches`] over batches of any sizes (a training epoch's micro-batches), in order;
+/// `opts.batch_size` is not used.
+pub fn image_batches_of(
+    clip: &Clip,
+    batches: &[&[&Path]],
+    view: &View,
+    opts: &ExtractOptions,
+    consume: impl FnMut(Option<Tensor>, Vec<Option<ImageError>>) -> Result<()>,
+) -> Result<()> {
     let pre = &clip.preprocess;
     let key = |p: &Path| view_key(p);
     if opts.transfer.bytes_on(&clip.device) {
         let norm = DeviceNormalizer::new(pre, clip.dtype, &clip.device)?;
         run_pipeline::<u8>(
             clip,
-            paths,
-            opts.batch_size,
+            batches,
             |p, slot| {
                 let img = pre.read_view(p, view, opts.decode, key(p))?;
                 crate::preprocess::planar_into(&img, slot);
@@ -405,8 +417,7 @@ pub fn image_batches(
     } else {
         run_pipeline::<f32>(
             clip,
-            paths,
-            opts.batch_size,
+            batches,
             |p, slot| pre.read_into(p, view, opts.decode, key(p), slot),
             |x| Ok(x.to_dtype(clip.dtype)?),
             consume,
@@ -431,16 +442,19 @@ pub fn decoding_threads(device: &Device) -> usize {
 /// slot, `to_input` makes the model's input of a batch uploaded to the device).
 fn run_pipeline<T: candle_core::WithDType>(
     clip: &Clip,
-    paths: &[&Path],
-    batch: usize,
+    batches: &[&[&Path]],
     read: impl Fn(&Path, &mut [T]) -> std::result::Result<(), ImageError> + Sync,
     to_input: impl Fn(Tensor) -> Result<Tensor>,
     mut consume: impl FnMut(Option<Tensor>, Vec<Option<ImageError>>) -> Result<()>,
 ) -> Result<()> {
-    if paths.is_empty() {
+    let batch = batches.iter().map(|b| b.len()).max().unwrap_or(0);
+    if batch == 0 {
+        // Nothing to decode; every (empty) batch still gets its call.
+        for _ in batches {
+            consume(None, Vec::new())?;
+        }
         return Ok(());
     }
-    let batch = batch.max(1);
     let (ch, cw) = clip.preprocess.crop;
     let (ch, cw) = (ch as usize, cw as usize);
     let per_image = 3 * ch * cw;
@@ -459,7 +473,7 @@ fn run_pipeline<T: candle_core::WithDType>(
         let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<T>>();
         let (pool, read) = (&pool, &read);
         s.spawn(move || {
-            for chunk in paths.chunks(batch) {
+            for &chunk in batches {
                 let mut buf = free_rx
                     .try_recv()
                     .unwrap_or_else(|_| vec![T::zero(); batch * per_image]);

@@ -1,5 +1,5 @@
 //! FD-Align end to end on a generated checkpoint and image set: training, the checkpoint folder
-//! it writes, evaluation, resuming, and a diverging run.
+//! it writes, evaluation, resuming, gradient accumulation, and a diverging run.
 
 mod common;
 
@@ -205,4 +205,53 @@ fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("the loss became"), "{}", stderr(&o));
     assert!(!out.join("model.safetensors").exists());
+}
+
+#[test]
+fn accumulated_micro_batches_make_the_same_steps_as_whole_batches() {
+    let ws = Workspace::new();
+    let clip = Clip::load(&ModelSpec::local(ws.model())).unwrap();
+    let dataset = Dataset::open(ws.data()).unwrap();
+    let train = dataset.samples(Split::Train).unwrap();
+    let val = dataset.samples(Split::Val).unwrap();
+    let t = clipft::templates::resolve("ensemble7").unwrap();
+    let initial =
+        candle_core::safetensors::load(ws.model().join("model.safetensors"), &Device::Cpu).unwrap();
+    // 18 images in steps of 8, 8 and 2; with 3 micro-batches per step: 3 + 3 + 2, 3 + 3 + 2, 2.
+    let run = |accum_steps: usize, dir: &str| {
+        let s = FdAlignSettings {
+            epochs: 1,
+            base_lr: 0.5,
+            batch_size: Some(8),
+            accum_steps,
+            ..settings()
+        };
+        let out = ws.path().join(dir);
+        fdalign_train::train(
+            &clip,
+            &dataset.class_names(),
+            &t,
+            &train,
+            &val,
+            &s,
+            &out,
+            false,
+            false,
+            None,
+        )
+        .unwrap()
+        .0
+    };
+    let whole = run(1, "whole");
+    let micro = run(3, "micro");
+    for name in [
+        "visual_projection.weight",
+        "vision_model.encoder.layers.0.mlp.fc1.weight",
+    ] {
+        let moved = common::max_abs_diff(&whole[name], &initial[name]);
+        let apart = common::max_abs_diff(&whole[name], &micro[name]);
+        assert!(moved > 1e-4, "{name} moved by {moved}");
+        // Summation order only; an optimiser step per micro-batch would be ~10% off.
+        assert!(apart < 1e-3 * moved, "{name}: {apart} apart, moved {moved}");
+    }
 }

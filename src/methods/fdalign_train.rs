@@ -13,14 +13,13 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rayon::prelude::*;
 
 use super::fdalign::{self, FdAlignSettings, Sgd};
 use crate::data::Sample;
-use crate::features::{text_features, view_key};
+use crate::features::{image_batches, image_batches_of, text_features, ExtractOptions};
 use crate::model::trainable::TrainableVision;
 use crate::model::Clip;
-use crate::preprocess::{load_rgb, View};
+use crate::preprocess::{ImageError, View};
 use crate::templates;
 
 pub const STATE_FILE: &str = "fdalign-state.safetensors";
@@ -35,20 +34,27 @@ pub struct FdAlignOutcome {
     pub best_val: f64,
 }
 
-/// Pixels of one view of each image, keyed per image as the feature extractor keys its views
-/// ([`crate::features::view_key`]), decoded in parallel.
-fn pixels(clip: &Clip, paths: &[&Path], view: &View) -> Result<Tensor> {
-    let (h, w) = clip.preprocess.crop;
-    let rows: Vec<Vec<f32>> = paths
-        .par_iter()
-        .map(|p| load_rgb(p).map(|img| clip.preprocess.apply(&img, view, view_key(p))))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(Tensor::from_vec(
-        rows.concat(),
-        (paths.len(), 3, h as usize, w as usize),
-        &clip.device,
-    )?
-    .to_dtype(clip.dtype)?)
+/// How training and validation images are read: the extraction pipeline's, decoding the next
+/// batches on a pool of their own while the model works on this one, every image required.
+fn read_options() -> ExtractOptions {
+    ExtractOptions {
+        batch_size: VAL_BATCH,
+        skip_bad_images: false,
+        progress: false,
+        cache_dir: None,
+        ..ExtractOptions::default()
+    }
+}
+
+/// Images per batch when measuring val accuracy.
+const VAL_BATCH: usize = 64;
+
+/// The first read error of a batch, if any: FD-Align needs every image it was given.
+fn first_error(errors: Vec<Option<ImageError>>) -> Result<()> {
+    match errors.into_iter().flatten().next() {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Val top-1 (percent) of the current tower and head on centre crops.
@@ -59,19 +65,24 @@ fn val_accuracy(
     head_b: &Tensor,
     val: &[Sample],
 ) -> Result<f64> {
+    let paths: Vec<&Path> = val.iter().map(|s| s.path.as_path()).collect();
     let mut hits = 0usize;
-    for chunk in val.chunks(64) {
-        let paths: Vec<&Path> = chunk.iter().map(|s| s.path.as_path()).collect();
-        let x = pixels(clip, &paths, &View::Center)?;
+    let mut first = 0;
+    image_batches(clip, &paths, &View::Center, &read_options(), |x, errors| {
+        let n = errors.len();
+        first_error(errors)?;
+        let x = x.expect("a batch without errors has images");
         let f = tv.tower.forward(&x)?.detach();
         let logits = fdalign::normalized_linear(&f, head_w, Some(head_b))?.to_dtype(DType::F32)?;
         let pred = logits.argmax(1)?.to_vec1::<u32>()?;
         hits += pred
             .iter()
-            .zip(chunk)
+            .zip(&val[first..first + n])
             .filter(|(p, s)| **p as usize == s.label)
             .count();
-    }
+        first += n;
+        Ok(())
+    })?;
     Ok(100.0 * hits as f64 / val.len().max(1) as f64)
 }
 
@@ -93,6 +104,15 @@ pub fn template_class_features(
             d,
         ))?,
     )
+}
+
+/// One micro-batch of a training step.
+struct Part<'a> {
+    step: usize,
+    step_len: usize,
+    /// Indices into the training set.
+    images: &'a [usize],
+    ends_step: bool,
 }
 
 struct State {
@@ -189,67 +209,97 @@ pub fn train(
             settings.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64,
         ));
         let mut loss_sum = 0.0;
+        // The epoch's micro-batches in order, each with its step (index, size) and whether it
+        // ends the step; the pipeline decodes the next ones while this one trains.
+        let mut parts: Vec<Part> = Vec::new();
         for (s, step) in order.chunks(batch).enumerate() {
-            opt.lr = fdalign::cosine_lr(lr, epoch * steps_per_epoch + s, total_steps);
-            let mut grads: Option<candle_core::backprop::GradStore> = None;
-            for part in step.chunks(micro) {
-                let paths: Vec<&Path> = part.iter().map(|&i| train_set[i].path.as_path()).collect();
-                let (scale_min, scale_max) = settings.scale;
-                let view = View::Augment {
-                    seed: settings.seed,
-                    epoch: epoch as u64,
-                    scale_min,
-                    scale_max,
-                    flip_p: 0.0,
-                };
-                let x = pixels(clip, &paths, &view)?;
-                let y = Tensor::from_vec(
-                    part.iter()
-                        .map(|&i| train_set[i].label as u32)
-                        .collect::<Vec<_>>(),
-                    part.len(),
-                    &clip.device,
-                )?;
-                let f0 = clip.model.image_features(&x)?.to_dtype(dtype)?;
-                let ft = tv.tower.forward(&x.to_dtype(dtype)?)?;
-                let (total, _, _) = fdalign::loss(
-                    &ft,
-                    &f0,
-                    &y,
-                    head_w.as_tensor(),
-                    head_b.as_tensor(),
-                    &prototypes,
-                    settings.beta,
-                )?;
-                let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !value.is_finite() {
-                    bail!(
-                        "the loss became {value} at epoch {}, step {}; stopping. The last good state (end of epoch {}) is in {}; \\
-                         lower --lr and rerun with --resume",
-                        epoch + 1,
-                        s + 1,
-                        epoch,
-                        state_path.display()
-                    );
-                }
-                loss_sum += value * part.len() as f64 / step.len() as f64;
-                let g = (total * (part.len() as f64 / step.len() as f64))?.backward()?;
-                grads = Some(match grads {
-                    None => g,
-                    Some(mut acc) => {
-                        for (_, v) in &vars {
-                            if let (Some(a), Some(b)) =
-                                (acc.get(v.as_tensor()).cloned(), g.get(v.as_tensor()))
-                            {
-                                acc.insert(v.as_tensor(), (a + b)?);
-                            }
-                        }
-                        acc
-                    }
-                });
-            }
-            opt.step(&grads.expect("at least one micro-batch"))?;
+            let n = step.len().div_ceil(micro);
+            parts.extend(step.chunks(micro).enumerate().map(|(j, images)| Part {
+                step: s,
+                step_len: step.len(),
+                images,
+                ends_step: j + 1 == n,
+            }));
         }
+        let paths: Vec<Vec<&Path>> = parts
+            .iter()
+            .map(|p| {
+                p.images
+                    .iter()
+                    .map(|&i| train_set[i].path.as_path())
+                    .collect()
+            })
+            .collect();
+        let batches: Vec<&[&Path]> = paths.iter().map(Vec::as_slice).collect();
+        let (scale_min, scale_max) = settings.scale;
+        let view = View::Augment {
+            seed: settings.seed,
+            epoch: epoch as u64,
+            scale_min,
+            scale_max,
+            flip_p: 0.0,
+        };
+        let mut next = parts.iter();
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        image_batches_of(clip, &batches, &view, &read_options(), |x, errors| {
+            let &Part {
+                step: s,
+                step_len,
+                images: part,
+                ends_step,
+            } = next.next().expect("one call per micro-batch");
+            first_error(errors)?;
+            let x = x.expect("a batch without errors has images");
+            opt.lr = fdalign::cosine_lr(lr, epoch * steps_per_epoch + s, total_steps);
+            let y = Tensor::from_vec(
+                part.iter()
+                    .map(|&i| train_set[i].label as u32)
+                    .collect::<Vec<_>>(),
+                part.len(),
+                &clip.device,
+            )?;
+            let f0 = clip.model.image_features(&x)?.to_dtype(dtype)?;
+            let ft = tv.tower.forward(&x.to_dtype(dtype)?)?;
+            let (total, _, _) = fdalign::loss(
+                &ft,
+                &f0,
+                &y,
+                head_w.as_tensor(),
+                head_b.as_tensor(),
+                &prototypes,
+                settings.beta,
+            )?;
+            let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                bail!(
+                    "the loss became {value} at epoch {}, step {}; stopping. The last good state (end of epoch {}) is in {}; \
+                     lower --lr and rerun with --resume",
+                    epoch + 1,
+                    s + 1,
+                    epoch,
+                    state_path.display()
+                );
+            }
+            loss_sum += value * part.len() as f64 / step_len as f64;
+            let g = (total * (part.len() as f64 / step_len as f64))?.backward()?;
+            grads = Some(match grads.take() {
+                None => g,
+                Some(mut acc) => {
+                    for (_, v) in &vars {
+                        if let (Some(a), Some(b)) =
+                            (acc.get(v.as_tensor()).cloned(), g.get(v.as_tensor()))
+                        {
+                            acc.insert(v.as_tensor(), (a + b)?);
+                        }
+                    }
+                    acc
+                }
+            });
+            if ends_step {
+                opt.step(&grads.take().expect("at least one micro-batch"))?;
+            }
+            Ok(())
+        })?;
         let acc = val_accuracy(clip, &tv, head_w.as_tensor(), head_b.as_tensor(), val)?;
         state.losses.push(loss_sum / steps_per_epoch as f64);
         state.val_accs.push(acc);
