@@ -12,6 +12,30 @@ use candle_nn::{Embedding, VarBuilder};
 use super::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 use super::gemm_bf16::{PackedView, PackedWeight};
 
+/// How the model's graph is built; the function it computes is the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BuildOptions {
+    /// QuickGELU's 1.702 folded into the weights of the MLP around it: `fc2(QuickGELU(fc1·x))
+    /// = (fc2 / 1.702)(SiLU((1.702·fc1)·x))`, scaled in f32 and rounded to the model's dtype
+    /// once. The activation is then candle's one SiLU kernel instead of a scale, a sigmoid and
+    /// a product (16% of a bf16 encoder layer on an H100). Only for frozen weights (trained
+    /// ones must stay the checkpoint's), and not on the CPU, where clipft's kernels take
+    /// QuickGELU in one pass or inside the GEMM already.
+    pub fold_quick_gelu: bool,
+}
+
+impl BuildOptions {
+    /// What inference on `device` uses.
+    pub fn for_inference(device: &Device) -> Self {
+        Self {
+            fold_quick_gelu: !device.is_cpu(),
+        }
+    }
+}
+
+/// `QuickGELU(x) = x · σ(QUICK_GELU_ALPHA · x)`.
+const QUICK_GELU_ALPHA: f64 = 1.702;
+
 /// Layer normalisation that keeps gradients flowing.
 ///
 /// candle-nn's `LayerNorm::forward` takes a fused kernel on contiguous input that records no
@@ -83,6 +107,24 @@ impl Linear {
             } else {
                 None
             },
+            packed: None,
+        })
+    }
+
+    /// The layer with weight `w_scale · W` and bias `b_scale · b`, read in f32 and rounded to
+    /// the model's dtype once.
+    fn new_scaled(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        w_scale: f64,
+        b_scale: f64,
+    ) -> Result<Self> {
+        let dtype = vb.dtype();
+        let vb = vb.to_dtype(DType::F32);
+        Ok(Self {
+            weight: (vb.get((out_dim, in_dim), "weight")? * w_scale)?.to_dtype(dtype)?,
+            bias: Some((vb.get(out_dim, "bias")? * b_scale)?.to_dtype(dtype)?),
             packed: None,
         })
     }
@@ -466,9 +508,13 @@ struct EncoderLayer {
     fc2: Linear,
     layer_norm2: LayerNorm,
     act: Activation,
+    /// `fc1` and `fc2` hold QuickGELU's constant; the activation is SiLU
+    /// ([`BuildOptions::fold_quick_gelu`]).
+    silu_folded: bool,
 }
 
 impl EncoderLayer {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         vb: VarBuilder,
         hidden: usize,
@@ -476,14 +522,27 @@ impl EncoderLayer {
         heads: usize,
         eps: f64,
         act: Activation,
+        opts: BuildOptions,
     ) -> Result<Self> {
+        let mut fc1 = Linear::new(vb.pp("mlp.fc1"), hidden, inter, true)?;
+        let mut fc2 = Linear::new(vb.pp("mlp.fc2"), inter, hidden, true)?;
+        let silu_folded = opts.fold_quick_gelu
+            && act == Activation::QuickGelu
+            && !fc1.weight.track_op()
+            && !fc2.weight.track_op();
+        if silu_folded {
+            let a = QUICK_GELU_ALPHA;
+            fc1 = Linear::new_scaled(vb.pp("mlp.fc1"), hidden, inter, a, a)?;
+            fc2 = Linear::new_scaled(vb.pp("mlp.fc2"), inter, hidden, 1.0 / a, 1.0)?;
+        }
         Ok(Self {
             self_attn: Attention::new(vb.pp("self_attn"), hidden, heads)?,
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), hidden, eps)?,
-            fc1: Linear::new(vb.pp("mlp.fc1"), hidden, inter, true)?,
-            fc2: Linear::new(vb.pp("mlp.fc2"), inter, hidden, true)?,
+            fc1,
+            fc2,
             layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), hidden, eps)?,
             act,
+            silu_folded,
         })
     }
 
@@ -504,6 +563,11 @@ impl EncoderLayer {
     /// `x + MLP(LN2(x))`, the second half of the layer.
     fn mlp_block(&self, xs: &Tensor) -> Result<Tensor> {
         let x = self.layer_norm2.forward(xs)?;
+        if self.silu_folded {
+            return self
+                .fc2
+                .forward_residual(&self.fc1.forward(&x)?.silu()?, xs);
+        }
         if self.act == Activation::QuickGelu && x.track_op() {
             return xs + self.fc2.forward_after_quick_gelu(&self.fc1.forward(&x)?)?;
         }
@@ -538,6 +602,7 @@ struct Encoder {
 }
 
 impl Encoder {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         vb: VarBuilder,
         n: usize,
@@ -546,10 +611,12 @@ impl Encoder {
         heads: usize,
         eps: f64,
         act: Activation,
+        opts: BuildOptions,
     ) -> Result<Self> {
         let layers = (0..n)
             .map(|i| {
-                EncoderLayer::new(vb.pp(format!("layers.{i}")), hidden, inter, heads, eps, act)
+                let vb = vb.pp(format!("layers.{i}"));
+                EncoderLayer::new(vb, hidden, inter, heads, eps, act, opts)
             })
             .collect::<Result<_>>()?;
         Ok(Self { layers })
@@ -604,7 +671,12 @@ pub struct ClipTextTransformer {
 }
 
 impl ClipTextTransformer {
-    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, projection_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &ClipTextConfig,
+        projection_dim: usize,
+        opts: BuildOptions,
+    ) -> Result<Self> {
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
         Ok(Self {
@@ -625,6 +697,7 @@ impl ClipTextTransformer {
                 cfg.num_attention_heads,
                 cfg.layer_norm_eps,
                 cfg.hidden_act,
+                opts,
             )?,
             final_layer_norm: LayerNorm::new(
                 tm.pp("final_layer_norm"),
@@ -731,7 +804,12 @@ pub struct ClipVisionTransformer {
 }
 
 impl ClipVisionTransformer {
-    pub fn new(vb: VarBuilder, cfg: &ClipVisionConfig, projection_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &ClipVisionConfig,
+        projection_dim: usize,
+        opts: BuildOptions,
+    ) -> Result<Self> {
         let vm = vb.pp("vision_model");
         let emb = vm.pp("embeddings");
         let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
@@ -755,6 +833,7 @@ impl ClipVisionTransformer {
                 cfg.num_attention_heads,
                 cfg.layer_norm_eps,
                 cfg.hidden_act,
+                opts,
             )?,
             post_layernorm: LayerNorm::new(vm.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
             projection: Linear::new(vb.pp("visual_projection"), h, projection_dim, false)?,
@@ -817,10 +896,17 @@ pub struct ClipModel {
 }
 
 impl ClipModel {
+    /// The model for inference on `vb`'s device ([`BuildOptions::for_inference`]).
     pub fn new(vb: VarBuilder, config: &ClipConfig) -> Result<Self> {
+        let opts = BuildOptions::for_inference(vb.device());
+        Self::with_options(vb, config, opts)
+    }
+
+    pub fn with_options(vb: VarBuilder, config: &ClipConfig, opts: BuildOptions) -> Result<Self> {
+        let d = config.projection_dim;
         Ok(Self {
-            text: ClipTextTransformer::new(vb.clone(), &config.text_config, config.projection_dim)?,
-            vision: ClipVisionTransformer::new(vb, &config.vision_config, config.projection_dim)?,
+            text: ClipTextTransformer::new(vb.clone(), &config.text_config, d, opts)?,
+            vision: ClipVisionTransformer::new(vb, &config.vision_config, d, opts)?,
             config: config.clone(),
         })
     }
@@ -871,6 +957,55 @@ mod tests {
             grads.get(w.as_tensor()).is_some(),
             "layer norm weight received no gradient"
         );
+    }
+
+    /// The GPU's folded MLP (SiLU between rescaled layers) computes the same features as the
+    /// checkpoint's QuickGELU MLP; built on the CPU here, where the fold is otherwise off.
+    #[test]
+    fn folded_quick_gelu_gives_the_same_features() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::model::synth::tiny_config();
+        crate::model::synth::write_checkpoint(dir.path(), &config, 5).unwrap();
+        let files = [dir.path().join("model.safetensors")];
+        let model = |fold_quick_gelu| {
+            // SAFETY: the file was just written and is not modified while mapped.
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu).unwrap()
+            };
+            ClipModel::with_options(vb, &config, BuildOptions { fold_quick_gelu }).unwrap()
+        };
+        let (plain, folded) = (model(false), model(true));
+        assert!(folded.vision.encoder.layers.iter().all(|l| l.silu_folded));
+        assert!(folded.text.encoder.layers.iter().all(|l| l.silu_folded));
+        assert!(!plain.vision.encoder.layers.iter().any(|l| l.silu_folded));
+        let s = config.vision_config.image_size;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, s, s), &Device::Cpu).unwrap();
+        let a = plain.image_features(&x).unwrap();
+        let b = folded.image_features(&x).unwrap();
+        let diff = crate::testutil::max_abs_diff(&a, &b);
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-5 * scale,
+            "images: {diff} (features up to {scale})"
+        );
+        let ids = vec![vec![3u32, 7, 9, 2], vec![5, 4]];
+        let a = plain.text_features(&ids, &Device::Cpu).unwrap();
+        let b = folded.text_features(&ids, &Device::Cpu).unwrap();
+        let diff = crate::testutil::max_abs_diff(&a, &b);
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5 * scale, "text: {diff} (features up to {scale})");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::clip::ClipVisionTransformer;
+use super::clip::{BuildOptions, ClipVisionTransformer};
 use super::hub::ModelFiles;
 use super::load::weights_var_builder;
 use super::ClipConfig;
@@ -36,6 +36,8 @@ impl TrainableVision {
             VarBuilder::from_varmap(&varmap, dtype, device),
             &config.vision_config,
             config.projection_dim,
+            // Trained weights stay the checkpoint's own.
+            BuildOptions::default(),
         )?;
         let src = weights_var_builder(&files.weights, dtype, device)?;
         for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
