@@ -978,34 +978,22 @@ mod tests {
         assert!(folded.vision.encoder.layers.iter().all(|l| l.silu_folded));
         assert!(folded.text.encoder.layers.iter().all(|l| l.silu_folded));
         assert!(!plain.vision.encoder.layers.iter().any(|l| l.silu_folded));
+        let close = |a: Tensor, b: Tensor, what: &str| {
+            let diff = crate::testutil::max_abs_diff(&a, &b);
+            let scale = a.abs().unwrap().max_all().unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap();
+            assert!(
+                diff < 1e-5 * scale,
+                "{what}: {diff} (features up to {scale})"
+            );
+        };
         let s = config.vision_config.image_size;
         let x = Tensor::randn(0f32, 1.0, (2, 3, s, s), &Device::Cpu).unwrap();
-        let a = plain.image_features(&x).unwrap();
-        let b = folded.image_features(&x).unwrap();
-        let diff = crate::testutil::max_abs_diff(&a, &b);
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff < 1e-5 * scale,
-            "images: {diff} (features up to {scale})"
-        );
+        let image = |m: &ClipModel| m.image_features(&x).unwrap();
+        close(image(&plain), image(&folded), "images");
         let ids = vec![vec![3u32, 7, 9, 2], vec![5, 4]];
-        let a = plain.text_features(&ids, &Device::Cpu).unwrap();
-        let b = folded.text_features(&ids, &Device::Cpu).unwrap();
-        let diff = crate::testutil::max_abs_diff(&a, &b);
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-5 * scale, "text: {diff} (features up to {scale})");
+        let text = |m: &ClipModel| m.text_features(&ids, &Device::Cpu).unwrap();
+        close(text(&plain), text(&folded), "text");
     }
 
     #[test]
