@@ -318,9 +318,9 @@ pub enum PixelTransfer {
     Auto,
     /// Normalised f32 values, computed on the decoding cores.
     Normalized,
-    /// The crop's 8-bit pixels (a quarter of the f32 bytes over PCIe, no normalising pass on the
-    /// decoding cores), mapped on the model's device through the table the CPU path uses: the
-    /// same values, bit for bit.
+    /// The crop's 8-bit RGB pixels as decoded (a quarter of the f32 bytes over PCIe, no
+    /// normalising or reordering pass on the decoding cores), mapped on the model's device
+    /// through the table the CPU path uses: the same values, bit for bit.
     Bytes,
 }
 
@@ -334,14 +334,14 @@ impl PixelTransfer {
     }
 }
 
-/// Maps `[B, 3, H, W]` 8-bit pixels on a device to the model's input there: the entries of
-/// [`PreprocessConfig::normalize_table`] in the model's dtype, indexed by `byte + 256 × channel`.
-/// The table is rounded to the dtype once, as the CPU path rounds each value, so both give
-/// identical inputs.
+/// Maps `[B, H, W, 3]` 8-bit pixels on a device (the images' own interleaved RGB bytes) to the
+/// model's `[B, 3, H, W]` input there: the entries of [`PreprocessConfig::normalize_table`] in
+/// the model's dtype, indexed by `byte + 256 × channel`, then moved channel-first. The table is
+/// rounded to the dtype once, as the CPU path rounds each value, so both give identical inputs.
 struct DeviceNormalizer {
     /// `[3 × 256]`, model dtype, on the device.
     table: Tensor,
-    /// `[1, 3, 1, 1]` u32: each channel's first entry in `table`.
+    /// `[1, 1, 1, 3]` u32: each channel's first entry in `table`.
     offsets: Tensor,
 }
 
@@ -351,7 +351,7 @@ impl DeviceNormalizer {
         let table = Tensor::from_vec(table, 3 * 256, &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)?;
-        let offsets = Tensor::from_slice(&[0u32, 256, 512], (1, 3, 1, 1), device)?;
+        let offsets = Tensor::from_slice(&[0u32, 256, 512], (1, 1, 1, 3), device)?;
         Ok(Self { table, offsets })
     }
 
@@ -363,7 +363,9 @@ impl DeviceNormalizer {
         Ok(self
             .table
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape(dims)?)
+            .reshape(dims)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
     }
 }
 
@@ -400,15 +402,16 @@ pub fn image_batches_of(
     consume: impl FnMut(Option<Tensor>, Vec<Option<ImageError>>) -> Result<()>,
 ) -> Result<()> {
     let pre = &clip.preprocess;
-    let key = |p: &Path| view_key(p);
+    let (ch, cw) = (pre.crop.0 as usize, pre.crop.1 as usize);
     if opts.transfer.bytes_on(&clip.device) {
         let norm = DeviceNormalizer::new(pre, clip.dtype, &clip.device)?;
         run_pipeline::<u8>(
             clip,
             batches,
+            (ch, cw, 3),
             |p, slot| {
-                let img = pre.read_view(p, view, opts.decode, key(p))?;
-                crate::preprocess::planar_into(&img, slot);
+                let img = pre.read_view(p, view, opts.decode, view_key(p))?;
+                slot.copy_from_slice(img.as_raw());
                 Ok(())
             },
             |x| norm.apply(&x),
@@ -418,7 +421,8 @@ pub fn image_batches_of(
         run_pipeline::<f32>(
             clip,
             batches,
-            |p, slot| pre.read_into(p, view, opts.decode, key(p), slot),
+            (3, ch, cw),
+            |p, slot| pre.read_into(p, view, opts.decode, view_key(p), slot),
             |x| Ok(x.to_dtype(clip.dtype)?),
             consume,
         )
@@ -438,11 +442,13 @@ pub fn decoding_threads(device: &Device) -> usize {
     }
 }
 
-/// [`image_batches`] for one element type of the batch buffers (`read` fills one image's
-/// slot, `to_input` makes the model's input of a batch uploaded to the device).
+/// [`image_batches`] for one element type and `image` shape of the batch buffers (`read`
+/// fills one image's slot, `to_input` makes the model's input of a batch uploaded to the
+/// device).
 fn run_pipeline<T: candle_core::WithDType>(
     clip: &Clip,
     batches: &[&[&Path]],
+    image: (usize, usize, usize),
     read: impl Fn(&Path, &mut [T]) -> std::result::Result<(), ImageError> + Sync,
     to_input: impl Fn(Tensor) -> Result<Tensor>,
     mut consume: impl FnMut(Option<Tensor>, Vec<Option<ImageError>>) -> Result<()>,
@@ -455,9 +461,7 @@ fn run_pipeline<T: candle_core::WithDType>(
         }
         return Ok(());
     }
-    let (ch, cw) = clip.preprocess.crop;
-    let (ch, cw) = (ch as usize, cw as usize);
-    let per_image = 3 * ch * cw;
+    let per_image = image.0 * image.1 * image.2;
     // Decoding gets its own pool: sharing the global one (which candle's CPU matmul uses) queues
     // GEMM tasks behind decode tasks and stalls the model.
     let pool = rayon::ThreadPoolBuilder::new()
@@ -516,7 +520,7 @@ fn run_pipeline<T: candle_core::WithDType>(
             } else {
                 let x = Tensor::from_slice(
                     &buf[..n_good * per_image],
-                    (n_good, 3, ch, cw),
+                    (n_good, image.0, image.1, image.2),
                     &clip.device,
                 )?;
                 Some(to_input(x)?)
@@ -644,13 +648,13 @@ mod tests {
                 })
             })
             .collect();
-        let mut bytes = vec![0u8; 2 * 3 * 256];
+        let mut bytes = Vec::new();
         let mut values = vec![0f32; 2 * 3 * 256];
         for (i, img) in images.iter().enumerate() {
-            crate::preprocess::planar_into(img, &mut bytes[i * 768..(i + 1) * 768]);
+            bytes.extend_from_slice(img.as_raw());
             pre.normalize_into(img, &mut values[i * 768..(i + 1) * 768]);
         }
-        let bytes = Tensor::from_vec(bytes, (2, 3, 16, 16), &Device::Cpu).unwrap();
+        let bytes = Tensor::from_vec(bytes, (2, 16, 16, 3), &Device::Cpu).unwrap();
         let values = Tensor::from_vec(values, (2, 3, 16, 16), &Device::Cpu).unwrap();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let norm = DeviceNormalizer::new(&pre, dtype, &Device::Cpu).unwrap();
@@ -667,7 +671,7 @@ mod tests {
             );
         }
         // Byte 255 (candle's "no index" value for u8 indices) maps to its value, not to 0.
-        let white = Tensor::full(255u8, (1, 3, 1, 1), &Device::Cpu).unwrap();
+        let white = Tensor::full(255u8, (1, 1, 1, 3), &Device::Cpu).unwrap();
         let norm = DeviceNormalizer::new(&pre, DType::F32, &Device::Cpu).unwrap();
         let got = norm.apply(&white).unwrap().flatten_all().unwrap();
         let table = pre.normalize_table();

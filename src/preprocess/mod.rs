@@ -343,7 +343,7 @@ impl PreprocessConfig {
 
     /// The normalised value of every byte in every channel, `[channel][byte]`, computed with the
     /// exact formula: each output depends only on those two, so normalising is one lookup per
-    /// value (on the CPU, or on a GPU from the 8-bit pixels, see [`planar_into`]).
+    /// value (on the decoding cores, or on a GPU from the 8-bit pixels).
     pub fn normalize_table(&self) -> [[f32; 256]; 3] {
         let mut lut = [[0f32; 256]; 3];
         for (c, table) in lut.iter_mut().enumerate() {
@@ -360,20 +360,6 @@ impl PreprocessConfig {
             }
         }
         lut
-    }
-}
-
-/// The bytes of an RGB image in channel-major order (CHW, `3 × w × h` values), the layout of
-/// the model's input before [`PreprocessConfig::normalize_table`] maps them to values.
-pub fn planar_into(img: &RgbImage, out: &mut [u8]) {
-    let n = img.width() as usize * img.height() as usize;
-    assert_eq!(out.len(), 3 * n, "output holds 3 × {n} bytes");
-    let (r, rest) = out.split_at_mut(n);
-    let (g, b) = rest.split_at_mut(n);
-    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
-        r[i] = px[0];
-        g[i] = px[1];
-        b[i] = px[2];
     }
 }
 

@@ -3,6 +3,9 @@
 //! pass into 8-bit rows, then a vertical pass, each rounding and clipping to 8 bits. Matching it
 //! exactly (not just closely) is what makes pixels equal to `CLIPImageProcessor`'s.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use image::RgbImage;
 
 use super::Resample;
@@ -126,6 +129,69 @@ fn coeffs(in_size: usize, out_size: usize, filter: fn(f64) -> f64, support: f64)
     }
 }
 
+/// Coefficient tables recently used on this thread, most recent first: a dataset's images
+/// come in a few sizes, and a table costs about as much as 2% of decoding and resizing an image.
+const COEFFS_CACHED: usize = 16;
+
+type CoeffsKey = (usize, usize, Resample);
+
+thread_local! {
+    static COEFFS: RefCell<Vec<(CoeffsKey, Rc<Coeffs>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`coeffs`] for `resample`, from this thread's cache when it was computed recently.
+fn cached_coeffs(in_size: usize, out_size: usize, resample: Resample) -> Rc<Coeffs> {
+    let key = (in_size, out_size, resample);
+    COEFFS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let entry = match cache.iter().position(|(k, _)| *k == key) {
+            Some(i) => cache.remove(i),
+            None => {
+                let (filter, support) = filter_of(resample);
+                (key, Rc::new(coeffs(in_size, out_size, filter, support)))
+            }
+        };
+        let table = Rc::clone(&entry.1);
+        cache.insert(0, entry);
+        cache.truncate(COEFFS_CACHED);
+        table
+    })
+}
+
+/// Intermediate buffers of the two passes, kept per thread: fresh ones would be zeroed for
+/// every image (about 0.7 MB for a 500×375 photo). Every byte the passes read is written
+/// first for the current image, so what earlier images left behind is never used.
+#[derive(Default)]
+struct Scratch {
+    /// The source window, transposed.
+    src_t: Vec<u8>,
+    /// One filtered column.
+    col: Vec<u8>,
+    /// The horizontal pass's output.
+    tmp: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's [`Scratch`] (taken out for the call, so the hot loops are not
+/// compiled inside a closure, which would not get the caller's target features).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut bufs = SCRATCH.with(RefCell::take);
+    let r = f(&mut bufs);
+    SCRATCH.with(|s| *s.borrow_mut() = bufs);
+    r
+}
+
+/// `buf` with at least `len` bytes, the first `len` of them to be overwritten by the caller.
+fn scratch(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
+}
+
 #[inline]
 fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
@@ -156,23 +222,23 @@ pub fn resize_region(
     if resample == Resample::Nearest {
         return nearest(img, out_w, out_h, (x0, y0, rw, rh));
     }
-    let (filter, support) = filter_of(resample);
-    let horiz = (out_w != in_w).then(|| coeffs(in_w, out_w, filter, support));
-    let vert = (out_h != in_h).then(|| coeffs(in_h, out_h, filter, support));
+    let horiz = (out_w != in_w).then(|| cached_coeffs(in_w, out_w, resample));
+    let vert = (out_h != in_h).then(|| cached_coeffs(in_h, out_h, resample));
     let args = Passes {
         src: img.as_raw(),
         in_w,
-        horiz: horiz.as_ref(),
-        vert: vert.as_ref(),
+        horiz: horiz.as_deref(),
+        vert: vert.as_deref(),
         window: (x0, y0, rw, rh),
     };
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        let out = unsafe { passes_avx2(&args) };
-        return RgbImage::from_raw(rw as u32, rh as u32, out).expect("size matches");
-    }
-    let out = passes(&args);
+    let out = with_scratch(|bufs| {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { passes_avx2(&args, bufs) };
+        }
+        passes(&args, bufs)
+    });
     RgbImage::from_raw(rw as u32, rh as u32, out).expect("size matches")
 }
 
@@ -188,8 +254,8 @@ struct Passes<'a> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn passes_avx2(a: &Passes) -> Vec<u8> {
-    passes(a)
+unsafe fn passes_avx2(a: &Passes, bufs: &mut Scratch) -> Vec<u8> {
+    passes(a, bufs)
 }
 
 /// One output line of either pass: `out[i] = clip8(init + Σ_t src[t * stride + i] · k[t])`, the
@@ -230,7 +296,7 @@ fn filter_line(out: &mut [u8], src: &[u8], stride: usize, k: &[i32]) {
 /// accumulating a whole row (or column) tap by tap, which vectorises, gives Pillow's per-pixel
 /// values.
 #[inline(always)]
-fn passes(a: &Passes) -> Vec<u8> {
+fn passes(a: &Passes, bufs: &mut Scratch) -> Vec<u8> {
     let (x0, y0, rw, rh) = a.window;
     let (src, in_w) = (a.src, a.in_w);
     // Source rows the vertical pass reads (the window's own rows when there is no vertical pass).
@@ -250,66 +316,66 @@ fn passes(a: &Passes) -> Vec<u8> {
     // 2- and a 1-byte copy): each word's fourth byte lands on the next pixel's first, which is
     // written after it, or on a spare byte at the end of a line.
     let row_stride = row_len + 1;
-    let tmp = match a.horiz {
-        None => {
-            let mut tmp = vec![0u8; rows * row_stride];
-            for (r, line) in tmp.chunks_exact_mut(row_stride).enumerate() {
-                let start = ((first_row + r) * in_w + x0) * 3;
-                line[..row_len].copy_from_slice(&src[start..start + row_len]);
+    {
+        let Scratch { src_t, col, tmp } = bufs;
+        let tmp = scratch(tmp, rows * row_stride);
+        match a.horiz {
+            None => {
+                for (r, line) in tmp.chunks_exact_mut(row_stride).enumerate() {
+                    let start = ((first_row + r) * in_w + x0) * 3;
+                    line[..row_len].copy_from_slice(&src[start..start + row_len]);
+                }
             }
-            tmp
-        }
-        Some(h) if rw > 0 && rows > 0 => {
-            let cx0 = h.bounds[x0].0;
-            let (lx, ln) = h.bounds[x0 + rw - 1];
-            let cols = lx + ln - cx0;
-            let col_len = rows * 3;
-            let col_stride = col_len + 1;
-            let mut src_t = vec![0u8; cols * col_stride];
-            for r in 0..rows {
-                // With the byte after the window where there is one, for the last word.
-                let start = ((first_row + r) * in_w + cx0) * 3;
-                let row = &src[start..(start + cols * 3 + 1).min(src.len())];
-                transpose_row(row, &mut src_t[r * 3..], col_stride);
+            Some(h) if rw > 0 && rows > 0 => {
+                let cx0 = h.bounds[x0].0;
+                let (lx, ln) = h.bounds[x0 + rw - 1];
+                let cols = lx + ln - cx0;
+                let col_len = rows * 3;
+                let col_stride = col_len + 1;
+                let src_t = scratch(src_t, cols * col_stride);
+                for r in 0..rows {
+                    // With the byte after the window where there is one, for the last word.
+                    let start = ((first_row + r) * in_w + cx0) * 3;
+                    let row = &src[start..(start + cols * 3 + 1).min(src.len())];
+                    transpose_row(row, &mut src_t[r * 3..], col_stride);
+                }
+                let col = scratch(col, col_len + 1);
+                for xx in 0..rw {
+                    let (xmin, n) = h.bounds[x0 + xx];
+                    let k = &h.weights[(x0 + xx) * h.ksize..][..n];
+                    filter_line(
+                        &mut col[..col_len],
+                        &src_t[(xmin - cx0) * col_stride..],
+                        col_stride,
+                        k,
+                    );
+                    transpose_row(col, &mut tmp[xx * 3..], row_stride);
+                }
             }
-            let mut col = vec![0u8; col_len + 1];
-            let mut tmp = vec![0u8; rows * row_stride];
-            for xx in 0..rw {
-                let (xmin, n) = h.bounds[x0 + xx];
-                let k = &h.weights[(x0 + xx) * h.ksize..][..n];
-                filter_line(
-                    &mut col[..col_len],
-                    &src_t[(xmin - cx0) * col_stride..],
-                    col_stride,
-                    k,
-                );
-                transpose_row(&col, &mut tmp[xx * 3..], row_stride);
+            Some(_) => {}
+        }
+        let Some(v) = a.vert else {
+            let mut out = Vec::with_capacity(rh * row_len);
+            for line in tmp.chunks_exact(row_stride) {
+                out.extend_from_slice(&line[..row_len]);
             }
-            tmp
-        }
-        Some(_) => Vec::new(),
-    };
-    let Some(v) = a.vert else {
-        let mut out = Vec::with_capacity(rh * row_len);
-        for line in tmp.chunks_exact(row_stride) {
-            out.extend_from_slice(&line[..row_len]);
-        }
-        return out;
-    };
+            return out;
+        };
 
-    // Vertical pass, a whole output row at a time.
-    let mut out = vec![0u8; rw * rh * 3];
-    for (yy, out_row) in out.chunks_exact_mut(row_len.max(1)).enumerate().take(rh) {
-        let (ymin, n) = v.bounds[y0 + yy];
-        let k = &v.weights[(y0 + yy) * v.ksize..][..n];
-        filter_line(
-            out_row,
-            &tmp[(ymin - first_row) * row_stride..],
-            row_stride,
-            k,
-        );
+        // Vertical pass, a whole output row at a time.
+        let mut out = vec![0u8; rw * rh * 3];
+        for (yy, out_row) in out.chunks_exact_mut(row_len.max(1)).enumerate().take(rh) {
+            let (ymin, n) = v.bounds[y0 + yy];
+            let k = &v.weights[(y0 + yy) * v.ksize..][..n];
+            filter_line(
+                out_row,
+                &tmp[(ymin - first_row) * row_stride..],
+                row_stride,
+                k,
+            );
+        }
+        out
     }
-    out
 }
 
 /// Writes the pixels of `line` (3 bytes each) `stride` bytes apart into `out`: pixel `i` to
@@ -418,6 +484,7 @@ mod tests {
                 (200 - x * 5) as u8,
             ])
         });
+        let mut bufs = Scratch::default();
         for r in ALL {
             for (w, h) in [(11, 9), (23, 9), (11, 17), (40, 30)] {
                 let full = resize(&photo, w, h, r);
@@ -434,18 +501,23 @@ mod tests {
                         let (f, sup) = filter_of(r);
                         let hc = (w != 23).then(|| coeffs(23, w as usize, f, sup));
                         let vc = (h != 17).then(|| coeffs(17, h as usize, f, sup));
-                        let portable = passes(&Passes {
-                            src: photo.as_raw(),
-                            in_w: 23,
-                            horiz: hc.as_ref(),
-                            vert: vc.as_ref(),
-                            window: (
-                                win.0 as usize,
-                                win.1 as usize,
-                                win.2 as usize,
-                                win.3 as usize,
-                            ),
-                        });
+                        // Scratch buffers left over from every earlier size: what they hold
+                        // must not matter.
+                        let portable = passes(
+                            &Passes {
+                                src: photo.as_raw(),
+                                in_w: 23,
+                                horiz: hc.as_ref(),
+                                vert: vc.as_ref(),
+                                window: (
+                                    win.0 as usize,
+                                    win.1 as usize,
+                                    win.2 as usize,
+                                    win.3 as usize,
+                                ),
+                            },
+                            &mut bufs,
+                        );
                         assert_eq!(portable.as_slice(), part.as_raw().as_slice());
                     }
                     let crop =
