@@ -180,9 +180,19 @@ thread_local! {
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     let mut bufs = SCRATCH.with(RefCell::take);
     let r = f(&mut bufs);
+    // A very large photo's buffers are not worth keeping for the images after it.
+    for buf in [&mut bufs.src_t, &mut bufs.col, &mut bufs.tmp] {
+        if buf.capacity() > SCRATCH_KEEP_MAX {
+            *buf = Vec::new();
+        }
+    }
     SCRATCH.with(|s| *s.borrow_mut() = bufs);
     r
 }
+
+/// Largest scratch buffer kept for the next image (a 4000×3000 photo's transposed source is
+/// about 36 MB; a 500×375 one's 0.4 MB).
+const SCRATCH_KEEP_MAX: usize = 16 << 20;
 
 /// `buf` with at least `len` bytes, the first `len` of them to be overwritten by the caller.
 fn scratch(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
