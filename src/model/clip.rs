@@ -18,9 +18,9 @@ pub struct BuildOptions {
     /// QuickGELU's 1.702 folded into the weights of the MLP around it: `fc2(QuickGELU(fc1·x))
     /// = (fc2 / 1.702)(SiLU((1.702·fc1)·x))`, scaled in f32 and rounded to the model's dtype
     /// once. The activation is then candle's one SiLU kernel instead of a scale, a sigmoid and
-    /// a product (16% of a bf16 encoder layer on an H100). Only for frozen weights (trained
-    /// ones must stay the checkpoint's), and not on the CPU, where clipft's kernels take
-    /// QuickGELU in one pass or inside the GEMM already.
+    /// a product (16% of a bf16 encoder layer on an H100). Only for frozen weights: a tower
+    /// built to be trained leaves it off, so its variables stay the checkpoint's. Off on the
+    /// CPU too, where clipft's kernels take QuickGELU in one pass or inside the GEMM already.
     pub fold_quick_gelu: bool,
 }
 
@@ -524,17 +524,19 @@ impl EncoderLayer {
         act: Activation,
         opts: BuildOptions,
     ) -> Result<Self> {
-        let mut fc1 = Linear::new(vb.pp("mlp.fc1"), hidden, inter, true)?;
-        let mut fc2 = Linear::new(vb.pp("mlp.fc2"), inter, hidden, true)?;
-        let silu_folded = opts.fold_quick_gelu
-            && act == Activation::QuickGelu
-            && !fc1.weight.track_op()
-            && !fc2.weight.track_op();
-        if silu_folded {
+        let silu_folded = opts.fold_quick_gelu && act == Activation::QuickGelu;
+        let (fc1, fc2) = if silu_folded {
             let a = QUICK_GELU_ALPHA;
-            fc1 = Linear::new_scaled(vb.pp("mlp.fc1"), hidden, inter, a, a)?;
-            fc2 = Linear::new_scaled(vb.pp("mlp.fc2"), inter, hidden, 1.0 / a, 1.0)?;
-        }
+            (
+                Linear::new_scaled(vb.pp("mlp.fc1"), hidden, inter, a, a)?,
+                Linear::new_scaled(vb.pp("mlp.fc2"), inter, hidden, 1.0 / a, 1.0)?,
+            )
+        } else {
+            (
+                Linear::new(vb.pp("mlp.fc1"), hidden, inter, true)?,
+                Linear::new(vb.pp("mlp.fc2"), inter, hidden, true)?,
+            )
+        };
         Ok(Self {
             self_attn: Attention::new(vb.pp("self_attn"), hidden, heads)?,
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), hidden, eps)?,

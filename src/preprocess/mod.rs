@@ -191,21 +191,11 @@ impl PreprocessConfig {
     pub fn apply(&self, img: &RgbImage, view: &View, key: u64) -> Vec<f32> {
         let (ch, cw) = self.crop;
         let mut out = vec![0f32; 3 * ch as usize * cw as usize];
-        self.apply_into(img, img.dimensions(), view, key, &mut out);
+        self.normalize_into(
+            &self.view_pixels(img, img.dimensions(), view, key),
+            &mut out,
+        );
         out
-    }
-
-    /// [`apply`](Self::apply) written into `out` (`3 × crop` values), for an image decoded from
-    /// one of `full_size` (larger when a JPEG was reduced while decoding, see [`Source`]).
-    pub fn apply_into(
-        &self,
-        img: &RgbImage,
-        full_size: (u32, u32),
-        view: &View,
-        key: u64,
-        out: &mut [f32],
-    ) {
-        self.normalize_into(&self.view_pixels(img, full_size, view, key), out);
     }
 
     /// The 8-bit RGB pixels of `view` of an image decoded from one of `full_size`, before
@@ -291,8 +281,8 @@ impl PreprocessConfig {
         }
     }
 
-    /// [`load`](Self::load) then [`apply_into`](Self::apply_into): the pixels of `view` of the
-    /// image at `path`, written into `out` (`3 × crop` values).
+    /// [`read_view`](Self::read_view) then [`normalize_into`](Self::normalize_into): the pixels
+    /// of `view` of the image at `path`, written into `out` (`3 × crop` values).
     pub fn read_into(
         &self,
         path: &Path,
