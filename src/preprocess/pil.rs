@@ -326,66 +326,64 @@ fn passes(a: &Passes, bufs: &mut Scratch) -> Vec<u8> {
     // 2- and a 1-byte copy): each word's fourth byte lands on the next pixel's first, which is
     // written after it, or on a spare byte at the end of a line.
     let row_stride = row_len + 1;
-    {
-        let Scratch { src_t, col, tmp } = bufs;
-        let tmp = scratch(tmp, rows * row_stride);
-        match a.horiz {
-            None => {
-                for (r, line) in tmp.chunks_exact_mut(row_stride).enumerate() {
-                    let start = ((first_row + r) * in_w + x0) * 3;
-                    line[..row_len].copy_from_slice(&src[start..start + row_len]);
-                }
+    let Scratch { src_t, col, tmp } = bufs;
+    let tmp = scratch(tmp, rows * row_stride);
+    match a.horiz {
+        None => {
+            for (r, line) in tmp.chunks_exact_mut(row_stride).enumerate() {
+                let start = ((first_row + r) * in_w + x0) * 3;
+                line[..row_len].copy_from_slice(&src[start..start + row_len]);
             }
-            Some(h) if rw > 0 && rows > 0 => {
-                let cx0 = h.bounds[x0].0;
-                let (lx, ln) = h.bounds[x0 + rw - 1];
-                let cols = lx + ln - cx0;
-                let col_len = rows * 3;
-                let col_stride = col_len + 1;
-                let src_t = scratch(src_t, cols * col_stride);
-                for r in 0..rows {
-                    // With the byte after the window where there is one, for the last word.
-                    let start = ((first_row + r) * in_w + cx0) * 3;
-                    let row = &src[start..(start + cols * 3 + 1).min(src.len())];
-                    transpose_row(row, &mut src_t[r * 3..], col_stride);
-                }
-                let col = scratch(col, col_len + 1);
-                for xx in 0..rw {
-                    let (xmin, n) = h.bounds[x0 + xx];
-                    let k = &h.weights[(x0 + xx) * h.ksize..][..n];
-                    filter_line(
-                        &mut col[..col_len],
-                        &src_t[(xmin - cx0) * col_stride..],
-                        col_stride,
-                        k,
-                    );
-                    transpose_row(col, &mut tmp[xx * 3..], row_stride);
-                }
-            }
-            Some(_) => {}
         }
-        let Some(v) = a.vert else {
-            let mut out = Vec::with_capacity(rh * row_len);
-            for line in tmp.chunks_exact(row_stride) {
-                out.extend_from_slice(&line[..row_len]);
+        Some(h) if rw > 0 && rows > 0 => {
+            let cx0 = h.bounds[x0].0;
+            let (lx, ln) = h.bounds[x0 + rw - 1];
+            let cols = lx + ln - cx0;
+            let col_len = rows * 3;
+            let col_stride = col_len + 1;
+            let src_t = scratch(src_t, cols * col_stride);
+            for r in 0..rows {
+                // With the byte after the window where there is one, for the last word.
+                let start = ((first_row + r) * in_w + cx0) * 3;
+                let row = &src[start..(start + cols * 3 + 1).min(src.len())];
+                transpose_row(row, &mut src_t[r * 3..], col_stride);
             }
-            return out;
-        };
-
-        // Vertical pass, a whole output row at a time.
-        let mut out = vec![0u8; rw * rh * 3];
-        for (yy, out_row) in out.chunks_exact_mut(row_len.max(1)).enumerate().take(rh) {
-            let (ymin, n) = v.bounds[y0 + yy];
-            let k = &v.weights[(y0 + yy) * v.ksize..][..n];
-            filter_line(
-                out_row,
-                &tmp[(ymin - first_row) * row_stride..],
-                row_stride,
-                k,
-            );
+            let col = scratch(col, col_len + 1);
+            for xx in 0..rw {
+                let (xmin, n) = h.bounds[x0 + xx];
+                let k = &h.weights[(x0 + xx) * h.ksize..][..n];
+                filter_line(
+                    &mut col[..col_len],
+                    &src_t[(xmin - cx0) * col_stride..],
+                    col_stride,
+                    k,
+                );
+                transpose_row(col, &mut tmp[xx * 3..], row_stride);
+            }
         }
-        out
+        Some(_) => {}
     }
+    let Some(v) = a.vert else {
+        let mut out = Vec::with_capacity(rh * row_len);
+        for line in tmp.chunks_exact(row_stride) {
+            out.extend_from_slice(&line[..row_len]);
+        }
+        return out;
+    };
+
+    // Vertical pass, a whole output row at a time.
+    let mut out = vec![0u8; rw * rh * 3];
+    for (yy, out_row) in out.chunks_exact_mut(row_len.max(1)).enumerate().take(rh) {
+        let (ymin, n) = v.bounds[y0 + yy];
+        let k = &v.weights[(y0 + yy) * v.ksize..][..n];
+        filter_line(
+            out_row,
+            &tmp[(ymin - first_row) * row_stride..],
+            row_stride,
+            k,
+        );
+    }
+    out
 }
 
 /// Writes the pixels of `line` (3 bytes each) `stride` bytes apart into `out`: pixel `i` to
