@@ -35,13 +35,11 @@ pub struct FdAlignOutcome {
 }
 
 /// How training and validation images are read: the extraction pipeline's, decoding the next
-/// batches on a pool of their own while the model works on this one, every image required.
+/// batches on a pool of their own while the model works on this one; by default every image is
+/// required, nothing is cached and no progress bar is drawn.
 fn read_options() -> ExtractOptions {
     ExtractOptions {
         batch_size: VAL_BATCH,
-        skip_bad_images: false,
-        progress: false,
-        cache_dir: None,
         ..ExtractOptions::default()
     }
 }
