@@ -1,11 +1,11 @@
 //! Dense-layer GEMM rates on the CPU for the ViT-B/32 shapes (batch 32: 1,600 rows), f32 (`gemm`
 //! crate, what `--dtype f32` runs) next to clipft's bf16 kernel (`--dtype bf16` on a CPU with
-//! AVX512-BF16), in GFLOP/s.
+//! AVX512-BF16; AMX tiles where the CPU has them), in GFLOP/s.
 //!
 //!     cargo bench --bench gemm
 //!
 //! Environment (optional): `CLIPFT_BENCH_ROWS` (1600), `CLIPFT_BENCH_REPS` (10),
-//! `RAYON_NUM_THREADS` (all cores).
+//! `RAYON_NUM_THREADS` (all cores), `CLIPFT_NO_AMX=1` (the AVX512-BF16 kernel on an AMX CPU).
 
 // The allocator the clipft binary uses (src/main.rs); `keep_freed_memory` is called in main.
 #[global_allocator]
@@ -40,10 +40,9 @@ fn main() {
     println!(
         "dense layers x·Wᵀ + b, {m} rows, {} threads; bf16 kernel: {}",
         rayon::current_num_threads(),
-        if gemm_bf16::native() {
-            "AVX512-BF16"
-        } else {
-            "portable (no AVX512-BF16 on this CPU)"
+        match gemm_bf16::kernel() {
+            gemm_bf16::Kernel::Portable => "portable (no AVX512-BF16 on this CPU)",
+            kernel => kernel.name(),
         }
     );
     println!("  {:<22} {:>10} {:>10}", "layer (N×K)", "f32", "bf16");

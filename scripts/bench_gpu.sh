@@ -3,16 +3,18 @@
 # same JPEGs, same GPU, in one run. Meant for the lent GPU machine, which has PyTorch but no Rust:
 #
 #   here:  CARGO_FEATURES="cuda simd-jpeg" OUT_DIR=.gpu \
-#              CARGO_BUILD_ARGS="--bin clipft --bench extract --bench fdalign --bench layer_ops" \
+#              CARGO_BUILD_ARGS="--bin clipft --bench extract --bench fdalign --bench layer_ops --bench gemm" \
 #              ../shared/gpu/build-cuda.sh .
 #   there: scripts/bench_gpu.sh BIN_DIR      (BIN_DIR holds clipft, extract, fdalign, layer_ops,
-#                                             without the cargo hash suffixes)
+#                                             without the cargo hash suffixes; gemm for CPU=1)
 #
 # Prints, per dtype (f32, bf16, f16): decode+preprocess, model-only and end-to-end images/s and
 # text prompts/s for both, with ratios; then clipft's CUDA features against transformers' f32
 # features (cosine); then one FD-Align training step (f32 vs PyTorch f32 and bf16 autocast).
 # Env: IMAGES (2048), BATCH (256), THREADS (all cores), PASSES (10), WORK (a temp dir),
-# DTYPES ("f32 bf16 f16"), LAYERS=0 / FDALIGN=0 to skip those parts.
+# DTYPES ("f32 bf16 f16"), LAYERS=0 / FDALIGN=0 to skip those parts; CPU=1 first checks the
+# host CPU's bf16 kernel (AMX where the CPU has it: the GEMM rates with and without AMX, and
+# clipft --dtype bf16 against PyTorch bf16 on the CPU, 256 images), and CPU=only stops there.
 set -euo pipefail
 BIN=$(cd "${1:?usage: bench_gpu.sh BIN_DIR}" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +28,16 @@ NV=$(python3 -c 'import nvidia; print(nvidia.__path__[0])' 2>/dev/null || true)
 [ -n "$NV" ] && export LD_LIBRARY_PATH=$NV/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 cd "$ROOT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+if [ "${CPU:-0}" != 0 ]; then
+  echo "== host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $THREADS threads," \
+    "flags: $(grep -m1 -o -w -E 'amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  RAYON_NUM_THREADS=$THREADS CLIPFT_BENCH_REPS=5 "$BIN/gemm" || echo "gemm bench failed"
+  CLIPFT_NO_AMX=1 RAYON_NUM_THREADS=$THREADS CLIPFT_BENCH_REPS=5 "$BIN/gemm" || echo "gemm bench failed"
+  python3 scripts/bench_vs_pytorch.py --device cpu --dtype bf16 --batch 32 --threads "$THREADS" \
+    --images 256 --text-classes 20 --bench-bin "$BIN/extract" --workdir "$WORK/cpu" || echo "CPU bf16 failed"
+  [ "$CPU" = only ] && exit 0
+fi
 
 for dt in ${DTYPES:-f32 bf16 f16}; do
   echo "== image + text features, $dt, batch $BATCH, $THREADS threads"

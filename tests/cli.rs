@@ -504,7 +504,10 @@ fn device_and_dtype_problems_are_reported_plainly() {
     assert!(out.status.success(), "{}", stderr(&out));
     if clipft::model::gemm_bf16::native() {
         assert!(
-            stdout(&out).contains("BF16 matmuls, F32 activations"),
+            stdout(&out).contains(&format!(
+                "BF16 matmuls ({}), F32 activations",
+                clipft::model::gemm_bf16::kernel().name()
+            )),
             "{}",
             stdout(&out)
         );

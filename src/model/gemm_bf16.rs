@@ -8,9 +8,11 @@
 //! (`vdpbf16ps`); the micro-kernel below is built on that instruction. A portable kernel with the
 //! same layout and rounding runs elsewhere (correct, but no faster than f32, so the loader only
 //! offers bf16 where the instruction exists) and is the reference the fast one is tested against.
+//! CPUs with AMX (Intel Sapphire Rapids and later) multiply the same packed operands as whole
+//! tiles ([`amx`]).
 
 use std::mem::MaybeUninit;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use half::bf16;
 use rayon::prelude::*;
@@ -23,6 +25,10 @@ const MR: usize = 12;
 /// k pairs per cache block: a panel's block is then 16 KiB and stays in L1 across all row tiles.
 const KC: usize = 128;
 
+mod amx;
+
+use amx::TileUnit;
+
 /// Whether this CPU has the bf16 dot-product instruction.
 pub fn native() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -33,6 +39,64 @@ pub fn native() -> bool {
     {
         false
     }
+}
+
+/// Which kernel the dense layers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust, any CPU: the reference the others are tested against.
+    Portable,
+    /// `vdpbf16ps` micro-tiles (AVX512-BF16).
+    Avx512Bf16,
+    /// AMX tiles, for layers whose k is a multiple of 32 (every CLIP layer); others run on
+    /// AVX512-BF16.
+    Amx,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx512Bf16 => "AVX512-BF16",
+            Kernel::Amx => "AMX",
+        }
+    }
+}
+
+/// The fastest kernel this CPU runs correctly, chosen once per process. AMX is used only after
+/// its products have matched the portable kernel's here (its instructions cannot be tested on
+/// CPUs without it); `CLIPFT_NO_AMX=1` keeps it off, to compare the two.
+pub fn kernel() -> Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        if !native() {
+            Kernel::Portable
+        } else if std::env::var_os("CLIPFT_NO_AMX").is_some_and(|v| v != "0") || !amx::available() {
+            Kernel::Avx512Bf16
+        } else if tiles_match_portable::<amx::Amx>() {
+            Kernel::Amx
+        } else {
+            eprintln!(
+                "warning: this CPU's AMX products did not match the reference; bf16 layers use \
+                 AVX512-BF16 instead"
+            );
+            Kernel::Avx512Bf16
+        }
+    })
+}
+
+/// A layer with a partial row block, two panels (one partial) and several tile steps, on the
+/// tile unit against the portable kernel.
+fn tiles_match_portable<T: TileUnit>() -> bool {
+    let (m, n, k) = (45, 40, 96);
+    // Small exact-in-bf16 values, so both kernels' sums are exact and must agree bit for bit.
+    let value = |i: usize| ((i * 7919 + 13) % 17) as f32 / 8.0 - 1.0;
+    let x: Vec<f32> = (0..m * k).map(value).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| value(i + 5)).collect();
+    let b: Vec<f32> = (0..n).map(|i| value(i + 3)).collect();
+    let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+    dense_tiles::<T>(&x, m, &packed, Epilogue::None)
+        == dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable)
 }
 
 /// Two values as bf16 in one u32, as `vdpbf16ps` reads them: the even k in the low half.
@@ -158,11 +222,11 @@ impl Out {
 
 /// `epilogue(x·Wᵀ + b)` for a row-major `[m, k]` f32 `x`: `[m, n]` row-major f32.
 pub fn dense(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
-    dense_with(x, m, w, epilogue, native())
+    dense_with(x, m, w, epilogue, kernel())
 }
 
-fn dense_with(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, simd: bool) -> Vec<f32> {
-    let (k, pairs, n) = (w.w.k, w.w.pairs, w.n);
+fn dense_with(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, kernel: Kernel) -> Vec<f32> {
+    let (k, n) = (w.w.k, w.n);
     assert_eq!(x.len(), m * k, "input of shape [{m}, {k}]");
     if let Epilogue::Add(r) = epilogue {
         assert_eq!(r.len(), m * n, "residual of shape [{m}, {n}]");
@@ -170,17 +234,114 @@ fn dense_with(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, simd: boo
     if m == 0 || n == 0 {
         return Vec::new();
     }
-    // x in bf16 pairs, rows padded to whole tiles with zeros.
-    let tiles = m.div_ceil(MR);
-    let mut a: Vec<u32> = Vec::with_capacity(tiles * MR * pairs);
-    let spare = &mut a.spare_capacity_mut()[..tiles * MR * pairs];
-    let (rows, pad) = spare.split_at_mut(m * pairs);
-    rows.par_chunks_mut(pairs)
+    match kernel {
+        Kernel::Amx if w.w.pairs.is_multiple_of(amx::STEP) => {
+            dense_tiles::<amx::Amx>(x, m, w, epilogue)
+        }
+        Kernel::Portable => dense_micro(x, m, w, epilogue, false),
+        _ => dense_micro(x, m, w, epilogue, true),
+    }
+}
+
+/// `x` `[m, k]` as rows of bf16 pairs, padded with zero rows to a multiple of `rows`.
+fn pack_input(x: &[f32], m: usize, k: usize, pairs: usize, rows: usize, simd: bool) -> Vec<u32> {
+    let padded = m.div_ceil(rows) * rows;
+    let mut a: Vec<u32> = Vec::with_capacity(padded * pairs);
+    let spare = &mut a.spare_capacity_mut()[..padded * pairs];
+    let (data, pad) = spare.split_at_mut(m * pairs);
+    data.par_chunks_mut(pairs)
         .zip(x.par_chunks(k))
         .for_each(|(dst, src)| to_pairs(src, dst, simd));
     pad.fill(MaybeUninit::new(0));
     // SAFETY: every element up to this length was written just above.
-    unsafe { a.set_len(tiles * MR * pairs) };
+    unsafe { a.set_len(padded * pairs) };
+    a
+}
+
+/// Row blocks per pass over a thread's panels (see [`dense_tiles`]).
+const BLOCKS_PER_PASS: usize = 4;
+
+/// The dense layer on a tile unit: each thread a run of panels; for each panel and block of
+/// [`amx::ROWS`] rows, the whole k in tiles, then bias and epilogue on the way out.
+fn dense_tiles<T: TileUnit>(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
+    let (k, pairs, n) = (w.w.k, w.w.pairs, w.n);
+    debug_assert!(pairs.is_multiple_of(amx::STEP));
+    // AMX CPUs have AVX512-BF16; the emulated unit in tests may run anywhere.
+    let simd = native();
+    let a = pack_input(x, m, k, pairs, amx::ROWS, simd);
+    let blocks = m.div_ceil(amx::ROWS);
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let out = Out(y.as_mut_ptr());
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads().clamp(1, panels);
+    (0..threads).into_par_iter().for_each(|t| {
+        let mut block = [0f32; amx::ROWS * NR];
+        // SAFETY: `kernel` chose the hardware unit only where `amx::available`.
+        unsafe { T::configure() };
+        // A few row blocks at a time against all of the thread's panels: their input rows
+        // (≤ 0.8 MB for k = 3072) stay in L2 while the panels stream past, and each panel
+        // (≤ 0.2 MB) stays in L2 across the few row blocks.
+        for first in (0..blocks).step_by(BLOCKS_PER_PASS) {
+            for j in panels * t / threads..panels * (t + 1) / threads {
+                let panel = w.first_panel + j;
+                let b = &w.w.data[panel * pairs * NR..][..pairs * NR];
+                let bias = &w.w.bias[panel * NR..][..NR];
+                let cols = NR.min(n - j * NR);
+                for i in first..blocks.min(first + BLOCKS_PER_PASS) {
+                    // SAFETY: `a` has `blocks · ROWS` rows of `pairs` pairs, `b` a panel's `pairs`
+                    // rows, `block` ROWS × NR floats; the tiles are configured on this thread.
+                    unsafe {
+                        T::block(
+                            a[i * amx::ROWS * pairs..].as_ptr(),
+                            pairs,
+                            b.as_ptr(),
+                            pairs / amx::STEP,
+                            block.as_mut_ptr(),
+                        )
+                    };
+                    let rows = amx::ROWS.min(m - i * amx::ROWS);
+                    let at = i * amx::ROWS * n + j * NR;
+                    for (r, sums) in block.chunks_exact(NR).take(rows).enumerate() {
+                        for (c, (s, b)) in sums[..cols].iter().zip(bias).enumerate() {
+                            // SAFETY: row i·ROWS + r < m and column j·NR + c < n: this
+                            // thread's panel of the output.
+                            unsafe { out.at(at + r * n + c).write(s + b) };
+                        }
+                    }
+                    let tile = Tile {
+                        a: &[],
+                        lda: 0,
+                        b: &[],
+                        c: out.at(at),
+                        ldc: n,
+                        rows,
+                        cols,
+                        bias: None,
+                        epilogue: match epilogue {
+                            Epilogue::Add(r) => Epilogue::Add(&r[at..]),
+                            e => e,
+                        },
+                    };
+                    // SAFETY: as above, the tile's rows and columns are this thread's output.
+                    unsafe { tile.finish(simd) };
+                }
+            }
+        }
+        // SAFETY: configured above on this thread.
+        unsafe { T::release() };
+    });
+    // SAFETY: the panels cover all n columns, the blocks all m rows, each row of each block
+    // stored its panel's columns.
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+/// The dense layer on register micro-tiles (`vdpbf16ps` with `simd`, else the portable kernel).
+fn dense_micro(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, simd: bool) -> Vec<f32> {
+    let (k, pairs, n) = (w.w.k, w.w.pairs, w.n);
+    // x in bf16 pairs, rows padded to whole tiles with zeros.
+    let tiles = m.div_ceil(MR);
+    let a = pack_input(x, m, k, pairs, MR, simd);
 
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(y.as_mut_ptr());
@@ -280,13 +441,7 @@ impl Tile<'_> {
         use std::arch::x86_64::*;
         let kn = self.b.len() / NR;
         let (a, b, c) = (self.a.as_ptr(), self.b.as_ptr(), self.c);
-        let mask = |from: usize| -> u16 {
-            match self.cols.saturating_sub(from) {
-                n if n >= 16 => 0xffff,
-                n => (1u16 << n) - 1,
-            }
-        };
-        let (m0, m1) = (mask(0), mask(16));
+        let (m0, m1) = masks(self.cols);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         match self.bias {
             Some(bias) => {
@@ -333,6 +488,31 @@ impl Tile<'_> {
         }
     }
 
+    /// Applies the epilogue to the tile as stored (the tile unit's path; the micro-kernels
+    /// apply theirs as they store).
+    unsafe fn finish(&self, simd: bool) {
+        if matches!(self.epilogue, Epilogue::None) {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            let (m0, m1) = masks(self.cols);
+            return self.epilogue_avx512(m0, m1);
+        }
+        let _ = simd;
+        for r in 0..self.rows {
+            let c = self.c.add(r * self.ldc);
+            for col in 0..self.cols {
+                let y = *c.add(col);
+                *c.add(col) = match self.epilogue {
+                    Epilogue::None => y,
+                    Epilogue::QuickGelu => y / (1.0 + (-1.702 * y).exp()),
+                    Epilogue::Add(res) => y + res[r * self.ldc + col],
+                };
+            }
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[inline(never)]
@@ -354,6 +534,17 @@ impl Tile<'_> {
             }
         }
     }
+}
+
+/// Lane masks of a panel's two 16-column halves with `cols` columns in use.
+fn masks(cols: usize) -> (u16, u16) {
+    let mask = |from: usize| -> u16 {
+        match cols.saturating_sub(from) {
+            n if n >= 16 => 0xffff,
+            n => (1u16 << n) - 1,
+        }
+    };
+    (mask(0), mask(16))
 }
 
 /// QuickGELU `x / (1 + e^(−1.702·x))` on 16 lanes.
@@ -469,7 +660,7 @@ mod tests {
         for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
             let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
             let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
-            let y = dense_with(&x, m, &packed, Epilogue::None, false);
+            let y = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&y, &reference(&x, m, &w, n, k, &b));
             assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
         }
@@ -484,10 +675,90 @@ mod tests {
         for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
             let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
             let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
-            let fast = dense_with(&x, m, &packed, Epilogue::None, true);
-            let slow = dense_with(&x, m, &packed, Epilogue::None, false);
+            let fast = dense_with(&x, m, &packed, Epilogue::None, Kernel::Avx512Bf16);
+            let slow = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&fast, &slow);
             assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
+        }
+    }
+
+    /// Shapes for the tile unit (k a multiple of 32): partial and whole row blocks, partial
+    /// panels, one and many tile steps, one and several passes.
+    const TILE_SHAPES: [(usize, usize, usize); 6] = [
+        (1, 1, 32),
+        (45, 40, 96),
+        (32, 32, 64),
+        (70, 100, 544),
+        (3, 64, 768),
+        // More row blocks than one pass over the panels takes.
+        (150, 64, 64),
+    ];
+
+    #[test]
+    fn tile_loops_give_the_portable_products() {
+        for (s, &(m, n, k)) in TILE_SHAPES.iter().enumerate() {
+            let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
+            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            let tiles = dense_tiles::<amx::Emulated>(&x, m, &packed, Epilogue::None);
+            let portable = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
+            let diff = max_diff(&tiles, &portable);
+            assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
+            // And the same against the f64 product, so a common layout slip cannot hide.
+            let diff = max_diff(&tiles, &reference(&x, m, &w, n, k, &b));
+            assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
+        }
+    }
+
+    #[test]
+    fn start_up_check_is_exact_whatever_the_summation_order() {
+        // Passes on the model of the tile instructions, so on hardware only a wrong product
+        // can fail it.
+        assert!(tiles_match_portable::<amx::Emulated>());
+    }
+
+    #[test]
+    fn tile_loops_apply_epilogues_and_views() {
+        let (m, n, k) = (40, 96, 64);
+        let (x, w, b, res) = (
+            random(m * k, 8),
+            random(n * k, 9),
+            random(n, 10),
+            random(m * 64, 11),
+        );
+        let full = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+        let part = full.narrow(32, 64).unwrap();
+        for epilogue in [Epilogue::None, Epilogue::QuickGelu, Epilogue::Add(&res)] {
+            let tiles = dense_tiles::<amx::Emulated>(&x, m, &part, epilogue);
+            let portable = dense_with(&x, m, &part, epilogue, Kernel::Portable);
+            let diff = max_diff(&tiles, &portable);
+            assert!(diff < 1e-5, "{epilogue:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn hardware_tiles_equal_the_portable_kernel() {
+        if !amx::available() {
+            eprintln!("this CPU (or OS) has no AMX; only the emulated tile unit was checked");
+            return;
+        }
+        assert!(tiles_match_portable::<amx::Amx>(), "the start-up check");
+        for (s, &(m, n, k)) in TILE_SHAPES.iter().enumerate() {
+            let (x, w, b, res) = (
+                random(m * k, s as u64),
+                random(n * k, 100),
+                random(n, 7),
+                random(m * n, 3),
+            );
+            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            for epilogue in [Epilogue::None, Epilogue::QuickGelu, Epilogue::Add(&res)] {
+                let fast = dense_with(&x, m, &packed, epilogue, Kernel::Amx);
+                let slow = dense_with(&x, m, &packed, epilogue, Kernel::Portable);
+                let diff = max_diff(&fast, &slow);
+                assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
+            }
+        }
+        if std::env::var_os("CLIPFT_NO_AMX").is_none() {
+            assert_eq!(kernel(), Kernel::Amx, "AMX available but not chosen");
         }
     }
 
@@ -535,20 +806,24 @@ mod tests {
             random(m * n, 11),
         );
         let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
-        let kernels: &[bool] = if native() { &[false, true] } else { &[false] };
-        for &simd in kernels {
-            let plain = dense_with(&x, m, &packed, Epilogue::None, simd);
-            let gelu = dense_with(&x, m, &packed, Epilogue::QuickGelu, simd);
-            let added = dense_with(&x, m, &packed, Epilogue::Add(&res), simd);
+        let kernels: &[Kernel] = if native() {
+            &[Kernel::Portable, Kernel::Avx512Bf16]
+        } else {
+            &[Kernel::Portable]
+        };
+        for &kernel in kernels {
+            let plain = dense_with(&x, m, &packed, Epilogue::None, kernel);
+            let gelu = dense_with(&x, m, &packed, Epilogue::QuickGelu, kernel);
+            let added = dense_with(&x, m, &packed, Epilogue::Add(&res), kernel);
             for i in 0..m * n {
                 let y = plain[i];
                 let want = y / (1.0 + (-1.702 * y).exp());
                 assert!(
                     (gelu[i] - want).abs() <= 1e-6 * (1.0 + want.abs()),
-                    "{simd} {i}: {} vs {want}",
+                    "{kernel:?} {i}: {} vs {want}",
                     gelu[i]
                 );
-                assert!((added[i] - (y + res[i])).abs() <= 1e-6, "{simd} {i}");
+                assert!((added[i] - (y + res[i])).abs() <= 1e-6, "{kernel:?} {i}");
             }
         }
     }

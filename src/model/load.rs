@@ -157,7 +157,11 @@ impl Precision {
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.bf16_matmul {
-            f.write_str("BF16 matmuls, F32 activations")
+            write!(
+                f,
+                "BF16 matmuls ({}), F32 activations",
+                super::gemm_bf16::kernel().name()
+            )
         } else {
             write!(f, "{:?}", self.dtype)
         }
