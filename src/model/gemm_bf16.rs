@@ -48,8 +48,8 @@ pub enum Kernel {
     Portable,
     /// `vdpbf16ps` micro-tiles (AVX512-BF16).
     Avx512Bf16,
-    /// AMX tiles, for layers whose k is a multiple of 32 (every CLIP layer); others run on
-    /// AVX512-BF16.
+    /// AMX tiles, for layers whose k pairs fill whole tile rows (k of 32·j or 32·j − 1: every
+    /// CLIP layer); others run on AVX512-BF16.
     Amx,
 }
 
@@ -277,7 +277,7 @@ fn dense_tiles<T: TileUnit>(x: &[f32], m: usize, w: &PackedView, epilogue: Epilo
     (0..threads).into_par_iter().for_each(|t| {
         let mut block = [0f32; amx::ROWS * NR];
         // SAFETY: `kernel` chose the hardware unit only where `amx::available`.
-        unsafe { T::configure() };
+        let _tiles = unsafe { amx::Configured::<T>::new() };
         // A few row blocks at a time against all of the thread's panels: their input rows
         // (≤ 0.8 MB for k = 3072) stay in L2 while the panels stream past, and each panel
         // (≤ 0.2 MB) stays in L2 across the few row blocks.
@@ -327,8 +327,6 @@ fn dense_tiles<T: TileUnit>(x: &[f32], m: usize, w: &PackedView, epilogue: Epilo
                 }
             }
         }
-        // SAFETY: configured above on this thread.
-        unsafe { T::release() };
     });
     // SAFETY: the panels cover all n columns, the blocks all m rows, each row of each block
     // stored its panel's columns.

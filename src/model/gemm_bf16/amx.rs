@@ -47,13 +47,27 @@ pub(super) fn available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn cpu_has_amx() -> bool {
-    use std::arch::x86_64::__cpuid_count;
-    // CPUID leaf 7, EDX bit 22: AMX-BF16, bit 24: AMX-TILE.
-    let max_leaf = __cpuid_count(0, 0).eax;
-    max_leaf >= 7 && {
-        let edx = __cpuid_count(7, 0).edx;
-        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    // `__cpuid_count` is a safe function in recent Rust, unsafe in older ones.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86_64 CPU.
+    let cpuid = |leaf, sub| unsafe { std::arch::x86_64::__cpuid_count(leaf, sub) };
+    let max_leaf = cpuid(0, 0).eax;
+    if max_leaf < 0x1d {
+        return false;
     }
+    // Leaf 7, EDX bit 22: AMX-BF16, bit 24: AMX-TILE.
+    let edx = cpuid(7, 0).edx;
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return false;
+    }
+    // Leaf 0x1D.1, palette 1: the 8 tiles of 16 rows × 64 bytes that `CONFIG` asks for.
+    let palette = cpuid(0x1d, 1);
+    let (bytes_per_row, names, rows) = (
+        palette.ebx & 0xffff,
+        palette.ebx >> 16,
+        palette.ecx & 0xffff,
+    );
+    bytes_per_row >= 64 && names >= 8 && rows >= 16
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -103,6 +117,26 @@ static CONFIG: TileConfig = TileConfig {
     bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
+
+/// The tiles configured on this thread until dropped (released even if a panic unwinds). Not
+/// `Send`: the configuration belongs to the thread.
+pub(super) struct Configured<T: TileUnit>(std::marker::PhantomData<*const T>);
+
+impl<T: TileUnit> Configured<T> {
+    /// # Safety
+    /// As [`TileUnit::configure`].
+    pub(super) unsafe fn new() -> Self {
+        T::configure();
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T: TileUnit> Drop for Configured<T> {
+    fn drop(&mut self) {
+        // SAFETY: configured in `new`, on this thread (the guard cannot move to another).
+        unsafe { T::release() }
+    }
+}
 
 /// The hardware tile unit.
 pub(super) struct Amx;
@@ -180,9 +214,10 @@ impl TileUnit for Amx {
     }
 }
 
-/// A software model of the block above, instruction by instruction as Intel's pseudo-code for
-/// `TILELOADD`/`TDPBF16PS`/`TILESTORED` defines them (f32 products of the bf16 pairs, even
-/// element first), so the loops around the tile unit are tested on any CPU.
+/// A software model of the block above, instruction by instruction (`TILELOADD`, `TDPBF16PS`,
+/// `TILESTORED`), so the loops around the tile unit are tested on any CPU. Its products are
+/// exact f32 products of the bf16 pairs; the hardware sums them in another order, so results
+/// on inexact data agree within rounding (the tests' tolerance), exactly on exact data.
 #[cfg(test)]
 pub(super) struct Emulated;
 
