@@ -180,4 +180,17 @@ fn main() {
         "silu",
         time(&|| hidden.silu().unwrap()) * 1e3
     );
+    // What the model runs on the CPU for the five ops from the head split to the head merge.
+    let qkv = qkv.reshape((b, t, 3 * h)).unwrap();
+    if let Some(Ok(_)) = clipft::model::attention_cpu::attention(&qkv, nh, None) {
+        println!(
+            "  {:16} {:9.3} ms  (head split to head merge, fused, as the CPU model runs it)",
+            "attention core",
+            time(&|| {
+                clipft::model::attention_cpu::attention(&qkv, nh, None)
+                    .unwrap()
+                    .unwrap()
+            }) * 1e3
+        );
+    }
 }
