@@ -442,26 +442,6 @@ pub fn decoding_threads(device: &Device) -> usize {
     }
 }
 
-/// Niceness of the decoding threads when they share the cores with a CPU model.
-const DECODER_NICE: i32 = 10;
-
-/// Lowers this thread's priority. On the CPU the decoders share cores with the model, whose
-/// parallel GEMMs wait at every barrier for their slowest thread, so a decoder that takes a
-/// core from one GEMM thread stalls them all; a lower-priority decoder runs mostly in the
-/// model's gaps and still gets a share of a busy core (at nice 10, about a tenth).
-fn yield_to_model() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on this thread's own id (Linux keeps niceness per thread) only lowers
-    // its priority; a failure leaves it as it was.
-    unsafe {
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            libc::gettid() as libc::id_t,
-            DECODER_NICE,
-        );
-    }
-}
-
 /// [`image_batches`] for one element type and `image` shape of the batch buffers (`read`
 /// fills one image's slot, `to_input` makes the model's input of a batch uploaded to the
 /// device).
@@ -484,15 +464,9 @@ fn run_pipeline<T: candle_core::WithDType>(
     let per_image = image.0 * image.1 * image.2;
     // Decoding gets its own pool: sharing the global one (which candle's CPU matmul uses) queues
     // GEMM tasks behind decode tasks and stalls the model.
-    let on_cpu = clip.device.is_cpu();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(decoding_threads(&clip.device))
         .thread_name(|i| format!("clipft-decode-{i}"))
-        .start_handler(move |_| {
-            if on_cpu {
-                yield_to_model();
-            }
-        })
         .build()?;
     std::thread::scope(|s| -> Result<()> {
         // Two batches in flight ahead of the model: enough to hide decode jitter, bounded memory.

@@ -7,9 +7,6 @@
 //! projection's output and written straight into the layout the output projection reads; the
 //! scores of one query row live in a small buffer. Those steps took about 7% of a ViT-B/32
 //! forward on the CPU (perf), mostly overhead rather than arithmetic; fused, images/s rose 5–6%.
-//! With AVX-512 and the usual head widths the forward keeps several query rows' scores and
-//! outputs in registers ([`Sequence::heads_blocked`]): the core of a ViT-B/32 layer at batch 32
-//! went from 8.3 to 3.8 ms on 2 cores (`cargo bench --bench layer_ops`, "attention core").
 //! For training, the backward pass recomputes the scores, so the autograd graph keeps only the
 //! projections and the output, not the split heads, scores and probabilities.
 
