@@ -210,14 +210,15 @@ impl Sequence<'_> {
         self.avx512(out, g)
     }
 
-    /// Keys (or values) of `head` transposed into `dst` `[head_dim, T]`, from column `col`.
+    /// Keys (or values) of `head` transposed into `dst` `[head_dim, ld]`, from column `col`
+    /// (columns `[T, ld)` are left as they are).
     #[inline(always)]
-    fn transposed(&self, head: usize, col: usize, dst: &mut [f32]) {
+    fn transposed(&self, head: usize, col: usize, dst: &mut [f32], ld: usize) {
         let (t, hd, h3) = (self.t, self.hd, 3 * self.h);
         for j in 0..t {
             let k = &self.x[j * h3 + col + head * hd..][..hd];
             for (d, &k) in k.iter().enumerate() {
-                dst[d * t + j] = k;
+                dst[d * ld + j] = k;
             }
         }
     }
@@ -251,8 +252,8 @@ impl Sequence<'_> {
         let mut dp = vec![0f32; t];
         let mut dq = vec![0f32; hd];
         for head in 0..self.heads {
-            self.transposed(head, h, &mut kt);
-            self.transposed(head, 2 * h, &mut vt);
+            self.transposed(head, h, &mut kt, t);
+            self.transposed(head, 2 * h, &mut vt, t);
             let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
             for i in 0..t {
                 self.probabilities(head, i, &kt, &mut p);
@@ -298,7 +299,7 @@ impl Sequence<'_> {
         let mut p = vec![0f32; t];
         for head in 0..self.heads {
             // Keys transposed, so each query's scores are FMAs over whole rows.
-            self.transposed(head, h, &mut kt);
+            self.transposed(head, h, &mut kt, t);
             for i in 0..t {
                 self.probabilities(head, i, &kt, &mut p);
                 let o = &mut out[i * h + head * hd..][..hd];
@@ -330,7 +331,7 @@ impl Sequence<'_> {
         let mut kt = vec![0f32; hd * tp];
         let mut p = vec![0f32; R * tp];
         for head in 0..self.heads {
-            self.transposed_padded(head, &mut kt, tp);
+            self.transposed(head, self.h, &mut kt, tp);
             let mut i = 0;
             while i + R <= t {
                 self.rows::<R, HV>(head, i, &kt, tp, &mut p, out);
@@ -338,18 +339,6 @@ impl Sequence<'_> {
             }
             for i in i..t {
                 self.rows::<1, HV>(head, i, &kt, tp, &mut p, out);
-            }
-        }
-    }
-
-    /// Keys of `head` transposed into `dst` `[head_dim, tp]` (columns past `t` stay zero).
-    #[inline(always)]
-    fn transposed_padded(&self, head: usize, dst: &mut [f32], tp: usize) {
-        let (hd, h3) = (self.hd, 3 * self.h);
-        for j in 0..self.t {
-            let k = &self.x[j * h3 + self.h + head * hd..][..hd];
-            for (d, &k) in k.iter().enumerate() {
-                dst[d * tp + j] = k;
             }
         }
     }
@@ -368,14 +357,14 @@ impl Sequence<'_> {
     ) {
         use std::arch::x86_64::*;
         let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
-        let q = |r: usize| &self.x[(i + r) * h3 + head * hd..][..hd];
+        let q: [&[f32]; R] = std::array::from_fn(|r| &self.x[(i + r) * h3 + head * hd..][..hd]);
         let mut c = 0;
         while c < tp {
             match (tp - c) / 16 {
-                1 => self.scores::<R, 1>(q, kt, tp, c, p),
-                2 => self.scores::<R, 2>(q, kt, tp, c, p),
-                3 => self.scores::<R, 3>(q, kt, tp, c, p),
-                _ => self.scores::<R, 4>(q, kt, tp, c, p),
+                1 => self.scores::<R, 1>(&q, kt, tp, c, p),
+                2 => self.scores::<R, 2>(&q, kt, tp, c, p),
+                3 => self.scores::<R, 3>(&q, kt, tp, c, p),
+                _ => self.scores::<R, 4>(&q, kt, tp, c, p),
             }
             c += 64;
         }
@@ -407,23 +396,22 @@ impl Sequence<'_> {
         }
     }
 
-    /// Scores of `R` query rows against keys `[c, c + 16·NV)` into `p`.
+    /// Scores of the `R` query `rows` against keys `[c, c + 16·NV)` into `p`.
     #[inline(always)]
-    unsafe fn scores<'q, const R: usize, const NV: usize>(
+    unsafe fn scores<const R: usize, const NV: usize>(
         &self,
-        q: impl Fn(usize) -> &'q [f32],
+        rows: &[&[f32]; R],
         kt: &[f32],
         tp: usize,
         c: usize,
         p: &mut [f32],
     ) {
         use std::arch::x86_64::*;
-        let rows: [&[f32]; R] = std::array::from_fn(&q);
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         for d in 0..self.hd {
             let k = kt[d * tp + c..][..16 * NV].as_ptr();
             let k: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(k.add(16 * v)));
-            for (acc, row) in acc.iter_mut().zip(&rows) {
+            for (acc, row) in acc.iter_mut().zip(rows) {
                 let qd = _mm512_set1_ps(*row.get_unchecked(d));
                 for (a, &k) in acc.iter_mut().zip(&k) {
                     *a = _mm512_fmadd_ps(qd, k, *a);

@@ -206,6 +206,18 @@ pub enum Epilogue<'a> {
     Add(&'a [f32]),
 }
 
+impl Epilogue<'_> {
+    /// The epilogue of one output `y` at offset `at` from the tile start (residual row stride
+    /// included), in plain Rust.
+    fn scalar(self, y: f32, at: usize) -> f32 {
+        match self {
+            Epilogue::None => y,
+            Epilogue::QuickGelu => y / (1.0 + (-1.702 * y).exp()),
+            Epilogue::Add(res) => y + res[at],
+        }
+    }
+}
+
 /// A raw output pointer shared by threads that write disjoint columns.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
@@ -424,11 +436,7 @@ impl Tile<'_> {
                     let (b0, b1) = unpair(self.b[p * NR + col]);
                     acc += a1 * b1 + a0 * b0;
                 }
-                *c.add(col) = match self.epilogue {
-                    Epilogue::None => acc,
-                    Epilogue::QuickGelu => acc / (1.0 + (-1.702 * acc).exp()),
-                    Epilogue::Add(res) => acc + res[r * self.ldc + col],
-                };
+                *c.add(col) = self.epilogue.scalar(acc, r * self.ldc + col);
             }
         }
     }
@@ -501,12 +509,7 @@ impl Tile<'_> {
         for r in 0..self.rows {
             let c = self.c.add(r * self.ldc);
             for col in 0..self.cols {
-                let y = *c.add(col);
-                *c.add(col) = match self.epilogue {
-                    Epilogue::None => y,
-                    Epilogue::QuickGelu => y / (1.0 + (-1.702 * y).exp()),
-                    Epilogue::Add(res) => y + res[r * self.ldc + col],
-                };
+                *c.add(col) = self.epilogue.scalar(*c.add(col), r * self.ldc + col);
             }
         }
     }
@@ -637,6 +640,13 @@ mod tests {
         y
     }
 
+    /// Test case `s` of shape `m×n×k`: input, weight, bias, and the packed weight.
+    fn layer(s: usize, m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, PackedView) {
+        let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
+        let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+        (x, w, b, packed)
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter()
             .zip(b)
@@ -656,8 +666,7 @@ mod tests {
     #[test]
     fn portable_kernel_is_the_bf16_product() {
         for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
-            let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
-            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            let (x, w, b, packed) = layer(s, m, n, k);
             let y = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&y, &reference(&x, m, &w, n, k, &b));
             assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
@@ -671,8 +680,7 @@ mod tests {
             return;
         }
         for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
-            let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
-            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            let (x, _, _, packed) = layer(s, m, n, k);
             let fast = dense_with(&x, m, &packed, Epilogue::None, Kernel::Avx512Bf16);
             let slow = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&fast, &slow);
@@ -695,8 +703,7 @@ mod tests {
     #[test]
     fn tile_loops_give_the_portable_products() {
         for (s, &(m, n, k)) in TILE_SHAPES.iter().enumerate() {
-            let (x, w, b) = (random(m * k, s as u64), random(n * k, 100), random(n, 7));
-            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            let (x, w, b, packed) = layer(s, m, n, k);
             let tiles = dense_tiles::<amx::Emulated>(&x, m, &packed, Epilogue::None);
             let portable = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&tiles, &portable);
@@ -741,13 +748,8 @@ mod tests {
         }
         assert!(tiles_match_portable::<amx::Amx>(), "the start-up check");
         for (s, &(m, n, k)) in TILE_SHAPES.iter().enumerate() {
-            let (x, w, b, res) = (
-                random(m * k, s as u64),
-                random(n * k, 100),
-                random(n, 7),
-                random(m * n, 3),
-            );
-            let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
+            let (x, _, _, packed) = layer(s, m, n, k);
+            let res = random(m * n, 3);
             for epilogue in [Epilogue::None, Epilogue::QuickGelu, Epilogue::Add(&res)] {
                 let fast = dense_with(&x, m, &packed, epilogue, Kernel::Amx);
                 let slow = dense_with(&x, m, &packed, epilogue, Kernel::Portable);
