@@ -2,9 +2,9 @@
 # GPU side-by-side: clipft (CUDA build) vs PyTorch + transformers on the same random ViT-B/32,
 # same JPEGs, same GPU, in one run. Meant for the lent GPU machine, which has PyTorch but no Rust:
 #
-#   here:  CARGO_FEATURES="cuda simd-jpeg" OUT_DIR=.gpu \
+#   here:  CARGO_FEATURES=cuda OUT_DIR=.gpu \
 #              CARGO_BUILD_ARGS="--bin clipft --bench extract --bench fdalign --bench layer_ops --bench gemm" \
-#              ../shared/gpu/build-cuda.sh .
+#              ../shared/gpu/build-cuda.sh .       (with nasm installed: SIMD JPEG decoding)
 #   there: scripts/bench_gpu.sh BIN_DIR      (BIN_DIR holds clipft, extract, fdalign, layer_ops,
 #                                             without the cargo hash suffixes; gemm for CPU=1)
 #
@@ -13,8 +13,8 @@
 # features (cosine); then one FD-Align training step (f32 vs PyTorch f32 and bf16 autocast).
 # Env: IMAGES (2048), BATCH (256), THREADS (all cores), PASSES (10), WORK (a temp dir),
 # DTYPES ("f32 bf16 f16"), LAYERS=0 / FDALIGN=0 to skip those parts; CPU=1 first checks the
-# host CPU's bf16 kernel (AMX where the CPU has it: the GEMM rates with and without AMX, and
-# clipft --dtype bf16 against PyTorch bf16 on the CPU, 256 images), and CPU=only stops there.
+# host CPU's kernels (AMX where the CPU has it: the GEMM rates with and without AMX, and
+# clipft --dtype bf16 and f32 against PyTorch on the CPU, 256 images), and CPU=only stops there.
 set -euo pipefail
 BIN=$(cd "${1:?usage: bench_gpu.sh BIN_DIR}" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,8 +34,10 @@ if [ "${CPU:-0}" != 0 ]; then
     "flags: $(grep -m1 -o -w -E 'amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
   RAYON_NUM_THREADS=$THREADS CLIPFT_BENCH_REPS=5 "$BIN/gemm" || echo "gemm bench failed"
   CLIPFT_NO_AMX=1 RAYON_NUM_THREADS=$THREADS CLIPFT_BENCH_REPS=5 "$BIN/gemm" || echo "gemm bench failed"
-  python3 scripts/bench_vs_pytorch.py --device cpu --dtype bf16 --batch 32 --threads "$THREADS" \
-    --images 256 --text-classes 20 --bench-bin "$BIN/extract" --workdir "$WORK/cpu" || echo "CPU bf16 failed"
+  for dt in bf16 f32; do
+    python3 scripts/bench_vs_pytorch.py --device cpu --dtype $dt --batch 32 --threads "$THREADS" \
+      --images 256 --text-classes 20 --bench-bin "$BIN/extract" --workdir "$WORK/cpu" || echo "CPU $dt failed"
+  done
   [ "$CPU" = only ] && exit 0
 fi
 

@@ -154,7 +154,7 @@ def main():
     ap.add_argument("--passes", type=int, default=1, help="passes over the batches in the model-only timing")
     ap.add_argument("--text-classes", type=int, default=20, help="class names x 80 templates for the text timing")
     ap.add_argument("--bench-bin", help="prebuilt clipft extract bench binary (default: cargo bench)")
-    ap.add_argument("--features", help="cargo features for `cargo bench` (e.g. simd-jpeg)")
+    ap.add_argument("--features", help="cargo features for `cargo bench` (e.g. cuda)")
     ap.add_argument("--repeat", type=int, default=1, help="alternate the two sides this often; report the best")
     ap.add_argument("--workdir", help="keep the checkpoint and images here (default: a temp dir)")
     args = ap.parse_args()

@@ -65,7 +65,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--processor", default=None, help="a preprocessor_config.json "
                     "(default: CLIPImageProcessor() defaults, 224 px, as openai/clip-vit-base-patch32)")
-    ap.add_argument("--features", help="cargo features of the clipft build to check (e.g. simd-jpeg)")
+    ap.add_argument("--features", help="cargo features of the clipft build to check (e.g. cuda)")
     ap.add_argument("--fast-decode", action="store_true", help="check clipft --fast-decode against Pillow's Image.draft")
     ap.add_argument("--images", help="a folder of images to use instead of the generated set")
     args = ap.parse_args()

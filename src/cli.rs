@@ -359,6 +359,15 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
     writeln!(out, "dtype        {}", clip.precision)?;
     writeln!(
         out,
+        "jpeg decode  libjpeg-turbo, {}",
+        if crate::preprocess::jpeg_simd() {
+            "SIMD"
+        } else {
+            "no SIMD (build with `nasm` installed for about twice the decoding speed)"
+        }
+    )?;
+    writeln!(
+        out,
         "device       {}",
         crate::model::load::device_name(&clip.device)
     )?;

@@ -494,6 +494,23 @@ fn template_files_are_read_and_checked() {
 }
 
 #[test]
+fn info_says_whether_jpeg_decoding_uses_simd() {
+    let ws = Workspace::new();
+    let out = ws.cmd("info").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let simd = clipft::preprocess::jpeg_simd();
+    assert!(
+        stdout(&out).contains(if simd {
+            "jpeg decode  libjpeg-turbo, SIMD\n"
+        } else {
+            "jpeg decode  libjpeg-turbo, no SIMD"
+        }),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn device_and_dtype_problems_are_reported_plainly() {
     let ws = Workspace::new();
     let out = ws

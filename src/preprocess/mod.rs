@@ -492,6 +492,20 @@ pub struct ImageError {
 /// JPEGs in YCbCr, RGB or grey are decoded with libjpeg-turbo's decoder (via mozjpeg, the same
 /// code Pillow uses: accurate integer IDCT, fancy chroma upsampling), so their pixels are
 /// Pillow's exactly; other JPEGs (CMYK) and all other formats go through the `image` crate.
+/// Whether this build's JPEG decoder runs libjpeg-turbo's SIMD code on this CPU (inverse DCT,
+/// chroma upsampling, colour conversion; same pixels as the plain C code, about twice as fast).
+/// The SIMD code is assembled with `nasm` when the build finds one; without it the build warns
+/// and decodes with the C code.
+pub fn jpeg_simd() -> bool {
+    extern "C" {
+        // libjpeg-turbo's own dispatch query (`jsimd.c`, or `jsimd_none.c` returning 0 when built
+        // without SIMD); it also checks the CPU's features.
+        fn jsimd_can_idct_islow() -> std::os::raw::c_int;
+    }
+    // SAFETY: takes no arguments and only reads CPUID and the environment (once).
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     load_rgb_with(path, |_, _| 1).map(|source| source.rgb)
 }
