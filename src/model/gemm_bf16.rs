@@ -525,7 +525,7 @@ impl Tile<'_> {
                 let y = _mm512_maskz_loadu_ps(mask, c.add(half));
                 let y = match self.epilogue {
                     Epilogue::None => y,
-                    Epilogue::QuickGelu => quick_gelu(y),
+                    Epilogue::QuickGelu => super::vmath::quick_gelu16(y),
                     Epilogue::Add(res) => _mm512_add_ps(
                         y,
                         _mm512_maskz_loadu_ps(mask, res.as_ptr().add(r * self.ldc + half)),
@@ -546,38 +546,6 @@ fn masks(cols: usize) -> (u16, u16) {
         }
     };
     (mask(0), mask(16))
-}
-
-/// QuickGELU `x / (1 + e^(−1.702·x))` on 16 lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quick_gelu(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let e = exp(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
-    _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
-}
-
-/// `e^x` on 16 lanes, within 2 ulp of libm: `x = n·ln2 + r` with |r| ≤ ln2/2, a degree-6
-/// polynomial for `e^r` and `scalef` for the `2^n` (which also gives 0 and ∞ out of range).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let x = _mm512_max_ps(
-        _mm512_min_ps(x, _mm512_set1_ps(100.0)),
-        _mm512_set1_ps(-110.0),
-    );
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-    );
-    // ln2 in two parts so that n·ln2_hi is exact.
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    }
-    _mm512_scalef_ps(p, n)
 }
 
 /// One row of f32 to bf16 pairs (the odd last k paired with zero).
@@ -825,43 +793,6 @@ mod tests {
                 );
                 assert!((added[i] - (y + res[i])).abs() <= 1e-6, "{kernel:?} {i}");
             }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_exp_matches_libm() {
-        if !native() {
-            return;
-        }
-        use std::arch::x86_64::*;
-        let mut worst = 0f32;
-        let mut x = -104.0f32;
-        while x < 88.0 {
-            let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 1e-3);
-            let mut got = [0f32; 16];
-            // SAFETY: the CPU has AVX-512 (`native`).
-            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_loadu_ps(xs.as_ptr()))) };
-            for (g, x) in got.iter().zip(xs) {
-                let want = x.exp();
-                if want.is_normal() {
-                    worst = worst.max(((g - want) / want).abs());
-                }
-            }
-            x += 0.37;
-        }
-        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
-        // Out of range: 0 and ∞ as libm gives, and QuickGELU of large |x| stays finite.
-        unsafe {
-            let mut got = [0f32; 16];
-            _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_set1_ps(-200.0)));
-            assert_eq!(got[0], 0.0);
-            _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_set1_ps(200.0)));
-            assert_eq!(got[0], f32::INFINITY);
-            _mm512_storeu_ps(got.as_mut_ptr(), quick_gelu(_mm512_set1_ps(-500.0)));
-            assert_eq!(got[0], 0.0);
-            _mm512_storeu_ps(got.as_mut_ptr(), quick_gelu(_mm512_set1_ps(500.0)));
-            assert_eq!(got[0], 500.0);
         }
     }
 }

@@ -88,7 +88,7 @@ impl CustomOp3 for DenseBias {
             let mut a = vec![0f32; x.len()];
             a.par_chunks_mut(1 << 14)
                 .zip(x.par_chunks(1 << 14))
-                .for_each(|(a, x)| quick_gelu_into(a, x));
+                .for_each(|(a, x)| super::vmath::quick_gelu(a, x));
             activated = a;
             &activated[..]
         } else {
@@ -309,7 +309,7 @@ impl CustomOp1 for QuickGelu {
         let Some(x) = f32_slice(s, l) else {
             candle_core::bail!("quick-gelu: contiguous f32 input expected")
         };
-        Ok(map_blocks(x, l, 1 << 14, quick_gelu_into))
+        Ok(map_blocks(x, l, 1 << 14, super::vmath::quick_gelu))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -320,12 +320,6 @@ impl CustomOp1 for QuickGelu {
         let s = candle_nn::ops::sigmoid(&(x * 1.702)?)?;
         let d = (&s * ((x * &(1.0 - &s)?)? * 1.702)?.affine(1.0, 1.0)?)?;
         Ok(Some((g * d)?))
-    }
-}
-
-fn quick_gelu_into(o: &mut [f32], x: &[f32]) {
-    for (o, &x) in o.iter_mut().zip(x) {
-        *o = x / (1.0 + (-1.702 * x).exp());
     }
 }
 
@@ -350,12 +344,7 @@ impl CustomOp2 for QuickGeluGrad {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                    let s = 1.0 / (1.0 + (-1.702 * x).exp());
-                    *o = g * s * (1.0 + 1.702 * x * (1.0 - s));
-                }
-            });
+            .for_each(|(o, (x, g))| super::vmath::quick_gelu_grad(o, x, g));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

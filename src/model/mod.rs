@@ -10,6 +10,7 @@ pub mod load;
 pub mod synth;
 pub mod tokenizer;
 pub mod trainable;
+pub mod vmath;
 
 use std::path::PathBuf;
 
