@@ -7,12 +7,12 @@
 /// `x·σ(1.702·x)` over `x` into `out`.
 pub fn quick_gelu(out: &mut [f32], x: &[f32]) {
     assert_eq!(out.len(), x.len());
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the lengths are equal (checked above).
-        done = unsafe { quick_gelu_avx512(out, x) };
-    }
+    // SAFETY: the CPU has AVX-512F; the lengths are equal (checked above).
+    let done = if avx512() {
+        unsafe { quick_gelu_avx512(out, x) }
+    } else {
+        0
+    };
     for (o, &x) in out[done..].iter_mut().zip(&x[done..]) {
         *o = x / (1.0 + (-1.702 * x).exp());
     }
@@ -21,16 +21,23 @@ pub fn quick_gelu(out: &mut [f32], x: &[f32]) {
 /// QuickGELU's backward pass `g·σ(ax)·(1 + a·x·(1 − σ(ax)))` (a = 1.702) into `out`.
 pub fn quick_gelu_grad(out: &mut [f32], x: &[f32], g: &[f32]) {
     assert!(out.len() == x.len() && x.len() == g.len());
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the lengths are equal (checked above).
-        done = unsafe { quick_gelu_grad_avx512(out, x, g) };
-    }
+    // SAFETY: the CPU has AVX-512F; the lengths are equal (checked above).
+    let done = if avx512() {
+        unsafe { quick_gelu_grad_avx512(out, x, g) }
+    } else {
+        0
+    };
     for ((o, &x), &g) in out[done..].iter_mut().zip(&x[done..]).zip(&g[done..]) {
         let s = 1.0 / (1.0 + (-1.702 * x).exp());
         *o = g * s * (1.0 + 1.702 * x * (1.0 - s));
     }
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whole 16-float blocks of [`quick_gelu`]; returns how many floats it wrote.
@@ -69,6 +76,16 @@ unsafe fn quick_gelu_grad_avx512(out: &mut [f32], x: &[f32], g: &[f32]) -> usize
     n
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quick_gelu_avx512(_: &mut [f32], _: &[f32]) -> usize {
+    unreachable!("AVX-512 is x86_64 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quick_gelu_grad_avx512(_: &mut [f32], _: &[f32], _: &[f32]) -> usize {
+    unreachable!("AVX-512 is x86_64 only")
+}
+
 /// QuickGELU `x / (1 + e^(−1.702·x))` on 16 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -104,13 +121,6 @@ pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::_
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn avx512() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        return is_x86_feature_detected!("avx512f");
-        #[allow(unreachable_code)]
-        false
-    }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
