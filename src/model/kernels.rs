@@ -33,11 +33,17 @@ fn map_blocks(
     block: usize,
     f: impl Fn(&mut [f32], &[f32]) + Sync,
 ) -> (CpuStorage, Shape) {
+    (CpuStorage::F32(par_map(x, block, f)), l.shape().clone())
+}
+
+/// `f(out_block, in_block)` over blocks of `block` elements of `x` in parallel, into a new
+/// vector.
+fn par_map(x: &[f32], block: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(block.max(1))
         .zip(x.par_chunks(block.max(1)))
         .for_each(|(o, x)| f(o, x));
-    (CpuStorage::F32(out), l.shape().clone())
+    out
 }
 
 fn threads() -> gemm::Parallelism {
@@ -85,11 +91,7 @@ impl CustomOp3 for DenseBias {
         }
         let activated;
         let x = if self.gelu_input {
-            let mut a = vec![0f32; x.len()];
-            a.par_chunks_mut(1 << 14)
-                .zip(x.par_chunks(1 << 14))
-                .for_each(|(a, x)| super::vmath::quick_gelu(a, x));
-            activated = a;
+            activated = par_map(x, 1 << 14, super::vmath::quick_gelu);
             &activated[..]
         } else {
             x
