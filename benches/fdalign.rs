@@ -78,8 +78,21 @@ fn main() {
     let mut vars: Vec<Var> = tv.vars().into_iter().map(|(_, v)| v).collect();
     vars.extend([head_w.clone(), head_b.clone()]);
     let mut opt = fdalign::Sgd::new(vars, 5e-5 * batch as f64 / 256.0, 0.9, 5e-4);
-    let mut step = || {
+    // Seconds spent in each phase of the timed steps: frozen forward, trainable forward and
+    // loss, backward, optimiser update.
+    let mut phases = [0f64; 4];
+    let mut step = |phases: &mut [f64; 4]| {
+        let mut lap = {
+            let dev = &dev;
+            let mut t = Instant::now();
+            move |slot: &mut f64| {
+                dev.synchronize().unwrap();
+                *slot += t.elapsed().as_secs_f64();
+                t = Instant::now();
+            }
+        };
         let f0 = clip.model.image_features(&x).unwrap();
+        lap(&mut phases[0]);
         let ft = tv.tower.forward(&x).unwrap();
         let (total, _, _) = fdalign::loss(
             &ft,
@@ -91,13 +104,17 @@ fn main() {
             20.0,
         )
         .unwrap();
-        opt.step(&total.backward().unwrap()).unwrap();
+        lap(&mut phases[1]);
+        let grads = total.backward().unwrap();
+        lap(&mut phases[2]);
+        opt.step(&grads).unwrap();
+        lap(&mut phases[3]);
     };
-    step(); // warm-up
+    step(&mut [0f64; 4]); // warm-up
     dev.synchronize().unwrap();
     let t = Instant::now();
     for _ in 0..steps {
-        step();
+        step(&mut phases);
     }
     dev.synchronize().unwrap();
     let per_step = t.elapsed().as_secs_f64() / steps as f64;
@@ -110,4 +127,15 @@ fn main() {
     println!("  seconds per step   {per_step:.3}");
     println!("  images per second  {:.2}", batch as f64 / per_step);
     println!("  peak RSS MiB       {:.0}", peak_rss_mib());
+    for (name, secs) in [
+        "frozen forward",
+        "trainable forward",
+        "backward",
+        "SGD update",
+    ]
+    .iter()
+    .zip(phases)
+    {
+        println!("    {name:<18} {:.3} s", secs / steps as f64);
+    }
 }

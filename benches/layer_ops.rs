@@ -14,7 +14,7 @@ static GLOBAL: clipft::alloc::Allocator = clipft::alloc::Allocator {};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use clipft::model::kernels::{dense_bias, quick_gelu};
+use clipft::model::kernels::{dense_bias, layer_norm, quick_gelu};
 use clipft::model::load::device_name;
 use clipft::model::{DTypeArg, DeviceArg};
 
@@ -77,7 +77,12 @@ fn main() {
         (
             "layer_norm",
             0.0,
-            Box::new(|| candle_nn::ops::layer_norm(&x, &ln_w, &ln_b, 1e-5).unwrap()),
+            // As `clip::LayerNorm` dispatches: clipft's kernel on the CPU in f32.
+            Box::new(|| {
+                layer_norm(&x, &ln_w, &ln_b, 1e-5)
+                    .unwrap_or_else(|| candle_nn::ops::layer_norm(&x, &ln_w, &ln_b, 1e-5))
+                    .unwrap()
+            }),
         ),
         (
             "qkv dense+bias",

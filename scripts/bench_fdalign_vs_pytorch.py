@@ -48,28 +48,45 @@ def pytorch_step(model_dir, threads, batch, steps, device="cpu", autocast=None):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     amp = dict(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast == "bf16")
 
-    def step():
+    # Seconds per phase over the timed steps, as the clipft bench splits them.
+    phases = [0.0] * 4
+
+    def step(phases):
+        t = time.perf_counter()
+
+        def lap(i):
+            nonlocal t
+            sync()
+            now = time.perf_counter()
+            phases[i] += now - t
+            t = now
+
         with torch.autocast(**amp):
             with torch.no_grad():
                 f0 = frozen_p(frozen_v(pixel_values=x).pooler_output)
+            lap(0)
             ft = proj(vision(pixel_values=x).pooler_output)
             ctx = lambda f: F.normalize(f.float(), dim=-1) @ protos.t()
             loss = F.cross_entropy(head(F.normalize(ft.float(), dim=-1)), y) + 20 * kl(torch.log(F.softmax(ctx(ft), 1)), F.softmax(ctx(f0), 1))
+            lap(1)
         opt.zero_grad()
         loss.backward()
+        lap(2)
         opt.step()
+        lap(3)
 
-    step()
+    step([0.0] * 4)
     sync()
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(phases)
     sync()
     per_step = (time.perf_counter() - t) / steps
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("PYTORCH_PHASES " + " ".join(f"{p / steps:.3f}" for p in phases))
     print(f"PYTORCH {per_step:.3f} {peak:.0f}")
 
 
@@ -98,6 +115,7 @@ def main():
     if py.returncode:
         sys.exit(py.stderr)
     pt_step, pt_peak = map(float, re.search(r"PYTORCH ([\d.]+) ([\d.]+)", py.stdout).groups())
+    pt_phases = re.search(r"PYTORCH_PHASES (.+)", py.stdout).group(1).split()
     env = dict(os.environ, CLIPFT_BENCH_MODEL=str(model), CLIPFT_BENCH_BATCH=str(args.batch),
                CLIPFT_BENCH_STEPS=str(args.steps), CLIPFT_BENCH_DEVICE=args.device,
                RAYON_NUM_THREADS=str(args.threads))
@@ -112,6 +130,8 @@ def main():
     print(f"PyTorch FD-Align step: {pt_step:.3f} s/step, {what} {pt_peak:.0f} MiB ({args.device}, "
           f"{args.autocast or 'f32'}, {args.threads} threads, batch {args.batch})")
     mem = "" if args.device.startswith("cuda") else f"   peak memory clipft/PyTorch: {cf_peak / pt_peak:.2f}"
+    names = ["frozen forward", "trainable forward", "backward", "SGD update"]
+    print("    " + "; ".join(f"{n} {p} s" for n, p in zip(names, pt_phases)))
     print(f"ratio (PyTorch time / clipft time): {pt_step / cf_step:.2f}x{mem}")
 
 

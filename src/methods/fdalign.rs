@@ -106,13 +106,23 @@ impl Sgd {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = (g + (var.as_tensor() * self.weight_decay)?)?;
+            let param = var.as_tensor();
+            let zeros = || Tensor::zeros(param.shape(), param.dtype(), param.device());
             let b = match buf.take() {
-                None => g.clone(),
-                Some(b) => ((b * self.momentum)? + &g)?,
+                Some(b) if b.is_contiguous() => b,
+                Some(b) => b.copy()?,
+                None => zeros()?,
             };
-            let update = (g + (&b * self.momentum)?)?;
-            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+            let (lr, mu, wd) = (self.lr, self.momentum, self.weight_decay);
+            if let Some(done) = super::optim::nesterov_sgd_in_place(param, &b, g, lr, mu, wd) {
+                done?;
+                *buf = Some(b);
+                continue;
+            }
+            let g = (g + (param * wd)?)?;
+            let b = ((b * mu)? + &g)?;
+            let update = (g + (&b * mu)?)?;
+            var.set(&(param - (update * lr)?)?)?;
             *buf = Some(b.detach());
         }
         Ok(())
@@ -390,25 +400,39 @@ mod tests {
     #[test]
     fn sgd_matches_pytorch_nesterov_formula() {
         let dev = Device::Cpu;
-        let w = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0, 0.5], &dev).unwrap()).unwrap();
-        let mut opt = Sgd::new(vec![w.clone()], 0.1, 0.9, 0.01);
-        // Loss Σ w², gradient 2w; expected values from torch.optim.SGD(lr=0.1, momentum=0.9,
-        // nesterov=True, weight_decay=0.01), three steps.
-        for _ in 0..3 {
-            let grads = w
+        // f64: candle's ops; f32: the in-place passes.
+        for (dtype, tol) in [(DType::F64, 1e-8), (DType::F32, 1e-6)] {
+            let w = Var::from_tensor(
+                &Tensor::new(&[1.0f64, -2.0, 0.5], &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let mut opt = Sgd::new(vec![w.clone()], 0.1, 0.9, 0.01);
+            // Loss Σ w², gradient 2w; expected values from torch.optim.SGD(lr=0.1,
+            // momentum=0.9, nesterov=True, weight_decay=0.01), three steps.
+            for _ in 0..3 {
+                let grads = w
+                    .as_tensor()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                opt.step(&grads).unwrap();
+            }
+            let got: Vec<f64> = w
                 .as_tensor()
-                .sqr()
+                .to_dtype(DType::F64)
                 .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
+                .to_vec1()
                 .unwrap();
-            opt.step(&grads).unwrap();
-        }
-        let got: Vec<f64> = w.as_tensor().to_vec1().unwrap();
-        let expected = [-0.1116510943, 0.2233021885, -0.0558255471];
-        for (a, b) in got.iter().zip(expected) {
-            assert!((a - b).abs() < 1e-8, "{got:?}");
+            let expected = [-0.1116510943, 0.2233021885, -0.0558255471];
+            for (a, b) in got.iter().zip(expected) {
+                assert!((a - b).abs() < tol, "{dtype:?}: {got:?}");
+            }
         }
     }
 

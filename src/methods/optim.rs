@@ -1,12 +1,14 @@
-//! AdamW fused into one parallel pass over a flat parameter.
+//! Optimiser updates fused into parallel passes over the parameters.
 //!
-//! candle-nn's `AdamW` builds about a dozen full-size temporary tensors per step, one
-//! single-threaded op each; for the large, single weight of a feature-level adapter that is most
-//! of a training step. This is PyTorch's `AdamW` update (decoupled weight decay, bias-corrected
-//! moments), element by element, in f32 like PyTorch.
+//! Composed from candle ops, an update builds a full-size temporary tensor per arithmetic step,
+//! several of them single-threaded: candle-nn's `AdamW` about a dozen per step, which for the
+//! large, single weight of a feature-level adapter is most of a training step. [`FusedAdamW`]
+//! is PyTorch's `AdamW` update (decoupled weight decay, bias-corrected moments), element by
+//! element, in f32 like PyTorch. [`nesterov_sgd_in_place`] is the Nesterov SGD step of FD-Align's
+//! full fine-tuning, written into the parameter and momentum buffers in place.
 
 use anyhow::{ensure, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -100,10 +102,167 @@ impl FusedAdamW {
     }
 }
 
+/// Elements per parallel task of the SGD passes.
+const SGD_CHUNK: usize = 1 << 14;
+
+/// PyTorch's `SGD(momentum, nesterov=True, weight_decay)` step for one parameter, in place:
+/// `g' = g + λθ`, `b ← μb + g'`, `θ ← θ − lr·(g' + μb)`, in the order and rounding of the
+/// composed tensor ops (so both give the same numbers). A zero `buffer` gives the first step's
+/// `b = g'`. Two parallel passes with no temporaries; `None` where it does not apply (not f32
+/// on the CPU, or shapes that differ), for the caller's composed ops.
+pub fn nesterov_sgd_in_place(
+    param: &Tensor,
+    buffer: &Tensor,
+    grad: &Tensor,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Option<Result<()>> {
+    let cpu_f32 = [param, buffer, grad]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == param.shape());
+    cpu_f32.then(|| {
+        let grad = grad.contiguous()?;
+        let hp = SgdStep {
+            lr: lr as f32,
+            momentum: momentum as f32,
+            weight_decay: weight_decay as f32,
+        };
+        // The buffer first: its pass reads the parameter before the second pass changes it.
+        buffer.inplace_op3(param, &grad, &MomentumPass(hp))?;
+        param.inplace_op3(&grad, buffer, &ParamPass(hp))?;
+        Ok(())
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SgdStep {
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+}
+
+/// A contiguous f32 operand's elements.
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("sgd: contiguous f32 operands expected"),
+    }
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("sgd: a contiguous f32 destination expected"),
+    }
+}
+
+/// `b ← μb + (g + λθ)` into the buffer, from `(θ, g)`.
+struct MomentumPass(SgdStep);
+
+impl InplaceOp3 for MomentumPass {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        b: &mut CpuStorage,
+        lb: &Layout,
+        p: &CpuStorage,
+        lp: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<()> {
+        let (b, p, g) = (f32s_mut(b, lb)?, f32s(p, lp)?, f32s(g, lg)?);
+        let SgdStep {
+            momentum: mu,
+            weight_decay: wd,
+            ..
+        } = self.0;
+        b.par_chunks_mut(SGD_CHUNK)
+            .zip(p.par_chunks(SGD_CHUNK).zip(g.par_chunks(SGD_CHUNK)))
+            .for_each(|(b, (p, g))| {
+                for ((b, &p), &g) in b.iter_mut().zip(p).zip(g) {
+                    *b = *b * mu + (g + p * wd);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `θ ← θ − lr·((g + λθ) + μb)` into the parameter, from `(g, b)` (`b` already updated).
+struct ParamPass(SgdStep);
+
+impl InplaceOp3 for ParamPass {
+    fn name(&self) -> &'static str {
+        "sgd-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        lp: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<()> {
+        let (p, g, b) = (f32s_mut(p, lp)?, f32s(g, lg)?, f32s(b, lb)?);
+        let SgdStep {
+            lr,
+            momentum: mu,
+            weight_decay: wd,
+        } = self.0;
+        p.par_chunks_mut(SGD_CHUNK)
+            .zip(g.par_chunks(SGD_CHUNK).zip(b.par_chunks(SGD_CHUNK)))
+            .for_each(|(p, (g, b))| {
+                for ((p, &g), &b) in p.iter_mut().zip(g).zip(b) {
+                    *p -= ((g + *p * wd) + b * mu) * lr;
+                }
+            });
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_nn::Optimizer;
+
+    #[test]
+    fn in_place_nesterov_sgd_equals_the_composed_ops() {
+        let dev = Device::Cpu;
+        // Three parallel chunks, the last one partial.
+        let shape = (37, 1000);
+        let param = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+        let buffer = Tensor::zeros(shape, DType::F32, &dev).unwrap();
+        let (lr, mu, wd) = (0.05, 0.9, 5e-4);
+        let mut p_ref = param.as_tensor().copy().unwrap();
+        let mut b_ref: Option<Tensor> = None;
+        for step in 0..4 {
+            let g = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            nesterov_sgd_in_place(param.as_tensor(), &buffer, &g, lr, mu, wd)
+                .expect("applies to f32 on the CPU")
+                .unwrap();
+            // The composed update, with the first step's buffer `g'` rather than zeros.
+            let g = (&g + (&p_ref * wd).unwrap()).unwrap();
+            let b = match b_ref.take() {
+                None => g.clone(),
+                Some(b) => ((b * mu).unwrap() + &g).unwrap(),
+            };
+            let update = (g + (&b * mu).unwrap()).unwrap();
+            p_ref = (&p_ref - (update * lr).unwrap()).unwrap();
+            let same =
+                |a: &Tensor, b: &Tensor| a.to_vec2::<f32>().unwrap() == b.to_vec2::<f32>().unwrap();
+            assert!(same(param.as_tensor(), &p_ref), "parameter, step {step}");
+            assert!(same(&buffer, &b), "momentum, step {step}");
+            b_ref = Some(b);
+        }
+        // Elsewhere the caller composes the update itself.
+        let p64 = Tensor::zeros(3, DType::F64, &dev).unwrap();
+        assert!(nesterov_sgd_in_place(&p64, &p64.copy().unwrap(), &p64, lr, mu, wd).is_none());
+    }
 
     #[test]
     fn matches_candle_adamw() {

@@ -39,9 +39,10 @@ const QUICK_GELU_ALPHA: f64 = 1.702;
 /// Layer normalisation that keeps gradients flowing.
 ///
 /// candle-nn's `LayerNorm::forward` takes a fused kernel on contiguous input that records no
-/// backward op, which silently stops gradients. That kernel is only used when nothing in the
-/// computation is tracked (inference); otherwise clipft's own fused op with a backward pass
-/// ([`super::kernels::layer_norm`], CPU f32) or the formula built from differentiable ops.
+/// backward op, which silently stops gradients. On the CPU in f32 clipft's own fused op runs,
+/// with a backward pass ([`super::kernels::layer_norm`]); elsewhere candle-nn's kernel when
+/// nothing in the computation is tracked (inference), else the formula built from
+/// differentiable ops.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -61,10 +62,12 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // Tracked or not: vectorised two-pass statistics, where candle-nn's kernel sums E[x]
+        // and E[x²] in one scalar loop.
+        if let Some(y) = super::kernels::layer_norm(xs, &self.weight, &self.bias, self.eps) {
+            return y;
+        }
         if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
-            if let Some(y) = super::kernels::layer_norm(xs, &self.weight, &self.bias, self.eps) {
-                return y;
-            }
             let dtype = xs.dtype();
             // Statistics in at least f32 (f64 stays f64, for gradient checks).
             let x = match dtype {

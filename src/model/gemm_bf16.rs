@@ -311,31 +311,24 @@ fn dense_tiles<T: TileUnit>(x: &[f32], m: usize, w: &PackedView, epilogue: Epilo
                             block.as_mut_ptr(),
                         )
                     };
-                    let rows = amx::ROWS.min(m - i * amx::ROWS);
                     let at = i * amx::ROWS * n + j * NR;
-                    for (r, sums) in block.chunks_exact(NR).take(rows).enumerate() {
-                        for (c, (s, b)) in sums[..cols].iter().zip(bias).enumerate() {
-                            // SAFETY: row i·ROWS + r < m and column j·NR + c < n: this
-                            // thread's panel of the output.
-                            unsafe { out.at(at + r * n + c).write(s + b) };
-                        }
-                    }
                     let tile = Tile {
                         a: &[],
                         lda: 0,
                         b: &[],
                         c: out.at(at),
                         ldc: n,
-                        rows,
+                        rows: amx::ROWS.min(m - i * amx::ROWS),
                         cols,
-                        bias: None,
+                        bias: Some(bias),
                         epilogue: match epilogue {
                             Epilogue::Add(r) => Epilogue::Add(&r[at..]),
                             e => e,
                         },
                     };
-                    // SAFETY: as above, the tile's rows and columns are this thread's output.
-                    unsafe { tile.finish(simd) };
+                    // SAFETY: row i·ROWS + r < m and column j·NR + c < n for the tile's rows
+                    // and columns: this thread's panel of the output.
+                    unsafe { tile.store_sums(&block, simd) };
                 }
             }
         }
@@ -494,22 +487,43 @@ impl Tile<'_> {
         }
     }
 
-    /// Applies the epilogue to the tile as stored (the tile unit's path; the micro-kernels
-    /// apply theirs as they store).
-    unsafe fn finish(&self, simd: bool) {
-        if matches!(self.epilogue, Epilogue::None) {
-            return;
-        }
+    /// Writes a tile unit's block of sums (rows [`NR`] apart) plus the bias through the
+    /// epilogue into the tile, in one pass from the block to the output.
+    unsafe fn store_sums(&self, sums: &[f32], simd: bool) {
+        let bias = self.bias.expect("the tile unit's tiles carry their bias");
+        debug_assert!(sums.len() >= self.rows * NR && bias.len() >= NR);
         #[cfg(target_arch = "x86_64")]
         if simd {
             let (m0, m1) = masks(self.cols);
-            return self.epilogue_avx512(m0, m1);
+            return self.store_sums_avx512(sums, bias, m0, m1);
         }
         let _ = simd;
         for r in 0..self.rows {
             let c = self.c.add(r * self.ldc);
             for col in 0..self.cols {
-                *c.add(col) = self.epilogue.scalar(*c.add(col), r * self.ldc + col);
+                let y = sums[r * NR + col] + bias[col];
+                *c.add(col) = self.epilogue.scalar(y, r * self.ldc + col);
+            }
+        }
+    }
+
+    /// [`Tile::store_sums`] on 16 lanes: on the tile unit's path a plain loop here stayed
+    /// scalar (one output per iteration, its pointer reloaded each time), about as long per
+    /// block as the tile products of a k = 768 layer.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_sums_avx512(&self, sums: &[f32], bias: &[f32], m0: u16, m1: u16) {
+        use std::arch::x86_64::*;
+        let b = [
+            _mm512_loadu_ps(bias.as_ptr()),
+            _mm512_loadu_ps(bias.as_ptr().add(16)),
+        ];
+        for r in 0..self.rows {
+            let c = self.c.add(r * self.ldc);
+            for (h, (half, mask)) in [(0, m0), (16, m1)].into_iter().enumerate() {
+                let y = _mm512_add_ps(_mm512_loadu_ps(sums.as_ptr().add(r * NR + half)), b[h]);
+                let y = self.epilogue16(y, r * self.ldc + half, mask);
+                _mm512_mask_storeu_ps(c.add(half), mask, y);
             }
         }
     }
@@ -523,15 +537,29 @@ impl Tile<'_> {
             let c = self.c.add(r * self.ldc);
             for (half, mask) in [(0, m0), (16, m1)] {
                 let y = _mm512_maskz_loadu_ps(mask, c.add(half));
-                let y = match self.epilogue {
-                    Epilogue::None => y,
-                    Epilogue::QuickGelu => super::vmath::quick_gelu16(y),
-                    Epilogue::Add(res) => _mm512_add_ps(
-                        y,
-                        _mm512_maskz_loadu_ps(mask, res.as_ptr().add(r * self.ldc + half)),
-                    ),
-                };
+                let y = self.epilogue16(y, r * self.ldc + half, mask);
                 _mm512_mask_storeu_ps(c.add(half), mask, y);
+            }
+        }
+    }
+
+    /// The epilogue of the 16 outputs (`mask`: those in use) at offset `at` from the tile
+    /// start, residual row stride included.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn epilogue16(
+        &self,
+        y: std::arch::x86_64::__m512,
+        at: usize,
+        mask: u16,
+    ) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        match self.epilogue {
+            Epilogue::None => y,
+            Epilogue::QuickGelu => super::vmath::quick_gelu16(y),
+            Epilogue::Add(res) => {
+                _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.as_ptr().add(at)))
             }
         }
     }

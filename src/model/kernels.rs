@@ -460,12 +460,36 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-/// Mean and `1/√(σ² + ε)` of one row, as layer norm's forward and backward passes both need.
+/// Mean and `1/√(σ² + ε)` of one row, as layer norm's forward and backward passes both need
+/// (two passes, as PyTorch: `E[x²] − E[x]²` loses the variance of rows with a large mean).
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(x, x, |v, _| v) / n;
+    let var = lane_sum(x, x, |v, _| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `Σ f(a_i, b_i)` in 16 partial sums: a single running sum is a chain of dependent adds that
+/// the compiler may not reorder, so it stays scalar; independent lanes vectorise.
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&a, &b)| f(a, b))
+        .sum();
+    for (ca, cb) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += f(ca[i], cb[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Layer norm's backward pass for `(x, w, g)`: `[rows + 2, h]`, the rows of dx, then dw and db
@@ -511,20 +535,20 @@ impl CustomOp3 for LayerNormGrad {
             .map(|(dx, (x, g))| {
                 let mut p = vec![0f32; 2 * h];
                 let mut xhat = vec![0f32; h];
+                let mut dxhat = vec![0f32; h];
+                let (pw, pb) = p.split_at_mut(h);
                 for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
                     let (mean, r) = row_stats(x, self.eps);
-                    let (mut m1, mut m2) = (0f32, 0f32);
                     for j in 0..h {
                         xhat[j] = (x[j] - mean) * r;
-                        let d = g[j] * w[j];
-                        m1 += d;
-                        m2 += d * xhat[j];
-                        p[j] += g[j] * xhat[j];
-                        p[h + j] += g[j];
+                        dxhat[j] = g[j] * w[j];
+                        pw[j] += g[j] * xhat[j];
+                        pb[j] += g[j];
                     }
-                    let (m1, m2) = (m1 / h as f32, m2 / h as f32);
+                    let m1 = lane_sum(&dxhat, &dxhat, |d, _| d) / h as f32;
+                    let m2 = lane_sum(&dxhat, &xhat, |d, x| d * x) / h as f32;
                     for j in 0..h {
-                        dx[j] = r * (g[j] * w[j] - m1 - xhat[j] * m2);
+                        dx[j] = r * (dxhat[j] - m1 - xhat[j] * m2);
                     }
                 }
                 p
