@@ -109,7 +109,8 @@ const SGD_CHUNK: usize = 1 << 14;
 /// `g' = g + λθ`, `b ← μb + g'`, `θ ← θ − lr·(g' + μb)`, in the order and rounding of the
 /// composed tensor ops (so both give the same numbers). A zero `buffer` gives the first step's
 /// `b = g'`. Two parallel passes with no temporaries; `None` where it does not apply (not f32
-/// on the CPU, or shapes that differ), for the caller's composed ops.
+/// on the CPU, shapes that differ, or a strided parameter or buffer), for the caller's composed
+/// ops.
 pub fn nesterov_sgd_in_place(
     param: &Tensor,
     buffer: &Tensor,
@@ -118,10 +119,12 @@ pub fn nesterov_sgd_in_place(
     momentum: f64,
     weight_decay: f64,
 ) -> Option<Result<()>> {
-    let cpu_f32 = [param, buffer, grad]
+    let applies = [param, buffer, grad]
         .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == param.shape());
-    cpu_f32.then(|| {
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == param.shape())
+        && param.is_contiguous()
+        && buffer.is_contiguous();
+    applies.then(|| {
         let grad = grad.contiguous()?;
         let hp = SgdStep {
             lr: lr as f32,
