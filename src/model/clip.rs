@@ -182,14 +182,16 @@ impl Linear {
         }
     }
 
-    /// `residual + x·Wᵀ + b`, the residual added inside the bf16 GEMM when the layer is packed.
+    /// `residual + x·Wᵀ + b`, the residual added inside the GEMM's output (bf16 when the layer
+    /// is packed; f32 on the CPU when nothing is tracked).
     fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        match self.packed_for(xs, Some(residual)) {
-            Some(p) => self.apply(xs, |x| {
-                let r = residual.reshape((x.dim(0)?, self.weight.dim(0)?))?;
-                super::kernels::dense_bf16_add(x, p, &r)
+        let rows = |x: &Tensor| residual.reshape((x.dim(0)?, self.weight.dim(0)?));
+        match (self.packed_for(xs, Some(residual)), &self.bias) {
+            (Some(p), _) => self.apply(xs, |x| super::kernels::dense_bf16_add(x, p, &rows(x)?)),
+            (None, Some(b)) => self.apply(xs, |x| {
+                super::kernels::dense_bias_add(x, &self.weight, b, &rows(x)?)
             }),
-            None => residual + self.forward(xs)?,
+            (None, None) => residual + self.forward(xs)?,
         }
     }
 

@@ -56,9 +56,12 @@ fn threads() -> gemm::Parallelism {
 /// `x·Wᵀ + b` for `x` `[M, K]`, `W` `[N, K]`, `b` `[N]`; with `gelu_input`,
 /// `QuickGELU(x)·Wᵀ + b`, the MLP's activation taken inside the second layer so that training
 /// keeps the `[M, K]` pre-activation alone for the backward pass, not the activation as well
-/// (each is 4× the width of the residual stream); the activation is recomputed there.
+/// (each is 4× the width of the residual stream); the activation is recomputed there. With a
+/// `residual` `[M, N]` (inference only), `r + x·Wᵀ + b`: the output starts as `r + b` instead of
+/// `b`, so the residual connection costs no pass of its own.
 struct DenseBias {
     gelu_input: bool,
+    residual: Option<Tensor>,
 }
 
 impl CustomOp3 for DenseBias {
@@ -97,8 +100,24 @@ impl CustomOp3 for DenseBias {
             x
         };
         let mut out = Vec::with_capacity(m * n);
-        for _ in 0..m {
-            out.extend_from_slice(b);
+        match &self.residual {
+            None => {
+                for _ in 0..m {
+                    out.extend_from_slice(b);
+                }
+            }
+            Some(r) => {
+                let (storage, layout) = r.storage_and_layout();
+                let candle_core::Storage::Cpu(storage) = &*storage else {
+                    candle_core::bail!("dense-bias: a CPU residual expected")
+                };
+                let Some(r) = f32_slice(storage, layout).filter(|r| r.len() == m * n) else {
+                    candle_core::bail!("dense-bias: a contiguous f32 residual [{m}, {n}] expected")
+                };
+                for row in r.chunks_exact(n) {
+                    out.extend(row.iter().zip(b).map(|(r, b)| r + b));
+                }
+            }
         }
         // SAFETY: `out` is m×n row-major, `x` m×k row-major, and Wᵀ is read from the n×k
         // row-major `w` through strides (column stride k, row stride 1); all in bounds.
@@ -136,6 +155,9 @@ impl CustomOp3 for DenseBias {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.residual.is_some() {
+            candle_core::bail!("dense-bias: the residual form is built for inference only")
+        }
         let db = match cpu_f32_grad(&[g], |t| t[0].apply_op1_no_bwd(&ColumnSum)) {
             Some(db) => db?,
             None => g.sum(0)?,
@@ -162,7 +184,10 @@ pub fn quick_gelu_dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tenso
         x.contiguous()?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
-            DenseBias { gelu_input: true },
+            DenseBias {
+                gelu_input: true,
+                residual: None,
+            },
         )
     } else {
         dense_bias(&quick_gelu(x)?, w, b)
@@ -213,10 +238,36 @@ pub fn dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
-            DenseBias { gelu_input: false },
+            DenseBias {
+                gelu_input: false,
+                residual: None,
+            },
         )
     } else {
         x.matmul(&w.t()?)?.broadcast_add(b)
+    }
+}
+
+/// `r + x·Wᵀ + b` for a 2-D `x` `[M, K]` and `r` `[M, N]`: on the CPU in f32 with nothing
+/// tracked, one op whose output starts as `r + b` (no pass of its own for the residual);
+/// composed elsewhere.
+pub fn dense_bias_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && [x.dtype(), w.dtype(), b.dtype(), r.dtype()]
+            .iter()
+            .all(|&d| d == DType::F32)
+        && ![x, w, b, r].iter().any(|t| t.track_op());
+    if fused {
+        x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            &DenseBias {
+                gelu_input: false,
+                residual: Some(r.contiguous()?),
+            },
+        )
+    } else {
+        r + dense_bias(x, w, b)?
     }
 }
 
@@ -700,6 +751,44 @@ mod tests {
             .broadcast_add(b.as_tensor())
             .unwrap();
         assert_same(ours, theirs, &mix, &[&x, &w, &b], 1e-5);
+    }
+
+    #[test]
+    fn dense_bias_add_is_the_residual_plus_the_layer() {
+        let dev = Device::Cpu;
+        let t = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (x, w, b, r) = (t(&[37, 20]), t(&[48, 20]), t(&[48]), t(&[37, 48]));
+        let fused = dense_bias_add(&x, &w, &b, &r).unwrap();
+        let composed = (&r + dense_bias(&x, &w, &b).unwrap()).unwrap();
+        assert!(crate::testutil::max_abs_diff(&fused, &composed) < 1e-5);
+        // A strided residual is read as its values.
+        let rt = t(&[48, 37]);
+        let fused = dense_bias_add(&x, &w, &b, &rt.t().unwrap()).unwrap();
+        let composed = (rt.t().unwrap() + dense_bias(&x, &w, &b).unwrap()).unwrap();
+        assert!(crate::testutil::max_abs_diff(&fused, &composed) < 1e-5);
+        // Tracked, it is the composed (differentiable) form.
+        let (xv, wv, bv, rv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&b).unwrap(),
+            Var::from_tensor(&r).unwrap(),
+        );
+        let mix = t(&[37, 48]);
+        let ours = dense_bias_add(
+            xv.as_tensor(),
+            wv.as_tensor(),
+            bv.as_tensor(),
+            rv.as_tensor(),
+        )
+        .unwrap();
+        let theirs = (rv.as_tensor()
+            + xv.as_tensor()
+                .matmul(&wv.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_add(bv.as_tensor())
+                .unwrap())
+        .unwrap();
+        assert_same(ours, theirs, &mix, &[&xv, &wv, &bv, &rv], 1e-5);
     }
 
     #[test]
