@@ -107,11 +107,10 @@ impl Sgd {
                 continue;
             };
             let param = var.as_tensor();
-            let zeros = || Tensor::zeros(param.shape(), param.dtype(), param.device());
             let b = match buf.take() {
                 Some(b) if b.is_contiguous() => b,
                 Some(b) => b.copy()?,
-                None => zeros()?,
+                None => Tensor::zeros(param.shape(), param.dtype(), param.device())?,
             };
             let (lr, mu, wd) = (self.lr, self.momentum, self.weight_decay);
             if let Some(done) = super::optim::nesterov_sgd_in_place(param, &b, g, lr, mu, wd) {

@@ -119,109 +119,75 @@ pub fn nesterov_sgd_in_place(
     momentum: f64,
     weight_decay: f64,
 ) -> Option<Result<()>> {
-    let applies = [param, buffer, grad]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == param.shape())
+    let applies = crate::model::kernels::cpu_f32(&[param, buffer, grad])
+        && buffer.shape() == param.shape()
+        && grad.shape() == param.shape()
         && param.is_contiguous()
         && buffer.is_contiguous();
     applies.then(|| {
         let grad = grad.contiguous()?;
-        let hp = SgdStep {
-            lr: lr as f32,
-            momentum: momentum as f32,
-            weight_decay: weight_decay as f32,
-        };
+        let (lr, mu, wd) = (lr as f32, momentum as f32, weight_decay as f32);
         // The buffer first: its pass reads the parameter before the second pass changes it.
-        buffer.inplace_op3(param, &grad, &MomentumPass(hp))?;
-        param.inplace_op3(&grad, buffer, &ParamPass(hp))?;
+        // The closures take the constants by value (`move`): by reference they might alias
+        // the destination for all the compiler knows, and the loops stayed scalar (0.05 →
+        // 0.10 s per ViT-B/32 step).
+        buffer.inplace_op3(
+            param,
+            &grad,
+            &InPlace {
+                name: "sgd-momentum",
+                f: move |b, p, g| b * mu + (g + p * wd),
+            },
+        )?;
+        param.inplace_op3(
+            &grad,
+            buffer,
+            &InPlace {
+                name: "sgd-param",
+                f: move |p, g, b| p - ((g + p * wd) + b * mu) * lr,
+            },
+        )?;
         Ok(())
     })
 }
 
-#[derive(Debug, Clone, Copy)]
-struct SgdStep {
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
+/// `d ← f(d, a, b)` elementwise over a contiguous f32 destination `d` and operands `a`, `b`,
+/// in parallel chunks.
+struct InPlace<F> {
+    name: &'static str,
+    f: F,
 }
 
-/// A contiguous f32 operand's elements.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("sgd: contiguous f32 operands expected"),
-    }
-}
-
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("sgd: a contiguous f32 destination expected"),
-    }
-}
-
-/// `b ← μb + (g + λθ)` into the buffer, from `(θ, g)`.
-struct MomentumPass(SgdStep);
-
-impl InplaceOp3 for MomentumPass {
+impl<F: Fn(f32, f32, f32) -> f32 + Sync> InplaceOp3 for InPlace<F> {
     fn name(&self) -> &'static str {
-        "sgd-momentum"
+        self.name
     }
 
     fn cpu_fwd(
         &self,
-        b: &mut CpuStorage,
-        lb: &Layout,
-        p: &CpuStorage,
-        lp: &Layout,
-        g: &CpuStorage,
-        lg: &Layout,
-    ) -> candle_core::Result<()> {
-        let (b, p, g) = (f32s_mut(b, lb)?, f32s(p, lp)?, f32s(g, lg)?);
-        let SgdStep {
-            momentum: mu,
-            weight_decay: wd,
-            ..
-        } = self.0;
-        b.par_chunks_mut(SGD_CHUNK)
-            .zip(p.par_chunks(SGD_CHUNK).zip(g.par_chunks(SGD_CHUNK)))
-            .for_each(|(b, (p, g))| {
-                for ((b, &p), &g) in b.iter_mut().zip(p).zip(g) {
-                    *b = *b * mu + (g + p * wd);
-                }
-            });
-        Ok(())
-    }
-}
-
-/// `θ ← θ − lr·((g + λθ) + μb)` into the parameter, from `(g, b)` (`b` already updated).
-struct ParamPass(SgdStep);
-
-impl InplaceOp3 for ParamPass {
-    fn name(&self) -> &'static str {
-        "sgd-param"
-    }
-
-    fn cpu_fwd(
-        &self,
-        p: &mut CpuStorage,
-        lp: &Layout,
-        g: &CpuStorage,
-        lg: &Layout,
+        d: &mut CpuStorage,
+        ld: &Layout,
+        a: &CpuStorage,
+        la: &Layout,
         b: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<()> {
-        let (p, g, b) = (f32s_mut(p, lp)?, f32s(g, lg)?, f32s(b, lb)?);
-        let SgdStep {
-            lr,
-            momentum: mu,
-            weight_decay: wd,
-        } = self.0;
-        p.par_chunks_mut(SGD_CHUNK)
-            .zip(g.par_chunks(SGD_CHUNK).zip(b.par_chunks(SGD_CHUNK)))
-            .for_each(|(p, (g, b))| {
-                for ((p, &g), &b) in p.iter_mut().zip(g).zip(b) {
-                    *p -= ((g + *p * wd) + b * mu) * lr;
+        use crate::model::kernels::f32_slice;
+        let (Some(d), Some(a), Some(b)) = (
+            ld.contiguous_offsets().and_then(|(s, e)| match d {
+                CpuStorage::F32(v) => Some(&mut v[s..e]),
+                _ => None,
+            }),
+            f32_slice(a, la),
+            f32_slice(b, lb),
+        ) else {
+            candle_core::bail!("{}: contiguous f32 operands expected", self.name)
+        };
+        d.par_chunks_mut(SGD_CHUNK)
+            .zip(a.par_chunks(SGD_CHUNK).zip(b.par_chunks(SGD_CHUNK)))
+            .for_each(|(d, (a, b))| {
+                for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+                    *d = (self.f)(*d, a, b);
                 }
             });
         Ok(())

@@ -18,11 +18,17 @@ use rayon::prelude::*;
 use super::gemm_bf16::{Epilogue, PackedView};
 
 /// The contiguous f32 elements of a CPU operand, or `None` for anything else.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(data), Some((start, end))) => Some(&data[start..end]),
         _ => None,
     }
+}
+
+/// Whether every tensor is f32 on the CPU, where the fused kernels here apply.
+pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// A new output of `l`'s shape, filled by `f(out_block, in_block)` over blocks of `block`
@@ -176,11 +182,7 @@ impl CustomOp3 for DenseBias {
 /// `QuickGELU(x)·Wᵀ + b` for a 2-D `x` `[M, K]`: on the CPU in f32 one op that keeps only `x`
 /// for the backward pass; composed elsewhere.
 pub fn quick_gelu_dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let fused = x.device().is_cpu()
-        && [x.dtype(), w.dtype(), b.dtype()]
-            .iter()
-            .all(|&d| d == DType::F32);
-    if fused {
+    if cpu_f32(&[x, w, b]) {
         x.contiguous()?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
@@ -230,11 +232,7 @@ impl CustomOp1 for ColumnSum {
 
 /// `x·Wᵀ + b` for a 2-D `x` `[M, K]`, `W` `[N, K]`, `b` `[N]`: fused on the CPU in f32.
 pub fn dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let fused = x.device().is_cpu()
-        && [x.dtype(), w.dtype(), b.dtype()]
-            .iter()
-            .all(|&d| d == DType::F32);
-    if fused {
+    if cpu_f32(&[x, w, b]) {
         x.contiguous()?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
@@ -252,12 +250,7 @@ pub fn dense_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// tracked, one op whose output starts as `r + b` (no pass of its own for the residual);
 /// composed elsewhere.
 pub fn dense_bias_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> Result<Tensor> {
-    let fused = x.device().is_cpu()
-        && [x.dtype(), w.dtype(), b.dtype(), r.dtype()]
-            .iter()
-            .all(|&d| d == DType::F32)
-        && ![x, w, b, r].iter().any(|t| t.track_op());
-    if fused {
+    if cpu_f32(&[x, w, b, r]) && ![x, w, b, r].iter().any(|t| t.track_op()) {
         x.contiguous()?.apply_op3_no_bwd(
             &w.contiguous()?,
             &b.contiguous()?,
@@ -409,10 +402,7 @@ fn cpu_f32_grad(
     ts: &[&Tensor],
     f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
 ) -> Option<Result<Tensor>> {
-    let applies = ts
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-    applies.then(|| {
+    cpu_f32(ts).then(|| {
         f(&ts
             .iter()
             .map(|t| t.contiguous())
@@ -422,7 +412,7 @@ fn cpu_f32_grad(
 
 /// QuickGELU `x·σ(1.702·x)`: one fused pass on the CPU in f32.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if cpu_f32(&[x]) {
         x.contiguous()?.apply_op1(QuickGelu)
     } else {
         x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
@@ -620,11 +610,7 @@ impl CustomOp3 for LayerNormGrad {
 /// backward pass that recomputes the statistics (so training keeps one tensor per call, not the
 /// six a composed formulation keeps); `None` elsewhere, for the caller's own formulation.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Option<Result<Tensor>> {
-    let cpu_f32 = x.device().is_cpu()
-        && [x.dtype(), w.dtype(), b.dtype()]
-            .iter()
-            .all(|&d| d == DType::F32);
-    cpu_f32.then(|| {
+    cpu_f32(&[x, w, b]).then(|| {
         x.contiguous()?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
@@ -706,7 +692,7 @@ impl CustomOp2 for SoftmaxGrad {
 /// Softmax over the last dimension with a backward pass: fused on the CPU in f32, `None`
 /// elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
-    (x.device().is_cpu() && x.dtype() == DType::F32).then(|| x.contiguous()?.apply_op1(Softmax))
+    cpu_f32(&[x]).then(|| x.contiguous()?.apply_op1(Softmax))
 }
 
 #[cfg(test)]
