@@ -197,5 +197,21 @@ fn main() {
                     .unwrap()
             }) * 1e3
         );
+        // FD-Align's backward pass through it (recomputing the scores; the sum's backward is
+        // a broadcast of ones).
+        let var = candle_core::Var::from_tensor(&qkv).unwrap();
+        let loss = clipft::model::attention_cpu::attention(var.as_tensor(), nh, None)
+            .unwrap()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        println!(
+            "  {:16} {:9.3} ms  (its gradient, as FD-Align's backward pass runs it)",
+            "attention grad",
+            time(&|| {
+                let grads = loss.backward().unwrap();
+                grads.get(var.as_tensor()).unwrap().clone()
+            }) * 1e3
+        );
     }
 }

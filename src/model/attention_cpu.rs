@@ -184,6 +184,10 @@ impl Sequence<'_> {
             (None, 80) => self.heads_blocked::<4, 5>(out),
             (None, 128) => self.heads_blocked::<2, 8>(out),
             (None, _) => self.heads_into(out),
+            (Some(g), 32) => self.grads_blocked::<4, 2>(g, out),
+            (Some(g), 64) => self.grads_blocked::<4, 4>(g, out),
+            (Some(g), 80) => self.grads_blocked::<4, 5>(g, out),
+            (Some(g), 128) => self.grads_blocked::<2, 8>(g, out),
             (Some(g), _) => self.grads_into(g, out),
         }
     }
@@ -324,107 +328,371 @@ impl Sequence<'_> {
     /// wait on a store for every FMA step).
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn heads_blocked<const R: usize, const HV: usize>(&self, out: &mut [f32]) {
-        let (t, hd) = (self.t, self.hd);
+        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
         debug_assert_eq!(hd, 16 * HV);
+        assert!(self.x.len() >= t * h3 && out.len() >= t * h);
         // Keys transposed, rows padded with zeros to whole vectors.
         let tp = t.next_multiple_of(16);
         let mut kt = vec![0f32; hd * tp];
-        let mut p = vec![0f32; R * tp];
+        let mut p = vec![0f32; t * tp];
         for head in 0..self.heads {
-            self.transposed(head, self.h, &mut kt, tp);
+            self.transposed_blocks(h + head * hd, &mut kt, tp);
+            let v = self.x.as_ptr().add(2 * h + head * hd);
             let mut i = 0;
-            while i + R <= t {
-                self.rows::<R, HV>(head, i, &kt, tp, &mut p, out);
-                i += R;
-            }
-            for i in i..t {
-                self.rows::<1, HV>(head, i, &kt, tp, &mut p, out);
+            while i < t {
+                let n = if i + R <= t { R } else { 1 };
+                let rows = &mut p[i * tp..];
+                let o = out.as_mut_ptr().add(i * h + head * hd);
+                // Unnormalised probabilities; each output row is divided by its sum on the
+                // way out.
+                if n == R {
+                    let inv = self.probability_rows::<R, false>(head, i, &kt, tp, rows);
+                    weighted_rows::<R, HV>(t, |r, j| rows[r * tp + j], v, h3, inv, o, h);
+                } else {
+                    let inv = self.probability_rows::<1, false>(head, i, &kt, tp, rows);
+                    weighted_rows::<1, HV>(t, |_, j| rows[j], v, h3, inv, o, h);
+                }
+                i += n;
             }
         }
     }
 
-    /// Query rows `[i, i + R)` of `head`: scores into `p` (`R` rows of `tp`), softmax, and the
-    /// outputs into `out`.
+    /// [`Sequence::grads_into`] for heads of `16·HV` dims with AVX-512, in the blocks of
+    /// [`Sequence::heads_blocked`]: per head `P` and `dS` (`T × T`) are built `R` rows at a
+    /// time, then `dq = dS·k`, `dk = dSᵀ·q` and `dv = Pᵀ·dO` are each `R` output rows in
+    /// registers at a time, written once (the plain loops add into `dk` and `dv` in memory
+    /// for every query row).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn grads_blocked<const R: usize, const HV: usize>(&self, g: &[f32], dx: &mut [f32]) {
+        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
+        debug_assert_eq!(hd, 16 * HV);
+        assert!(self.x.len() >= t * h3 && dx.len() >= t * h3 && g.len() >= t * h);
+        let tp = t.next_multiple_of(16);
+        let mut kt = vec![0f32; hd * tp];
+        let mut vt = vec![0f32; hd * tp];
+        let mut p = vec![0f32; t * tp];
+        let mut ds = vec![0f32; t * tp];
+        let ones = [1f32; R];
+        for head in 0..self.heads {
+            let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
+            self.transposed_blocks(kc, &mut kt, tp);
+            self.transposed_blocks(vc, &mut vt, tp);
+            let (x, dx, go) = (self.x.as_ptr(), dx.as_mut_ptr(), g.as_ptr().add(qc));
+            let mut i = 0;
+            while i < t {
+                let n = if i + R <= t { R } else { 1 };
+                if n == R {
+                    self.grad_rows::<R>(head, i, &kt, &vt, tp, g, &mut p, &mut ds);
+                } else {
+                    self.grad_rows::<1>(head, i, &kt, &vt, tp, g, &mut p, &mut ds);
+                }
+                i += n;
+            }
+            // Row blocks of dq (dS rows against the keys), dk (dS columns against the
+            // queries) and dv (P columns against dO).
+            let mut i = 0;
+            while i < t {
+                let n = if i + R <= t { R } else { 1 };
+                let at = i * h3;
+                if n == R {
+                    let dsr = |r: usize, j: usize| ds[(i + r) * tp + j];
+                    weighted_rows::<R, HV>(t, dsr, x.add(kc), h3, ones, dx.add(at + qc), h3);
+                    let dsc = |r: usize, j: usize| ds[j * tp + i + r];
+                    weighted_rows::<R, HV>(t, dsc, x.add(qc), h3, ones, dx.add(at + kc), h3);
+                    let pc = |r: usize, j: usize| p[j * tp + i + r];
+                    weighted_rows::<R, HV>(t, pc, go, h, ones, dx.add(at + vc), h3);
+                } else {
+                    let one = [1.0];
+                    let dsr = |_, j: usize| ds[i * tp + j];
+                    weighted_rows::<1, HV>(t, dsr, x.add(kc), h3, one, dx.add(at + qc), h3);
+                    let dsc = |_, j: usize| ds[j * tp + i];
+                    weighted_rows::<1, HV>(t, dsc, x.add(qc), h3, one, dx.add(at + kc), h3);
+                    let pc = |_, j: usize| p[j * tp + i];
+                    weighted_rows::<1, HV>(t, pc, go, h, one, dx.add(at + vc), h3);
+                }
+                i += n;
+            }
+        }
+    }
+
+    /// Rows `[i, i + R)` of `P` into `p` and of `dS = P ⊙ (dP − rowsum(dP ⊙ P))` into `ds`
+    /// (`T` rows of `tp` each), with `dP = dO·vᵀ` (`vt`: the values transposed).
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn rows<const R: usize, const HV: usize>(
+    unsafe fn grad_rows<const R: usize>(
+        &self,
+        head: usize,
+        i: usize,
+        kt: &[f32],
+        vt: &[f32],
+        tp: usize,
+        g: &[f32],
+        p: &mut [f32],
+        ds: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let (t, h, hd) = (self.t, self.h, self.hd);
+        self.probability_rows::<R, true>(head, i, kt, tp, &mut p[i * tp..]);
+        let go: [&[f32]; R] = std::array::from_fn(|r| &g[(i + r) * h + head * hd..][..hd]);
+        scores_all(&go, vt, hd, tp, &mut ds[i * tp..]);
+        for r in i..i + R {
+            let (pr, dr) = (p[r * tp..][..t].as_ptr(), ds[r * tp..][..t].as_mut_ptr());
+            let mut dot = _mm512_setzero_ps();
+            for j in (0..t).step_by(16) {
+                let k = lanes(t - j);
+                let (pj, dj) = (
+                    _mm512_maskz_loadu_ps(k, pr.add(j)),
+                    _mm512_maskz_loadu_ps(k, dr.add(j)),
+                );
+                dot = _mm512_fmadd_ps(pj, dj, dot);
+            }
+            let dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+            for j in (0..t).step_by(16) {
+                let k = lanes(t - j);
+                let (pj, dj) = (
+                    _mm512_maskz_loadu_ps(k, pr.add(j)),
+                    _mm512_maskz_loadu_ps(k, dr.add(j)),
+                );
+                _mm512_mask_storeu_ps(dr.add(j), k, _mm512_mul_ps(pj, _mm512_sub_ps(dj, dot)));
+            }
+        }
+    }
+
+    /// Query rows `[i, i + R)` of `head`: their scores (plus the mask) into `p` (`R` rows of
+    /// `tp`) as `e^(s − max)`, normalised when `NORMALISE`, else left for the caller to
+    /// scale by the returned `1 / Σ`.
+    #[inline(always)]
+    unsafe fn probability_rows<const R: usize, const NORMALISE: bool>(
         &self,
         head: usize,
         i: usize,
         kt: &[f32],
         tp: usize,
         p: &mut [f32],
-        out: &mut [f32],
-    ) {
+    ) -> [f32; R] {
         use std::arch::x86_64::*;
-        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
+        let (t, hd, h3) = (self.t, self.hd, 3 * self.h);
         let q: [&[f32]; R] = std::array::from_fn(|r| &self.x[(i + r) * h3 + head * hd..][..hd]);
-        let mut c = 0;
-        while c < tp {
-            match (tp - c) / 16 {
-                1 => self.scores::<R, 1>(&q, kt, tp, c, p),
-                2 => self.scores::<R, 2>(&q, kt, tp, c, p),
-                3 => self.scores::<R, 3>(&q, kt, tp, c, p),
-                _ => self.scores::<R, 4>(&q, kt, tp, c, p),
-            }
-            c += 64;
-        }
-        for r in 0..R {
+        scores_all(&q, kt, hd, tp, p);
+        // (A loop, not `array::from_fn`: a closure does not inherit the target features, so
+        // the calls inside it would not be inlined.)
+        let mut inv = [0f32; R];
+        for (r, inv) in inv.iter_mut().enumerate() {
+            let mask = self.mask.map(|m| &m[(i + r) * t..][..t]);
             let row = &mut p[r * tp..][..t];
-            if let Some(m) = self.mask {
-                for (s, &m) in row.iter_mut().zip(&m[(i + r) * t..][..t]) {
-                    *s += m;
+            *inv = exp_scores(row, mask);
+            if NORMALISE {
+                let s = _mm512_set1_ps(*inv);
+                for j in (0..t).step_by(16) {
+                    let (k, at) = (lanes(t - j), row.as_mut_ptr().add(j));
+                    _mm512_mask_storeu_ps(at, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, at), s));
                 }
-            }
-            softmax(row);
-        }
-        let mut o = [[_mm512_setzero_ps(); HV]; R];
-        for j in 0..t {
-            let v = self.x[j * h3 + 2 * h + head * hd..][..hd].as_ptr();
-            let v: [__m512; HV] = std::array::from_fn(|k| _mm512_loadu_ps(v.add(16 * k)));
-            for (r, o) in o.iter_mut().enumerate() {
-                let pj = _mm512_set1_ps(*p.get_unchecked(r * tp + j));
-                for (o, &v) in o.iter_mut().zip(&v) {
-                    *o = _mm512_fmadd_ps(pj, v, *o);
-                }
+                *inv = 1.0;
             }
         }
-        for (r, o) in o.iter().enumerate() {
-            let dst = out[(i + r) * h + head * hd..][..hd].as_mut_ptr();
-            for (k, &o) in o.iter().enumerate() {
-                _mm512_storeu_ps(dst.add(16 * k), o);
-            }
-        }
+        inv
     }
 
-    /// Scores of the `R` query `rows` against keys `[c, c + 16·NV)` into `p`.
-    #[inline(always)]
-    unsafe fn scores<const R: usize, const NV: usize>(
-        &self,
-        rows: &[&[f32]; R],
-        kt: &[f32],
-        tp: usize,
-        c: usize,
-        p: &mut [f32],
-    ) {
+    /// Columns `[col, col + head_dim)` of the `T` rows transposed into `dst` `[head_dim, ld]`
+    /// (`ld` ≥ T a multiple of 16; columns T..ld zero) by 16 × 16 blocks in registers: the
+    /// scalar copy in [`Sequence::transposed`] stores to 16 cache lines per key and took
+    /// about a sixth of the attention core's time.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transposed_blocks(&self, col: usize, dst: &mut [f32], ld: usize) {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        for d in 0..self.hd {
-            let k = kt[d * tp + c..][..16 * NV].as_ptr();
-            let k: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(k.add(16 * v)));
-            for (acc, row) in acc.iter_mut().zip(rows) {
-                let qd = _mm512_set1_ps(*row.get_unchecked(d));
-                for (a, &k) in acc.iter_mut().zip(&k) {
-                    *a = _mm512_fmadd_ps(qd, k, *a);
+        let (t, hd, h3) = (self.t, self.hd, 3 * self.h);
+        assert!(ld >= t && ld.is_multiple_of(16) && hd.is_multiple_of(16));
+        assert!(dst.len() >= hd * ld && col + hd <= h3);
+        let src = self.x.as_ptr().add(col);
+        for j0 in (0..ld).step_by(16) {
+            for c0 in (0..hd).step_by(16) {
+                let rows: [__m512; 16] = std::array::from_fn(|r| {
+                    if j0 + r < t {
+                        _mm512_loadu_ps(src.add((j0 + r) * h3 + c0))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for (c, col) in transpose16(rows).iter().enumerate() {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add((c0 + c) * ld + j0), *col);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let dst = p[r * tp + c..][..16 * NV].as_mut_ptr();
-            for (v, &a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(dst.add(16 * v), a);
+    }
+}
+
+/// `out[r] = scale[r] · Σ_{j < n} coef(r, j) · m[j]` for `R` rows of `16·HV` floats (`m[j]`
+/// at `m + j·stride`, `out[r]` at `out + r·ld`): the rows' sums stay in registers and each
+/// vector of `m` loaded serves all `R` of them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn weighted_rows<const R: usize, const HV: usize>(
+    n: usize,
+    coef: impl Fn(usize, usize) -> f32,
+    m: *const f32,
+    stride: usize,
+    scale: [f32; R],
+    out: *mut f32,
+    ld: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut o = [[_mm512_setzero_ps(); HV]; R];
+    for j in 0..n {
+        let v = m.add(j * stride);
+        let v: [__m512; HV] = std::array::from_fn(|k| _mm512_loadu_ps(v.add(16 * k)));
+        for (r, o) in o.iter_mut().enumerate() {
+            let c = _mm512_set1_ps(coef(r, j));
+            for (o, &v) in o.iter_mut().zip(&v) {
+                *o = _mm512_fmadd_ps(c, v, *o);
             }
         }
     }
+    for (r, o) in o.iter().enumerate() {
+        let s = _mm512_set1_ps(scale[r]);
+        for (k, &o) in o.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * ld + 16 * k), _mm512_mul_ps(o, s));
+        }
+    }
+}
+
+/// The scores of `R` `rows` against all `tp` columns of `kt` (`[hd, tp]`) into `p` (`R` rows
+/// of `tp`), 64 columns at a time.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores_all<const R: usize>(
+    rows: &[&[f32]; R],
+    kt: &[f32],
+    hd: usize,
+    tp: usize,
+    p: &mut [f32],
+) {
+    let mut c = 0;
+    while c < tp {
+        match (tp - c) / 16 {
+            1 => scores::<R, 1>(rows, kt, hd, tp, c, p),
+            2 => scores::<R, 2>(rows, kt, hd, tp, c, p),
+            3 => scores::<R, 3>(rows, kt, hd, tp, c, p),
+            _ => scores::<R, 4>(rows, kt, hd, tp, c, p),
+        }
+        c += 64;
+    }
+}
+
+/// Scores of the `R` query `rows` against keys `[c, c + 16·NV)` into `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores<const R: usize, const NV: usize>(
+    rows: &[&[f32]; R],
+    kt: &[f32],
+    hd: usize,
+    tp: usize,
+    c: usize,
+    p: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    for d in 0..hd {
+        let k = kt[d * tp + c..][..16 * NV].as_ptr();
+        let k: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(k.add(16 * v)));
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let qd = _mm512_set1_ps(*row.get_unchecked(d));
+            for (a, &k) in acc.iter_mut().zip(&k) {
+                *a = _mm512_fmadd_ps(qd, k, *a);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let dst = p[r * tp + c..][..16 * NV].as_mut_ptr();
+        for (v, &a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(dst.add(16 * v), a);
+        }
+    }
+}
+
+/// A row of scores (plus `mask`) into `e^(s − max)` in place; returns `1 / Σ e^(s − max)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn exp_scores(p: &mut [f32], mask: Option<&[f32]>) -> f32 {
+    use std::arch::x86_64::*;
+    let n = p.len();
+    let ptr = p.as_mut_ptr();
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..n).step_by(16) {
+        // All lanes, or the tail's.
+        let k = lanes(n - i);
+        let mut s = _mm512_maskz_loadu_ps(k, ptr.add(i));
+        if let Some(m) = mask {
+            s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(k, m.as_ptr().add(i)));
+            _mm512_mask_storeu_ps(ptr.add(i), k, s);
+        }
+        max = _mm512_mask_max_ps(max, k, max, s);
+    }
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+    let mut sum = _mm512_setzero_ps();
+    for i in (0..n).step_by(16) {
+        let k = lanes(n - i);
+        let e = super::vmath::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, ptr.add(i)), max));
+        _mm512_mask_storeu_ps(ptr.add(i), k, e);
+        sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    1.0 / _mm512_reduce_add_ps(sum)
+}
+
+/// The mask of the first `min(n, 16)` lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// A 16 × 16 block of floats transposed: `rows[r]` lane `c` becomes lane `r` of column `c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(rows: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved within each 128-bit lane, then pairs of those: u[4i + c]
+    // holds, in lane L, column 4L + c of rows 4i..4i + 4.
+    let t: [__m512; 16] = std::array::from_fn(|k| {
+        let (a, b) = (rows[k & !1], rows[k | 1]);
+        if k % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|k| {
+        let (i, c) = (k / 4, k % 4);
+        let (a, b) = (
+            _mm512_castps_pd(t[4 * i + c / 2]),
+            _mm512_castps_pd(t[4 * i + c / 2 + 2]),
+        );
+        _mm512_castpd_ps(if c % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    // Then the 128-bit lanes: column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    let mut cols = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let even = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        let odd = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+        let even2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        let odd2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+        cols[c] = _mm512_shuffle_f32x4::<0x88>(even, even2);
+        cols[4 + c] = _mm512_shuffle_f32x4::<0x88>(odd, odd2);
+        cols[8 + c] = _mm512_shuffle_f32x4::<0xdd>(even, even2);
+        cols[12 + c] = _mm512_shuffle_f32x4::<0xdd>(odd, odd2);
+    }
+    cols
 }
 
 /// A row of scores into probabilities, in place.
@@ -549,13 +817,69 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn blocked_gradients_equal_the_plain_loops() {
+        if isa() != Some(Isa::Avx512) {
+            eprintln!("no AVX-512 on this CPU: the blocked kernel is not used");
+            return;
+        }
+        let (t, heads, hd) = (77, 2, 64);
+        let h = heads * hd;
+        let x: Vec<f32> = (0..t * 3 * h)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+            .collect();
+        let g: Vec<f32> = (0..t * h)
+            .map(|i| (i * 4253 % 997) as f32 / 997.0 - 0.5)
+            .collect();
+        let causal = crate::model::clip::causal_mask(t, DType::F32, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for mask in [None, Some(&causal[..])] {
+            let seq = Sequence {
+                x: &x,
+                t,
+                h,
+                hd,
+                heads,
+                mask,
+            };
+            // The blocked kernel writes every element: start it from garbage.
+            let (mut plain, mut blocked) = (vec![0f32; t * 3 * h], vec![f32::NAN; t * 3 * h]);
+            seq.grads_into(&g, &mut plain);
+            // SAFETY: AVX-512 was detected above.
+            unsafe { seq.grads_blocked::<4, 4>(&g, &mut blocked) };
+            assert!(
+                blocked.iter().all(|v| v.is_finite()),
+                "an element left unwritten"
+            );
+            let diff = plain
+                .iter()
+                .zip(&blocked)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "mask {}: {diff}", mask.is_some());
+        }
+    }
+
     #[test]
     fn fused_attention_gradient_equals_the_composed_one() {
         if isa().is_none() {
             return;
         }
         let dev = Device::Cpu;
-        for (b, t, heads, hd) in [(2, 9, 3, 16), (1, 50, 2, 64)] {
+        // The plain loops (16) and every blocked head width, with partial row blocks.
+        for (b, t, heads, hd) in [
+            (2, 9, 3, 16),
+            (1, 50, 2, 64),
+            (1, 77, 2, 64),
+            (2, 21, 1, 80),
+            (1, 66, 2, 32),
+            (1, 9, 1, 128),
+        ] {
             let qkv = candle_core::Var::from_tensor(
                 &(Tensor::randn(0f32, 1.0, (b, t, 3 * heads * hd), &dev).unwrap() * 0.5).unwrap(),
             )
