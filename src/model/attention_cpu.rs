@@ -10,6 +10,8 @@
 //! For training, the backward pass recomputes the scores, so the autograd graph keeps only the
 //! projections and the output, not the split heads, scores and probabilities.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -93,8 +95,12 @@ impl Attention {
         if grad.is_some_and(|g| g.len() != b * t * h) {
             candle_core::bail!("attention: gradient of shape [{b}, {t}, {h}] expected")
         }
-        let mut out = vec![0f32; b * t * width];
-        out.par_chunks_mut(t * width)
+        // Not zeroed: the blocked kernels write every element once; the plain loops get their
+        // rows zeroed first ([`zeroed`]).
+        let n = b * t * width;
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(t * width)
             .zip(qkv.par_chunks(t * h3))
             .enumerate()
             .for_each(|(i, (out, x))| {
@@ -115,6 +121,8 @@ impl Attention {
                     }
                 }
             });
+        // SAFETY: each sequence's kernel initialised all of its `t · width` elements.
+        unsafe { out.set_len(n) };
         Ok((CpuStorage::F32(out), Shape::from((b, t, width))))
     }
 }
@@ -161,6 +169,13 @@ impl CustomOp1 for Grad<'_> {
     }
 }
 
+/// `out` zeroed, as the initialised slice the plain loops take.
+fn zeroed(out: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    out.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was initialised just above; `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()) }
+}
+
 /// One sequence's `[T, 3H]` rows.
 struct Sequence<'a> {
     x: &'a [f32],
@@ -176,41 +191,41 @@ impl Sequence<'_> {
     /// the gradient of the `[T, 3H]` input into `out`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn avx512(&self, out: &mut [f32], g: Option<&[f32]>) {
+    unsafe fn avx512(&self, out: &mut [MaybeUninit<f32>], g: Option<&[f32]>) {
         match (g, self.hd) {
             // Register-blocked for the head widths of CLIP models (ViT-B and -L: 64, ViT-H: 80).
             (None, 32) => self.heads_blocked::<4, 2>(out),
             (None, 64) => self.heads_blocked::<4, 4>(out),
             (None, 80) => self.heads_blocked::<4, 5>(out),
             (None, 128) => self.heads_blocked::<2, 8>(out),
-            (None, _) => self.heads_into(out),
+            (None, _) => self.heads_into(zeroed(out)),
             (Some(g), 32) => self.grads_blocked::<4, 2>(g, out),
             (Some(g), 64) => self.grads_blocked::<4, 4>(g, out),
             (Some(g), 80) => self.grads_blocked::<4, 5>(g, out),
             (Some(g), 128) => self.grads_blocked::<2, 8>(g, out),
-            (Some(g), _) => self.grads_into(g, out),
+            (Some(g), _) => self.grads_into(g, zeroed(out)),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(&self, out: &mut [f32], g: Option<&[f32]>) {
+    unsafe fn avx2(&self, out: &mut [MaybeUninit<f32>], g: Option<&[f32]>) {
         match g {
-            None => self.heads_into(out),
-            Some(g) => self.grads_into(g, out),
+            None => self.heads_into(zeroed(out)),
+            Some(g) => self.grads_into(g, zeroed(out)),
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn avx512(&self, out: &mut [f32], g: Option<&[f32]>) {
+    unsafe fn avx512(&self, out: &mut [MaybeUninit<f32>], g: Option<&[f32]>) {
         match g {
-            None => self.heads_into(out),
-            Some(g) => self.grads_into(g, out),
+            None => self.heads_into(zeroed(out)),
+            Some(g) => self.grads_into(g, zeroed(out)),
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn avx2(&self, out: &mut [f32], g: Option<&[f32]>) {
+    unsafe fn avx2(&self, out: &mut [MaybeUninit<f32>], g: Option<&[f32]>) {
         self.avx512(out, g)
     }
 
@@ -327,7 +342,7 @@ impl Sequence<'_> {
     /// vector loaded serves `R` rows (the plain loops keep one row's scores in memory and
     /// wait on a store for every FMA step).
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn heads_blocked<const R: usize, const HV: usize>(&self, out: &mut [f32]) {
+    unsafe fn heads_blocked<const R: usize, const HV: usize>(&self, out: &mut [MaybeUninit<f32>]) {
         let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
         debug_assert_eq!(hd, 16 * HV);
         assert!(self.x.len() >= t * h3 && out.len() >= t * h);
@@ -342,7 +357,7 @@ impl Sequence<'_> {
             while i < t {
                 let n = if i + R <= t { R } else { 1 };
                 let rows = &mut p[i * tp..];
-                let o = out.as_mut_ptr().add(i * h + head * hd);
+                let o = out.as_mut_ptr().cast::<f32>().add(i * h + head * hd);
                 // Unnormalised probabilities; each output row is divided by its sum on the
                 // way out.
                 if n == R {
@@ -363,7 +378,11 @@ impl Sequence<'_> {
     /// registers at a time, written once (the plain loops add into `dk` and `dv` in memory
     /// for every query row).
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn grads_blocked<const R: usize, const HV: usize>(&self, g: &[f32], dx: &mut [f32]) {
+    unsafe fn grads_blocked<const R: usize, const HV: usize>(
+        &self,
+        g: &[f32],
+        dx: &mut [MaybeUninit<f32>],
+    ) {
         let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
         debug_assert_eq!(hd, 16 * HV);
         assert!(self.x.len() >= t * h3 && dx.len() >= t * h3 && g.len() >= t * h);
@@ -377,7 +396,11 @@ impl Sequence<'_> {
             let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
             self.transposed_blocks(kc, &mut kt, tp);
             self.transposed_blocks(vc, &mut vt, tp);
-            let (x, dx, go) = (self.x.as_ptr(), dx.as_mut_ptr(), g.as_ptr().add(qc));
+            let (x, dx, go) = (
+                self.x.as_ptr(),
+                dx.as_mut_ptr().cast::<f32>(),
+                g.as_ptr().add(qc),
+            );
             let mut i = 0;
             while i < t {
                 let n = if i + R <= t { R } else { 1 };
@@ -774,6 +797,24 @@ mod tests {
         }
     }
 
+    /// An output buffer for the blocked kernels, "uninitialised" as NaN: an element they leave
+    /// unwritten fails [`written`].
+    #[cfg(target_arch = "x86_64")]
+    fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
+        vec![MaybeUninit::new(f32::NAN); n]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn written(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+        // SAFETY: initialised (as NaN) by `uninit`.
+        let out: Vec<f32> = out
+            .into_iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect();
+        assert!(out.iter().all(|v| !v.is_nan()), "an element left unwritten");
+        out
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn blocked_heads_equal_the_plain_loops() {
@@ -804,10 +845,11 @@ mod tests {
                 heads,
                 mask,
             };
-            let (mut plain, mut blocked) = (vec![0f32; t * h], vec![0f32; t * h]);
+            let (mut plain, mut blocked) = (vec![0f32; t * h], uninit(t * h));
             seq.heads_into(&mut plain);
             // SAFETY: AVX-512 was detected above.
             unsafe { seq.heads_blocked::<4, 4>(&mut blocked) };
+            let blocked = written(blocked);
             let diff = plain
                 .iter()
                 .zip(&blocked)
@@ -847,15 +889,11 @@ mod tests {
                 heads,
                 mask,
             };
-            // The blocked kernel writes every element: start it from garbage.
-            let (mut plain, mut blocked) = (vec![0f32; t * 3 * h], vec![f32::NAN; t * 3 * h]);
+            let (mut plain, mut blocked) = (vec![0f32; t * 3 * h], uninit(t * 3 * h));
             seq.grads_into(&g, &mut plain);
             // SAFETY: AVX-512 was detected above.
             unsafe { seq.grads_blocked::<4, 4>(&g, &mut blocked) };
-            assert!(
-                blocked.iter().all(|v| v.is_finite()),
-                "an element left unwritten"
-            );
+            let blocked = written(blocked);
             let diff = plain
                 .iter()
                 .zip(&blocked)
