@@ -441,6 +441,18 @@ impl Tile<'_> {
         let kn = self.b.len() / NR;
         let (a, b, c) = (self.a.as_ptr(), self.b.as_ptr(), self.c);
         let (m0, m1) = masks(self.cols);
+        // The residual's rows are 32 floats out of each long row of a large array, which the
+        // hardware prefetchers miss: the epilogue waited on those loads (perf). Asked for now,
+        // they arrive during the k loop.
+        if let Epilogue::Add(res) = self.epilogue {
+            for r in 0..self.rows {
+                // (Wrapping: a partial last tile's row may end before the 32nd float; a
+                // prefetch never faults.)
+                let row = res.as_ptr().wrapping_add(r * self.ldc);
+                _mm_prefetch::<_MM_HINT_T0>(row as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(31) as *const i8);
+            }
+        }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         match self.bias {
             Some(bias) => {
