@@ -783,6 +783,10 @@ mod tests {
             (1, 21, 1, 80),
             (1, 66, 2, 32),
             (1, 9, 1, 128),
+            // One token, and whole and just-over 16-key blocks.
+            (1, 1, 2, 64),
+            (2, 16, 1, 64),
+            (1, 17, 1, 32),
         ] {
             let qkv = Tensor::randn(0f32, 1.5, (b, t, 3 * heads * hd), &dev).unwrap();
             let causal = crate::model::clip::causal_mask(t, DType::F32, &dev).unwrap();
@@ -921,6 +925,9 @@ mod tests {
             (2, 21, 1, 80),
             (1, 66, 2, 32),
             (1, 9, 1, 128),
+            (1, 1, 2, 64),
+            (2, 16, 1, 64),
+            (1, 17, 1, 32),
         ] {
             let qkv = candle_core::Var::from_tensor(
                 &(Tensor::randn(0f32, 1.0, (b, t, 3 * heads * hd), &dev).unwrap() * 0.5).unwrap(),
