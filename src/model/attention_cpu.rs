@@ -395,16 +395,10 @@ impl Sequence<'_> {
         let mut vt = vec![0f32; hd * tp];
         let mut p = vec![0f32; t * tp];
         let mut ds = vec![0f32; t * tp];
-        let ones = [1f32; R];
+        let dx = dx.as_mut_ptr().cast::<f32>();
         for head in 0..self.heads {
-            let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
-            self.transposed_blocks(kc, &mut kt, tp);
-            self.transposed_blocks(vc, &mut vt, tp);
-            let (x, dx, go) = (
-                self.x.as_ptr(),
-                dx.as_mut_ptr().cast::<f32>(),
-                g.as_ptr().add(qc),
-            );
+            self.transposed_blocks(h + head * hd, &mut kt, tp);
+            self.transposed_blocks(2 * h + head * hd, &mut vt, tp);
             let mut i = 0;
             while i < t {
                 let n = if i + R <= t { R } else { 1 };
@@ -415,31 +409,44 @@ impl Sequence<'_> {
                 }
                 i += n;
             }
-            // Row blocks of dq (dS rows against the keys), dk (dS columns against the
-            // queries) and dv (P columns against dO).
             let mut i = 0;
             while i < t {
                 let n = if i + R <= t { R } else { 1 };
-                let at = i * h3;
                 if n == R {
-                    let dsr = |r: usize, j: usize| ds[(i + r) * tp + j];
-                    weighted_rows::<R, HV>(t, dsr, x.add(kc), h3, ones, dx.add(at + qc), h3);
-                    let dsc = |r: usize, j: usize| ds[j * tp + i + r];
-                    weighted_rows::<R, HV>(t, dsc, x.add(qc), h3, ones, dx.add(at + kc), h3);
-                    let pc = |r: usize, j: usize| p[j * tp + i + r];
-                    weighted_rows::<R, HV>(t, pc, go, h, ones, dx.add(at + vc), h3);
+                    self.grad_outputs::<R, HV>(head, i, tp, g, &p, &ds, dx);
                 } else {
-                    let one = [1.0];
-                    let dsr = |_, j: usize| ds[i * tp + j];
-                    weighted_rows::<1, HV>(t, dsr, x.add(kc), h3, one, dx.add(at + qc), h3);
-                    let dsc = |_, j: usize| ds[j * tp + i];
-                    weighted_rows::<1, HV>(t, dsc, x.add(qc), h3, one, dx.add(at + kc), h3);
-                    let pc = |_, j: usize| p[j * tp + i];
-                    weighted_rows::<1, HV>(t, pc, go, h, one, dx.add(at + vc), h3);
+                    self.grad_outputs::<1, HV>(head, i, tp, g, &p, &ds, dx);
                 }
                 i += n;
             }
         }
+    }
+
+    /// Rows `[i, i + R)` of `head`'s `dq` (dS rows against the keys), `dk` (dS columns against
+    /// the queries) and `dv` (P columns against dO) into `dx` (`[T, 3H]`), from the whole
+    /// head's `p` and `ds` (`T` rows of `tp`).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn grad_outputs<const R: usize, const HV: usize>(
+        &self,
+        head: usize,
+        i: usize,
+        tp: usize,
+        g: &[f32],
+        p: &[f32],
+        ds: &[f32],
+        dx: *mut f32,
+    ) {
+        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
+        let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
+        let (x, go, out) = (self.x.as_ptr(), g.as_ptr().add(qc), dx.add(i * h3));
+        let ones = [1f32; R];
+        let dsr = |r: usize, j: usize| ds[(i + r) * tp + j];
+        weighted_rows::<R, HV>(t, dsr, x.add(kc), h3, ones, out.add(qc), h3);
+        let dsc = |r: usize, j: usize| ds[j * tp + i + r];
+        weighted_rows::<R, HV>(t, dsc, x.add(qc), h3, ones, out.add(kc), h3);
+        let pc = |r: usize, j: usize| p[j * tp + i + r];
+        weighted_rows::<R, HV>(t, pc, go, h, ones, out.add(vc), h3);
     }
 
     /// Rows `[i, i + R)` of `P` into `p` and of `dS = P ⊙ (dP − rowsum(dP ⊙ P))` into `ds`
@@ -825,53 +832,9 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn blocked_heads_equal_the_plain_loops() {
+    fn blocked_kernels_equal_the_plain_loops() {
         if isa() != Some(Isa::Avx512) {
-            eprintln!("no AVX-512 on this CPU: the blocked kernel is not used");
-            return;
-        }
-        let (t, heads, hd) = (77, 2, 64);
-        let h = heads * hd;
-        let x: Vec<f32> = (0..t * 3 * h)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
-            .collect();
-        let mask: Vec<f32> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        for mask in [None, Some(&mask[..])] {
-            let seq = Sequence {
-                x: &x,
-                t,
-                h,
-                hd,
-                heads,
-                mask,
-            };
-            let (mut plain, mut blocked) = (vec![0f32; t * h], uninit(t * h));
-            seq.heads_into(&mut plain);
-            // SAFETY: AVX-512 was detected above.
-            unsafe { seq.heads_blocked::<4, 4>(&mut blocked) };
-            let blocked = written(blocked);
-            let diff = plain
-                .iter()
-                .zip(&blocked)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-5, "mask {}: {diff}", mask.is_some());
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn blocked_gradients_equal_the_plain_loops() {
-        if isa() != Some(Isa::Avx512) {
-            eprintln!("no AVX-512 on this CPU: the blocked kernel is not used");
+            eprintln!("no AVX-512 on this CPU: the blocked kernels are not used");
             return;
         }
         let (t, heads, hd) = (77, 2, 64);
@@ -888,6 +851,12 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
+        let max_diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
         for mask in [None, Some(&causal[..])] {
             let seq = Sequence {
                 x: &x,
@@ -897,17 +866,19 @@ mod tests {
                 heads,
                 mask,
             };
+            let (mut plain, mut blocked) = (vec![0f32; t * h], uninit(t * h));
+            seq.heads_into(&mut plain);
+            // SAFETY: AVX-512 was detected above.
+            unsafe { seq.heads_blocked::<4, 4>(&mut blocked) };
+            let diff = max_diff(&plain, &written(blocked));
+            assert!(diff < 1e-5, "outputs, mask {}: {diff}", mask.is_some());
+
             let (mut plain, mut blocked) = (vec![0f32; t * 3 * h], uninit(t * 3 * h));
             seq.grads_into(&g, &mut plain);
             // SAFETY: AVX-512 was detected above.
             unsafe { seq.grads_blocked::<4, 4>(&g, &mut blocked) };
-            let blocked = written(blocked);
-            let diff = plain
-                .iter()
-                .zip(&blocked)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-4, "mask {}: {diff}", mask.is_some());
+            let diff = max_diff(&plain, &written(blocked));
+            assert!(diff < 1e-4, "gradients, mask {}: {diff}", mask.is_some());
         }
     }
 
