@@ -430,9 +430,20 @@ impl Attention {
         mask: Option<&Tensor>,
         residual: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_qkv(&self.qkv.linear()?.forward(xs)?, rows, mask, residual)
+    }
+
+    /// [`Self::forward`] from the QKV layer's output `[N, 3H]`.
+    fn forward_qkv(
+        &self,
+        qkv: &Tensor,
+        rows: &Rows,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let (b, t) = rows.grid();
         let (nh, hd) = (self.num_heads, self.head_dim);
-        let y = rows.grid_of(&self.qkv.linear()?.forward(xs)?)?;
+        let y = rows.grid_of(qkv)?;
         let out = match super::attention_cpu::attention(&y, nh, mask) {
             Some(out) => out?,
             None => {
@@ -555,10 +566,30 @@ impl EncoderLayer {
 
     /// `xs` `[N, H]` (placed by `rows`) through the layer.
     fn forward(&self, xs: &Tensor, rows: &Rows, mask: Option<&Tensor>) -> Result<Tensor> {
-        let xs = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, rows, mask, xs)?;
+        let xs = match self.qkv_bf16(xs) {
+            Some(qkv) => self.self_attn.forward_qkv(&qkv?, rows, mask, xs)?,
+            None => self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, rows, mask, xs)?,
+        };
         self.mlp_block(&xs)
+    }
+
+    /// The fused QKV layer's output for `LN1(xs)` as one op, when the layer is packed and nothing
+    /// is tracked ([`super::kernels::ln_dense_bf16`]).
+    fn qkv_bf16(&self, xs: &Tensor) -> Option<Result<Tensor>> {
+        let ln = &self.layer_norm1;
+        let Qkv::Fused(qkv) = &self.self_attn.qkv else {
+            return None;
+        };
+        if ln.weight.track_op() || ln.bias.track_op() {
+            return None;
+        }
+        let packed = qkv.packed_for(xs, None)?;
+        Some(qkv.apply(xs, |x| {
+            super::kernels::ln_dense_bf16(x, (&ln.weight, &ln.bias, ln.eps), packed)
+                .unwrap_or_else(|| candle_core::bail!("ln-dense-bf16: f32 CPU tensors expected"))
+        }))
     }
 
     fn pack_bf16(&mut self) -> Result<()> {
@@ -569,6 +600,9 @@ impl EncoderLayer {
 
     /// `x + MLP(LN2(x))`, the second half of the layer.
     fn mlp_block(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.mlp_block_bf16(xs) {
+            return y;
+        }
         let x = self.layer_norm2.forward(xs)?;
         if self.silu_folded {
             return self
@@ -580,6 +614,29 @@ impl EncoderLayer {
         }
         let h = self.fc1.forward_act(&x, self.act)?;
         self.fc2.forward_residual(&h, xs)
+    }
+
+    /// [`Self::mlp_block`] as one op when both layers are packed and nothing is tracked
+    /// ([`super::kernels::mlp_bf16`]).
+    fn mlp_block_bf16(&self, xs: &Tensor) -> Option<Result<Tensor>> {
+        let ln = &self.layer_norm2;
+        // (A folded layer's activation is SiLU on rescaled weights.)
+        if self.act != Activation::QuickGelu
+            || self.silu_folded
+            || ln.weight.track_op()
+            || ln.bias.track_op()
+        {
+            return None;
+        }
+        let (fc1, fc2) = (
+            self.fc1.packed_for(xs, None)?,
+            self.fc2.packed_for(xs, None)?,
+        );
+        let ln = (&ln.weight, &ln.bias, ln.eps);
+        Some(self.fc2.apply(xs, |x| {
+            super::kernels::mlp_bf16(x, ln, fc1, fc2)
+                .unwrap_or_else(|| candle_core::bail!("mlp-bf16: f32 CPU tensors expected"))
+        }))
     }
 
     /// The layer's output at row `pos[i]` of each sequence only, `[B, H]`: the same values as

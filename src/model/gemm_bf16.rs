@@ -95,8 +95,9 @@ fn tiles_match_portable<T: TileUnit>() -> bool {
     let w: Vec<f32> = (0..n * k).map(|i| value(i + 5)).collect();
     let b: Vec<f32> = (0..n).map(|i| value(i + 3)).collect();
     let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
-    dense_tiles::<T>(&x, m, &packed, Epilogue::None)
-        == dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable)
+    let x = Pairs::new(&x, m, k);
+    run_on::<T>(&x, &packed, Epilogue::None, Kernel::Amx, Dest::F32).0
+        == dense_with(&x, &packed, Epilogue::None, Kernel::Portable)
 }
 
 /// Two values as bf16 in one u32, as `vdpbf16ps` reads them: the even k in the low half.
@@ -206,7 +207,15 @@ pub enum Epilogue<'a> {
     Add(&'a [f32]),
 }
 
-impl Epilogue<'_> {
+impl<'a> Epilogue<'a> {
+    /// The epilogue of the output tile at offset `at` of the output: a residual starts there.
+    fn from(self, at: usize) -> Epilogue<'a> {
+        match self {
+            Epilogue::Add(r) => Epilogue::Add(&r[at..]),
+            e => e,
+        }
+    }
+
     /// The epilogue of one output `y` at offset `at` from the tile start (residual row stride
     /// included), in plain Rust.
     fn scalar(self, y: f32, at: usize) -> f32 {
@@ -218,56 +227,176 @@ impl Epilogue<'_> {
     }
 }
 
-/// A raw output pointer shared by threads that write disjoint columns.
+/// A layer's output, shared by threads that write disjoint columns: f32 rows (`n` apart), or
+/// [`Pairs`] rows (the given number of pairs apart).
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+enum Out {
+    F32(*mut f32),
+    Pairs(*mut u32, usize),
+}
 // SAFETY: each thread writes only its own panels' columns of the output.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-impl Out {
-    /// The output at element `i` (a method, so closures capture the `Sync` wrapper).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
+/// Activations rounded to bf16 as the kernels read them: `m` rows of `pairs` (k, k+1) pairs
+/// (the odd last k paired with zero), then zero rows up to a multiple of [`ROW_ALIGN`]. A layer
+/// whose output only feeds another writes it in this form ([`dense_to_pairs`]), which saves
+/// the next layer a pass over twice as many bytes of f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pairs {
+    data: Vec<u32>,
+    m: usize,
+    pairs: usize,
+}
+
+/// Rows of [`Pairs`] come in multiples of this: whole row tiles of both kernels.
+const ROW_ALIGN: usize = 96;
+const _: () = assert!(ROW_ALIGN.is_multiple_of(MR) && ROW_ALIGN.is_multiple_of(amx::ROWS));
+
+impl Pairs {
+    /// A row-major `[m, k]` f32 `x`, rounded to bf16 (to nearest, ties to even).
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(x.len(), m * k, "input of shape [{m}, {k}]");
+        let simd = native();
+        Self::filled(
+            m,
+            k,
+            || (),
+            |_, i, dst| to_pairs(&x[i * k..][..k], dst, simd),
+        )
+    }
+
+    /// `m` rows of `k` values, each written into a scratch row by `row(i, scratch)` and rounded
+    /// from there: a row-wise op (layer norm) feeding a layer writes no f32 copy of its output.
+    pub fn from_rows(m: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Self {
+        let simd = native();
+        Self::filled(
+            m,
+            k,
+            || vec![0f32; k],
+            |scratch, i, dst| {
+                row(i, scratch);
+                to_pairs(scratch, dst, simd);
+            },
+        )
+    }
+
+    /// `m` rows of `k` values, row `i`'s pairs written by `write(state, i, dst)` in parallel,
+    /// each thread with a `state` from `init`; the padding rows zero.
+    fn filled<S>(
+        m: usize,
+        k: usize,
+        init: impl Fn() -> S + Sync + Send,
+        write: impl Fn(&mut S, usize, &mut [MaybeUninit<u32>]) + Sync + Send,
+    ) -> Self {
+        let mut out = Self::uninit(m, k.div_ceil(2));
+        let pairs = out.pairs;
+        if pairs > 0 {
+            out.data.spare_capacity_mut()[..m * pairs]
+                .par_chunks_mut(pairs)
+                .enumerate()
+                .for_each_init(init, |state, (i, dst)| write(state, i, dst));
+        }
+        // SAFETY: rows up to `m` were written just above, the padding rows by `uninit`.
+        unsafe { out.assume_written() };
+        out
+    }
+
+    /// Room for `m` rows of `pairs` pairs plus padding; the padding rows already zero, the rows
+    /// themselves to be written before [`Pairs::assume_written`].
+    fn uninit(m: usize, pairs: usize) -> Self {
+        let mut data: Vec<u32> = Vec::with_capacity(Self::len(m, pairs));
+        data.spare_capacity_mut()[m * pairs..Self::len(m, pairs)].fill(MaybeUninit::new(0));
+        Self { data, m, pairs }
+    }
+
+    fn len(m: usize, pairs: usize) -> usize {
+        m.div_ceil(ROW_ALIGN) * ROW_ALIGN * pairs
+    }
+
+    /// # Safety
+    /// All `m` rows have been written since [`Pairs::uninit`].
+    unsafe fn assume_written(&mut self) {
+        self.data.set_len(Self::len(self.m, self.pairs));
     }
 }
 
 /// `epilogue(x·Wᵀ + b)` for a row-major `[m, k]` f32 `x`: `[m, n]` row-major f32.
 pub fn dense(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
-    dense_with(x, m, w, epilogue, kernel())
+    dense_pairs(&Pairs::new(x, m, w.w.k), w, epilogue)
 }
 
-fn dense_with(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, kernel: Kernel) -> Vec<f32> {
-    let (k, n) = (w.w.k, w.n);
-    assert_eq!(x.len(), m * k, "input of shape [{m}, {k}]");
+/// [`dense`] for an input already in bf16 pairs.
+pub fn dense_pairs(x: &Pairs, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
+    dense_with(x, w, epilogue, kernel())
+}
+
+/// `epilogue(x·Wᵀ + b)` rounded to bf16 pairs, for a layer whose output is only the next
+/// layer's input (the MLP's first layer): the values that layer would round it to.
+///
+/// # Panics
+/// With [`Epilogue::Add`]: a residual belongs to the f32 stream.
+pub fn dense_to_pairs(x: &Pairs, w: &PackedView, epilogue: Epilogue) -> Pairs {
+    run_on::<amx::Amx>(x, w, epilogue, kernel(), Dest::Pairs).1
+}
+
+fn dense_with(x: &Pairs, w: &PackedView, epilogue: Epilogue, kernel: Kernel) -> Vec<f32> {
+    run_on::<amx::Amx>(x, w, epilogue, kernel, Dest::F32).0
+}
+
+/// What a layer's outputs are written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    F32,
+    Pairs,
+}
+
+/// The layer into `dest`: f32 rows, or [`Pairs`] (the other of the two comes back empty);
+/// `T` is the tile unit of [`Kernel::Amx`] (AMX itself, or a software model in tests).
+fn run_on<T: TileUnit>(
+    x: &Pairs,
+    w: &PackedView,
+    epilogue: Epilogue,
+    kernel: Kernel,
+    dest: Dest,
+) -> (Vec<f32>, Pairs) {
+    let (m, n) = (x.m, w.n);
+    assert_eq!(
+        x.pairs, w.w.pairs,
+        "input of {} pairs for a layer of {} inputs",
+        x.pairs, w.w.k
+    );
     if let Epilogue::Add(r) = epilogue {
+        assert_eq!(dest, Dest::F32, "a residual is added to f32 outputs only");
         assert_eq!(r.len(), m * n, "residual of shape [{m}, {n}]");
     }
-    if m == 0 || n == 0 {
-        return Vec::new();
-    }
-    match kernel {
-        Kernel::Amx if w.w.pairs.is_multiple_of(amx::STEP) => {
-            dense_tiles::<amx::Amx>(x, m, w, epilogue)
+    let (mut y, mut paired) = match dest {
+        Dest::F32 => (Vec::with_capacity(m * n), Pairs::uninit(0, 0)),
+        Dest::Pairs => (Vec::new(), Pairs::uninit(m, n.div_ceil(2))),
+    };
+    let out = match dest {
+        Dest::F32 => Out::F32(y.as_mut_ptr()),
+        Dest::Pairs => Out::Pairs(paired.data.as_mut_ptr(), paired.pairs),
+    };
+    if m > 0 && n > 0 {
+        match kernel {
+            Kernel::Amx if w.w.pairs.is_multiple_of(amx::STEP) => {
+                dense_tiles::<T>(x, w, epilogue, out)
+            }
+            Kernel::Portable => dense_micro(x, w, epilogue, out, false),
+            // (`native()`, not `true`: tests run the tile unit's model on any CPU.)
+            _ => dense_micro(x, w, epilogue, out, native()),
         }
-        Kernel::Portable => dense_micro(x, m, w, epilogue, false),
-        _ => dense_micro(x, m, w, epilogue, true),
     }
-}
-
-/// `x` `[m, k]` as rows of bf16 pairs, padded with zero rows to a multiple of `rows`.
-fn pack_input(x: &[f32], m: usize, k: usize, pairs: usize, rows: usize, simd: bool) -> Vec<u32> {
-    let padded = m.div_ceil(rows) * rows;
-    let mut a: Vec<u32> = Vec::with_capacity(padded * pairs);
-    let spare = &mut a.spare_capacity_mut()[..padded * pairs];
-    let (data, pad) = spare.split_at_mut(m * pairs);
-    data.par_chunks_mut(pairs)
-        .zip(x.par_chunks(k))
-        .for_each(|(dst, src)| to_pairs(src, dst, simd));
-    pad.fill(MaybeUninit::new(0));
-    // SAFETY: every element up to this length was written just above.
-    unsafe { a.set_len(padded * pairs) };
-    a
+    // SAFETY: the kernels wrote all `n` columns (or all pairs) of every row into the chosen
+    // destination.
+    unsafe {
+        match dest {
+            Dest::F32 => y.set_len(m * n),
+            Dest::Pairs => paired.assume_written(),
+        }
+    }
+    (y, paired)
 }
 
 /// Row blocks per pass over a thread's panels (see [`dense_tiles`]).
@@ -275,19 +404,18 @@ const BLOCKS_PER_PASS: usize = 4;
 
 /// The dense layer on a tile unit: each thread a run of panels; for each panel and block of
 /// [`amx::ROWS`] rows, the whole k in tiles, then bias and epilogue on the way out.
-fn dense_tiles<T: TileUnit>(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
-    let (k, pairs, n) = (w.w.k, w.w.pairs, w.n);
+fn dense_tiles<T: TileUnit>(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: Out) {
+    let (m, pairs, n) = (a.m, w.w.pairs, w.n);
     debug_assert!(pairs.is_multiple_of(amx::STEP));
     // AMX CPUs have AVX512-BF16; the emulated unit in tests may run anywhere.
     let simd = native();
-    let a = pack_input(x, m, k, pairs, amx::ROWS, simd);
     let blocks = m.div_ceil(amx::ROWS);
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let out = Out(y.as_mut_ptr());
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().clamp(1, panels);
     (0..threads).into_par_iter().for_each(|t| {
         let mut block = [0f32; amx::ROWS * NR];
+        // A paired output's block, with bias, before its epilogue and rounding.
+        let mut sums = [0f32; amx::ROWS * NR];
         // SAFETY: `kernel` chose the hardware unit only where `amx::available`.
         let _tiles = unsafe { amx::Configured::<T>::new() };
         // A few row blocks at a time against all of the thread's panels: their input rows
@@ -300,58 +428,74 @@ fn dense_tiles<T: TileUnit>(x: &[f32], m: usize, w: &PackedView, epilogue: Epilo
                 let bias = &w.w.bias[panel * NR..][..NR];
                 let cols = NR.min(n - j * NR);
                 for i in first..blocks.min(first + BLOCKS_PER_PASS) {
-                    // SAFETY: `a` has `blocks · ROWS` rows of `pairs` pairs, `b` a panel's `pairs`
-                    // rows, `block` ROWS × NR floats; the tiles are configured on this thread.
+                    // SAFETY: `a` has whole blocks of `ROWS` rows of `pairs` pairs (`Pairs`
+                    // pads them), `b` a panel's `pairs` rows, `block` ROWS × NR floats; the
+                    // tiles are configured on this thread.
                     unsafe {
                         T::block(
-                            a[i * amx::ROWS * pairs..].as_ptr(),
+                            a.data[i * amx::ROWS * pairs..].as_ptr(),
                             pairs,
                             b.as_ptr(),
                             pairs / amx::STEP,
                             block.as_mut_ptr(),
                         )
                     };
-                    let at = i * amx::ROWS * n + j * NR;
-                    let tile = Tile {
+                    let row = i * amx::ROWS;
+                    let mut tile = Tile {
                         a: &[],
                         lda: 0,
                         b: &[],
-                        c: out.at(at),
-                        ldc: n,
-                        rows: amx::ROWS.min(m - i * amx::ROWS),
+                        c: sums.as_mut_ptr(),
+                        ldc: NR,
+                        rows: amx::ROWS.min(m - row),
                         cols,
                         bias: Some(bias),
-                        epilogue: match epilogue {
-                            Epilogue::Add(r) => Epilogue::Add(&r[at..]),
-                            e => e,
-                        },
+                        epilogue: Epilogue::None,
                     };
-                    // SAFETY: row i·ROWS + r < m and column j·NR + c < n for the tile's rows
-                    // and columns: this thread's panel of the output.
-                    unsafe { tile.store_sums(&block, simd) };
+                    match out {
+                        Out::F32(y) => {
+                            let at = row * n + j * NR;
+                            tile.c = y.wrapping_add(at);
+                            tile.ldc = n;
+                            tile.epilogue = epilogue.from(at);
+                            // SAFETY: row i·ROWS + r < m and column j·NR + c < n for the
+                            // tile's rows and columns: this thread's panel of the output.
+                            unsafe { tile.store_sums(&block, simd) };
+                        }
+                        Out::Pairs(p, stride) => {
+                            // SAFETY: `sums` holds the tile; the paired output has `stride`
+                            // pairs per row, of which this panel's NR / 2 are this thread's.
+                            unsafe {
+                                tile.store_sums(&block, simd);
+                                tile.epilogue = epilogue;
+                                tile.store_pairs(
+                                    p.wrapping_add(row * stride + j * NR / 2),
+                                    stride,
+                                    simd,
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
     });
-    // SAFETY: the panels cover all n columns, the blocks all m rows, each row of each block
-    // stored its panel's columns.
-    unsafe { y.set_len(m * n) };
-    y
 }
 
 /// The dense layer on register micro-tiles (`vdpbf16ps` with `simd`, else the portable kernel).
-fn dense_micro(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, simd: bool) -> Vec<f32> {
-    let (k, pairs, n) = (w.w.k, w.w.pairs, w.n);
-    // x in bf16 pairs, rows padded to whole tiles with zeros.
+fn dense_micro(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: Out, simd: bool) {
+    let (m, pairs, n) = (a.m, w.w.pairs, w.n);
     let tiles = m.div_ceil(MR);
-    let a = pack_input(x, m, k, pairs, MR, simd);
-
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let out = Out(y.as_mut_ptr());
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().clamp(1, panels);
     // Each thread a run of panels (columns), reading all of `a`.
     (0..threads).into_par_iter().for_each(|t| {
+        // A paired output's panel is summed here over the k blocks (rows NR apart, in L2),
+        // then rounded tile by tile after its last block.
+        let mut scratch: Vec<f32> = match out {
+            Out::F32(_) => Vec::new(),
+            Out::Pairs(..) => Vec::with_capacity(tiles * MR * NR),
+        };
         for j in panels * t / threads..panels * (t + 1) / threads {
             let panel = w.first_panel + j;
             let b = &w.w.data[panel * pairs * NR..][..pairs * NR];
@@ -359,35 +503,56 @@ fn dense_micro(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, simd: bo
             let cols = NR.min(n - j * NR);
             for kc in (0..pairs).step_by(KC) {
                 let kn = KC.min(pairs - kc);
+                let last = kc + kn == pairs;
                 for i in 0..tiles {
-                    let at = i * MR * n + j * NR;
-                    let tile = Tile {
-                        a: &a[i * MR * pairs + kc..],
+                    let row = i * MR;
+                    let (c, ldc, tile_epilogue) = match out {
+                        Out::F32(y) => {
+                            let at = row * n + j * NR;
+                            let e = if last {
+                                epilogue.from(at)
+                            } else {
+                                Epilogue::None
+                            };
+                            (y.wrapping_add(at), n, e)
+                        }
+                        Out::Pairs(..) => (
+                            scratch.as_mut_ptr().wrapping_add(row * NR),
+                            NR,
+                            Epilogue::None,
+                        ),
+                    };
+                    let mut tile = Tile {
+                        a: &a.data[row * pairs + kc..],
                         lda: pairs,
                         b: &b[kc * NR..][..kn * NR],
-                        // Row i·MR, column j·NR of the m×n output.
-                        c: out.at(at),
-                        ldc: n,
-                        rows: MR.min(m - i * MR),
+                        c,
+                        ldc,
+                        rows: MR.min(m - row),
                         cols,
                         bias: (kc == 0).then_some(bias),
-                        epilogue: match epilogue {
-                            _ if kc + kn < pairs => Epilogue::None,
-                            Epilogue::Add(r) => Epilogue::Add(&r[at..]),
-                            e => e,
-                        },
+                        epilogue: tile_epilogue,
                     };
-                    // SAFETY: the tile's rows and columns lie inside the output, which no other
-                    // thread writes there; `a` holds MR rows of `lda` pairs from the tile's start.
+                    // SAFETY: the tile's rows and columns lie inside the output (or this
+                    // thread's scratch panel), which no other thread writes there; `a` holds
+                    // MR rows of `lda` pairs from the tile's start (`Pairs` pads whole tiles).
                     unsafe { tile.run(simd) }
+                    if let (true, Out::Pairs(p, stride)) = (last, out) {
+                        tile.epilogue = epilogue;
+                        // SAFETY: the tile was just stored; the paired output has `stride`
+                        // pairs per row, of which this panel's NR / 2 are this thread's.
+                        unsafe {
+                            tile.store_pairs(
+                                p.wrapping_add(row * stride + j * NR / 2),
+                                stride,
+                                simd,
+                            )
+                        };
+                    }
                 }
             }
         }
     });
-    // SAFETY: the panels cover all n columns, the tiles all m rows, and each tile stored all of
-    // its rows' columns.
-    unsafe { y.set_len(m * n) };
-    y
 }
 
 /// One `rows × cols` block of the output over one block of k pairs: initialised with the bias
@@ -516,6 +681,47 @@ impl Tile<'_> {
                 let y = sums[r * NR + col] + bias[col];
                 *c.add(col) = self.epilogue.scalar(y, r * self.ldc + col);
             }
+        }
+    }
+
+    /// Rounds the tile (at `c`, rows `ldc` apart) through the epilogue to bf16 pairs at `dst`,
+    /// rows `stride` pairs apart: ⌈cols / 2⌉ pairs per row, an odd last column paired with zero.
+    unsafe fn store_pairs(&self, dst: *mut u32, stride: usize, simd: bool) {
+        debug_assert!(!matches!(self.epilogue, Epilogue::Add(_)));
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            return self.store_pairs_avx512(dst, stride);
+        }
+        let _ = simd;
+        for r in 0..self.rows {
+            let c = self.c.add(r * self.ldc);
+            let y = |col: usize| {
+                if col < self.cols {
+                    self.epilogue.scalar(*c.add(col), 0)
+                } else {
+                    0.0
+                }
+            };
+            for q in 0..self.cols.div_ceil(2) {
+                *dst.add(r * stride + q) = pair(y(2 * q), y(2 * q + 1));
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn store_pairs_avx512(&self, dst: *mut u32, stride: usize) {
+        use std::arch::x86_64::*;
+        let (m0, m1) = masks(self.cols);
+        let in_use = masks(self.cols.div_ceil(2)).0;
+        for r in 0..self.rows {
+            let c = self.c.add(r * self.ldc);
+            // Unused columns load as zero, which every epilogue here keeps zero.
+            let lo = self.epilogue16(_mm512_maskz_loadu_ps(m0, c), 0, m0);
+            let hi = self.epilogue16(_mm512_maskz_loadu_ps(m1, c.add(16)), 0, m1);
+            // The low 16 bf16 come from the second operand: pair q is columns 2q and 2q + 1.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_mask_storeu_epi32(dst.add(r * stride) as *mut i32, in_use, v);
         }
     }
 
@@ -655,6 +861,17 @@ mod tests {
         (x, w, b, packed)
     }
 
+    /// The layer on `kernel`, from f32 inputs.
+    fn with(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue, kernel: Kernel) -> Vec<f32> {
+        dense_with(&Pairs::new(x, m, w.in_dim()), w, epilogue, kernel)
+    }
+
+    /// The layer on the software model of the tile unit.
+    fn emulated(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
+        let x = Pairs::new(x, m, w.in_dim());
+        run_on::<amx::Emulated>(&x, w, epilogue, Kernel::Amx, Dest::F32).0
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter()
             .zip(b)
@@ -675,7 +892,7 @@ mod tests {
     fn portable_kernel_is_the_bf16_product() {
         for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
             let (x, w, b, packed) = layer(s, m, n, k);
-            let y = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
+            let y = with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&y, &reference(&x, m, &w, n, k, &b));
             assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
         }
@@ -689,8 +906,8 @@ mod tests {
         }
         for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
             let (x, _, _, packed) = layer(s, m, n, k);
-            let fast = dense_with(&x, m, &packed, Epilogue::None, Kernel::Avx512Bf16);
-            let slow = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
+            let fast = with(&x, m, &packed, Epilogue::None, Kernel::Avx512Bf16);
+            let slow = with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&fast, &slow);
             assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
         }
@@ -712,8 +929,8 @@ mod tests {
     fn tile_loops_give_the_portable_products() {
         for (s, &(m, n, k)) in TILE_SHAPES.iter().enumerate() {
             let (x, w, b, packed) = layer(s, m, n, k);
-            let tiles = dense_tiles::<amx::Emulated>(&x, m, &packed, Epilogue::None);
-            let portable = dense_with(&x, m, &packed, Epilogue::None, Kernel::Portable);
+            let tiles = emulated(&x, m, &packed, Epilogue::None);
+            let portable = with(&x, m, &packed, Epilogue::None, Kernel::Portable);
             let diff = max_diff(&tiles, &portable);
             assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
             // And the same against the f64 product, so a common layout slip cannot hide.
@@ -741,8 +958,8 @@ mod tests {
         let full = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
         let part = full.narrow(32, 64).unwrap();
         for epilogue in [Epilogue::None, Epilogue::QuickGelu, Epilogue::Add(&res)] {
-            let tiles = dense_tiles::<amx::Emulated>(&x, m, &part, epilogue);
-            let portable = dense_with(&x, m, &part, epilogue, Kernel::Portable);
+            let tiles = emulated(&x, m, &part, epilogue);
+            let portable = with(&x, m, &part, epilogue, Kernel::Portable);
             let diff = max_diff(&tiles, &portable);
             assert!(diff < 1e-5, "{epilogue:?}: {diff}");
         }
@@ -759,8 +976,8 @@ mod tests {
             let (x, _, _, packed) = layer(s, m, n, k);
             let res = random(m * n, 3);
             for epilogue in [Epilogue::None, Epilogue::QuickGelu, Epilogue::Add(&res)] {
-                let fast = dense_with(&x, m, &packed, epilogue, Kernel::Amx);
-                let slow = dense_with(&x, m, &packed, epilogue, Kernel::Portable);
+                let fast = with(&x, m, &packed, epilogue, Kernel::Amx);
+                let slow = with(&x, m, &packed, epilogue, Kernel::Portable);
                 let diff = max_diff(&fast, &slow);
                 assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
             }
@@ -820,9 +1037,9 @@ mod tests {
             &[Kernel::Portable]
         };
         for &kernel in kernels {
-            let plain = dense_with(&x, m, &packed, Epilogue::None, kernel);
-            let gelu = dense_with(&x, m, &packed, Epilogue::QuickGelu, kernel);
-            let added = dense_with(&x, m, &packed, Epilogue::Add(&res), kernel);
+            let plain = with(&x, m, &packed, Epilogue::None, kernel);
+            let gelu = with(&x, m, &packed, Epilogue::QuickGelu, kernel);
+            let added = with(&x, m, &packed, Epilogue::Add(&res), kernel);
             for i in 0..m * n {
                 let y = plain[i];
                 let want = y / (1.0 + (-1.702 * y).exp());
@@ -833,6 +1050,67 @@ mod tests {
                 );
                 assert!((added[i] - (y + res[i])).abs() <= 1e-6, "{kernel:?} {i}");
             }
+        }
+    }
+
+    /// Every kernel this machine can run, with the tile unit's software model.
+    fn kernels_here() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable, Kernel::Amx];
+        if native() {
+            kernels.push(Kernel::Avx512Bf16);
+        }
+        kernels
+    }
+
+    fn on(x: &Pairs, w: &PackedView, e: Epilogue, kernel: Kernel, dest: Dest) -> (Vec<f32>, Pairs) {
+        run_on::<amx::Emulated>(x, w, e, kernel, dest)
+    }
+
+    #[test]
+    fn paired_outputs_are_the_f32_outputs_rounded() {
+        // An odd width (a pair half empty), partial tiles and panels, tile-unit k (multiple of
+        // 32) and not.
+        for (s, &(m, n, k)) in [(13, 33, 64), (45, 70, 96), (1, 1, 32), (30, 96, 100)]
+            .iter()
+            .enumerate()
+        {
+            let (x, _, _, packed) = layer(s, m, n, k);
+            let x = Pairs::new(&x, m, k);
+            for kernel in kernels_here() {
+                for e in [Epilogue::None, Epilogue::QuickGelu] {
+                    let y = on(&x, &packed, e, kernel, Dest::F32).0;
+                    let paired = on(&x, &packed, e, kernel, Dest::Pairs).1;
+                    let want = Pairs::new(&y, m, n);
+                    assert_eq!(paired, want, "{kernel:?} {e:?} {m}×{n}×{k}");
+                    let padding = &paired.data[m * paired.pairs..];
+                    assert!(padding.iter().all(|&p| p == 0), "padding rows are zero");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chained_layers_in_pairs_equal_the_f32_chain() {
+        // The MLP: QuickGELU(x·W1ᵀ + b1) in pairs straight into the second layer, residual added.
+        let (m, h, k) = (40, 64, 96);
+        let (x, w1, b1) = (random(m * k, 1), random(h * k, 2), random(h, 3));
+        let (w2, b2, res) = (random(k * h, 4), random(k, 5), random(m * k, 6));
+        let fc1 = PackedView::new(PackedWeight::new(&w1, h, k, Some(&b1)));
+        let fc2 = PackedView::new(PackedWeight::new(&w2, k, h, Some(&b2)));
+        for kernel in kernels_here() {
+            let x = Pairs::new(&x, m, k);
+            let hidden = on(&x, &fc1, Epilogue::QuickGelu, kernel, Dest::Pairs).1;
+            let fused = on(&hidden, &fc2, Epilogue::Add(&res), kernel, Dest::F32).0;
+            let f32_hidden = on(&x, &fc1, Epilogue::QuickGelu, kernel, Dest::F32).0;
+            let plain = on(
+                &Pairs::new(&f32_hidden, m, h),
+                &fc2,
+                Epilogue::Add(&res),
+                kernel,
+                Dest::F32,
+            )
+            .0;
+            assert_eq!(fused, plain, "{kernel:?}");
         }
     }
 }

@@ -15,7 +15,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::gemm_bf16::{Epilogue, PackedView};
+use super::gemm_bf16::{self, Epilogue, PackedView, Pairs};
 
 /// The contiguous f32 elements of a CPU operand, or `None` for anything else.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
@@ -284,7 +284,7 @@ impl DenseBf16<'_> {
                 self.w.in_dim()
             )
         }
-        let y = super::gemm_bf16::dense(x, m, self.w, epilogue);
+        let y = gemm_bf16::dense(x, m, self.w, epilogue);
         Ok((CpuStorage::F32(y), Shape::from((m, self.w.out_dim()))))
     }
 }
@@ -341,6 +341,115 @@ pub fn dense_bf16(x: &Tensor, w: &PackedView, gelu: bool) -> Result<Tensor> {
 pub fn dense_bf16_add(x: &Tensor, w: &PackedView, residual: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&residual.contiguous()?, &DenseBf16 { w, gelu: false })
+}
+
+/// A layer norm and what follows it, with bf16 products (inference only). The layer norm's
+/// rows go straight into the bf16 pairs the next layer reads, and in the MLP the hidden
+/// activations (4× the width of the residual stream) from the first layer to the second the
+/// same way: no f32 copy of either is written, read back and converted.
+struct NormedBf16<'a> {
+    eps: f32,
+    then: AfterNorm<'a>,
+}
+
+/// The layers after the layer norm in [`NormedBf16`].
+#[derive(Clone, Copy)]
+enum AfterNorm<'a> {
+    /// `LN(x)·Wᵀ + b`: the attention's fused QKV projection.
+    Dense(&'a PackedView),
+    /// `x + fc2(QuickGELU(fc1·LN(x)))`: the MLP half of an encoder layer.
+    Mlp(&'a PackedView, &'a PackedView),
+}
+
+impl CustomOp3 for NormedBf16<'_> {
+    fn name(&self) -> &'static str {
+        "normed-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, h) = l1.shape().dims2()?;
+        let (Some(x), Some(w), Some(b)) = (f32_slice(s1, l1), f32_slice(s2, l2), f32_slice(s3, l3))
+        else {
+            candle_core::bail!("normed-bf16: contiguous f32 operands expected")
+        };
+        let (first, last) = match self.then {
+            AfterNorm::Dense(layer) => (layer, layer),
+            AfterNorm::Mlp(fc1, fc2) => (fc1, fc2),
+        };
+        let mlp_fits = match self.then {
+            AfterNorm::Dense(_) => true,
+            AfterNorm::Mlp(fc1, fc2) => fc1.out_dim() == fc2.in_dim() && fc2.out_dim() == h,
+        };
+        if w.len() != h || b.len() != h || first.in_dim() != h || !mlp_fits {
+            candle_core::bail!(
+                "normed-bf16: input {:?}, layer norm {:?} {:?}, layers {}→{}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims(),
+                first.in_dim(),
+                last.out_dim()
+            )
+        }
+        let normed = Pairs::from_rows(m, h, |i, row| {
+            layer_norm_row(&x[i * h..][..h], w, b, self.eps, row)
+        });
+        let y = match self.then {
+            AfterNorm::Dense(layer) => gemm_bf16::dense_pairs(&normed, layer, Epilogue::None),
+            AfterNorm::Mlp(fc1, fc2) => {
+                let hidden = gemm_bf16::dense_to_pairs(&normed, fc1, Epilogue::QuickGelu);
+                gemm_bf16::dense_pairs(&hidden, fc2, Epilogue::Add(x))
+            }
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, last.out_dim()))))
+    }
+}
+
+/// `x` `[M, H]` through a layer norm (`w`, `b`, `eps`) and `then`; no gradient. `None` unless
+/// the tensors are f32 on the CPU.
+fn normed_bf16(
+    x: &Tensor,
+    (w, b, eps): (&Tensor, &Tensor, f64),
+    then: AfterNorm,
+) -> Option<Result<Tensor>> {
+    cpu_f32(&[x, w, b]).then(|| {
+        x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            &NormedBf16 {
+                eps: eps as f32,
+                then,
+            },
+        )
+    })
+}
+
+/// `LN(x)·Wᵀ + b` for a 2-D `x` `[M, H]`, the layer norm's `w`, `b` and `eps`, and a packed bf16
+/// layer ([`NormedBf16`]).
+pub fn ln_dense_bf16(
+    x: &Tensor,
+    ln: (&Tensor, &Tensor, f64),
+    layer: &PackedView,
+) -> Option<Result<Tensor>> {
+    normed_bf16(x, ln, AfterNorm::Dense(layer))
+}
+
+/// `x + fc2(QuickGELU(fc1·LN(x)))` for a 2-D `x` `[M, H]`, the layer norm's `w`, `b` and `eps`,
+/// and packed bf16 layers ([`NormedBf16`]).
+pub fn mlp_bf16(
+    x: &Tensor,
+    ln: (&Tensor, &Tensor, f64),
+    fc1: &PackedView,
+    fc2: &PackedView,
+) -> Option<Result<Tensor>> {
+    normed_bf16(x, ln, AfterNorm::Mlp(fc1, fc2))
 }
 
 /// QuickGELU `x·σ(1.702·x)`.
@@ -452,10 +561,7 @@ impl CustomOp3 for LayerNormOp {
             )
         }
         Ok(map_blocks(x, l1, h, |o, x| {
-            let (mean, rstd) = row_stats(x, self.eps);
-            for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                *o = (x - mean) * rstd * w + b;
-            }
+            layer_norm_row(x, w, b, self.eps, o)
         }))
     }
 
@@ -498,6 +604,14 @@ impl CustomOp3 for LayerNormOp {
         let dw = (&g2 * &xhat)?.sum(0)?;
         let db = g2.sum(0)?;
         Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
+    }
+}
+
+/// One row of layer norm, `(x − μ)/√(σ² + ε)·w + b`, into `out`.
+fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let (mean, rstd) = row_stats(x, eps);
+    for (((o, &x), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
+        *o = (x - mean) * rstd * w + b;
     }
 }
 
@@ -845,5 +959,37 @@ mod tests {
             .unwrap();
         let theirs = e.broadcast_div(&e.sum_keepdim(2).unwrap()).unwrap();
         assert_same(ours, theirs, &mix, &[&s], 1e-5);
+    }
+
+    #[test]
+    fn fused_bf16_blocks_equal_their_steps() {
+        use super::super::gemm_bf16::PackedWeight;
+        let dev = Device::Cpu;
+        let (m, h, hidden) = (30, 64, 96);
+        let randn =
+            |shape: &[usize], s: f64| (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * s).unwrap();
+        let pack = |n: usize, k: usize| {
+            let (w, b) = (randn(&[n, k], 0.2), randn(&[n], 0.2));
+            PackedView::new(PackedWeight::new(
+                &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                n,
+                k,
+                Some(&b.to_vec1::<f32>().unwrap()),
+            ))
+        };
+        let (x, lw, lb) = (randn(&[m, h], 3.0), randn(&[h], 1.0), randn(&[h], 1.0));
+        let (qkv, fc1, fc2) = (pack(3 * h, h), pack(hidden, h), pack(h, hidden));
+        let ln = (&lw, &lb, 1e-5);
+        let normed = layer_norm(&x, &lw, &lb, 1e-5).unwrap().unwrap();
+
+        let fused = ln_dense_bf16(&x, ln, &qkv).unwrap().unwrap();
+        let steps = dense_bf16(&normed, &qkv, false).unwrap();
+        assert_eq!(max_diff(&fused, &steps), 0.0, "LN → QKV");
+
+        let fused = mlp_bf16(&x, ln, &fc1, &fc2).unwrap().unwrap();
+        let steps = dense_bf16_add(&dense_bf16(&normed, &fc1, true).unwrap(), &fc2, &x).unwrap();
+        assert_eq!(max_diff(&fused, &steps), 0.0, "LN → MLP + residual");
+        // And not trivially: the block changes its input.
+        assert!(max_diff(&fused, &x) > 1e-3);
     }
 }
