@@ -588,7 +588,6 @@ impl EncoderLayer {
         let packed = qkv.packed_for(xs, None)?;
         Some(qkv.apply(xs, |x| {
             super::kernels::ln_dense_bf16(x, (&ln.weight, &ln.bias, ln.eps), packed)
-                .unwrap_or_else(|| candle_core::bail!("ln-dense-bf16: f32 CPU tensors expected"))
         }))
     }
 
@@ -633,10 +632,10 @@ impl EncoderLayer {
             self.fc2.packed_for(xs, None)?,
         );
         let ln = (&ln.weight, &ln.bias, ln.eps);
-        Some(self.fc2.apply(xs, |x| {
-            super::kernels::mlp_bf16(x, ln, fc1, fc2)
-                .unwrap_or_else(|| candle_core::bail!("mlp-bf16: f32 CPU tensors expected"))
-        }))
+        Some(
+            self.fc2
+                .apply(xs, |x| super::kernels::mlp_bf16(x, ln, fc1, fc2)),
+        )
     }
 
     /// The layer's output at row `pos[i]` of each sequence only, `[B, H]`: the same values as

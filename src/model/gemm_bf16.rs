@@ -868,8 +868,14 @@ mod tests {
 
     /// The layer on the software model of the tile unit.
     fn emulated(x: &[f32], m: usize, w: &PackedView, epilogue: Epilogue) -> Vec<f32> {
-        let x = Pairs::new(x, m, w.in_dim());
-        run_on::<amx::Emulated>(&x, w, epilogue, Kernel::Amx, Dest::F32).0
+        on(
+            &Pairs::new(x, m, w.in_dim()),
+            w,
+            epilogue,
+            Kernel::Amx,
+            Dest::F32,
+        )
+        .0
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -1062,6 +1068,7 @@ mod tests {
         kernels
     }
 
+    /// The layer on `kernel` into `dest`, the tile unit's software model standing in for AMX.
     fn on(x: &Pairs, w: &PackedView, e: Epilogue, kernel: Kernel, dest: Dest) -> (Vec<f32>, Pairs) {
         run_on::<amx::Emulated>(x, w, e, kernel, dest)
     }

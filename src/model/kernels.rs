@@ -380,15 +380,15 @@ impl CustomOp3 for NormedBf16<'_> {
         else {
             candle_core::bail!("normed-bf16: contiguous f32 operands expected")
         };
-        let (first, last) = match self.then {
-            AfterNorm::Dense(layer) => (layer, layer),
-            AfterNorm::Mlp(fc1, fc2) => (fc1, fc2),
+        let (first, last, chained) = match self.then {
+            AfterNorm::Dense(layer) => (layer, layer, true),
+            AfterNorm::Mlp(fc1, fc2) => (
+                fc1,
+                fc2,
+                fc1.out_dim() == fc2.in_dim() && fc2.out_dim() == h,
+            ),
         };
-        let mlp_fits = match self.then {
-            AfterNorm::Dense(_) => true,
-            AfterNorm::Mlp(fc1, fc2) => fc1.out_dim() == fc2.in_dim() && fc2.out_dim() == h,
-        };
-        if w.len() != h || b.len() != h || first.in_dim() != h || !mlp_fits {
+        if w.len() != h || b.len() != h || first.in_dim() != h || !chained {
             candle_core::bail!(
                 "normed-bf16: input {:?}, layer norm {:?} {:?}, layers {}→{}",
                 l1.dims(),
@@ -412,23 +412,21 @@ impl CustomOp3 for NormedBf16<'_> {
     }
 }
 
-/// `x` `[M, H]` through a layer norm (`w`, `b`, `eps`) and `then`; no gradient. `None` unless
-/// the tensors are f32 on the CPU.
+/// `x` `[M, H]` through a layer norm (`w`, `b`, `eps`) and `then`, for f32 CPU tensors (as the
+/// packed layers are); no gradient.
 fn normed_bf16(
     x: &Tensor,
     (w, b, eps): (&Tensor, &Tensor, f64),
     then: AfterNorm,
-) -> Option<Result<Tensor>> {
-    cpu_f32(&[x, w, b]).then(|| {
-        x.contiguous()?.apply_op3_no_bwd(
-            &w.contiguous()?,
-            &b.contiguous()?,
-            &NormedBf16 {
-                eps: eps as f32,
-                then,
-            },
-        )
-    })
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        &NormedBf16 {
+            eps: eps as f32,
+            then,
+        },
+    )
 }
 
 /// `LN(x)·Wᵀ + b` for a 2-D `x` `[M, H]`, the layer norm's `w`, `b` and `eps`, and a packed bf16
@@ -437,7 +435,7 @@ pub fn ln_dense_bf16(
     x: &Tensor,
     ln: (&Tensor, &Tensor, f64),
     layer: &PackedView,
-) -> Option<Result<Tensor>> {
+) -> Result<Tensor> {
     normed_bf16(x, ln, AfterNorm::Dense(layer))
 }
 
@@ -448,7 +446,7 @@ pub fn mlp_bf16(
     ln: (&Tensor, &Tensor, f64),
     fc1: &PackedView,
     fc2: &PackedView,
-) -> Option<Result<Tensor>> {
+) -> Result<Tensor> {
     normed_bf16(x, ln, AfterNorm::Mlp(fc1, fc2))
 }
 
@@ -982,11 +980,11 @@ mod tests {
         let ln = (&lw, &lb, 1e-5);
         let normed = layer_norm(&x, &lw, &lb, 1e-5).unwrap().unwrap();
 
-        let fused = ln_dense_bf16(&x, ln, &qkv).unwrap().unwrap();
+        let fused = ln_dense_bf16(&x, ln, &qkv).unwrap();
         let steps = dense_bf16(&normed, &qkv, false).unwrap();
         assert_eq!(max_diff(&fused, &steps), 0.0, "LN → QKV");
 
-        let fused = mlp_bf16(&x, ln, &fc1, &fc2).unwrap().unwrap();
+        let fused = mlp_bf16(&x, ln, &fc1, &fc2).unwrap();
         let steps = dense_bf16_add(&dense_bf16(&normed, &fc1, true).unwrap(), &fc2, &x).unwrap();
         assert_eq!(max_diff(&fused, &steps), 0.0, "LN → MLP + residual");
         // And not trivially: the block changes its input.
