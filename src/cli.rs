@@ -230,7 +230,8 @@ pub struct EvalArgs {
     /// Print one JSON object (top1, top5, n, per_class, ...) instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Also write the logits (N×C, 100·cos) and labels, with image paths, to a safetensors file.
+    /// Also write the logits (N×C: the method's, e.g. 100·cos for zero-shot) and labels, with
+    /// image paths, to a safetensors file.
     #[arg(long, value_name = "FILE")]
     pub save_logits: Option<PathBuf>,
     /// Evaluate a Tip-Adapter / Tip-Adapter-F artifact (from `clipft tip`) instead of zero-shot.
@@ -238,9 +239,9 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub adapter: Option<PathBuf>,
     /// Which head of a cross-modal artifact to use: `default` (the artifact's), `learned` or
-    /// `wiseft` (the WiSE-FT head from `crossmodal train --wise-ft`).
-    #[arg(long, default_value = "default", value_name = "VARIANT")]
-    pub head_variant: String,
+    /// `wiseft` (the WiSE-FT head from `crossmodal train --wise-ft`) [default: default].
+    #[arg(long, value_name = "VARIANT")]
+    pub head_variant: Option<String>,
     #[command(flatten)]
     pub extract: ExtractArgs,
 }
@@ -496,6 +497,17 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     if a.adapter.is_some() && a.templates.is_some() {
         anyhow::bail!("--templates cannot be combined with --adapter: the artifact's classifier was built from its own templates");
     }
+    if a.head_variant.is_some()
+        && !a
+            .adapter
+            .as_ref()
+            .is_some_and(|p| crate::methods::crossmodal_cli::is_crossmodal(p))
+    {
+        anyhow::bail!(
+            "--head-variant picks a head of a cross-modal artifact (`--adapter HEAD` from \
+             `clipft crossmodal train`); it does not apply here"
+        );
+    }
     let template_set = crate::templates::resolve(a.templates.as_deref().unwrap_or("clip"))?;
     let opts = a.extract.options(quiet);
     let (clip, run) = if let Some(adapter) = a.adapter.as_ref().filter(|p| p.is_dir()) {
@@ -509,7 +521,7 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     {
         crate::methods::crossmodal_cli::eval_adapter(
             adapter,
-            &a.head_variant,
+            a.head_variant.as_deref().unwrap_or("default"),
             &a.model,
             &dataset,
             a.split,

@@ -10,8 +10,8 @@ use serde::Serialize;
 pub struct ClassAccuracy {
     pub class: String,
     pub n: usize,
-    /// Top-1 accuracy in percent.
-    pub top1: f64,
+    /// Top-1 accuracy in percent; `None` when the split has no (readable) image of the class.
+    pub top1: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,9 +29,13 @@ pub struct EvalReport {
 }
 
 /// Rank of the true class: classes with a strictly higher logit, plus equal ones with a lower index
-/// (a stable descending sort), so ties never count in the model's favour twice.
+/// (a stable descending sort), so ties never count in the model's favour twice. A NaN true-class
+/// logit ranks last (every comparison with NaN is false, which would otherwise rank it first).
 fn rank(row: &[f32], label: usize) -> usize {
     let l = row[label];
+    if l.is_nan() {
+        return row.len();
+    }
     row.iter()
         .enumerate()
         .filter(|&(j, &x)| x > l || (x == l && j < label))
@@ -53,6 +57,19 @@ pub fn evaluate(
         "{} logit rows for {} labels",
         rows.len(),
         labels.len()
+    );
+    // A broken model (e.g. a diverged fine-tune) gives NaN or infinite logits; any accuracy
+    // computed from them would be meaningless.
+    let bad = rows
+        .iter()
+        .filter(|r| r.iter().any(|x| !x.is_finite()))
+        .count();
+    anyhow::ensure!(
+        bad == 0,
+        "{method} gives non-finite logits (NaN or infinite) for {bad} of {} {split} images: \
+         the model or adapter is broken (a fine-tune whose training diverged? retrain it with a \
+         lower --lr)",
+        rows.len()
     );
     let c = class_names.len();
     let mut hits1 = 0usize;
@@ -90,7 +107,7 @@ pub fn evaluate(
             .map(|(name, (k, h))| ClassAccuracy {
                 class: name.clone(),
                 n: k,
-                top1: pct(h, k),
+                top1: (k > 0).then(|| pct(h, k)),
             })
             .collect(),
         skipped,
@@ -125,7 +142,10 @@ pub fn write_table(report: &EvalReport, out: &mut impl Write) -> std::io::Result
         .clamp(5, 40);
     writeln!(out, "  {:<width$}  {:>6}  {:>7}", "class", "n", "top-1")?;
     for c in &report.per_class {
-        writeln!(out, "  {:<width$}  {:>6}  {:>6.2}%", c.class, c.n, c.top1)?;
+        match c.top1 {
+            Some(t) => writeln!(out, "  {:<width$}  {:>6}  {t:>6.2}%", c.class, c.n)?,
+            None => writeln!(out, "  {:<width$}  {:>6}  {:>7}", c.class, c.n, "-")?,
+        }
     }
     Ok(())
 }
@@ -218,9 +238,13 @@ mod tests {
         assert_eq!(r.n, 4);
         assert!((r.top1 - 25.0).abs() < 1e-9);
         assert!((r.top5.unwrap() - 75.0).abs() < 1e-9);
-        assert_eq!(r.per_class[0].top1, 100.0);
-        assert_eq!(r.per_class[1].top1, 0.0);
+        assert_eq!(r.per_class[0].top1, Some(100.0));
+        assert_eq!(r.per_class[1].top1, Some(0.0));
         assert_eq!(r.per_class[4].n, 0);
+        assert_eq!(
+            r.per_class[4].top1, None,
+            "no image of the class: no accuracy"
+        );
         let few = evaluate(
             &logits.narrow(1, 0, 4).unwrap(),
             &[0, 1, 3, 2],
@@ -231,5 +255,24 @@ mod tests {
         )
         .unwrap();
         assert!(few.top5.is_none());
+    }
+
+    /// NaN never ranks first, and logits with NaN or infinities are refused with the method and
+    /// split named, instead of scoring a broken model as perfect.
+    #[test]
+    fn non_finite_logits_are_refused() {
+        assert_eq!(rank(&[f32::NAN, f32::NAN, f32::NAN], 1), 3);
+        assert_eq!(rank(&[1.0, f32::NAN, 0.5], 0), 0);
+        let names: Vec<String> = (0..3).map(|i| format!("c{i}")).collect();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let logits = Tensor::new(&[[1f32, 0., 0.], [0., bad, 0.]], &Device::Cpu).unwrap();
+            let e = evaluate(&logits, &[0, 1], &names, "fd-align", "val", 0)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("fd-align") && e.contains("1 of 2 val images"),
+                "{e}"
+            );
+        }
     }
 }

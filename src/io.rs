@@ -19,9 +19,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     std::fs::create_dir_all(parent)
         .with_context(|| format!("creating folder {}", parent.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".clipft-")
-        .suffix(".tmp")
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".clipft-").suffix(".tmp");
+    // Temporary files are private (0600); the output is an ordinary file, so ask for 0666 and
+    // let the umask decide, as any other file the user creates.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder
         .tempfile_in(parent)
         .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
     tmp.write_all(bytes)
@@ -65,4 +69,28 @@ pub fn take(tensors: &mut HashMap<String, Tensor>, name: &str, path: &Path) -> R
     tensors
         .remove(name)
         .with_context(|| format!("{}: no tensor `{name}`", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outputs get the mode of any file the user creates (0666 less the umask), not the
+    /// temporary file's private 0600, also when they replace an existing file.
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_get_ordinary_file_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let want = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+        let out = dir.path().join("out.bin");
+        for _ in 0..2 {
+            write_atomic(&out, b"bytes").unwrap();
+            let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{mode:o} vs {want:o}");
+            assert_eq!(std::fs::read(&out).unwrap(), b"bytes");
+        }
+    }
 }

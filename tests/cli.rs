@@ -623,6 +623,39 @@ fn adapter_and_templates_do_not_mix() {
     );
 }
 
+/// Flags that would otherwise be silently ignored are refused.
+#[test]
+fn flags_that_would_be_ignored_are_refused() {
+    let ws = Workspace::new();
+    // --head-variant only picks a head of a cross-modal artifact.
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--head-variant", "wiseft"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--head-variant"), "{}", stderr(&out));
+    // The cross-modal sweep picks lr, weight decay and batch itself: giving one needs --no-sweep.
+    for flag in [["--lr", "0.5"], ["--weight-decay", "0.1"], ["--batch", "8"]] {
+        let out = ws
+            .bare("crossmodal")
+            .arg("train")
+            .arg("--model")
+            .arg(ws.model())
+            .arg("--data")
+            .arg(ws.data())
+            .args(flag)
+            .arg("--out")
+            .arg(ws.path().join("head.safetensors"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag:?}");
+        assert!(stderr(&out).contains("--no-sweep"), "{}", stderr(&out));
+    }
+}
+
 #[test]
 fn a_run_stopped_by_a_bad_image_keeps_what_it_encoded_in_the_cache() {
     let ws = Workspace::new();

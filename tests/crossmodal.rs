@@ -260,6 +260,13 @@ fn wise_ft_matches_reference() {
     let w0 = cm::zeroshot_init(&fixture().text, C).unwrap();
     let got = cm::wise_ft(&perturbed(&w0), &w0, 0.5);
     assert!(max_abs_diff(&got, &matrix(&r["wise_ft_0.5"])) < 1e-6);
+    // The ratio weighs the zero-shot head, as the official `get_wiseft`'s `wiseft_ratio`.
+    let learned = perturbed(&w0);
+    let z = w0.l2_normalized();
+    let got = cm::wise_ft(&learned, &w0, 0.8);
+    for ((g, l), z) in got.data.iter().zip(&learned.data).zip(&z.data) {
+        assert!((g - (0.2 * l + 0.8 * z)).abs() < 1e-6);
+    }
 }
 
 /// Seeded Gaussian generator (Box–Muller over a 64-bit LCG).
@@ -639,12 +646,14 @@ fn artifacts_old_linear_and_adapter_load() {
         "image_views": ["center", "flip"], "iters": 10, "swept": false,
         "hyper": {"lr": 0.001, "weight_decay": 0.0, "batch_size": 8}, "best_iter": 0,
         "val_acc": 50.0, "val_acc_zeroshot": 40.0, "val_n": 10, "sweep": [],
-        "wise_ft_alpha": null, "val_acc_wiseft": null, "default_head": "head"
+        "wise_ft_alpha": 0.8, "val_acc_wiseft": null, "default_head": "head"
     });
     let old = dir.path().join("old.safetensors");
     clipft::io::save(&old, &[("head", &w0.to_tensor().unwrap())], &meta).unwrap();
     let art = cm::CrossArtifact::load(&old).unwrap();
     assert!(art.adapter.is_none());
+    // The legacy `wise_ft_alpha` was the learned head's weight: the zero-shot ratio is 1 − it.
+    assert_eq!(art.meta.wise_ft_ratio, Some(1.0 - 0.8));
     assert_eq!(art.meta.head, cm::HeadKind::Linear);
     let (h, method) = art.pick("default").unwrap();
     assert_eq!((h.weight, method), (w0.clone(), "crossmodal"));
@@ -652,7 +661,10 @@ fn artifacts_old_linear_and_adapter_load() {
     let again = dir.path().join("again.safetensors");
     art.save(&again).unwrap();
     let (_, m) = clipft::io::load(&again).unwrap();
-    assert_eq!(m, meta);
+    let mut want = meta.clone();
+    want.as_object_mut().unwrap().remove("wise_ft_alpha");
+    want["wise_ft_ratio"] = serde_json::json!(1.0 - 0.8);
+    assert_eq!(m, want);
 
     let mut ad = art.clone();
     ad.meta.head = cm::HeadKind::Adapter;

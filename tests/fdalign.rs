@@ -72,6 +72,15 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     assert!(diff("visual_projection.weight") > 0.0);
     assert_eq!(diff("text_model.encoder.layers.0.mlp.fc1.weight"), 0.0);
     assert_eq!(diff("text_projection.weight"), 0.0);
+    // Every tensor of the source is there (`logit_scale` too: `transformers` would otherwise
+    // initialise it), and nothing else.
+    let names = |m: &HashMap<String, Tensor>| {
+        let mut v: Vec<String> = m.keys().cloned().collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&before), names(&after));
+    assert_eq!(diff("logit_scale"), 0.0);
     // `--model DIR` works for the other commands, and `eval --adapter DIR` uses the head.
     let o = ws.bare("info").arg("--model").arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -191,6 +200,22 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     };
     let err = fx.train(&other, &b, true, None).unwrap_err().to_string();
     assert!(err.contains("other settings"), "{err}");
+    // Nor can the same settings on other training images (another --shots, --seed or --data).
+    let err = fdalign_train::train(
+        &fx.clip,
+        &fx.dataset.class_names(),
+        &fx.templates,
+        &fx.train[1..],
+        &fx.val,
+        &s,
+        &b,
+        true,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("another run"), "{err}");
 }
 
 #[test]
@@ -210,6 +235,9 @@ fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
             "3",
             "--lr",
             "1e30",
+            // Several steps per epoch: the step after the first sees the blown-up weights.
+            "--batch-size",
+            "4",
             "--templates",
             "ensemble7",
             "--spurious-keep",
@@ -225,6 +253,104 @@ fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("the loss became"), "{}", stderr(&o));
     assert!(!out.join("model.safetensors").exists());
+}
+
+/// The last step of a run can diverge after the last loss was checked: the val check after the
+/// epoch stops it before the broken weights become the best state or are written.
+#[test]
+fn a_run_whose_last_step_diverges_writes_no_model() {
+    let fx = Fixture::new();
+    let out = fx.ws.path().join("fd");
+    let s = FdAlignSettings {
+        epochs: 1,
+        base_lr: 1e30,
+        ..settings()
+    };
+    let err = format!("{:#}", fx.train(&s, &out, false, None).unwrap_err());
+    assert!(
+        err.contains("diverged in epoch 1") && err.contains("not finite"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+}
+
+/// Flags that would train nothing or silently misbehave are refused, naming the flag.
+#[test]
+fn bad_settings_are_refused() {
+    let fx = Fixture::new();
+    let out = fx.ws.path().join("fd");
+    for (s, flag) in [
+        (
+            FdAlignSettings {
+                base_lr: f64::NAN,
+                ..settings()
+            },
+            "--lr",
+        ),
+        (
+            FdAlignSettings {
+                base_lr: -1.0,
+                ..settings()
+            },
+            "--lr",
+        ),
+        (
+            FdAlignSettings {
+                beta: -5.0,
+                ..settings()
+            },
+            "--beta",
+        ),
+        (
+            FdAlignSettings {
+                batch_size: Some(0),
+                ..settings()
+            },
+            "--batch-size",
+        ),
+        (
+            FdAlignSettings {
+                spurious_keep: 0,
+                ..settings()
+            },
+            "--spurious-keep",
+        ),
+        (
+            FdAlignSettings {
+                epochs: 0,
+                ..settings()
+            },
+            "--epochs",
+        ),
+    ] {
+        let err = fx.train(&s, &out, false, None).unwrap_err().to_string();
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
+    // One template makes one prototype, whose softmax is 1 whatever the features: the KL term
+    // would be 0 and β ignored. Refused unless β = 0.
+    let one = clipft::templates::resolve("clip").unwrap();
+    assert_eq!(one.len(), 1);
+    let run = |beta: f64| {
+        fdalign_train::train(
+            &fx.clip,
+            &fx.dataset.class_names(),
+            &one,
+            &fx.train,
+            &fx.val,
+            &FdAlignSettings {
+                epochs: 1,
+                beta,
+                ..settings()
+            },
+            &out,
+            false,
+            false,
+            None,
+        )
+    };
+    let err = run(20.0).unwrap_err().to_string();
+    assert!(err.contains("at least 2 prototypes"), "{err}");
+    run(0.0).unwrap();
 }
 
 #[test]

@@ -184,9 +184,10 @@ fn fdalign_steps_lower_the_loss_and_the_kl_starts_at_zero() {
         .reshape((templates.len(), classes.len(), d))
         .unwrap();
     let prototypes =
-        fdalign::select_prototypes(&fdalign::context_weights(&text).unwrap(), 60, 20, 0).unwrap();
+        fdalign::select_prototypes(&fdalign::context_weights(&text, 100.0).unwrap(), 60, 20, 0)
+            .unwrap();
     assert_eq!(prototypes.dims(), &[20, d]);
-    let head_w = Var::from_tensor(&fdalign::class_head_init(&text).unwrap()).unwrap();
+    let head_w = Var::from_tensor(&fdalign::class_head_init(&text, 100.0).unwrap()).unwrap();
     let head_b = Var::zeros(classes.len(), DType::F32, &Device::Cpu).unwrap();
     let x = Tensor::cat(
         &[

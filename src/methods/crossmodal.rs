@@ -866,8 +866,9 @@ pub fn sweep(
     })
 }
 
-/// WiSE-FT: `α·W_learned + (1−α)·normalize(W_zeroshot)`.
-pub fn wise_ft(learned: &Mat, zeroshot: &Mat, alpha: f32) -> Mat {
+/// WiSE-FT: `(1−r)·W_learned + r·normalize(W_zeroshot)`, `r` the zero-shot head's weight (the
+/// official `get_wiseft`'s `wiseft_ratio`).
+pub fn wise_ft(learned: &Mat, zeroshot: &Mat, ratio: f32) -> Mat {
     let z = zeroshot.l2_normalized();
     Mat::new(
         learned.rows,
@@ -876,15 +877,15 @@ pub fn wise_ft(learned: &Mat, zeroshot: &Mat, alpha: f32) -> Mat {
             .data
             .iter()
             .zip(&z.data)
-            .map(|(a, b)| alpha * a + (1.0 - alpha) * b)
+            .map(|(a, b)| (1.0 - ratio) * a + ratio * b)
             .collect(),
     )
 }
 
 /// WiSE-FT of a head: the formula on the final linear layer only, the adapter kept as learned (the
 /// official `get_wiseft`, train.py, does the same for its `Sequential(adapter, linear)` head).
-pub fn wise_ft_head(learned: &Head, zeroshot: &Mat, alpha: f32) -> Head {
-    learned.with_weight(wise_ft(&learned.weight, zeroshot, alpha))
+pub fn wise_ft_head(learned: &Head, zeroshot: &Mat, ratio: f32) -> Head {
+    learned.with_weight(wise_ft(&learned.weight, zeroshot, ratio))
 }
 
 /// Text training rows: every `(class, template)` pair, class-major, with its class label.
@@ -928,7 +929,9 @@ pub struct CrossMeta {
     pub val_acc_zeroshot: f64,
     pub val_n: usize,
     pub sweep: Vec<(Hyper, Option<f64>)>,
-    pub wise_ft_alpha: Option<f64>,
+    /// The WiSE-FT head's zero-shot weight `r` ([`wise_ft`]).
+    #[serde(default)]
+    pub wise_ft_ratio: Option<f64>,
     pub val_acc_wiseft: Option<f64>,
     /// Head used by `eval --adapter` unless `--head-variant` says otherwise: `head` or
     /// `head_wiseft`.
@@ -977,6 +980,14 @@ impl CrossArtifact {
             "{}: not a cross-modal head (kind `{kind}`; make one with `clipft crossmodal train`)",
             path.display()
         );
+        let mut meta = meta;
+        // Artifacts before 2026-11-28 stored the learned head's weight `1 − r` as
+        // `wise_ft_alpha`.
+        if let Some(a) = meta.get("wise_ft_alpha").and_then(|a| a.as_f64()) {
+            if meta.get("wise_ft_ratio").is_none() {
+                meta["wise_ft_ratio"] = serde_json::json!(1.0 - a);
+            }
+        }
         let meta: CrossMeta = serde_json::from_value(meta)
             .with_context(|| format!("{}: malformed cross-modal metadata", path.display()))?;
         let head = Mat::from_tensor(&crate::io::take(&mut t, "head", path)?)?;

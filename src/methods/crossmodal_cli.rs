@@ -81,18 +81,18 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_sweep: bool,
     /// Learning rate with --no-sweep.
-    #[arg(long, default_value_t = 1e-3, value_name = "LR")]
+    #[arg(long, requires = "no_sweep", default_value_t = 1e-3, value_name = "LR")]
     pub lr: f64,
     /// Weight decay with --no-sweep.
-    #[arg(long, default_value_t = 0.0, value_name = "WD")]
+    #[arg(long, requires = "no_sweep", default_value_t = 0.0, value_name = "WD")]
     pub weight_decay: f64,
     /// Training batch size (half text, half image) with --no-sweep.
-    #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, requires = "no_sweep", default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: u64,
-    /// Also store the WiSE-FT head A·W + (1−A)·normalize(W_zeroshot) [A: 0.5 when the flag is
-    /// given without a value]; with --head adapter W is the final linear layer, the adapter is
-    /// kept.
-    #[arg(long, value_name = "A", num_args = 0..=1, default_missing_value = "0.5")]
+    /// Also store the WiSE-FT head (1−R)·W + R·normalize(W_zeroshot), R the zero-shot head's
+    /// weight as the official get_wiseft's wiseft_ratio [R: 0.5 when the flag is given without
+    /// a value]; with --head adapter W is the final linear layer, the adapter is kept.
+    #[arg(long, value_name = "R", num_args = 0..=1, default_missing_value = "0.5")]
     pub wise_ft: Option<f64>,
     #[command(flatten)]
     pub extract: ExtractArgs,
@@ -244,7 +244,7 @@ pub fn train(
         val_acc_zeroshot,
         val_n: val_rows.labels.len(),
         sweep: out.results,
-        wise_ft_alpha: o.wise_ft,
+        wise_ft_ratio: o.wise_ft,
         val_acc_wiseft,
         default_head: "head".into(),
     };
@@ -290,8 +290,8 @@ pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Resu
         "  val ({} images): zero-shot {:.2}%, head {:.2}%",
         m.val_n, m.val_acc_zeroshot, m.val_acc
     )?;
-    if let (Some(a), Some(acc)) = (m.wise_ft_alpha, m.val_acc_wiseft) {
-        write!(out, ", WiSE-FT (α {a}) {acc:.2}%")?;
+    if let (Some(r), Some(acc)) = (m.wise_ft_ratio, m.val_acc_wiseft) {
+        write!(out, ", WiSE-FT (ratio {r}) {acc:.2}%")?;
     }
     writeln!(out)
 }

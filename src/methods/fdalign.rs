@@ -21,19 +21,19 @@ use rand::{Rng, SeedableRng};
 
 use crate::features::l2_normalize;
 
-/// Scale CLIP applies to cosine similarities (`logit_scale.exp()` of the trained models).
-pub const LOGIT_SCALE: f64 = 100.0;
-
-/// Spurious prototypes from raw text features `[T, C, D]` (template × class): `[T, D]`.
-pub fn context_weights(text: &Tensor) -> Result<Tensor> {
+/// Spurious prototypes from raw text features `[T, C, D]` (template × class): `[T, D]`, scaled
+/// by the model's `logit_scale.exp()` (`scale`; 100 for the released CLIP models) as in the
+/// official code.
+pub fn context_weights(text: &Tensor, scale: f64) -> Result<Tensor> {
     let per_template = l2_normalize(&l2_normalize(text)?.mean(1)?)?;
-    Ok((per_template * LOGIT_SCALE)?)
+    Ok((per_template * scale)?)
 }
 
-/// Initial class-head weights from raw text features `[T, C, D]`: `[C, D]`.
-pub fn class_head_init(text: &Tensor) -> Result<Tensor> {
+/// Initial class-head weights from raw text features `[T, C, D]`: `[C, D]`, scaled like
+/// [`context_weights`].
+pub fn class_head_init(text: &Tensor, scale: f64) -> Result<Tensor> {
     let per_class = l2_normalize(&l2_normalize(text)?.mean(0)?)?;
-    Ok((per_class * LOGIT_SCALE)?)
+    Ok((per_class * scale)?)
 }
 
 /// Logits of a linear layer on L2-normalised features: `norm(f)·Wᵀ + b`.
@@ -344,6 +344,31 @@ impl Default for FdAlignSettings {
 }
 
 impl FdAlignSettings {
+    /// Rejects settings that would train nothing or silently misbehave, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.epochs >= 1, "--epochs must be at least 1");
+        ensure!(
+            self.base_lr.is_finite() && self.base_lr > 0.0,
+            "--lr must be a positive number, not {}",
+            self.base_lr
+        );
+        ensure!(
+            self.batch_size != Some(0),
+            "--batch-size must be at least 1"
+        );
+        ensure!(self.accum_steps >= 1, "--accum-steps must be at least 1");
+        ensure!(
+            self.beta.is_finite() && self.beta >= 0.0,
+            "--beta must be a non-negative number, not {}",
+            self.beta
+        );
+        ensure!(
+            self.spurious_keep >= 1,
+            "--spurious-keep must be at least 1 (templates kept for the spurious prototypes)"
+        );
+        Ok(())
+    }
+
     pub fn batch(&self, train_size: usize) -> usize {
         self.batch_size.unwrap_or(256).min(train_size).max(1)
     }
@@ -473,8 +498,14 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();
-        let ctx = context_weights(&text).unwrap().to_vec2::<f64>().unwrap();
-        let head = class_head_init(&text).unwrap().to_vec2::<f64>().unwrap();
+        let ctx = context_weights(&text, 14.3)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        let head = class_head_init(&text, 14.3)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
         let raw: Vec<Vec<Vec<f64>>> = text.to_vec3().unwrap();
         let norm = |v: &[f64]| {
             let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -484,7 +515,7 @@ mod tests {
             let mean: Vec<f64> = (0..4)
                 .map(|d| (norm(&raw[t][0])[d] + norm(&raw[t][1])[d]) / 2.0)
                 .collect();
-            let want: Vec<f64> = norm(&mean).iter().map(|x| x * 100.0).collect();
+            let want: Vec<f64> = norm(&mean).iter().map(|x| x * 14.3).collect();
             for d in 0..4 {
                 assert!((ctx[t][d] - want[d]).abs() < 1e-9);
             }
@@ -493,7 +524,7 @@ mod tests {
             let mean: Vec<f64> = (0..4)
                 .map(|d| (0..3).map(|t| norm(&raw[t][c])[d]).sum::<f64>() / 3.0)
                 .collect();
-            let want: Vec<f64> = norm(&mean).iter().map(|x| x * 100.0).collect();
+            let want: Vec<f64> = norm(&mean).iter().map(|x| x * 14.3).collect();
             for d in 0..4 {
                 assert!((head[c][d] - want[d]).abs() < 1e-9);
             }

@@ -71,13 +71,6 @@ pub fn run(args: FdAlignArgs, quiet: bool) -> Result<()> {
 }
 
 fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
-    let dataset = Dataset::open(&a.data)?;
-    let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
-    let val = dataset
-        .samples(Split::Val)
-        .context("FD-Align picks its epoch on val (clipft never tunes on test)")?;
-    let template_set = crate::templates::resolve(&a.templates)?;
-    let clip = load_model(&a.model, quiet)?;
     let settings = FdAlignSettings {
         epochs: a.epochs,
         base_lr: a.lr,
@@ -89,7 +82,15 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         seed: a.shots.seed,
         ..FdAlignSettings::default()
     };
-    ensure!(settings.epochs >= 1, "--epochs must be at least 1");
+    // Bad flags fail before the dataset is scanned and the model loaded.
+    settings.validate()?;
+    let dataset = Dataset::open(&a.data)?;
+    let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
+    let val = dataset
+        .samples(Split::Val)
+        .context("FD-Align picks its epoch on val (clipft never tunes on test)")?;
+    let template_set = crate::templates::resolve(&a.templates)?;
+    let clip = load_model(&a.model, quiet)?;
     info(
         format!(
             "FD-Align: {} train images, batch {}, lr {:.3e}, {} epochs",

@@ -4,7 +4,8 @@
 //! State is checkpointed atomically after every epoch (`DIR/fdalign-state.safetensors`), so an
 //! interrupted run resumes (`resume = true`) from the last finished epoch to the same result:
 //! the shuffles and augmentations are seeded per (seed, epoch, image) and the SGD momentum is
-//! part of the state. A non-finite loss stops the run; the last good checkpoint stays.
+//! part of the state. A non-finite loss, or non-finite val logits after an epoch, stop the run
+//! before a broken model can be written.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,14 @@ fn val_accuracy(
         let x = x.expect("a batch without errors has images");
         let f = tv.tower.forward(&x)?.detach();
         let logits = fdalign::normalized_linear(&f, head_w, Some(head_b))?.to_dtype(DType::F32)?;
+        ensure!(
+            logits
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|x| x.is_finite()),
+            "the val logits are not finite (NaN or infinite)"
+        );
         let pred = logits.argmax(1)?.to_vec1::<u32>()?;
         hits += pred
             .iter()
@@ -120,6 +129,20 @@ struct State {
     best: Option<(usize, f64, HashMap<String, Tensor>)>,
 }
 
+/// What to do after a diverged run. (Not `--resume`: a state only resumes with the settings it
+/// was written with, `--lr` included.)
+fn restart_hint(epochs_done: usize, state_path: &Path) -> String {
+    if epochs_done == 0 {
+        "No epoch finished and no model was written; lower --lr and train again".to_string()
+    } else {
+        format!(
+            "No model was written ({} holds the state after epoch {epochs_done}); lower --lr and \
+             train again",
+            state_path.display()
+        )
+    }
+}
+
 fn snapshot(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
     vars.iter()
         .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
@@ -145,10 +168,7 @@ pub fn train(
 ) -> Result<(HashMap<String, Tensor>, FdAlignOutcome)> {
     ensure!(!train_set.is_empty(), "no training images");
     ensure!(!val.is_empty(), "FD-Align picks its epoch on val: the dataset needs a non-empty val split (clipft never tunes on test)");
-    ensure!(
-        settings.accum_steps >= 1,
-        "--accum-steps must be at least 1"
-    );
+    settings.validate()?;
     let dtype = if clip.dtype == DType::F32 || !clip.device.is_cpu() {
         clip.dtype
     } else {
@@ -157,7 +177,7 @@ pub fn train(
     let tv = TrainableVision::from_files(&clip.files, clip.config(), &clip.device, dtype)?;
     let text = template_class_features(clip, class_names, template_set)?;
     let prototypes = fdalign::select_prototypes(
-        &fdalign::context_weights(&text)?,
+        &fdalign::context_weights(&text, clip.logit_scale)?,
         settings.spurious_keep.min(template_set.len()),
         settings
             .spurious_clusters
@@ -166,8 +186,18 @@ pub fn train(
     )?
     .to_dtype(dtype)?
     .to_device(&clip.device)?;
+    // A softmax over one prototype is 1 whatever the features: the KL term would vanish and
+    // β would silently do nothing.
+    let n_proto = prototypes.dim(0)?;
+    ensure!(
+        n_proto >= 2 || settings.beta == 0.0,
+        "the spurious-feature term needs at least 2 prototypes, but {} template(s) give {n_proto}: \
+         use a template set with more templates (e.g. --templates imagenet80), or --beta 0 to \
+         train without the term",
+        template_set.len()
+    );
     let head_w = Var::from_tensor(
-        &fdalign::class_head_init(&text)?
+        &fdalign::class_head_init(&text, clip.logit_scale)?
             .to_dtype(dtype)?
             .to_device(&clip.device)?,
     )?;
@@ -194,8 +224,9 @@ pub fn train(
         best: None,
     };
     let state_path = out.join(STATE_FILE);
+    let run = run_key(clip, class_names, template_set, train_set, val)?;
     if resume {
-        state = load_state(&state_path, &vars, &mut opt, settings)?;
+        state = load_state(&state_path, &vars, &mut opt, settings, &run)?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let pb = crate::progress::bar(settings.epochs as u64, "FD-Align", progress);
@@ -270,12 +301,10 @@ pub fn train(
             let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 bail!(
-                    "the loss became {value} at epoch {}, step {}; stopping. The last good state (end of epoch {}) is in {}; \
-                     lower --lr and rerun with --resume",
+                    "the loss became {value} at epoch {}, step {}; stopping. {}",
                     epoch + 1,
                     s + 1,
-                    epoch,
-                    state_path.display()
+                    restart_hint(epoch, &state_path)
                 );
             }
             loss_sum += value * part.len() as f64 / step_len as f64;
@@ -298,14 +327,23 @@ pub fn train(
             }
             Ok(())
         })?;
-        let acc = val_accuracy(clip, &tv, head_w.as_tensor(), head_b.as_tensor(), val)?;
+        // The loss is checked before each step; the weights after the last step of the epoch
+        // are checked here, through their val logits, before they can become the best state.
+        let acc = val_accuracy(clip, &tv, head_w.as_tensor(), head_b.as_tensor(), val)
+            .with_context(|| {
+                format!(
+                    "training diverged in epoch {}; stopping. {}",
+                    epoch + 1,
+                    restart_hint(epoch, &state_path)
+                )
+            })?;
         state.losses.push(loss_sum / steps_per_epoch as f64);
         state.val_accs.push(acc);
         if state.best.as_ref().is_none_or(|(_, b, _)| acc > *b) {
             state.best = Some((epoch, acc, snapshot(&vars)?));
         }
         state.epoch_done = epoch + 1;
-        save_state(&state_path, &vars, &opt, &state, settings)?;
+        save_state(&state_path, &vars, &opt, &state, settings, &run)?;
         pb.set_message(format!(
             "loss {:.3} val {acc:.1}%",
             state.losses.last().unwrap()
@@ -332,12 +370,40 @@ pub fn train(
     ))
 }
 
+/// What a resumed run must share with the interrupted one beyond the settings: the model, the
+/// classes, the templates and the exact train and val images (other --shots, --seed or --data
+/// give other images, and the batch size and learning rate follow the train set's size).
+fn run_key(
+    clip: &Clip,
+    class_names: &[String],
+    template_set: &[String],
+    train_set: &[Sample],
+    val: &[Sample],
+) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let images = |s: &[Sample]| -> Vec<(String, usize)> {
+        s.iter()
+            .map(|s| (s.path.to_string_lossy().into_owned(), s.label))
+            .collect()
+    };
+    let key = serde_json::json!({
+        "model": clip.fingerprint,
+        "classes": class_names,
+        "templates": template_set,
+        "train": images(train_set),
+        "val": images(val),
+    });
+    let digest = Sha256::digest(serde_json::to_vec(&key)?);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn save_state(
     path: &Path,
     vars: &[(String, Var)],
     opt: &Sgd,
     state: &State,
     settings: &FdAlignSettings,
+    run: &str,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for ((name, var), buf) in vars.iter().zip(opt.buffers()) {
@@ -357,6 +423,7 @@ fn save_state(
         "best_epoch": state.best.as_ref().map(|b| b.0),
         "best_val": state.best.as_ref().map(|b| b.1),
         "settings": settings,
+        "run": run,
     });
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     crate::io::save(path, &refs, &meta)
@@ -367,6 +434,7 @@ fn load_state(
     vars: &[(String, Var)],
     opt: &mut Sgd,
     settings: &FdAlignSettings,
+    run: &str,
 ) -> Result<State> {
     ensure!(
         path.is_file(),
@@ -379,6 +447,13 @@ fn load_state(
     ensure!(
         saved == *settings,
         "--resume: {} was written with other settings ({saved:?}); rerun with the same flags",
+        path.display()
+    );
+    ensure!(
+        meta["run"].as_str() == Some(run),
+        "--resume: {} was written for another run (another model, classes, --templates, or other \
+         train/val images: --data, --shots, --seed); rerun with the same flags, or without \
+         --resume to start over",
         path.display()
     );
     let mut buffers = Vec::new();
@@ -419,23 +494,41 @@ fn load_state(
 }
 
 /// Writes `out` as a complete CLIP checkpoint: `model.safetensors` with the given vision-tower
-/// and projection tensors and every other tensor from the source checkpoint, its `config.json`,
-/// `tokenizer.json` and `preprocessor_config.json`, plus the class head and a manifest.
+/// and projection tensors and every other tensor from the source checkpoint (`logit_scale` and
+/// buffers included, so `transformers` loads it whole), its `config.json`, `tokenizer.json` and
+/// `preprocessor_config.json`, plus the class head and a manifest. Floating-point tensors are
+/// written as f32; integer buffers keep their dtype.
 pub fn write_checkpoint(
     clip: &Clip,
     tuned: &HashMap<String, Tensor>,
     out: &Path,
     head_meta: serde_json::Value,
 ) -> Result<PathBuf> {
-    let src =
-        crate::model::load::weights_var_builder(&clip.files.weights, DType::F32, &Device::Cpu)?;
+    let as_f32 = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_device(&Device::Cpu)?;
+        Ok(if t.dtype().is_float() {
+            t.to_dtype(DType::F32)?
+        } else {
+            t
+        })
+    };
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (name, shape) in clip.config().expected_tensors() {
+    for (name, t) in crate::model::load::all_tensors(&clip.files.weights)? {
         let t = match tuned.get(&name) {
-            Some(t) => t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-            None => src.get(shape, &name)?,
+            Some(tuned) => as_f32(tuned)?,
+            None => as_f32(&t)?,
         };
         tensors.push((name, t));
+    }
+    // Tuned tensors the source lacked (none for a well-formed checkpoint); the head has a file
+    // of its own.
+    let mut extra: Vec<&String> = tuned
+        .keys()
+        .filter(|n| !n.starts_with("head.") && !tensors.iter().any(|(m, _)| m == *n))
+        .collect();
+    extra.sort();
+    for name in extra {
+        tensors.push((name.clone(), as_f32(&tuned[name])?));
     }
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)?;
     crate::io::write_atomic(&out.join("model.safetensors"), &bytes)?;

@@ -206,6 +206,9 @@ pub struct Clip {
     pub fingerprint: String,
     /// Warnings produced while loading (e.g. a dtype fallback), for the caller to show.
     pub warnings: Vec<String>,
+    /// `logit_scale.exp()`: the checkpoint's learned temperature (100 for the released CLIP
+    /// models), or the config's initial value where the checkpoint has none, as `transformers`.
+    pub logit_scale: f64,
 }
 
 impl Clip {
@@ -234,6 +237,7 @@ impl Clip {
         })?;
         check_tensors(&files.weights, &config)?;
         let vb = weights_var_builder(&files.weights, dtype, &device)?;
+        let logit_scale = logit_scale(&vb, &config, &files)?;
         let mut model = ClipModel::new(vb, &config).with_context(|| {
             format!(
                 "building the CLIP model from {}",
@@ -299,6 +303,7 @@ impl Clip {
             precision,
             fingerprint,
             warnings,
+            logit_scale,
         })
     }
 
@@ -359,6 +364,32 @@ fn check_end_token(
     Ok(())
 }
 
+/// `logit_scale.exp()` of the checkpoint, or of config.json's `logit_scale_init_value` when the
+/// weights have no `logit_scale` (`transformers` initialises it so).
+fn logit_scale(vb: &VarBuilder, config: &ClipConfig, files: &ModelFiles) -> anyhow::Result<f64> {
+    let log_scale = if vb.contains_tensor("logit_scale") {
+        vb.get((), "logit_scale")
+            .or_else(|_| vb.get(1, "logit_scale").and_then(|t| t.squeeze(0)))
+            .with_context(|| {
+                format!(
+                    "{}: reading logit_scale",
+                    files.weights.paths()[0].display()
+                )
+            })?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+    } else {
+        config.logit_scale_init_value
+    };
+    let scale = log_scale.exp();
+    anyhow::ensure!(
+        scale.is_finite() && scale > 0.0,
+        "{}: logit_scale {log_scale} gives a temperature of {scale}",
+        files.weights.paths()[0].display()
+    );
+    Ok(scale)
+}
+
 /// A read-only `VarBuilder` over a checkpoint's weight files (memory-mapped safetensors, or a
 /// PyTorch pickle read without executing code).
 pub fn weights_var_builder(
@@ -376,6 +407,41 @@ pub fn weights_var_builder(
         WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, device)
             .with_context(|| format!("reading {}", path.display()))?,
     })
+}
+
+/// Every tensor of a checkpoint's weight files, by name (sorted), on the CPU in its stored dtype:
+/// what a derived checkpoint must carry over beyond the tensors clipft's model uses
+/// (`logit_scale`, buffers such as `position_ids`).
+pub fn all_tensors(weights: &WeightFiles) -> anyhow::Result<Vec<(String, candle_core::Tensor)>> {
+    let mut out = Vec::new();
+    match weights {
+        WeightFiles::Safetensors(paths) => {
+            // SAFETY: read-only maps of files clipft does not modify.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }
+                .with_context(|| format!("reading {}", paths[0].display()))?;
+            for (name, _) in st.tensors() {
+                let t = st
+                    .load(&name, &Device::Cpu)
+                    .with_context(|| format!("reading tensor {name} of {}", paths[0].display()))?;
+                out.push((name, t));
+            }
+        }
+        WeightFiles::Pth(path) => {
+            let pth = candle_core::pickle::PthTensors::new(path, None)
+                .with_context(|| format!("reading {}", path.display()))?;
+            for name in pth.tensor_infos().keys() {
+                if let Some(t) = pth
+                    .get(name)
+                    .with_context(|| format!("reading tensor {name} of {}", path.display()))?
+                {
+                    out.push((name.clone(), t));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0);
+    Ok(out)
 }
 
 pub fn device_name(d: &Device) -> String {
