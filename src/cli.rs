@@ -447,6 +447,7 @@ fn labels_tensor(labels: &[usize]) -> Result<Tensor> {
 }
 
 fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
+    crate::io::check_writable(&a.out, "--out")?;
     let dataset = Dataset::open(&a.data)?;
     let samples = split_samples(&dataset, a.split, &a.shots, quiet)?;
     let clip = load_model(&a.model, quiet)?;
@@ -491,6 +492,9 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
+    if let Some(p) = &a.save_logits {
+        crate::io::check_writable(p, "--save-logits")?;
+    }
     let dataset = Dataset::open(&a.data)?;
     // Fail on a missing split before the (possibly slow) model load.
     dataset.samples(a.split)?;

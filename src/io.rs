@@ -37,6 +37,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Checks, before any work, that `flag`'s output file `path` can be written: it is not a folder
+/// and its folder exists (or can be made) and takes new files. Saves a long run from failing
+/// only at its end.
+pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
+    anyhow::ensure!(
+        !path.is_dir(),
+        "{flag} {}: that is a folder; give a file path",
+        path.display()
+    );
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).with_context(|| {
+        format!(
+            "{flag} {}: creating folder {}",
+            path.display(),
+            parent.display()
+        )
+    })?;
+    tempfile::Builder::new()
+        .prefix(".clipft-")
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .with_context(|| {
+            format!(
+                "{flag} {}: cannot write in {}",
+                path.display(),
+                parent.display()
+            )
+        })?;
+    Ok(())
+}
+
 /// Saves named tensors plus a JSON metadata value atomically.
 pub fn save(path: &Path, tensors: &[(&str, &Tensor)], meta: &serde_json::Value) -> Result<()> {
     let meta = HashMap::from([(META_KEY.to_string(), meta.to_string())]);

@@ -623,6 +623,87 @@ fn adapter_and_templates_do_not_mix() {
     );
 }
 
+/// Outputs are checked before any work: a folder given as a file, a folder that cannot be made,
+/// and for FD-Align the source model's own folder or a folder of other files.
+#[test]
+fn outputs_are_checked_before_any_work() {
+    let ws = Workspace::new();
+    let blocker = ws.path().join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let cases: Vec<(Vec<&str>, std::path::PathBuf, &str)> = vec![
+        (
+            vec!["features", "--split", "val"],
+            ws.path().to_path_buf(),
+            "that is a folder",
+        ),
+        (
+            vec!["features", "--split", "val"],
+            blocker.join("f.safetensors"),
+            "creating folder",
+        ),
+        (
+            vec!["tip", "build-cache"],
+            blocker.join("t.safetensors"),
+            "creating folder",
+        ),
+        (
+            vec!["crossmodal", "train"],
+            ws.path().to_path_buf(),
+            "that is a folder",
+        ),
+    ];
+    for (args, out, want) in cases {
+        let o = ws
+            .bare(args[0])
+            .args(&args[1..])
+            .arg("--model")
+            .arg(ws.model())
+            .arg("--data")
+            .arg(ws.data())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        let e = stderr(&o);
+        assert!(e.contains("--out") && e.contains(want), "{args:?}: {e}");
+    }
+    let fd = |out: &std::path::Path| {
+        ws.bare("fdalign")
+            .arg("train")
+            .arg("--model")
+            .arg(ws.model())
+            .arg("--data")
+            .arg(ws.data())
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let before = std::fs::read(ws.model().join("model.safetensors")).unwrap();
+    let o = fd(&ws.model());
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("source model's folder"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(ws.model().join("model.safetensors")).unwrap(),
+        before
+    );
+    let other = ws.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+    let o = fd(&other);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not an FD-Align output"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// Flags that would otherwise be silently ignored are refused.
 #[test]
 fn flags_that_would_be_ignored_are_refused() {

@@ -245,6 +245,16 @@ fn hub_ids_resolve_from_the_cache_when_offline() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(common::stdout(&out).contains("someone/tiny-clip"));
+    // A commit hash finds its snapshot folder (huggingface_hub writes no ref for one).
+    let out = ws
+        .bare("info")
+        .args(["--model", "someone/tiny-clip", "--revision"])
+        .arg("0123456789abcdef0123456789abcdef01234567")
+        .env("HF_HOME", &hf_home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // The default model's known-good ref is used when no --revision is given.
     fake_hub_cache(
@@ -300,7 +310,8 @@ fn unreachable_hub_gives_a_clear_download_error() {
     // A closed local port: the request fails at once, as it does on a machine without network.
     let out = ws
         .bare("info")
-        .args(["--model", "someone/not-cached"])
+        // ("404" in the URL must not read as "file not found".)
+        .args(["--model", "someone/not-cached-404"])
         .env_remove("HF_HUB_OFFLINE")
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .timeout(std::time::Duration::from_secs(120))
@@ -309,7 +320,7 @@ fn unreachable_hub_gives_a_clear_download_error() {
     assert!(!out.status.success());
     let e = stderr(&out);
     assert!(
-        e.contains("could not download `config.json` of model `someone/not-cached`"),
+        e.contains("could not download `config.json` of model `someone/not-cached-404`"),
         "{e}"
     );
     assert!(e.contains("HF_HUB_OFFLINE=1"), "{e}");

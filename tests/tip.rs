@@ -588,7 +588,33 @@ mod cli {
             .args(["--data", s(&data)])
             .assert()
             .failure()
-            .stderr(contains("--model").and(contains("was built with model")));
+            .stderr(contains("--model").and(contains("weights are not those")));
+        // A moved model is still the model (its weights are), once --model says where it went.
+        std::fs::rename(&model, ws.p("moved")).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
+            .assert()
+            .failure()
+            .stderr(contains("no longer there").and(contains("--model")));
+        let moved = ws.json(&[
+            "eval",
+            "--adapter",
+            s(&tipc),
+            "--model",
+            s(&ws.p("moved")),
+            "--data",
+            s(&data),
+        ]);
+        assert_eq!(moved["top1"], tip["top1"]);
+        // Another checkpoint of the same shape written where the model was is not it.
+        synth::write_checkpoint(&model, &synth::tiny_config(), 7).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
+            .assert()
+            .failure()
+            .stderr(contains("weights are not those"));
+        std::fs::remove_dir_all(&model).unwrap();
+        std::fs::rename(ws.p("moved"), &model).unwrap();
         // A dataset with other classes is an error naming --data.
         synth::write_dataset(
             &ws.p("data3"),

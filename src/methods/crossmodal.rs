@@ -905,6 +905,9 @@ pub struct CrossMeta {
     pub version: u32,
     pub model: String,
     pub revision: Option<String>,
+    /// [`crate::model::Clip::weights_digest`] of the model (absent before 2026-11-28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_digest: Option<String>,
     pub projection_dim: usize,
     pub class_folders: Vec<String>,
     pub class_names: Vec<String>,
@@ -1035,8 +1038,16 @@ impl CrossArtifact {
                 && head_wiseft
                     .as_ref()
                     .is_none_or(|w| w.rows == c && w.cols == head.cols),
-            "{}: inconsistent tensor shapes",
-            path.display()
+            "{}: inconsistent tensor shapes (head [{}, {}]{}; {} classes, projection_dim {})",
+            path.display(),
+            head.rows,
+            head.cols,
+            head_wiseft.as_ref().map_or(String::new(), |w| format!(
+                ", head_wiseft [{}, {}]",
+                w.rows, w.cols
+            )),
+            c,
+            meta.projection_dim
         );
         Ok(Self {
             meta,
@@ -1090,17 +1101,18 @@ impl CrossArtifact {
     }
 
     pub fn check_compatible(&self, clip: &Clip, dataset: &Dataset, path: &Path) -> Result<()> {
-        super::check_compatible(
-            &super::ArtifactIdentity {
-                model: &self.meta.model,
-                projection_dim: self.meta.projection_dim,
-                class_folders: &self.meta.class_folders,
-                class_names: &self.meta.class_names,
-            },
-            clip,
-            dataset,
-            path,
-        )
+        super::check_compatible(&self.identity(), clip, dataset, path)
+    }
+
+    /// The model and classes this artifact was built for.
+    pub fn identity(&self) -> super::ArtifactIdentity<'_> {
+        super::ArtifactIdentity {
+            model: &self.meta.model,
+            model_digest: self.meta.model_digest.as_deref(),
+            projection_dim: self.meta.projection_dim,
+            class_folders: &self.meta.class_folders,
+            class_names: &self.meta.class_names,
+        }
     }
 }
 

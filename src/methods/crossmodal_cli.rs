@@ -221,6 +221,7 @@ pub fn train(
         version: 1,
         model: clip.files.id.clone(),
         revision: clip.files.revision.clone(),
+        model_digest: Some(clip.weights_digest()?.to_string()),
         projection_dim: dim,
         class_folders: dataset.class_folders(),
         class_names,
@@ -297,6 +298,7 @@ pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Resu
 }
 
 fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
+    crate::io::check_writable(&a.out, "--out")?;
     if let Some(w) = a.wise_ft {
         ensure!((0.0..=1.0).contains(&w), "--wise-ft must be in [0, 1]");
     }
@@ -380,7 +382,7 @@ pub fn eval_adapter(
     let (head, method) = art.pick(variant)?;
     let args = super::model_for(
         model,
-        &art.meta.model,
+        &art.identity(),
         art.meta.revision.as_deref(),
         path,
         quiet,

@@ -84,6 +84,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     };
     // Bad flags fail before the dataset is scanned and the model loaded.
     settings.validate()?;
+    check_out_folder(&a.out, a.model.model.as_deref())?;
     let dataset = Dataset::open(&a.data)?;
     let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
     let val = dataset
@@ -91,6 +92,17 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         .context("FD-Align picks its epoch on val (clipft never tunes on test)")?;
     let template_set = crate::templates::resolve(&a.templates)?;
     let clip = load_model(&a.model, quiet)?;
+    // (A hub model's snapshot folder, which the check above could not see.)
+    let source = clip
+        .files
+        .config
+        .parent()
+        .and_then(|p| p.canonicalize().ok());
+    ensure!(
+        source.is_none() || source != a.out.canonicalize().ok(),
+        "--out {}: that is the source model's folder; give another folder",
+        a.out.display()
+    );
     info(
         format!(
             "FD-Align: {} train images, batch {}, lr {:.3e}, {} epochs",
@@ -137,6 +149,49 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         ),
         quiet,
     );
+    Ok(())
+}
+
+/// `--out` must be a new or empty folder, or an earlier FD-Align output (which is replaced), and
+/// never the source model's own folder: the run writes a whole checkpoint there.
+fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
+    if let Some(m) = model {
+        let same = Path::new(m).canonicalize().ok();
+        ensure!(
+            same.is_none() || same != out.canonicalize().ok(),
+            "--out {}: that is the source model's folder; FD-Align writes a new checkpoint, \
+             give another folder",
+            out.display()
+        );
+    }
+    if out.is_dir() {
+        let earlier = out.join(fdalign_train::STATE_FILE).is_file()
+            || std::fs::read(out.join("manifest.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|m| m["kind"] == "fdalign");
+        let empty = std::fs::read_dir(out)
+            .with_context(|| format!("--out {}", out.display()))?
+            .next()
+            .is_none();
+        ensure!(
+            earlier || empty,
+            "--out {}: the folder holds files that are not an FD-Align output; give a new or \
+             empty folder",
+            out.display()
+        );
+    } else {
+        ensure!(
+            !out.exists(),
+            "--out {}: not a folder; FD-Align writes a checkpoint folder",
+            out.display()
+        );
+    }
+    let probe = out.join(".clipft-probe");
+    std::fs::create_dir_all(out)
+        .and_then(|_| std::fs::write(&probe, b""))
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("--out {}: cannot write there", out.display()))?;
     Ok(())
 }
 

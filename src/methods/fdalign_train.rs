@@ -512,6 +512,15 @@ pub fn write_checkpoint(
             t
         })
     };
+    // The head and manifest mark a finished folder: they go first and come back last, so a run
+    // killed while replacing an earlier output leaves an incomplete folder that `eval
+    // --adapter` refuses, never old markers beside new weights.
+    for marker in [HEAD_FILE, "manifest.json"] {
+        let p = out.join(marker);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, t) in crate::model::load::all_tensors(&clip.files.weights)? {
         let t = match tuned.get(&name) {

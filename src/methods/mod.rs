@@ -18,6 +18,9 @@ use anyhow::{ensure, Result};
 /// What an artifact was built for: checked against a loaded model and dataset.
 pub struct ArtifactIdentity<'a> {
     pub model: &'a str,
+    /// [`crate::model::Clip::weights_digest`] of that model (absent in artifacts written before
+    /// 2026-11-28, which are matched by `model` alone).
+    pub model_digest: Option<&'a str>,
     pub projection_dim: usize,
     pub class_folders: &'a [String],
     pub class_names: &'a [String],
@@ -33,20 +36,32 @@ pub fn check_compatible(
 ) -> Result<()> {
     let dim = clip.config().projection_dim;
     ensure!(
-        tip::same_model(&clip.files.id, id.model),
-        "--model {}: {} was built with model `{}`; pass --model {} (or leave --model out)",
-        clip.files.id,
-        path.display(),
-        id.model,
-        id.model
-    );
-    ensure!(
         dim == id.projection_dim,
         "--model {}: feature dimension {dim}, but {} has {}-dimensional features",
         clip.files.id,
         path.display(),
         id.projection_dim
     );
+    match id.model_digest {
+        // The weights themselves: a moved or re-downloaded copy is the same model, another
+        // checkpoint written to the same folder is not.
+        Some(digest) => ensure!(
+            clip.weights_digest()? == digest,
+            "--model {}: its weights are not those {} was built with (model `{}` then): the \
+             checkpoint was changed or replaced, or this is another model",
+            clip.files.id,
+            path.display(),
+            id.model
+        ),
+        None => ensure!(
+            tip::same_model(&clip.files.id, id.model),
+            "--model {}: {} was built with model `{}`; pass --model {} (or leave --model out)",
+            clip.files.id,
+            path.display(),
+            id.model,
+            id.model
+        ),
+    }
     let folders = dataset.class_folders();
     ensure!(
         folders == id.class_folders,
@@ -67,22 +82,31 @@ pub fn check_compatible(
 }
 
 /// The `--model` to load for an artifact built with `model` (at `revision`): the artifact's own
-/// when `--model` is not given; an error when `--model` names another model.
+/// when `--model` is not given. Another `--model` is an error for an artifact that records only
+/// the model's name; one that records its weights' digest takes any `--model` (a moved copy),
+/// which [`check_compatible`] then checks.
 pub fn model_for(
     args: &crate::cli::ModelArgs,
-    model: &str,
+    id: &ArtifactIdentity,
     revision: Option<&str>,
     path: &Path,
     quiet: bool,
 ) -> Result<crate::cli::ModelArgs> {
+    let model = id.model;
     let mut args = args.clone();
     match &args.model {
         Some(m) => ensure!(
-            tip::same_model(m, model),
+            id.model_digest.is_some() || tip::same_model(m, model),
             "--model {m}: {} was built with model `{model}`; pass --model {model} (or leave --model out)",
             path.display()
         ),
         None => {
+            ensure!(
+                Path::new(model).exists() || !model.starts_with('/'),
+                "{} was built with the model in {model}, which is no longer there; pass --model \
+                 with its new location",
+                path.display()
+            );
             crate::cli::info(format!("using the model of {}: {model}", path.display()), quiet);
             args.model = Some(model.to_string());
         }

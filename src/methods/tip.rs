@@ -701,6 +701,9 @@ pub struct TipMeta {
     pub version: u32,
     pub model: String,
     pub revision: Option<String>,
+    /// [`crate::model::Clip::weights_digest`] of the model (absent before 2026-11-28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_digest: Option<String>,
     pub projection_dim: usize,
     pub dtype: String,
     pub class_folders: Vec<String>,
@@ -759,8 +762,15 @@ impl TipArtifact {
         let kind = meta.get("kind").and_then(|k| k.as_str()).unwrap_or("");
         ensure!(
             kind == "tip" || kind == "tipf",
-            "{}: not a Tip-Adapter artifact (kind `{kind}`; make one with `clipft tip build-cache`)",
-            path.display()
+            "{}: not an adapter (kind `{kind}`): `--adapter` takes a Tip-Adapter artifact (`clipft \
+             tip build-cache` / `tip train`), a cross-modal head (`clipft crossmodal train`) or an \
+             FD-Align output folder (`clipft fdalign train`){}",
+            path.display(),
+            if path.file_name().is_some_and(|n| n == "fdalign_head.safetensors") {
+                "; for FD-Align give the folder, not its head file"
+            } else {
+                ""
+            }
         );
         let meta: TipMeta = serde_json::from_value(meta)
             .with_context(|| format!("{}: malformed Tip-Adapter metadata", path.display()))?;
@@ -773,15 +783,30 @@ impl TipArtifact {
             }
             Kind::Tip => None,
         };
-        let (nk, d) = cache_keys.dims2()?;
+        let (nk, d) = cache_keys
+            .dims2()
+            .with_context(|| format!("{}: cache_keys is not a matrix", path.display()))?;
         let c = meta.class_names.len();
+        let shapes = format!(
+            "cache_keys {:?}, cache_values {:?}, text_classifier {:?}{}; {} classes, \
+             projection_dim {}",
+            cache_keys.dims(),
+            cache_values.dims(),
+            classifier.dims(),
+            adapter.as_ref().map_or(String::new(), |a| format!(
+                ", adapter_weight {:?}",
+                a.dims()
+            )),
+            c,
+            meta.projection_dim
+        );
         ensure!(
             d == meta.projection_dim
                 && cache_values.dims() == [nk, c]
                 && classifier.dims() == [c, d]
                 && adapter.as_ref().is_none_or(|a| a.dims() == [nk, d])
                 && meta.class_folders.len() == c,
-            "{}: inconsistent tensor shapes",
+            "{}: inconsistent tensor shapes ({shapes})",
             path.display()
         );
         labels_of_one_hot(&cache_values).with_context(|| path.display().to_string())?;
@@ -814,17 +839,18 @@ impl TipArtifact {
 
     /// Checks that a loaded model and dataset are the ones this artifact was built for.
     pub fn check_compatible(&self, clip: &Clip, dataset: &Dataset, path: &Path) -> Result<()> {
-        super::check_compatible(
-            &super::ArtifactIdentity {
-                model: &self.meta.model,
-                projection_dim: self.meta.projection_dim,
-                class_folders: &self.meta.class_folders,
-                class_names: &self.meta.class_names,
-            },
-            clip,
-            dataset,
-            path,
-        )
+        super::check_compatible(&self.identity(), clip, dataset, path)
+    }
+
+    /// The model and classes this artifact was built for.
+    pub fn identity(&self) -> super::ArtifactIdentity<'_> {
+        super::ArtifactIdentity {
+            model: &self.meta.model,
+            model_digest: self.meta.model_digest.as_deref(),
+            projection_dim: self.meta.projection_dim,
+            class_folders: &self.meta.class_folders,
+            class_names: &self.meta.class_names,
+        }
     }
 }
 
@@ -948,6 +974,7 @@ pub fn build_cache(
         version: 1,
         model: clip.files.id.clone(),
         revision: clip.files.revision.clone(),
+        model_digest: Some(clip.weights_digest()?.to_string()),
         projection_dim: clip.config().projection_dim,
         dtype: clip.precision.to_string(),
         class_folders: dataset.class_folders(),
@@ -1000,10 +1027,12 @@ pub fn train(
     let rel: Vec<String> = paths.iter().map(|p| relative(&dataset.root, p)).collect();
     ensure!(
         rel == m.train_paths,
-        "--data {}: the few-shot train images (shots {:?}, seed {}) differ from the {} images the \
+        "--data {}: the few-shot train images ({}, seed {}) differ from the {} images the \
          cache was built from; was the train split changed?",
         dataset.root.display(),
-        m.shots,
+        m.shots.map_or("every image".to_string(), |k| format!(
+            "{k} shots per class"
+        )),
         m.seed,
         m.train_paths.len()
     );

@@ -95,6 +95,7 @@ pub fn run(args: TipArgs, quiet: bool) -> Result<()> {
 }
 
 fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
+    crate::io::check_writable(&a.out, "--out")?;
     let mut config = TipConfig::resolve(&a.config)?;
     if let Some(t) = &a.templates {
         config.templates = crate::templates::resolve(t)?;
@@ -179,7 +180,7 @@ fn load_for(
     let clip = load_model(
         &super::model_for(
             args,
-            &art.meta.model,
+            &art.identity(),
             art.meta.revision.as_deref(),
             path,
             quiet,
@@ -191,6 +192,7 @@ fn load_for(
 }
 
 fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
+    crate::io::check_writable(&a.out, "--out")?;
     let cache = TipArtifact::load(&a.cache)?;
     ensure!(
         cache.meta.kind == tip::Kind::Tip,

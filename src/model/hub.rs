@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
+use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::{Cache, Repo, RepoType};
 
 use super::LoadError;
 
@@ -169,6 +170,11 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
     Ok(names)
 }
 
+/// Whether a revision is a full commit hash (40 hex digits) rather than a branch, tag or ref.
+fn is_commit_hash(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn resolve_hub(repo_id: &str, revision: &str, progress: bool) -> Result<ModelFiles, LoadError> {
     let cache_dir = hub_cache_dir();
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
@@ -197,6 +203,18 @@ fn resolve_hub(repo_id: &str, revision: &str, progress: bool) -> Result<ModelFil
         if let Some(p) = cached.get(file) {
             return Ok(Some(p));
         }
+        // A commit hash names its snapshot folder directly; `huggingface_hub` writes no ref
+        // for it.
+        if is_commit_hash(revision) {
+            let p = cache_dir
+                .join(repo.folder_name())
+                .join("snapshots")
+                .join(revision)
+                .join(file);
+            if p.exists() {
+                return Ok(Some(p));
+            }
+        }
         let Some(api) = &api else {
             return Err(LoadError::NotCached {
                 repo: repo_id.into(),
@@ -207,20 +225,15 @@ fn resolve_hub(repo_id: &str, revision: &str, progress: bool) -> Result<ModelFil
         };
         match api.repo(repo.clone()).get(file) {
             Ok(p) => Ok(Some(p)),
-            Err(e) => {
-                let msg = e.to_string();
-                if msg.contains("404") {
-                    Ok(None)
-                } else {
-                    Err(LoadError::Download {
-                        repo: repo_id.into(),
-                        revision: revision.into(),
-                        cache: cache_dir.clone(),
-                        file: file.into(),
-                        msg,
-                    })
-                }
-            }
+            // Only the status code says "no such file" (the URL itself may contain "404").
+            Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(LoadError::Download {
+                repo: repo_id.into(),
+                revision: revision.into(),
+                cache: cache_dir.clone(),
+                file: file.into(),
+                msg: e.to_string(),
+            }),
         }
     };
     let required = |file: &str| -> Result<PathBuf, LoadError> {
