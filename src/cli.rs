@@ -15,16 +15,22 @@ use crate::model::{Clip, DTypeArg, DeviceArg, ModelSpec};
 use crate::preprocess::Decode;
 use crate::preprocess::View;
 
-const AFTER_HELP: &str = "\
-Dataset layout: DIR/{train,val,test}/<class>/<image> (jpg, jpeg, png, bmp, webp, gif, tiff).
+/// The text after `clipft --help`; the image extensions come from the list that is read.
+fn after_help() -> String {
+    format!(
+        "\
+Dataset layout: DIR/{{train,val,test}}/<class>/<image>, images with the extensions {} (any case).
 Classes are the folder names ('_' becomes a space) unless DIR/classnames.txt maps
 '<folder>\\t<readable name>'. Models: a local folder in the Hugging Face layout (config.json,
 model.safetensors, tokenizer.json) or a hub id such as openai/clip-vit-base-patch32.
 
-Try `clipft demo` for an end-to-end run on a generated model and image set (no network).";
+Try `clipft demo` for an end-to-end run on a generated model and image set (no network).",
+        crate::data::IMAGE_EXTENSIONS.join(", ")
+    )
+}
 
 #[derive(Parser, Debug)]
-#[command(name = "clipft", version, about = "Few-shot adaptation of CLIP: zero-shot, Tip-Adapter, cross-modal and FD-Align in one binary", after_help = AFTER_HELP)]
+#[command(name = "clipft", version, about = "Few-shot adaptation of CLIP: zero-shot, Tip-Adapter, cross-modal and FD-Align in one binary", after_help = after_help())]
 pub struct Cli {
     /// No progress bars or informational messages on stderr.
     #[arg(long, short, global = true)]

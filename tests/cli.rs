@@ -598,6 +598,12 @@ fn help_teaches_the_layout() {
     for sub in ["features", "eval", "demo", "info"] {
         assert!(text.contains(sub));
     }
+    // Every extension that is read is named (clap may wrap the line anywhere).
+    let words: Vec<&str> = text.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    for ext in clipft::data::IMAGE_EXTENSIONS {
+        assert!(words.contains(ext), "{ext}: {text}");
+    }
+    assert!(words.contains(&"jfif"), "{text}");
 }
 
 #[test]
