@@ -411,18 +411,17 @@ pub(crate) fn split_samples(
     Ok(picked)
 }
 
-fn report_skipped(skipped: &[crate::preprocess::ImageError], quiet: bool) {
+fn report_skipped(skipped: &[crate::preprocess::ImageError]) {
     if skipped.is_empty() {
         return;
     }
+    // A warning, so it prints with --quiet too, and with the files it announces.
     eprintln!("warning: skipped {} unreadable image(s):", skipped.len());
-    if !quiet {
-        for e in skipped.iter().take(20) {
-            eprintln!("  {e}");
-        }
-        if skipped.len() > 20 {
-            eprintln!("  ... and {} more", skipped.len() - 20);
-        }
+    for e in skipped.iter().take(20) {
+        eprintln!("  {e}");
+    }
+    if skipped.len() > 20 {
+        eprintln!("  ... and {} more", skipped.len() - 20);
     }
 }
 
@@ -462,9 +461,15 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     let opts = a.extract.options(quiet);
     let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
     let feats = image_features(&clip, &paths, &view, &opts)?;
-    report_skipped(&feats.skipped, quiet);
+    report_skipped(&feats.skipped);
     let kept_paths: Vec<PathBuf> = feats.kept.iter().map(|&i| paths[i].clone()).collect();
     let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
+    // The sample was drawn before any image was read; skipping can leave classes short.
+    if let Some(k) = a.shots.shots.filter(|_| !feats.skipped.is_empty()) {
+        if let Some(w) = crate::data::shots_left_warning(&dataset, &labels, k as usize) {
+            eprintln!("warning: {w}");
+        }
+    }
     let normalized = l2_normalize(&feats.features)?.to_dtype(DType::F32)?;
     let mut meta = rows_metadata(&clip, &dataset, a.split, &kept_paths);
     meta["kind"] = "features".into();

@@ -399,6 +399,32 @@ pub fn few_shot(
     Ok((out, warnings))
 }
 
+/// After the unreadable images of a `shots`-per-class sample were skipped, a warning naming each
+/// class left with fewer than `shots` of the kept `labels` (one per image), with its count.
+pub fn shots_left_warning(dataset: &Dataset, labels: &[usize], shots: usize) -> Option<String> {
+    let mut counts = vec![0usize; dataset.classes.len()];
+    for &l in labels {
+        counts[l] += 1;
+    }
+    let short: Vec<String> = dataset
+        .classes
+        .iter()
+        .zip(&counts)
+        .filter(|(_, &n)| n < shots)
+        .map(|(c, &n)| match n {
+            0 => format!("`{}` (none)", c.folder),
+            n => format!("`{}` ({n})", c.folder),
+        })
+        .collect();
+    (!short.is_empty()).then(|| {
+        format!(
+            "--shots {shots}: after skipping unreadable images, {} class(es) have fewer images: {}",
+            short.len(),
+            short.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +469,19 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(found, ["a.jpg", "b.JFIF", "c.jpe", "d.jif", "e.Jpeg"]);
+    }
+
+    #[test]
+    fn classes_left_short_by_skipped_images_are_named() {
+        let (_dir, root) = dataset(&["a", "b", "c"], None);
+        let ds = Dataset::open(&root).unwrap();
+        assert_eq!(shots_left_warning(&ds, &[0, 0, 1, 1, 2, 2], 2), None);
+        let w = shots_left_warning(&ds, &[0, 0, 2], 2).unwrap();
+        assert_eq!(
+            w,
+            "--shots 2: after skipping unreadable images, 2 class(es) have fewer images: `b` \
+             (none), `c` (1)"
+        );
     }
 
     #[test]
