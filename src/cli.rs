@@ -15,16 +15,22 @@ use crate::model::{Clip, DTypeArg, DeviceArg, ModelSpec};
 use crate::preprocess::Decode;
 use crate::preprocess::View;
 
-const AFTER_HELP: &str = "\
-Dataset layout: DIR/{train,val,test}/<class>/<image> (jpg, jpeg, png, bmp, webp, gif, tiff).
+/// The text after `clipft --help`; the image extensions come from the list that is read.
+fn after_help() -> String {
+    format!(
+        "\
+Dataset layout: DIR/{{train,val,test}}/<class>/<image>, images with the extensions {} (any case).
 Classes are the folder names ('_' becomes a space) unless DIR/classnames.txt maps
 '<folder>\\t<readable name>'. Models: a local folder in the Hugging Face layout (config.json,
 model.safetensors, tokenizer.json) or a hub id such as openai/clip-vit-base-patch32.
 
-Try `clipft demo` for an end-to-end run on a generated model and image set (no network).";
+Try `clipft demo` for an end-to-end run on a generated model and image set (no network).",
+        crate::data::IMAGE_EXTENSIONS.join(", ")
+    )
+}
 
 #[derive(Parser, Debug)]
-#[command(name = "clipft", version, about = "Few-shot adaptation of CLIP: zero-shot, Tip-Adapter, cross-modal and FD-Align in one binary", after_help = AFTER_HELP)]
+#[command(name = "clipft", version, about = "Few-shot adaptation of CLIP: zero-shot, Tip-Adapter, cross-modal and FD-Align in one binary", after_help = after_help())]
 pub struct Cli {
     /// No progress bars or informational messages on stderr.
     #[arg(long, short, global = true)]
@@ -406,18 +412,17 @@ pub(crate) fn split_samples(
     Ok(picked)
 }
 
-fn report_skipped(skipped: &[crate::preprocess::ImageError], quiet: bool) {
+fn report_skipped(skipped: &[crate::preprocess::ImageError]) {
     if skipped.is_empty() {
         return;
     }
+    // A warning, so it prints with --quiet too, and with the files it announces.
     eprintln!("warning: skipped {} unreadable image(s):", skipped.len());
-    if !quiet {
-        for e in skipped.iter().take(20) {
-            eprintln!("  {e}");
-        }
-        if skipped.len() > 20 {
-            eprintln!("  ... and {} more", skipped.len() - 20);
-        }
+    for e in skipped.iter().take(20) {
+        eprintln!("  {e}");
+    }
+    if skipped.len() > 20 {
+        eprintln!("  ... and {} more", skipped.len() - 20);
     }
 }
 
@@ -458,9 +463,15 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     let opts = a.extract.options(quiet);
     let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
     let feats = image_features(&clip, &paths, &view, &opts)?;
-    report_skipped(&feats.skipped, quiet);
+    report_skipped(&feats.skipped);
     let kept_paths: Vec<PathBuf> = feats.kept.iter().map(|&i| paths[i].clone()).collect();
     let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
+    // The sample was drawn before any image was read; skipping can leave classes short.
+    if let Some(k) = a.shots.shots.filter(|_| !feats.skipped.is_empty()) {
+        if let Some(w) = crate::data::shots_left_warning(&dataset, &labels, k as usize) {
+            eprintln!("warning: {w}");
+        }
+    }
     let normalized = l2_normalize(&feats.features)?.to_dtype(DType::F32)?;
     let mut meta = rows_metadata(&clip, &dataset, a.split, &kept_paths);
     meta["kind"] = "features".into();

@@ -8,8 +8,11 @@ use std::str::FromStr;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-/// File extensions (lower case) read as images.
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff"];
+/// File extensions (lower case) read as images: Pillow's for these formats (it also opens
+/// `.jif` JPEGs, by their content).
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "jpe", "jfif", "jif", "png", "bmp", "webp", "gif", "tif", "tiff",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Split {
@@ -78,6 +81,9 @@ pub enum DataError {
     },
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },
+    /// Two classes with one readable name (from their folders, or `classnames.txt`).
+    #[error("{}: {msg}", path.display())]
+    DuplicateNames { path: PathBuf, msg: String },
     #[error(
         "--shots {shots}: {count} class(es) have fewer training images: {list}. Lower --shots, or pass \
          --allow-fewer-shots to use all images of those classes"
@@ -201,6 +207,14 @@ impl Dataset {
         let names_file = root.join("classnames.txt");
         if names_file.is_file() {
             apply_classnames(&names_file, &mut classes)?;
+        } else {
+            // `sea_lion` and `sea lion` would both be prompted as "sea lion".
+            check_unique_names(&classes, |_| None).map_err(|(_, msg)| {
+                DataError::DuplicateNames {
+                    path: root.join(first.as_str()),
+                    msg,
+                }
+            })?;
         }
         Ok(Self {
             root,
@@ -249,8 +263,14 @@ impl Dataset {
     }
 }
 
+/// Applies `classnames.txt`, then checks that every class ends up with its own name: two classes
+/// with one name would get the same prompts, and one of them could never be predicted.
 fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataError> {
     let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    // Editors on Windows save UTF-8 with a byte-order mark; it is not part of the first folder.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    // The line that named each class, if any.
+    let mut named_on: Vec<Option<usize>> = vec![None; classes.len()];
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() || line.starts_with('#') {
@@ -268,11 +288,62 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataEr
         if name.is_empty() {
             return Err(bad(format!("empty name for `{folder}`")));
         }
-        let class = classes
-            .iter_mut()
-            .find(|c| c.folder == folder)
+        let k = classes
+            .iter()
+            .position(|c| c.folder == folder)
             .ok_or_else(|| bad(format!("`{folder}` is not a class folder of this dataset")))?;
-        class.name = name.to_string();
+        if let Some(first) = named_on[k] {
+            return Err(bad(format!("`{folder}` is already named on line {first}")));
+        }
+        named_on[k] = Some(i + 1);
+        classes[k].name = name.to_string();
+    }
+    check_unique_names(classes, |k| named_on[k]).map_err(|(line, msg)| match line {
+        Some(line) => DataError::BadClassNames {
+            path: path.to_path_buf(),
+            line,
+            msg,
+        },
+        None => DataError::DuplicateNames {
+            path: path.to_path_buf(),
+            msg,
+        },
+    })
+}
+
+/// The first two classes that share a name, as `(line of classnames.txt to blame, message)`;
+/// `named_on(k)` is the line that named class `k`, `None` for a name made from its folder.
+fn check_unique_names(
+    classes: &[ClassInfo],
+    named_on: impl Fn(usize) -> Option<usize>,
+) -> Result<(), (Option<usize>, String)> {
+    let mut first_with: std::collections::HashMap<&str, usize> = Default::default();
+    for (k, class) in classes.iter().enumerate() {
+        let Some(&j) = first_with.get(class.name.as_str()) else {
+            first_with.insert(&class.name, k);
+            continue;
+        };
+        let (a, b) = (&classes[j].folder, &class.folder);
+        let name = &class.name;
+        let from = |k: usize| match named_on(k) {
+            Some(line) => format!("line {line}"),
+            None => "its folder name".to_string(),
+        };
+        let msg = if named_on(j).is_none() && named_on(k).is_none() {
+            format!(
+                "class folders `{a}` and `{b}` both read as \"{name}\" ('_' becomes a space); \
+                 rename one, or give them different names in classnames.txt"
+            )
+        } else {
+            format!(
+                "class folders `{a}` ({}) and `{b}` ({}) both get the name \"{name}\"; give \
+                 them different names",
+                from(j),
+                from(k)
+            )
+        };
+        // Blame the later line of the file that took part, if any.
+        return Err((named_on(k).max(named_on(j)), msg));
     }
     Ok(())
 }
@@ -326,4 +397,134 @@ pub fn few_shot(
         ));
     }
     Ok((out, warnings))
+}
+
+/// After the unreadable images of a `shots`-per-class sample were skipped, a warning naming each
+/// class left with fewer than `shots` of the kept `labels` (one per image), with its count.
+pub fn shots_left_warning(dataset: &Dataset, labels: &[usize], shots: usize) -> Option<String> {
+    let mut counts = vec![0usize; dataset.classes.len()];
+    for &l in labels {
+        counts[l] += 1;
+    }
+    let short: Vec<String> = dataset
+        .classes
+        .iter()
+        .zip(&counts)
+        .filter(|(_, &n)| n < shots)
+        .map(|(c, &n)| match n {
+            0 => format!("`{}` (none)", c.folder),
+            n => format!("`{}` ({n})", c.folder),
+        })
+        .collect();
+    (!short.is_empty()).then(|| {
+        format!(
+            "--shots {shots}: after skipping unreadable images, {} class(es) have fewer images: {}",
+            short.len(),
+            short.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dataset folder with a train split of these (empty) class folders, and `classnames.txt`
+    /// when given.
+    fn dataset(folders: &[&str], classnames: Option<&str>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ds");
+        for f in folders {
+            std::fs::create_dir_all(root.join("train").join(f)).unwrap();
+        }
+        if let Some(text) = classnames {
+            std::fs::write(root.join("classnames.txt"), text).unwrap();
+        }
+        (dir, root)
+    }
+
+    fn open_err(folders: &[&str], classnames: Option<&str>) -> String {
+        let (_dir, root) = dataset(folders, classnames);
+        Dataset::open(&root).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_jpeg_extension_pillow_opens_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "a.jpg",
+            "b.JFIF",
+            "c.jpe",
+            "d.jif",
+            "e.Jpeg",
+            "f.txt",
+            "g.jpg.bak",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), b"").unwrap();
+        }
+        let found: Vec<String> = list_images(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(found, ["a.jpg", "b.JFIF", "c.jpe", "d.jif", "e.Jpeg"]);
+    }
+
+    #[test]
+    fn classes_left_short_by_skipped_images_are_named() {
+        let (_dir, root) = dataset(&["a", "b", "c"], None);
+        let ds = Dataset::open(&root).unwrap();
+        assert_eq!(shots_left_warning(&ds, &[0, 0, 1, 1, 2, 2], 2), None);
+        let w = shots_left_warning(&ds, &[0, 0, 2], 2).unwrap();
+        assert_eq!(
+            w,
+            "--shots 2: after skipping unreadable images, 2 class(es) have fewer images: `b` \
+             (none), `c` (1)"
+        );
+    }
+
+    #[test]
+    fn classnames_may_start_with_a_byte_order_mark() {
+        let (_dir, root) = dataset(&["cat", "dog"], Some("\u{feff}cat\tkitty\ndog\tpuppy\n"));
+        let ds = Dataset::open(&root).unwrap();
+        assert_eq!(ds.class_names(), ["kitty", "puppy"]);
+    }
+
+    #[test]
+    fn classes_must_end_up_with_different_names() {
+        // One folder named twice: both lines.
+        let e = open_err(
+            &["cat", "dog"],
+            Some("cat\tkitty\ndog\tpuppy\ncat\tfeline\n"),
+        );
+        assert!(e.contains("classnames.txt:3:"), "{e}");
+        assert!(e.contains("`cat` is already named on line 1"), "{e}");
+        // Two folders given one name: the file, both lines and both folders.
+        let e = open_err(&["cat", "dog"], Some("cat\tpet\n# comment\ndog\tpet\n"));
+        assert!(e.contains("classnames.txt:3:"), "{e}");
+        assert!(
+            e.contains("`cat` (line 1)") && e.contains("`dog` (line 3)"),
+            "{e}"
+        );
+        assert!(e.contains("\"pet\""), "{e}");
+        // A name from the file equal to another folder's own name.
+        let e = open_err(&["cat", "sea_lion"], Some("cat\tsea lion\n"));
+        assert!(e.contains("classnames.txt:1:"), "{e}");
+        assert!(e.contains("`sea_lion` (its folder name"), "{e}");
+        // Two folders that read the same once '_' is a space, with no file: both folders.
+        let e = open_err(&["sea lion", "sea_lion"], None);
+        assert!(e.contains("`sea lion`") && e.contains("`sea_lion`"), "{e}");
+        assert!(e.contains("\"sea lion\""), "{e}");
+        // ... and with a file that does not name them apart.
+        let e = open_err(&["cat", "sea lion", "sea_lion"], Some("cat\tkitty\n"));
+        assert!(
+            e.contains("classnames.txt: class folders `sea lion`"),
+            "{e}"
+        );
+        // Naming one of them apart resolves it.
+        let (_dir, root) = dataset(&["sea lion", "sea_lion"], Some("sea_lion\tsealion\n"));
+        let ds = Dataset::open(&root).unwrap();
+        assert_eq!(ds.class_names(), ["sea lion", "sealion"]);
+    }
 }

@@ -275,6 +275,48 @@ fn too_few_shots_is_an_error_unless_allowed() {
 }
 
 #[test]
+fn skipped_images_are_listed_with_quiet_and_short_classes_are_named() {
+    let ws = Workspace::new();
+    // Every train image of one class unreadable, all but one of another's: a sample of 3 keeps
+    // none of the first and at most one of the second.
+    for (class, keep) in [
+        ("blue_diagonal_stripes", 0),
+        ("green_horizontal_stripes", 1),
+    ] {
+        let dir = ws.data().join("train").join(class);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in &files[keep..] {
+            std::fs::write(f, b"").unwrap();
+        }
+    }
+    let f = ws.path().join("x.safetensors");
+    let out = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--shots", "3", "--skip-bad-images", "-q", "--out"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    // The header comes with its list, --quiet or not; each file says why.
+    assert!(err.contains("unreadable image(s):\n  "), "{err}");
+    assert!(err.contains("empty file"), "{err}");
+    let short = err
+        .lines()
+        .find(|l| l.contains("--shots 3: after skipping unreadable images, 2 class(es)"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(short.contains("`blue_diagonal_stripes` (none)"), "{short}");
+    assert!(short.contains("`green_horizontal_stripes` ("), "{short}");
+    assert!(!short.contains("red_vertical_stripes"), "{short}");
+}
+
+#[test]
 fn eval_json_and_saved_logits_agree() {
     let ws = Workspace::new();
     let logits_file = ws.path().join("logits.safetensors");
@@ -598,6 +640,12 @@ fn help_teaches_the_layout() {
     for sub in ["features", "eval", "demo", "info"] {
         assert!(text.contains(sub));
     }
+    // Every extension that is read is named (clap may wrap the line anywhere).
+    let words: Vec<&str> = text.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    for ext in clipft::data::IMAGE_EXTENSIONS {
+        assert!(words.contains(ext), "{ext}: {text}");
+    }
+    assert!(words.contains(&"jfif"), "{text}");
 }
 
 #[test]

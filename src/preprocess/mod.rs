@@ -484,14 +484,6 @@ pub struct ImageError {
     pub msg: String,
 }
 
-/// Decodes any supported file to 8-bit RGB as `transformers`' `convert_to_rgb` does: RGB images
-/// as they are; every other mode (grey, palette, alpha, CMYK, 16-bit) through RGBA, alpha-composited
-/// onto white with Pillow's integer arithmetic. The format is taken from the content, not the
-/// extension. EXIF orientation is ignored, as `CLIPImageProcessor` ignores it.
-///
-/// JPEGs in YCbCr, RGB or grey are decoded with libjpeg-turbo's decoder (via mozjpeg, the same
-/// code Pillow uses: accurate integer IDCT, fancy chroma upsampling), so their pixels are
-/// Pillow's exactly; other JPEGs (CMYK) and all other formats go through the `image` crate.
 /// Whether this build's JPEG decoder runs libjpeg-turbo's SIMD code on this CPU (inverse DCT,
 /// chroma upsampling, colour conversion; same pixels as the plain C code, about twice as fast).
 /// The SIMD code is assembled with `nasm` when the build finds one; without it the build warns
@@ -506,6 +498,34 @@ pub fn jpeg_simd() -> bool {
     unsafe { jsimd_can_idct_islow() != 0 }
 }
 
+/// The most pixels an image may have: Pillow's `2 × Image.MAX_IMAGE_PIXELS`, above which
+/// `Image.open` raises `DecompressionBombError`. Checked on the size in the file's header,
+/// before any pixel is decoded.
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
+
+/// An error for an image whose header claims more than [`MAX_PIXELS`] (Pillow's count: each
+/// side at least 1).
+fn check_size(w: u32, h: u32) -> Result<(), String> {
+    let pixels = u64::from(w.max(1)) * u64::from(h.max(1));
+    if pixels > MAX_PIXELS {
+        return Err(format!(
+            "image is {w}x{h} = {pixels} pixels, over the limit of {MAX_PIXELS} (Pillow's \
+             decompression-bomb limit); not decoded"
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes any supported file to 8-bit RGB as `transformers`' `convert_to_rgb` does: RGB images
+/// as they are; every other mode (grey, palette, alpha, CMYK, 16-bit) through RGBA, alpha-composited
+/// onto white with Pillow's integer arithmetic. The format is taken from the content, not the
+/// extension. EXIF orientation is ignored, as `CLIPImageProcessor` ignores it.
+///
+/// JPEGs are decoded with libjpeg-turbo's decoder (via mozjpeg, the same code Pillow uses:
+/// accurate integer IDCT, fancy chroma upsampling), CMYK ones converted with Pillow's
+/// arithmetic, so their pixels are Pillow's exactly; the first frame of a GIF is composed as
+/// Pillow composes it; other formats go through the `image` crate, with Pillow's reduction of
+/// 16-bit colour channels (the high byte) and of 5- and 6-bit BMP channels.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     load_rgb_with(path, |_, _| 1).map(|source| source.rgb)
 }
@@ -521,44 +541,214 @@ pub fn load_rgb_with(
         msg,
     };
     let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    if bytes.is_empty() {
+        return Err(err("empty file".into()));
+    }
     let format =
         image::guess_format(&bytes).map_err(|e| err(format!("not a supported image: {e}")))?;
-    if format == image::ImageFormat::Jpeg {
-        // Decoders fill a cut-off JPEG with grey and carry on; Pillow refuses it ("image file is
-        // truncated"), and so does clipft.
-        if jpeg::is_truncated(&bytes) {
-            return Err(err(
-                "truncated JPEG (no end-of-image marker after the image data)".into(),
-            ));
-        }
-        if let Ok(Some(source)) = jpeg::decode(&bytes, reduction) {
-            return Ok(source);
-        }
-        // Anything libjpeg declines (CMYK, arithmetic coding, damage) gets a second opinion below.
+    // What libjpeg said about a JPEG it declined, for the error if the second opinion fails too.
+    let mut libjpeg = String::new();
+    match format {
+        image::ImageFormat::Jpeg => match jpeg::decode(&bytes, reduction) {
+            Ok(source) => return Ok(source),
+            Err(jpeg::Failure::Refused(msg)) => return Err(err(msg)),
+            // Anything else libjpeg declines (arithmetic coding, 12 bits, damage) gets a second
+            // opinion below.
+            Err(jpeg::Failure::Declined(msg)) => libjpeg = format!(" ({msg})"),
+        },
+        image::ImageFormat::Gif => return gif::first_frame(&bytes).map(Source::full).map_err(err),
+        _ => {}
     }
-    let img = image::load_from_memory_with_format(&bytes, format)
-        .map_err(|e| err(format!("cannot decode image: {e}")))?;
+    let reader = || image::ImageReader::with_format(std::io::Cursor::new(&bytes[..]), format);
+    let decode_err = |e: image::ImageError| err(format!("cannot decode image: {e}{libjpeg}"));
+    let (w, h) = reader().into_dimensions().map_err(decode_err)?;
+    check_size(w, h).map_err(err)?;
+    let img = reader().decode().map_err(decode_err)?;
     if img.width() == 0 || img.height() == 0 {
         return Err(err("image has no pixels".into()));
     }
     Ok(Source::full(match img {
-        image::DynamicImage::ImageRgb8(rgb) => rgb,
+        image::DynamicImage::ImageRgb8(mut rgb) => {
+            if format == image::ImageFormat::Bmp {
+                if let Some(bits) = bmp::channel_bits(&bytes) {
+                    bmp::expand_like_pillow(&mut rgb, bits);
+                }
+            }
+            rgb
+        }
+        // Pillow reads 16-bit colour (RGB;16B, RGBA;16B, LA;16B, and TIFF's RGB;16L) by keeping
+        // the high byte of each sample; the `image` crate rounds.
+        image::DynamicImage::ImageRgb16(px) => high_bytes(&px),
+        image::DynamicImage::ImageRgba16(px) => composite_on_white(&high_bytes(&px)),
+        image::DynamicImage::ImageLumaA16(px) => {
+            let la: image::GrayAlphaImage = high_bytes(&px);
+            composite_on_white(&image::DynamicImage::ImageLumaA8(la).to_rgba8())
+        }
         other => composite_on_white(&other.to_rgba8()),
     }))
 }
 
+/// A 16-bit image reduced to 8 bits by keeping the high byte of every sample (`x >> 8`).
+fn high_bytes<P>(img: &image::ImageBuffer<P, Vec<u16>>) -> image::ImageBuffer<P::Eight, Vec<u8>>
+where
+    P: image::Pixel<Subpixel = u16> + HasEightBit,
+{
+    let raw: Vec<u8> = img.as_raw().iter().map(|&v| (v >> 8) as u8).collect();
+    image::ImageBuffer::from_raw(img.width(), img.height(), raw).expect("same layout")
+}
+
+/// The 8-bit pixel type with the same channels as a 16-bit one.
+trait HasEightBit {
+    type Eight: image::Pixel<Subpixel = u8>;
+}
+impl HasEightBit for image::Rgb<u16> {
+    type Eight = image::Rgb<u8>;
+}
+impl HasEightBit for image::Rgba<u16> {
+    type Eight = image::Rgba<u8>;
+}
+impl HasEightBit for image::LumaA<u16> {
+    type Eight = image::LumaA<u8>;
+}
+
+mod bmp {
+    use image::RgbImage;
+
+    /// Bits of the red, green and blue fields of a 16-bit BMP Pillow reads (5-6-5 or 5-5-5),
+    /// from its header; `None` for any other BMP.
+    pub fn channel_bits(bytes: &[u8]) -> Option<[u32; 3]> {
+        let u16_at = |i: usize| Some(u16::from_le_bytes(bytes.get(i..i + 2)?.try_into().ok()?));
+        let u32_at = |i: usize| Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?));
+        let header = u32_at(14)?;
+        let (bpp, compression) = if header == 12 {
+            (u16_at(24)?, 0)
+        } else {
+            (u16_at(28)?, u32_at(30)?)
+        };
+        if bpp != 16 {
+            return None;
+        }
+        match compression {
+            // BI_RGB: 5-5-5.
+            0 => Some([5, 5, 5]),
+            // BI_BITFIELDS: the three masks follow the 40-byte header (or sit at the same
+            // offset inside a longer one).
+            3 => match (u32_at(54)?, u32_at(58)?, u32_at(62)?) {
+                (0xF800, 0x07E0, 0x001F) => Some([5, 6, 5]),
+                (0x7C00, 0x03E0, 0x001F) => Some([5, 5, 5]),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Re-expands the channels of a 16-bit BMP the `image` crate decoded (`round(v·255/max)`)
+    /// the way Pillow's `BGR;16` / `BGR;15` unpackers do (`v·255/max`, truncated).
+    pub fn expand_like_pillow(rgb: &mut RgbImage, bits: [u32; 3]) {
+        let tables = bits.map(|b| {
+            let max = (1u32 << b) - 1;
+            let mut t = [0u8; 256];
+            for (byte, out) in t.iter_mut().enumerate() {
+                // The field value the byte came from (the rounded expansion is one-to-one).
+                let v = (byte as u32 * max + 127) / 255;
+                *out = (v * 255 / max) as u8;
+            }
+            t
+        });
+        for px in rgb.pixels_mut() {
+            for (c, t) in px.0.iter_mut().zip(&tables) {
+                *c = t[*c as usize];
+            }
+        }
+    }
+}
+
+mod gif {
+    use image::RgbImage;
+
+    /// The first frame of a GIF as Pillow loads it and `convert_to_rgb` converts it: on a
+    /// canvas of the logical screen (grown to the frame if the frame reaches past it), filled
+    /// with the frame's transparent index when it has one and with palette entry 0 otherwise
+    /// (Pillow ignores the background colour index for the first frame); the frame's (else the
+    /// global) palette, grey levels without one; transparent pixels composited onto white.
+    pub fn first_frame(bytes: &[u8]) -> Result<RgbImage, String> {
+        let bad = |e: ::gif::DecodingError| format!("cannot decode image: {e}");
+        let mut options = ::gif::DecodeOptions::new();
+        options.set_color_output(::gif::ColorOutput::Indexed);
+        // One byte per pixel of a frame within the pixel limit (checked below, before decoding).
+        options.set_memory_limit(::gif::MemoryLimit::Bytes(
+            std::num::NonZeroU64::new(super::MAX_PIXELS).expect("non-zero"),
+        ));
+        let mut decoder = options.read_info(bytes).map_err(bad)?;
+        let global = decoder.global_palette().map(<[u8]>::to_vec);
+        let screen = (u32::from(decoder.width()), u32::from(decoder.height()));
+        super::check_size(screen.0, screen.1)?;
+        let Some(info) = decoder.next_frame_info().map_err(bad)? else {
+            return Err("cannot decode image: no frame in the GIF".into());
+        };
+        let (left, top) = (u32::from(info.left), u32::from(info.top));
+        let (fw, fh) = (u32::from(info.width), u32::from(info.height));
+        let (w, h) = (screen.0.max(left + fw), screen.1.max(top + fh));
+        super::check_size(w, h)?;
+        if w == 0 || h == 0 {
+            return Err("image has no pixels".into());
+        }
+        let transparent = info.transparent;
+        let palette = info.palette.clone().or(global);
+        let mut frame = vec![0u8; decoder.buffer_size()];
+        decoder.read_into_buffer(&mut frame).map_err(bad)?;
+        let mut canvas = vec![transparent.unwrap_or(0); w as usize * h as usize];
+        if fw > 0 {
+            for (y, row) in frame.chunks_exact(fw as usize).enumerate() {
+                let start = (top as usize + y) * w as usize + left as usize;
+                canvas[start..start + row.len()].copy_from_slice(row);
+            }
+        }
+        // Colour of each index: Pillow's palette lookup (black past the palette's end), or the
+        // index as a grey level without a palette; the transparent index onto white.
+        let colour = |i: u8| -> [u8; 3] {
+            if Some(i) == transparent {
+                return [255; 3];
+            }
+            match &palette {
+                Some(p) => p
+                    .get(3 * i as usize..3 * i as usize + 3)
+                    .map_or([0; 3], |c| [c[0], c[1], c[2]]),
+                None => [i; 3],
+            }
+        };
+        let lut: Vec<[u8; 3]> = (0..=255u8).map(colour).collect();
+        let raw = canvas.iter().flat_map(|&i| lut[i as usize]).collect();
+        Ok(RgbImage::from_raw(w, h, raw).expect("3 bytes per pixel"))
+    }
+}
+
 mod jpeg {
     use std::cell::Cell;
+    use std::os::raw::c_int;
     use std::panic::AssertUnwindSafe;
     use std::sync::Once;
 
     use image::RgbImage;
     use mozjpeg::ColorSpace;
+    use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, JERR_FILE_READ, JWRN_JPEG_EOF};
 
     use super::Source;
 
-    thread_local!(static DECODING: Cell<bool> = const { Cell::new(false) });
+    thread_local! {
+        static DECODING: Cell<bool> = const { Cell::new(false) };
+        /// Set when libjpeg ran out of data (on the decoding thread, during one decode).
+        static HIT_EOF: Cell<bool> = const { Cell::new(false) };
+    }
     static QUIET_HOOK: Once = Once::new();
+
+    /// Why libjpeg gave no image.
+    pub enum Failure {
+        /// Pillow refuses the file too (cut off, too many pixels): an error, no second opinion.
+        Refused(String),
+        /// libjpeg cannot decode it (arithmetic coding, 12 bits, damage): another decoder may.
+        Declined(String),
+    }
 
     /// libjpeg reports errors by unwinding (mozjpeg's error manager); keep the panic hook quiet
     /// for those, on the decoding thread only, and turn them into errors.
@@ -573,61 +763,129 @@ mod jpeg {
         });
     }
 
-    /// True when no end-of-image marker (FF D9) follows the last start-of-scan (FF DA). Entropy-
-    /// coded data never contains FF D9 (0xFF bytes are stuffed), and thumbnails come earlier.
-    pub fn is_truncated(bytes: &[u8]) -> bool {
-        // The usual file ends with its end-of-image marker: then any start-of-scan (found near
-        // the start, after the headers) comes before it, and the whole scan below is not needed.
-        if bytes.ends_with(&[0xFF, 0xD9]) && bytes.windows(2).any(|w| w == [0xFF, 0xDA]) {
-            return false;
-        }
-        let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-        match last_sos {
-            Some(i) => !bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
-            None => true,
+    /// libjpeg's standard error manager, except that fatal errors unwind (with the message) and
+    /// warnings are silent, apart from noting the end of the data: mozjpeg's source manager
+    /// then feeds libjpeg a fake end-of-image marker and warns (`JWRN_JPEG_EOF`) where Pillow's
+    /// decoder, which never fakes data, stops with "image file is truncated".
+    fn error_mgr() -> jpeg_error_mgr {
+        // SAFETY: jpeg_std_error fills in every field of the zeroed struct.
+        let mut err: jpeg_error_mgr = unsafe { std::mem::zeroed() };
+        unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+        err.error_exit = Some(error_exit);
+        err.emit_message = Some(emit_message);
+        err
+    }
+
+    extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: c_int) {
+        // SAFETY: libjpeg passes its own cinfo, whose `err` is the manager above.
+        let err = unsafe { &mut *cinfo.err };
+        if level < 0 {
+            err.num_warnings += 1;
+            if err.msg_code == JWRN_JPEG_EOF {
+                HIT_EOF.with(|e| e.set(true));
+            }
         }
     }
 
-    /// `Ok(None)`: a JPEG colour space this path does not handle (CMYK, YCCK).
-    pub fn decode(
-        bytes: &[u8],
-        reduction: impl Fn(u32, u32) -> u32,
-    ) -> Result<Option<Source>, String> {
+    extern "C-unwind" fn error_exit(cinfo: &mut jpeg_common_struct) {
+        // SAFETY: as above.
+        let err = unsafe { &mut *cinfo.err };
+        // The source manager fails this way when asked to skip past the end of the data.
+        if err.msg_code == JERR_FILE_READ {
+            HIT_EOF.with(|e| e.set(true));
+        }
+        let mut buf = [0u8; 80];
+        if let Some(format) = err.format_message {
+            // SAFETY: format_message writes at most 80 bytes (JMSG_LENGTH) into the buffer; the
+            // binding declares it `&[u8; 80]`, the C function takes a writable `char *`.
+            let format: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 80]) =
+                unsafe { std::mem::transmute(format) };
+            unsafe { format(cinfo, &mut buf) };
+        }
+        let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let msg = String::from_utf8_lossy(&buf[..len]).into_owned();
+        std::panic::resume_unwind(Box::new(format!("libjpeg: {msg}")));
+    }
+
+    /// Decodes a JPEG with libjpeg: YCbCr, RGB and grey to RGB (reduced by `reduction(w, h)`),
+    /// CMYK and YCCK at full size converted as Pillow converts them.
+    pub fn decode(bytes: &[u8], reduction: impl Fn(u32, u32) -> u32) -> Result<Source, Failure> {
         install_quiet_hook();
         DECODING.with(|d| d.set(true));
+        HIT_EOF.with(|e| e.set(false));
         // Unwind safe: nothing outside the closure is left half-updated by a libjpeg error.
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| -> std::io::Result<Option<Source>> {
-                let mut d = mozjpeg::Decompress::new_mem(bytes)?;
-                if !matches!(
-                    d.color_space(),
-                    ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE
-                ) {
-                    return Ok(None);
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Source, Failure> {
+            let io = |e: std::io::Error| Failure::Declined(e.to_string());
+            let mut d = mozjpeg::Decompress::builder()
+                .with_err(error_mgr())
+                .from_mem(bytes)
+                .map_err(io)?;
+            let full_size = (d.width() as u32, d.height() as u32);
+            super::check_size(full_size.0, full_size.1).map_err(Failure::Refused)?;
+            let (w, h) = full_size;
+            match d.color_space() {
+                ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE => {
+                    // libjpeg scales by scale_num / 8: 8 (none), 4, 2 or 1.
+                    let reduce = reduction(w, h);
+                    debug_assert!(matches!(reduce, 1 | 2 | 4 | 8), "JPEG reduction {reduce}");
+                    if reduce > 1 {
+                        d.scale((8 / reduce.clamp(1, 8)) as u8);
+                    }
+                    let mut started = d.rgb().map_err(io)?;
+                    let (w, h) = (started.width() as u32, started.height() as u32);
+                    let pixels: Vec<u8> = started.read_scanlines().map_err(io)?;
+                    started.finish().map_err(io)?;
+                    let rgb = RgbImage::from_raw(w, h, pixels)
+                        .ok_or_else(|| Failure::Declined("short pixel buffer".into()))?;
+                    Ok(Source { rgb, full_size })
                 }
-                let full_size = (d.width() as u32, d.height() as u32);
-                // libjpeg scales by scale_num / 8: 8 (none), 4, 2 or 1.
-                let reduce = reduction(full_size.0, full_size.1);
-                debug_assert!(matches!(reduce, 1 | 2 | 4 | 8), "JPEG reduction {reduce}");
-                if reduce > 1 {
-                    d.scale((8 / reduce.clamp(1, 8)) as u8);
+                ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
+                    let mut started = d.to_colorspace(ColorSpace::JCS_CMYK).map_err(io)?;
+                    let cmyk: Vec<u8> = started.read_scanlines().map_err(io)?;
+                    started.finish().map_err(io)?;
+                    if cmyk.len() != 4 * w as usize * h as usize {
+                        return Err(Failure::Declined("short pixel buffer".into()));
+                    }
+                    Ok(Source::full(cmyk_to_rgb(&cmyk, w, h)))
                 }
-                let mut started = d.rgb()?;
-                let (w, h) = (started.width() as u32, started.height() as u32);
-                let pixels: Vec<u8> = started.read_scanlines()?;
-                started.finish()?;
-                Ok(RgbImage::from_raw(w, h, pixels).map(|rgb| Source { rgb, full_size }))
-            }));
+                other => Err(Failure::Declined(format!("colour space {other:?}"))),
+            }
+        }));
         DECODING.with(|d| d.set(false));
-        match result {
-            Ok(Ok(img)) => Ok(img),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(panic) => Err(panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "corrupt JPEG".into())),
+        // Checked first: a cut-off file may still come out as a (grey-filled) image, or as
+        // whatever error the fake end-of-image marker led to.
+        if HIT_EOF.with(Cell::get) {
+            return Err(Failure::Refused(
+                "truncated JPEG (the file ends before the image data does)".into(),
+            ));
         }
+        match result {
+            Ok(r) => r,
+            Err(panic) => Err(Failure::Declined(
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "corrupt JPEG".into()),
+            )),
+        }
+    }
+
+    /// Pillow's CMYK JPEG to RGB: libjpeg's samples read inverted (`CMYK;I`, Adobe's
+    /// convention, which Pillow always assumes), then `cmyk2rgb` with its rounded
+    /// division by 255.
+    pub fn cmyk_to_rgb(cmyk: &[u8], w: u32, h: u32) -> RgbImage {
+        let raw = cmyk
+            .chunks_exact(4)
+            .flat_map(|p| {
+                let nk = i32::from(p[3]); // 255 - (255 - k)
+                [0, 1, 2].map(|c| {
+                    let tmp = i32::from(255 - p[c]) * nk + 128;
+                    (nk - (((tmp >> 8) + tmp) >> 8)).clamp(0, 255) as u8
+                })
+            })
+            .collect();
+        RgbImage::from_raw(w, h, raw).expect("3 bytes per pixel")
     }
 }
 
@@ -679,19 +937,233 @@ mod tests {
         );
     }
 
+    /// A deterministic noisy RGB image (the kind of content where rounding differences show).
+    fn noisy(w: u32, h: u32) -> RgbImage {
+        let mut state = 0x2545_f491_u32;
+        RgbImage::from_fn(w, h, |_, _| {
+            image::Rgb(std::array::from_fn(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state >> 24) as u8
+            }))
+        })
+    }
+
+    fn jpeg_bytes(img: &RgbImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(img)
+            .unwrap();
+        out
+    }
+
+    /// `bytes` written as `name` in `dir`, then loaded.
+    fn load_bytes(dir: &Path, name: &str, bytes: &[u8]) -> Result<RgbImage, ImageError> {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        load_rgb(&path)
+    }
+
     #[test]
-    fn truncation_needs_an_end_marker_after_the_last_scan() {
-        let t = jpeg::is_truncated;
-        assert!(!t(&[0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 0xFF, 0xD9]));
-        // Trailing bytes after the end marker are fine.
-        assert!(!t(&[0xFF, 0xD8, 0xFF, 0xDA, 1, 0xFF, 0xD9, 0, 0]));
-        // Cut off inside the scan; or the only end marker belongs to a thumbnail before it.
-        assert!(t(&[0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 3]));
-        assert!(t(&[0xFF, 0xD8, 0xFF, 0xD9, 0xFF, 0xDA, 1, 2]));
-        // A progressive file's later scans count; no scan at all is truncated too.
-        assert!(t(&[0xFF, 0xDA, 1, 0xFF, 0xD9, 0xFF, 0xDA, 2]));
-        assert!(!t(&[0xFF, 0xDA, 1, 0xFF, 0xDA, 2, 0xFF, 0xD9]));
-        assert!(t(&[0xFF, 0xD8, 0xFF, 0xD9]));
+    fn a_jpeg_followed_by_any_trailer_loads_but_a_cut_off_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let jpeg = jpeg_bytes(&noisy(48, 32));
+        let whole = load_bytes(dir.path(), "whole.jpg", &jpeg).unwrap();
+        // A phone "motion photo": an MP4 after the end-of-image marker, with bytes that look
+        // like a start-of-scan and no end-of-image after them.
+        let mut motion = jpeg.clone();
+        motion.extend_from_slice(b"\0\0\0\x18ftypmp42\xff\xda");
+        motion.extend((0..200u32).map(|i| (i * 37 % 251) as u8));
+        assert_eq!(
+            load_bytes(dir.path(), "motion.jpg", &motion).unwrap(),
+            whole
+        );
+        // Pillow refuses a file cut inside the scan, and one missing only its end marker (its
+        // decoder waits for the bytes that would end the last MCUs).
+        for (name, cut) in [("half.jpg", jpeg.len() / 2), ("no_eoi.jpg", jpeg.len() - 2)] {
+            let e = load_bytes(dir.path(), name, &jpeg[..cut]).unwrap_err();
+            assert!(e.msg.contains("truncated JPEG"), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn cmyk_jpegs_convert_like_pillow() {
+        // Pillow's CMYK;I + cmyk2rgb on raw samples, checked against Pillow 13: the raw (not yet
+        // inverted) sample 255 is no ink; k 0 raw is full black.
+        let cmyk = [
+            255, 255, 255, 255, 0, 128, 255, 200, 10, 20, 30, 0, 77, 200, 5, 128,
+        ];
+        let rgb = jpeg::cmyk_to_rgb(&cmyk, 4, 1);
+        assert_eq!(
+            rgb.as_raw(),
+            &[255, 255, 255, 0, 100, 200, 0, 0, 0, 39, 100, 3]
+        );
+    }
+
+    #[test]
+    fn images_over_pillows_pixel_limit_are_refused_from_the_header() {
+        assert!(check_size(178_956_970, 1).is_ok());
+        assert!(check_size(13_000, 13_000).is_ok());
+        assert!(check_size(178_956_971, 1).is_err());
+        assert!(check_size(0, 178_956_971).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        // A 64×64 JPEG whose frame header claims 30000×30000: libjpeg would happily decode
+        // 900 M grey pixels (seconds, gigabytes).
+        let mut jpeg = jpeg_bytes(&noisy(64, 64));
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x75, 0x30, 0x75, 0x30]);
+        // A BMP header claiming 20000×10000 over 64 bytes of pixels; a GIF screen as large.
+        let mut bmp = b"BM".to_vec();
+        bmp.extend(118u32.to_le_bytes());
+        bmp.extend([0; 4]);
+        bmp.extend(54u32.to_le_bytes());
+        for v in [40u32, 20_000, 10_000] {
+            bmp.extend(v.to_le_bytes());
+        }
+        bmp.extend(1u16.to_le_bytes());
+        bmp.extend(24u16.to_le_bytes());
+        bmp.extend([0; 24 + 64]);
+        let mut gif = Vec::new();
+        {
+            let mut enc = ::gif::Encoder::new(&mut gif, 20_000, 10_000, &[0; 6]).unwrap();
+            enc.write_frame(&::gif::Frame::from_indexed_pixels(1, 1, [0], None))
+                .unwrap();
+        }
+        let start = std::time::Instant::now();
+        for (name, bytes) in [("j.jpg", &jpeg), ("b.bmp", &bmp), ("g.gif", &gif)] {
+            let e = load_bytes(dir.path(), name, bytes).unwrap_err();
+            assert!(e.msg.contains("decompression-bomb limit"), "{name}: {e}");
+            assert!(e.msg.contains("pixels"), "{name}: {e}");
+        }
+        assert!(start.elapsed().as_secs_f64() < 2.0, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn sixteen_bit_colour_keeps_the_high_byte_like_pillow() {
+        let dir = tempfile::tempdir().unwrap();
+        // 0x12FF: high byte 0x12 (Pillow); rounded to 8 bits it would be 0x13.
+        let (v, a) = (0x12FF_u16, 0xFFFF_u16);
+        let rgb16 = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(3, 2, image::Rgb([v; 3]));
+        let rgba16 =
+            image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(3, 2, image::Rgba([v, v, v, a]));
+        let la16 =
+            image::ImageBuffer::<image::LumaA<u16>, _>::from_pixel(3, 2, image::LumaA([v, a]));
+        let files = [
+            ("rgb16.png", image::DynamicImage::ImageRgb16(rgb16.clone())),
+            ("rgb16.tif", image::DynamicImage::ImageRgb16(rgb16)),
+            ("rgba16.png", image::DynamicImage::ImageRgba16(rgba16)),
+            ("la16.png", image::DynamicImage::ImageLumaA16(la16)),
+        ];
+        for (name, img) in files {
+            let path = dir.path().join(name);
+            img.save(&path).unwrap();
+            let rgb = load_rgb(&path).unwrap();
+            assert!(
+                rgb.pixels().all(|p| p.0 == [0x12; 3]),
+                "{name}: {:?}",
+                rgb.get_pixel(0, 0)
+            );
+        }
+        // Alpha reduces the same way before compositing: 0x80FF -> 128, so 0 over white -> 127.
+        let half = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(
+            1,
+            1,
+            image::Rgba([0, 0, 0, 0x80FF]),
+        );
+        let path = dir.path().join("half.png");
+        image::DynamicImage::ImageRgba16(half).save(&path).unwrap();
+        assert_eq!(load_rgb(&path).unwrap().get_pixel(0, 0).0, [127; 3]);
+    }
+
+    /// A bottom-up 16-bit BMP with BI_BITFIELDS masks (5-6-5), `w` even.
+    fn bmp565(w: u32, px: &[u16]) -> Vec<u8> {
+        let h = px.len() as u32 / w;
+        let mut out = b"BM".to_vec();
+        out.extend((66 + 2 * px.len() as u32).to_le_bytes());
+        out.extend([0; 4]);
+        out.extend(66u32.to_le_bytes());
+        for v in [40, w, h] {
+            out.extend(v.to_le_bytes());
+        }
+        out.extend(1u16.to_le_bytes());
+        out.extend(16u16.to_le_bytes());
+        out.extend(3u32.to_le_bytes());
+        out.extend([0; 20]);
+        for m in [0xF800u32, 0x07E0, 0x001F] {
+            out.extend(m.to_le_bytes());
+        }
+        for row in px.chunks(w as usize).rev() {
+            out.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        out
+    }
+
+    #[test]
+    fn sixteen_bit_bmp_channels_expand_like_pillow() {
+        let dir = tempfile::tempdir().unwrap();
+        // Pillow's BGR;16: v * 255 / 31 (or / 63), truncated: 3 -> 24 and 11 -> 44 (the
+        // rounded expansion gives 25 and 45); the extremes stay 0 and 255.
+        let px = |r: u16, g: u16, b: u16| (r << 11) | (g << 5) | b;
+        let bmp = bmp565(2, &[px(3, 11, 3), px(31, 63, 0)]);
+        let rgb = load_bytes(dir.path(), "565.bmp", &bmp).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [24, 44, 24]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [255, 255, 0]);
+        // Every field value of both widths, against the formula.
+        for bits in [5, 6] {
+            let max = (1u32 << bits) - 1;
+            let mut img = RgbImage::new(64, 1);
+            for (v, p) in img.pixels_mut().enumerate().take(max as usize + 1) {
+                p.0 = [(v as f64 * 255.0 / max as f64).round() as u8; 3];
+            }
+            bmp::expand_like_pillow(&mut img, [bits; 3]);
+            for v in 0..=max {
+                assert_eq!(
+                    img.get_pixel(v, 0).0[0] as u32,
+                    v * 255 / max,
+                    "{bits} bits, {v}"
+                );
+            }
+        }
+        assert_eq!(bmp::channel_bits(&bmp), Some([5, 6, 5]));
+    }
+
+    /// A GIF with a 6×5 screen and one 3×2 frame of index 1 at (2, 1); background index 2.
+    fn small_frame_gif(transparent: Option<u8>) -> Vec<u8> {
+        let palette = [10, 20, 30, 200, 100, 50, 40, 220, 90, 0, 0, 255];
+        let mut out = Vec::new();
+        {
+            let mut enc = ::gif::Encoder::new(&mut out, 6, 5, &palette).unwrap();
+            let mut frame = ::gif::Frame::from_indexed_pixels(3, 2, [1; 6], transparent);
+            (frame.left, frame.top) = (2, 1);
+            enc.write_frame(&frame).unwrap();
+        }
+        out[11] = 2;
+        out
+    }
+
+    #[test]
+    fn gif_area_outside_a_small_first_frame_is_filled_like_pillow() {
+        let dir = tempfile::tempdir().unwrap();
+        // No transparency: palette entry 0 (Pillow ignores the background index here).
+        let rgb = load_bytes(dir.path(), "plain.gif", &small_frame_gif(None)).unwrap();
+        assert_eq!(rgb.dimensions(), (6, 5));
+        assert_eq!(rgb.get_pixel(0, 0).0, [10, 20, 30]);
+        assert_eq!(rgb.get_pixel(5, 4).0, [10, 20, 30]);
+        assert_eq!(rgb.get_pixel(2, 1).0, [200, 100, 50]);
+        assert_eq!(rgb.get_pixel(4, 2).0, [200, 100, 50]);
+        assert_eq!(rgb.get_pixel(4, 3).0, [10, 20, 30]);
+        // With a transparent index: the canvas is that index, composited onto white.
+        let rgb = load_bytes(dir.path(), "trns.gif", &small_frame_gif(Some(3))).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [255; 3]);
+        assert_eq!(rgb.get_pixel(3, 2).0, [200, 100, 50]);
+    }
+
+    #[test]
+    fn an_empty_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_bytes(dir.path(), "empty.png", b"").unwrap_err();
+        assert_eq!(e.msg, "empty file");
     }
 
     #[test]
