@@ -433,15 +433,22 @@ fn rows_metadata(
     split: Split,
     paths: &[PathBuf],
 ) -> serde_json::Value {
+    // Absolute, so the file still says where its rows came from when read from elsewhere.
+    let abs = |p: &Path| {
+        std::path::absolute(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    };
     serde_json::json!({
         "class_names": dataset.class_names(),
         "class_folders": dataset.class_folders(),
-        "paths": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "paths": paths.iter().map(|p| abs(p)).collect::<Vec<_>>(),
         "model": clip.files.id,
         "revision": clip.files.revision,
         "dtype": clip.precision.to_string(),
         "preprocess": clip.preprocess,
-        "data": dataset.root.display().to_string(),
+        "data": abs(&dataset.root),
         "split": split.as_str(),
     })
 }

@@ -66,6 +66,16 @@ fn pytorch_bin_and_sharded_safetensors_load_to_the_same_model() {
     .unwrap();
     let clip = Clip::load(&ModelSpec::local(&pth)).unwrap();
     assert_eq!(image_features(&clip), expected);
+    // A legacy (pre-1.6, non-zip) pickle says what it is and how to convert it.
+    std::fs::write(pth.join("pytorch_model.bin"), b"\x80\x02}q\x00.").unwrap();
+    let err = match Clip::load(&ModelSpec::local(&pth)) {
+        Ok(_) => panic!("a legacy pickle loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("legacy (non-zip)") && err.contains("safetensors"),
+        "{err}"
+    );
 
     // Two shards plus model.safetensors.index.json.
     let sharded = tmp.path().join("sharded");

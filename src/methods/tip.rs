@@ -981,7 +981,10 @@ pub fn build_cache(
         class_names,
         templates: cfg.templates.clone(),
         config: cfg.clone(),
-        data: dataset.root.display().to_string(),
+        data: std::path::absolute(&dataset.root)
+            .unwrap_or_else(|_| dataset.root.clone())
+            .display()
+            .to_string(),
         shots: build.shots,
         seed: build.seed,
         allow_fewer_shots: build.allow_fewer_shots,

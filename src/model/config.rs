@@ -185,6 +185,10 @@ impl ClipConfig {
                 "text_config.max_position_embeddings must be at least 2",
             ),
             (self.projection_dim > 0, "projection_dim must be positive"),
+            (
+                v.num_channels == 3,
+                "vision_config.num_channels must be 3: images are read as RGB",
+            ),
         ];
         for (ok, msg) in checks {
             if !ok {
@@ -369,5 +373,9 @@ mod tests {
             r#"{"text_config": {"hidden_act": "swish"}, "vision_config": {}}"#
         )
         .is_err());
+        let err =
+            ClipConfig::from_json(r#"{"text_config": {}, "vision_config": {"num_channels": 1}}"#)
+                .unwrap_err();
+        assert!(err.contains("num_channels"), "{err}");
     }
 }

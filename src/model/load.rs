@@ -466,6 +466,14 @@ pub fn device_name(d: &Device) -> String {
     }
 }
 
+/// Whether a file starts like a zip archive (PyTorch's checkpoint format since 1.6).
+fn is_zip(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|_| magic == *b"PK\x03\x04")
+}
+
 /// Checks every tensor the config calls for against the files' headers before anything is
 /// loaded, so a mismatch names the file and tensor instead of failing deep inside the model.
 fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadError> {
@@ -491,7 +499,16 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
             let pth =
                 candle_core::pickle::PthTensors::new(p, None).map_err(|e| LoadError::BadFile {
                     path: p.clone(),
-                    msg: format!("not a readable PyTorch checkpoint: {e}"),
+                    msg: if is_zip(p) {
+                        format!("not a readable PyTorch checkpoint: {e}")
+                    } else {
+                        // torch.save before PyTorch 1.6 (or with the zip format turned off)
+                        // wrote a bare pickle stream, which candle does not read.
+                        "a legacy (non-zip) PyTorch checkpoint, which clipft cannot read; \
+                         convert it once with `CLIPModel.from_pretrained(DIR).save_pretrained(DIR, \
+                         safe_serialization=True)` (writes model.safetensors)"
+                            .to_string()
+                    },
                 })?;
             for (name, info) in pth.tensor_infos() {
                 found.insert(
