@@ -64,8 +64,9 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// CLIP checkpoint: a folder in the Hugging Face layout or a hub repo id [default:
-    /// openai/clip-vit-base-patch32; with --adapter/--cache: the artifact's model]. Hub files go
-    /// to the standard cache (HF_HOME, HF_HUB_CACHE); HF_HUB_OFFLINE=1 uses the cache only.
+    /// openai/clip-vit-base-patch32; for `eval --adapter` and `tip train --cache`: the artifact's
+    /// model]. Hub files go to the standard cache (HF_HOME, HF_HUB_CACHE); HF_HUB_OFFLINE=1 uses
+    /// the cache only.
     #[arg(long, value_name = "ID|DIR")]
     pub model: Option<String>,
     /// Hub revision (branch, tag, commit or PR ref). Default: `main`, except
@@ -240,9 +241,11 @@ pub struct EvalArgs {
     /// image paths, to a safetensors file.
     #[arg(long, value_name = "FILE")]
     pub save_logits: Option<PathBuf>,
-    /// Evaluate a Tip-Adapter / Tip-Adapter-F artifact (from `clipft tip`) instead of zero-shot.
-    /// Its model, classes, templates and α/β are used; a different --model or dataset is an error.
-    #[arg(long, value_name = "FILE")]
+    /// Evaluate an adapter instead of zero-shot: a Tip-Adapter / Tip-Adapter-F artifact (`clipft
+    /// tip`), a cross-modal head (`clipft crossmodal train`) or an FD-Align output folder
+    /// (`clipft fdalign train`). Its model, classes and templates are used; another model or a
+    /// dataset with other classes is an error.
+    #[arg(long, value_name = "FILE|DIR")]
     pub adapter: Option<PathBuf>,
     /// Which head of a cross-modal artifact to use: `default` (the artifact's), `learned` or
     /// `wiseft` (the WiSE-FT head from `crossmodal train --wise-ft`) [default: default].
@@ -325,26 +328,33 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
     writeln!(out, "architecture {}", c.arch_name())?;
     let v = &c.vision_config;
     let t = &c.text_config;
+    // config.json's own spelling (`quick_gelu`), not Rust's.
+    let act = |a: crate::model::config::Activation| {
+        serde_json::to_value(a)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{a:?}"))
+    };
     writeln!(
         out,
-        "vision       {}x{} px, patch {}, hidden {}, {} layers, {} heads, {:?}",
+        "vision       {}x{} px, patch {}, hidden {}, {} layers, {} heads, {}",
         v.image_size,
         v.image_size,
         v.patch_size,
         v.hidden_size,
         v.num_hidden_layers,
         v.num_attention_heads,
-        v.hidden_act
+        act(v.hidden_act)
     )?;
     writeln!(
         out,
-        "text         context {}, vocab {}, hidden {}, {} layers, {} heads, {:?}",
+        "text         context {}, vocab {}, hidden {}, {} layers, {} heads, {}",
         t.max_position_embeddings,
         t.vocab_size,
         t.hidden_size,
         t.num_hidden_layers,
         t.num_attention_heads,
-        t.hidden_act
+        act(t.hidden_act)
     )?;
     writeln!(out, "embedding    {}", c.projection_dim)?;
     writeln!(
@@ -358,10 +368,18 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     )?;
+    let p = &clip.preprocess;
+    let resize = match p.resize {
+        Some(crate::preprocess::ResizeTo::ShortestEdge(n)) => format!("shortest edge to {n}"),
+        Some(crate::preprocess::ResizeTo::Exact(h, w)) => format!("resize to {h}x{w}"),
+        None => "no resize".to_string(),
+    };
     writeln!(
         out,
-        "preprocess   {:?}, crop {:?}, {:?}",
-        clip.preprocess.resize, clip.preprocess.crop, clip.preprocess.resample
+        "preprocess   {resize}, centre crop {}x{}, {}",
+        p.crop.0,
+        p.crop.1,
+        format!("{:?}", p.resample).to_lowercase()
     )?;
     writeln!(out, "dtype        {}", clip.precision)?;
     writeln!(

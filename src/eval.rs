@@ -58,6 +58,10 @@ pub fn evaluate(
         rows.len(),
         labels.len()
     );
+    anyhow::ensure!(
+        !labels.is_empty(),
+        "{method} on {split}: no image to score ({skipped} unreadable image(s) skipped)"
+    );
     // A broken model (e.g. a diverged fine-tune) gives NaN or infinite logits; any accuracy
     // computed from them would be meaningless.
     let bad = rows

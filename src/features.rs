@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -204,10 +204,19 @@ fn common_parent(paths: &[PathBuf]) -> PathBuf {
     common
 }
 
-fn save_cache(cache: &FeatureCache) -> Result<()> {
-    cache
-        .save()
-        .with_context(|| format!("writing the feature cache {}", cache.path.display()))
+/// Saves the cache; a cache that cannot be written (full disk, read-only folder) costs only
+/// re-encoding next time, so it is a warning, once, and the run goes on without saving.
+fn save_cache(cache: &FeatureCache, broken: &mut bool) {
+    if *broken {
+        return;
+    }
+    if let Err(e) = cache.save() {
+        eprintln!(
+            "warning: could not write the feature cache {} ({e:#}); going on without it",
+            cache.path.display()
+        );
+        *broken = true;
+    }
 }
 
 /// Encodes images into raw CLIP image features (`get_image_features`), reusing cached rows.
@@ -262,11 +271,20 @@ pub fn image_features(
     let mut n_encoded = 0;
     let mut unsaved = 0;
     let mut last_save = std::time::Instant::now();
+    let mut cache_broken = false;
     let todo_paths: Vec<&Path> = todo.iter().map(|&i| paths[i].as_path()).collect();
     let encoded = encode_images(clip, &todo_paths, view, opts, &pb, |first, results| {
         for (&i, result) in todo[first..].iter().zip(results) {
             match result {
                 Ok(row) => {
+                    // A broken checkpoint (NaN or infinite weights) gives garbage features;
+                    // stop before they are written or cached.
+                    anyhow::ensure!(
+                        row.iter().all(|x| x.is_finite()),
+                        "the model gives non-finite features (NaN or infinite) for {}: the \
+                         checkpoint's weights are broken",
+                        paths[i].display()
+                    );
                     if let (Some(cache), Some(id)) = (cache.as_mut(), &ids[i]) {
                         cache.insert(id.clone(), row.clone());
                     }
@@ -279,7 +297,7 @@ pub fn image_features(
         }
         if let Some(cache) = &cache {
             if unsaved >= CACHE_CHUNK && last_save.elapsed() >= CACHE_SAVE_INTERVAL {
-                save_cache(cache)?;
+                save_cache(cache, &mut cache_broken);
                 unsaved = 0;
                 last_save = std::time::Instant::now();
             }
@@ -289,7 +307,7 @@ pub fn image_features(
     // Also when encoding stopped on an error: the rows encoded so far are complete and valid.
     if let Some(cache) = &cache {
         if unsaved > 0 {
-            save_cache(cache)?;
+            save_cache(cache, &mut cache_broken);
         }
     }
     encoded?;
@@ -590,8 +608,10 @@ fn encode_prompts(
     mut done: impl FnMut(usize),
 ) -> Result<Tensor> {
     let mut rows = Vec::with_capacity(prompts.len());
+    let mut cut = 0;
     for chunk in prompts.chunks(batch_size.max(1)) {
-        let ids = clip.tokenizer.encode_batch(chunk)?;
+        let (ids, n) = clip.tokenizer.encode_batch_noting_cuts(chunk)?;
+        cut += n;
         let f = clip
             .model
             .text_features(&ids, &clip.device)?
@@ -599,6 +619,16 @@ fn encode_prompts(
             .to_device(&Device::Cpu)?;
         rows.push(f);
         done(chunk.len());
+    }
+    if cut > 0 {
+        // As `transformers` with truncation (and open_clip): the end token is kept, the text's
+        // tail is lost. Worth knowing, since it can be the class name.
+        eprintln!(
+            "warning: {cut} of {} prompts were longer than the text tower's {} tokens and were \
+             cut to fit",
+            prompts.len(),
+            clip.tokenizer.context_length()
+        );
     }
     Ok(Tensor::cat(&rows, 0)?)
 }
@@ -618,6 +648,26 @@ pub fn text_classifier(
         !class_names.is_empty() && !template_set.is_empty(),
         "a zero-shot classifier needs at least one class name and one prompt template"
     );
+    // Names the tokenizer cannot tell apart (case, spacing, accent forms) would give two classes
+    // the same prompts, and the later one could never be predicted.
+    let first: Vec<String> = class_names
+        .iter()
+        .map(|n| templates::fill(&template_set[0], n))
+        .collect();
+    let ids = clip.tokenizer.encode_batch(&first)?;
+    let mut seen: HashMap<&[u32], usize> = HashMap::new();
+    for (k, id) in ids.iter().enumerate() {
+        if let Some(&j) = seen.get(id.as_slice()) {
+            anyhow::bail!(
+                "classes \"{}\" and \"{}\" tokenize to the same prompts (the tokenizer ignores \
+                 case, spacing and accent forms), so zero-shot could never tell them apart; give \
+                 them distinct names (classnames.txt)",
+                class_names[j],
+                class_names[k]
+            );
+        }
+        seen.insert(id, k);
+    }
     let prompts: Vec<String> = class_names
         .iter()
         .flat_map(|name| template_set.iter().map(|t| templates::fill(t, name)))

@@ -61,7 +61,9 @@ pub fn resolve(spec: &str) -> Result<Vec<String>> {
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse(&text, &path.display().to_string())
+    // A byte-order mark (Windows editors) is not part of the first template.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    parse(text, &path.display().to_string())
 }
 
 /// `template` with the class name filled in.
@@ -92,5 +94,16 @@ mod tests {
             .to_string()
             .contains("ensemble7"));
         assert_eq!(fill("a photo of a {}.", "dog"), "a photo of a dog.");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.txt");
+        std::fs::write(&p, "\u{feff}a photo of a {}.\r\nart of a {}.\n").unwrap();
+        assert_eq!(
+            resolve(p.to_str().unwrap()).unwrap(),
+            vec!["a photo of a {}.", "art of a {}."]
+        );
     }
 }

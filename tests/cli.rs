@@ -752,6 +752,131 @@ fn outputs_are_checked_before_any_work() {
     );
 }
 
+/// Zero-shot cannot tell apart classes whose prompts tokenize the same (the tokenizer ignores
+/// case): refused, naming both. Prompts cut to the context length are reported.
+#[test]
+fn indistinguishable_class_names_and_cut_prompts_are_reported() {
+    let ws = Workspace::new();
+    let folders: Vec<String> = std::fs::read_dir(ws.data().join("test"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    std::fs::write(
+        ws.data().join("classnames.txt"),
+        format!("{}\tSea Lion\n{}\tsea lion\n", folders[0], folders[1]),
+    )
+    .unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("\"Sea Lion\"") && e.contains("\"sea lion\"") && e.contains("same prompts"),
+        "{e}"
+    );
+    std::fs::remove_file(ws.data().join("classnames.txt")).unwrap();
+    let long = ws.path().join("long.txt");
+    std::fs::write(
+        &long,
+        format!("a photo of a {{}}{}\n", " and more".repeat(60)),
+    )
+    .unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--templates")
+        .arg(&long)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("were cut to fit"), "{}", stderr(&out));
+}
+
+/// A feature cache that cannot be written costs a warning, not the run; a split with no
+/// readable image is an error, not a score of 0%.
+#[test]
+fn unwritable_cache_warns_and_empty_splits_are_refused() {
+    let ws = Workspace::new();
+    let not_a_dir = ws.path().join("cache-file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let out = ws
+        .bare("features")
+        .arg("--model")
+        .arg(ws.model())
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "val", "--cache-dir"])
+        .arg(&not_a_dir)
+        .arg("--out")
+        .arg(ws.path().join("f.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("could not write the feature cache"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(ws.path().join("f.safetensors").is_file());
+    for class in std::fs::read_dir(ws.data().join("test")).unwrap() {
+        for img in std::fs::read_dir(class.unwrap().path()).unwrap() {
+            std::fs::write(img.unwrap().path(), b"broken").unwrap();
+        }
+    }
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--skip-bad-images")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no image to score"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A checkpoint with broken (NaN) weights gives no features file and no cache entries.
+#[test]
+fn non_finite_features_are_an_error() {
+    let ws = Workspace::new();
+    let broken = ws.path().join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in std::fs::read_dir(ws.model()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = broken.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let w = &t["visual_projection.weight"];
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    t.insert("visual_projection.weight".into(), nan);
+    candle_core::safetensors::save(&t, &weights).unwrap();
+    let out = ws.path().join("f.safetensors");
+    let o = ws
+        .bare("features")
+        .arg("--model")
+        .arg(&broken)
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "val", "--cache-dir"])
+        .arg(ws.cache())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("non-finite features"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
 /// Flags that would otherwise be silently ignored are refused.
 #[test]
 fn flags_that_would_be_ignored_are_refused() {

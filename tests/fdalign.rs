@@ -26,6 +26,9 @@ fn settings() -> FdAlignSettings {
 fn train_writes_a_complete_checkpoint_that_evaluates() {
     let ws = Workspace::new();
     let out = ws.path().join("fd");
+    // The temporary file of a state write killed by Ctrl-C does not block the folder.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join(".clipft-Ab12.tmp"), b"partial").unwrap();
     let o = ws
         .bare("fdalign")
         .args(["train", "--model"])
@@ -52,6 +55,7 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!out.join(".clipft-Ab12.tmp").exists());
     for f in [
         "config.json",
         "model.safetensors",

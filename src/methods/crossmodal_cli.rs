@@ -177,6 +177,7 @@ pub fn train(
     let image = Rows::new(&Mat::new(img_labels.len(), dim, img_rows), img_labels);
     let val_paths: Vec<PathBuf> = val.iter().map(|s| s.path.clone()).collect();
     let vf = image_features(clip, &val_paths, &View::Center, opts)?;
+    super::warn_skipped_val(vf.skipped.len());
     let val_labels: Vec<usize> = vf.kept.iter().map(|&i| val[i].label).collect();
     let val_rows = Rows::new(&Mat::from_tensor(&vf.features)?, val_labels);
     let weight = match o.init {
@@ -271,10 +272,10 @@ pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Resu
     };
     writeln!(
         out,
-        "{name}: {} classes, {} templates, init {:?}, {} iterations",
+        "{name}: {} classes, {} template(s), init {}, {} iterations",
         m.class_names.len(),
         m.templates.len(),
-        m.init,
+        format!("{:?}", m.init).to_lowercase(),
         m.iters
     )?;
     writeln!(
@@ -344,7 +345,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     let (art, notes) = train(&clip, &dataset, &train_s, &o, &opts)?;
     for n in notes {
-        eprintln!("note: {n}");
+        info(format!("note: {n}"), quiet);
     }
     art.save(&a.out)?;
     write_summary(&art, &mut std::io::stdout().lock())?;

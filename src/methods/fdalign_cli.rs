@@ -105,7 +105,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     info(
         format!(
-            "FD-Align: {} train images, batch {}, lr {:.3e}, {} epochs",
+            "FD-Align: {} train images, batch {}, lr {:.3e}, {} epoch(s)",
             train.len(),
             settings.batch(train.len()),
             settings.lr(train.len()),
@@ -165,6 +165,18 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
         );
     }
     if out.is_dir() {
+        // Temporary files of a write that was killed (Ctrl-C during an epoch's state write)
+        // are not anybody's output.
+        for entry in std::fs::read_dir(out).with_context(|| format!("--out {}", out.display()))? {
+            let path = entry
+                .with_context(|| format!("--out {}", out.display()))?
+                .path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with(".clipft-") && name.ends_with(".tmp") && path.is_file() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
         let earlier = out.join(fdalign_train::STATE_FILE).is_file()
             || std::fs::read(out.join("manifest.json"))
                 .ok()
@@ -187,11 +199,29 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
             out.display()
         );
     }
-    let probe = out.join(".clipft-probe");
-    std::fs::create_dir_all(out)
-        .and_then(|_| std::fs::write(&probe, b""))
-        .and_then(|_| std::fs::remove_file(&probe))
-        .with_context(|| format!("--out {}: cannot write there", out.display()))?;
+    // Writable? (Probed in the folder, or in the one it will be made in, so that a run refused
+    // later leaves no empty folder behind.)
+    let mut at = out;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => {
+                at = Path::new(".");
+                break;
+            }
+        }
+    }
+    ensure!(
+        at.is_dir(),
+        "--out {}: {} is not a folder",
+        out.display(),
+        at.display()
+    );
+    tempfile::Builder::new()
+        .prefix(".clipft-")
+        .suffix(".tmp")
+        .tempfile_in(at)
+        .with_context(|| format!("--out {}: cannot write in {}", out.display(), at.display()))?;
     Ok(())
 }
 

@@ -56,31 +56,30 @@ fn first_error(errors: Vec<Option<ImageError>>) -> Result<()> {
     }
 }
 
-/// Val top-1 (percent) of the current tower and head on centre crops.
+/// Val top-1 (percent) of the current tower and head on centre crops; `None` when the logits
+/// are not finite (a diverged run).
 fn val_accuracy(
     clip: &Clip,
     tv: &TrainableVision,
     head_w: &Tensor,
     head_b: &Tensor,
     val: &[Sample],
-) -> Result<f64> {
+) -> Result<Option<f64>> {
     let paths: Vec<&Path> = val.iter().map(|s| s.path.as_path()).collect();
     let mut hits = 0usize;
     let mut first = 0;
+    let mut finite = true;
     image_batches(clip, &paths, &View::Center, &read_options(), |x, errors| {
         let n = errors.len();
         first_error(errors)?;
         let x = x.expect("a batch without errors has images");
         let f = tv.tower.forward(&x)?.detach();
         let logits = fdalign::normalized_linear(&f, head_w, Some(head_b))?.to_dtype(DType::F32)?;
-        ensure!(
-            logits
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .all(|x| x.is_finite()),
-            "the val logits are not finite (NaN or infinite)"
-        );
+        finite &= logits
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
         let pred = logits.argmax(1)?.to_vec1::<u32>()?;
         hits += pred
             .iter()
@@ -90,7 +89,7 @@ fn val_accuracy(
         first += n;
         Ok(())
     })?;
-    Ok(100.0 * hits as f64 / val.len().max(1) as f64)
+    Ok(finite.then(|| 100.0 * hits as f64 / val.len().max(1) as f64))
 }
 
 /// Raw text features `[T, C, D]` of every (template, class) prompt.
@@ -329,14 +328,15 @@ pub fn train(
         })?;
         // The loss is checked before each step; the weights after the last step of the epoch
         // are checked here, through their val logits, before they can become the best state.
-        let acc = val_accuracy(clip, &tv, head_w.as_tensor(), head_b.as_tensor(), val)
-            .with_context(|| {
-                format!(
-                    "training diverged in epoch {}; stopping. {}",
-                    epoch + 1,
-                    restart_hint(epoch, &state_path)
-                )
-            })?;
+        let Some(acc) = val_accuracy(clip, &tv, head_w.as_tensor(), head_b.as_tensor(), val)?
+        else {
+            bail!(
+                "training diverged in epoch {}: the val logits are not finite (NaN or infinite); \
+                 stopping. {}",
+                epoch + 1,
+                restart_hint(epoch, &state_path)
+            );
+        };
         state.losses.push(loss_sum / steps_per_epoch as f64);
         state.val_accs.push(acc);
         if state.best.as_ref().is_none_or(|(_, b, _)| acc > *b) {
@@ -444,11 +444,25 @@ fn load_state(
     let (mut t, meta) = crate::io::load(path)?;
     let saved: FdAlignSettings = serde_json::from_value(meta["settings"].clone())
         .with_context(|| format!("{}: malformed settings", path.display()))?;
-    ensure!(
-        saved == *settings,
-        "--resume: {} was written with other settings ({saved:?}); rerun with the same flags",
-        path.display()
-    );
+    if saved != *settings {
+        // Name what differs, in the settings' own terms (`base_lr` is --lr).
+        let (a, b) = (
+            serde_json::to_value(&saved)?,
+            serde_json::to_value(settings)?,
+        );
+        let differ: Vec<String> = a
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map(|(k, v)| format!("{k} {v} (now {})", b[k.as_str()]))
+            .collect();
+        bail!(
+            "--resume: {} was written with other settings: {}; rerun with the same flags",
+            path.display(),
+            differ.join(", ")
+        );
+    }
     ensure!(
         meta["run"].as_str() == Some(run),
         "--resume: {} was written for another run (another model, classes, --templates, or other \

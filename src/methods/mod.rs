@@ -117,6 +117,14 @@ pub fn model_for(
     Ok(args)
 }
 
+/// Val images skipped as unreadable (`--skip-bad-images`) change what a search on val picks from:
+/// say so, even with `--quiet` (a warning, not information).
+pub(crate) fn warn_skipped_val(n: usize) {
+    if n > 0 {
+        eprintln!("warning: skipped {n} unreadable val image(s) (--skip-bad-images)");
+    }
+}
+
 fn summarize(v: &[String]) -> String {
     let mut s: Vec<String> = v.iter().take(5).map(|x| format!("`{x}`")).collect();
     if v.len() > 5 {

@@ -957,7 +957,8 @@ pub fn build_cache(
     )?;
     let keys = cache_keys_from_views(&views)?;
     let values = one_hot(&labels, class_names.len())?;
-    let (val_f, val_labels, _, _) = split_features(clip, &val, opts)?;
+    let (val_f, val_labels, _, val_skipped) = split_features(clip, &val, opts)?;
+    super::warn_skipped_val(val_skipped);
     let clip_logits = crate::eval::zero_shot_logits(&val_f, &classifier)?;
     let affinity = val_f.matmul(&keys.t()?)?;
     let zs = top1(&clip_logits, &val_labels)?;
@@ -1045,7 +1046,8 @@ pub fn train(
         "cache values do not match the train labels"
     );
     let val = val_samples(dataset)?;
-    let (val_f, val_labels, _, _) = split_features(clip, &val, opts)?;
+    let (val_f, val_labels, _, val_skipped) = split_features(clip, &val, opts)?;
+    super::warn_skipped_val(val_skipped);
     let quiet_opts = ExtractOptions {
         progress: opts.progress,
         ..opts.clone()

@@ -44,14 +44,29 @@ impl ClipTokenizer {
 
     /// Token ids with start/end tokens, truncated to the context length, unpadded.
     pub fn encode_batch(&self, texts: &[String]) -> anyhow::Result<Vec<Vec<u32>>> {
+        Ok(self.encode_batch_noting_cuts(texts)?.0)
+    }
+
+    /// [`ClipTokenizer::encode_batch`], and how many of the texts were cut to fit the context.
+    pub fn encode_batch_noting_cuts(
+        &self,
+        texts: &[String],
+    ) -> anyhow::Result<(Vec<Vec<u32>>, usize)> {
         let encodings = self
             .inner
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| anyhow::anyhow!("tokenizing prompts: {e}"))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| e.get_ids().to_vec())
-            .collect())
+        let cut = encodings
+            .iter()
+            .filter(|e| !e.get_overflowing().is_empty())
+            .count();
+        Ok((
+            encodings
+                .into_iter()
+                .map(|e| e.get_ids().to_vec())
+                .collect(),
+            cut,
+        ))
     }
 
     pub fn vocab_size(&self) -> usize {
