@@ -548,6 +548,20 @@ mod cli {
             .success();
         let (_, meta) = clipft::io::load(&fresh).unwrap();
         assert_eq!(meta["train"]["fresh_views"], true);
+        // A train image replaced under the same name is not the one the keys were built from.
+        let (_, cache_meta) = clipft::io::load(&tipc).unwrap();
+        let first = data.join(cache_meta["train_paths"][0].as_str().unwrap());
+        let original = std::fs::read(&first).unwrap();
+        let mut edited = original.clone();
+        edited.extend_from_slice(b"trailer");
+        std::fs::write(&first, &edited).unwrap();
+        ws.cmd()
+            .args(["tip", "train", "--cache", s(&tipc), "--data", s(&data)])
+            .args(["--out", s(&ws.p("z.safetensors"))])
+            .assert()
+            .failure()
+            .stderr(contains("changed since the cache was built"));
+        std::fs::write(&first, &original).unwrap();
         // A Tip-Adapter-F artifact is not a cache to train from.
         ws.cmd()
             .args(["tip", "train", "--cache", s(&tipf), "--data", s(&data)])

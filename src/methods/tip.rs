@@ -718,6 +718,10 @@ pub struct TipMeta {
     pub augment: Augment,
     /// Train images of the cache, relative to the dataset folder, in cache row order.
     pub train_paths: Vec<String>,
+    /// SHA-256 of each train image's bytes, same order (absent before 2026-11-28): `tip train`
+    /// refuses images that changed since the cache was built from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_digests: Option<Vec<String>>,
     /// The searched (or, without a search, initial) α/β.
     pub beta: f64,
     pub alpha: f64,
@@ -852,6 +856,20 @@ impl TipArtifact {
             class_names: &self.meta.class_names,
         }
     }
+}
+
+/// SHA-256 of each file's bytes (a few-shot train set: a few MB to a few hundred, read in
+/// parallel).
+fn file_digests(paths: &[PathBuf]) -> Result<Vec<String>> {
+    use rayon::prelude::*;
+    use sha2::{Digest, Sha256};
+    paths
+        .par_iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(format!("{:x}", Sha256::digest(&bytes)))
+        })
+        .collect()
 }
 
 /// Whether two model ids name the same checkpoint (equal ids, or the same local folder).
@@ -992,6 +1010,7 @@ pub fn build_cache(
         augment_epochs: build.augment_epochs,
         augment: build.augment,
         train_paths: paths.iter().map(|p| relative(&dataset.root, p)).collect(),
+        train_digests: Some(file_digests(&paths)?),
         beta: found.beta,
         alpha: found.alpha,
         val_acc: found.acc,
@@ -1040,6 +1059,16 @@ pub fn train(
         m.seed,
         m.train_paths.len()
     );
+    if let Some(want) = &m.train_digests {
+        let got = file_digests(&paths)?;
+        if let Some(i) = (0..got.len()).find(|&i| got.get(i) != want.get(i)) {
+            bail!(
+                "--data {}: {} changed since the cache was built from it; build the cache again",
+                dataset.root.display(),
+                paths[i].display()
+            );
+        }
+    }
     let labels: Vec<usize> = train.iter().map(|s| s.label).collect();
     ensure!(
         labels_of_one_hot(&cache.cache_values)? == labels,
