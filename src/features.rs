@@ -129,6 +129,7 @@ impl FeatureCache {
         }
         let key = short_hash(&parts.iter().map(String::as_str).collect::<Vec<_>>());
         let path = dir.join(format!("{key}.safetensors"));
+        remove_stale_temporaries(dir);
         let dim = clip.config().projection_dim;
         let mut rows = HashMap::new();
         // A cache that cannot be read is treated as empty and rewritten; never an error.
@@ -179,6 +180,29 @@ impl FeatureCache {
             &[("features", &t)],
             &serde_json::json!({ "entries": entries, "version": 1 }),
         )
+    }
+}
+
+/// Removes temporary files that a killed run left in the cache folder (an interrupted atomic
+/// write; a cache file can be hundreds of MB). Only those a day old: a younger one may belong to
+/// a run writing right now. Best effort.
+fn remove_stale_temporaries(dir: &Path) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        if name.starts_with(".clipft-") && name.ends_with(".tmp") && stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -683,6 +707,28 @@ pub fn text_classifier(
 mod tests {
     use super::*;
     use image::RgbImage;
+
+    /// Only a killed write's temporary files, and only old ones, are removed from a cache folder.
+    #[test]
+    fn stale_temporaries_are_removed_from_the_cache_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 3600);
+        let make = |name: &str, aged: bool| {
+            let p = dir.path().join(name);
+            let f = std::fs::File::create(&p).unwrap();
+            if aged {
+                f.set_modified(old).unwrap();
+            }
+            p
+        };
+        let stale = make(".clipft-AAAA.tmp", true);
+        let fresh = make(".clipft-BBBB.tmp", false);
+        let cache = make("0123abcd.safetensors", true);
+        let other = make("notes.tmp", true);
+        remove_stale_temporaries(dir.path());
+        assert!(!stale.exists());
+        assert!(fresh.exists() && cache.exists() && other.exists());
+    }
 
     /// Every byte in every channel, mapped on the device, equals the CPU path's value rounded
     /// to the model's dtype.
