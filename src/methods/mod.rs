@@ -111,7 +111,12 @@ pub fn model_for(
             args.model = Some(model.to_string());
         }
     }
-    if args.revision.is_none() {
+    // The artifact's revision belongs to its own model, not to a copy given elsewhere.
+    let own = args
+        .model
+        .as_deref()
+        .is_some_and(|m| tip::same_model(m, model));
+    if args.revision.is_none() && own {
         args.revision = revision.map(str::to_string);
     }
     Ok(args)
