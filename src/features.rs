@@ -192,15 +192,13 @@ fn remove_stale_temporaries(dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
         let stale = entry
             .metadata()
             .ok()
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > STALE);
-        if name.starts_with(".clipft-") && name.ends_with(".tmp") && stale {
+        if stale && crate::io::is_temporary(&entry.path()) {
             let _ = std::fs::remove_file(entry.path());
         }
     }

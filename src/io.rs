@@ -10,6 +10,26 @@ use candle_core::{Device, Tensor};
 /// Key under which clipft stores its JSON metadata in a safetensors header.
 pub const META_KEY: &str = "clipft";
 
+/// The temporary files of [`write_atomic`] (and of write probes): hidden, named apart from any
+/// output.
+fn temp_builder() -> tempfile::Builder<'static, 'static> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".clipft-").suffix(".tmp");
+    builder
+}
+
+/// Whether `path` is a temporary file of [`write_atomic`]: one left behind means a write was
+/// killed before its rename.
+pub fn is_temporary(path: &Path) -> bool {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    name.starts_with(".clipft-") && name.ends_with(".tmp") && path.is_file()
+}
+
+/// Whether new files can be created in folder `dir` (a temporary one is made and removed).
+pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    temp_builder().tempfile_in(dir).map(drop)
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers
 /// see the old file or the complete new one, never a partial write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -19,8 +39,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     std::fs::create_dir_all(parent)
         .with_context(|| format!("creating folder {}", parent.display()))?;
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".clipft-").suffix(".tmp");
+    let mut builder = temp_builder();
     // Temporary files are private (0600); the output is an ordinary file, so ask for 0666 and
     // let the umask decide, as any other file the user creates.
     #[cfg(unix)]
@@ -57,17 +76,13 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
             parent.display()
         )
     })?;
-    tempfile::Builder::new()
-        .prefix(".clipft-")
-        .suffix(".tmp")
-        .tempfile_in(parent)
-        .with_context(|| {
-            format!(
-                "{flag} {}: cannot write in {}",
-                path.display(),
-                parent.display()
-            )
-        })?;
+    probe_writable(parent).with_context(|| {
+        format!(
+            "{flag} {}: cannot write in {}",
+            path.display(),
+            parent.display()
+        )
+    })?;
     Ok(())
 }
 

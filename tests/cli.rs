@@ -848,11 +848,7 @@ fn unwritable_cache_warns_and_empty_splits_are_refused() {
 fn non_finite_features_are_an_error() {
     let ws = Workspace::new();
     let broken = ws.path().join("broken-model");
-    std::fs::create_dir_all(&broken).unwrap();
-    for f in std::fs::read_dir(ws.model()).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
-    }
+    common::copy_dir(&ws.model(), &broken);
     let weights = broken.join("model.safetensors");
     let mut t = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
     let w = &t["visual_projection.weight"];

@@ -6,18 +6,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use clipft::model::{Clip, LoadError, ModelSpec};
-use common::{stderr, Workspace};
+use common::{copy_dir, stderr, Workspace};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-    }
 }
 
 fn load_err(dir: &Path) -> String {

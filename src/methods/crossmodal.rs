@@ -25,9 +25,6 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
-use crate::model::Clip;
-
 /// `exp(4.60517)`: the fixed logit scale of the official head (×100).
 pub const LOGIT_SCALE: f32 = 100.000_25;
 /// The official log logit scale.
@@ -1100,11 +1097,7 @@ impl CrossArtifact {
         ))
     }
 
-    pub fn check_compatible(&self, clip: &Clip, dataset: &Dataset, path: &Path) -> Result<()> {
-        super::check_compatible(&self.identity(), clip, dataset, path)
-    }
-
-    /// The model and classes this artifact was built for.
+    /// The model and classes this artifact was built for ([`super::check_compatible`]).
     pub fn identity(&self) -> super::ArtifactIdentity<'_> {
         super::ArtifactIdentity {
             model: &self.meta.model,

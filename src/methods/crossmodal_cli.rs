@@ -389,7 +389,7 @@ pub fn eval_adapter(
         quiet,
     )?;
     let clip = load_model(&args, quiet)?;
-    art.check_compatible(&clip, dataset, path)?;
+    super::check_compatible(&art.identity(), &clip, dataset, path)?;
     // The rows arrive L2-normalised; the head applies its adapter (if any), W and ×100, as
     // trained.
     let run = crate::eval::evaluate_split(&clip, dataset, split, opts, method, |f| {

@@ -171,8 +171,7 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
             let path = entry
                 .with_context(|| format!("--out {}", out.display()))?
                 .path();
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            if name.starts_with(".clipft-") && name.ends_with(".tmp") && path.is_file() {
+            if crate::io::is_temporary(&path) {
                 std::fs::remove_file(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
             }
@@ -217,10 +216,7 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
         out.display(),
         at.display()
     );
-    tempfile::Builder::new()
-        .prefix(".clipft-")
-        .suffix(".tmp")
-        .tempfile_in(at)
+    crate::io::probe_writable(at)
         .with_context(|| format!("--out {}: cannot write in {}", out.display(), at.display()))?;
     Ok(())
 }

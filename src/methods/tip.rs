@@ -841,12 +841,7 @@ impl TipArtifact {
         )
     }
 
-    /// Checks that a loaded model and dataset are the ones this artifact was built for.
-    pub fn check_compatible(&self, clip: &Clip, dataset: &Dataset, path: &Path) -> Result<()> {
-        super::check_compatible(&self.identity(), clip, dataset, path)
-    }
-
-    /// The model and classes this artifact was built for.
+    /// The model and classes this artifact was built for ([`super::check_compatible`]).
     pub fn identity(&self) -> super::ArtifactIdentity<'_> {
         super::ArtifactIdentity {
             model: &self.meta.model,

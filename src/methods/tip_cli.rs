@@ -187,7 +187,7 @@ fn load_for(
         )?,
         quiet,
     )?;
-    art.check_compatible(&clip, dataset, path)?;
+    super::check_compatible(&art.identity(), &clip, dataset, path)?;
     Ok(clip)
 }
 

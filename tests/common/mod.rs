@@ -6,6 +6,15 @@ use std::path::{Path, PathBuf};
 use assert_cmd::Command;
 use clipft::model::synth;
 
+/// Copies the files of a flat folder (a checkpoint) into `to`, made if missing.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
 pub struct Workspace {
     pub dir: tempfile::TempDir,
 }
