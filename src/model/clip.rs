@@ -172,8 +172,30 @@ fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 impl Linear {
+    /// `act(x·Wᵀ + b) (+ residual)` through clipft's CUDA epilogue, where it applies
+    /// ([`super::cuda`]).
+    fn forward_cuda(
+        &self,
+        xs: &Tensor,
+        residual: Option<&Tensor>,
+        act: super::cuda::Act,
+    ) -> Option<Result<Tensor>> {
+        let b = self.bias.as_ref()?;
+        if !super::cuda::applies([xs, &self.weight, b].into_iter().chain(residual)) {
+            return None;
+        }
+        Some(self.apply(xs, |x| {
+            let rows = |r: &Tensor| r.reshape((x.dim(0)?, self.weight.dim(0)?));
+            let r = residual.map(rows).transpose()?;
+            super::cuda::dense(x, &self.weight, b, r.as_ref(), act)
+        }))
+    }
+
     /// `act(x·Wᵀ + b)`, with QuickGELU inside the bf16 GEMM when the layer is packed.
     fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        if let Some(y) = self.forward_cuda(xs, None, act.into()) {
+            return y;
+        }
         match self.packed_for(xs, None) {
             Some(p) if act == Activation::QuickGelu => {
                 self.apply(xs, |x| super::kernels::dense_bf16(x, p, true))
@@ -185,6 +207,9 @@ impl Linear {
     /// `residual + x·Wᵀ + b`, the residual added inside the GEMM's output (bf16 when the layer
     /// is packed; f32 on the CPU when nothing is tracked).
     fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cuda(xs, Some(residual), super::cuda::Act::None) {
+            return y;
+        }
         let rows = |x: &Tensor| residual.reshape((x.dim(0)?, self.weight.dim(0)?));
         match (self.packed_for(xs, Some(residual)), &self.bias) {
             (Some(p), _) => self.apply(xs, |x| super::kernels::dense_bf16_add(x, p, &rows(x)?)),
@@ -224,6 +249,9 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cuda(xs, None, super::cuda::Act::None) {
+            return y;
+        }
         self.apply(xs, |x| match self.packed_for(xs, None) {
             Some(p) => super::kernels::dense_bf16(x, p, false),
             None => dense(x, &self.weight, self.bias.as_ref()),
@@ -376,6 +404,35 @@ impl Rows {
         }
     }
 
+    /// The tables of clipft's CUDA attention kernel for `n` rows: every row a query
+    /// (`full`), and row `pos[i]` of each sequence the only query (`pooled`, output row `i`).
+    fn cuda_seqs(&self, n: usize, pos: &[usize], device: &Device) -> Result<CudaSeqs> {
+        let (b, t) = self.grid();
+        let (mut full, mut pooled) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for (i, &p) in pos.iter().enumerate().take(b) {
+            let (start, len) = match self {
+                Rows::Grid { .. } => (i * t, t),
+                Rows::Packed { starts, .. } => {
+                    let end = starts.get(i + 1).copied().unwrap_or(n);
+                    (starts[i], end - starts[i])
+                }
+            };
+            let seq = |item_start: usize, items: usize, pos0: usize| super::cuda::Seq {
+                kv_start: start as u32,
+                kv_len: len as u32,
+                item_start: item_start as u32,
+                items: items as u32,
+                pos0: pos0 as u32,
+            };
+            full.push(seq(start, len, 0));
+            pooled.push(seq(i, 1, p));
+        }
+        Ok(CudaSeqs {
+            full: super::cuda::SeqTable::new(&full, device)?,
+            pooled: super::cuda::SeqTable::new(&pooled, device)?,
+        })
+    }
+
     /// Row `pos[i]` of each sequence `i`, `[B, C]`.
     fn select(&self, x: &Tensor, pos: &[usize]) -> Result<Tensor> {
         let (b, t) = self.grid();
@@ -393,6 +450,12 @@ impl Rows {
             .collect();
         x.index_select(&Tensor::from_vec(idx, b, x.device())?, 0)
     }
+}
+
+/// A batch's sequences for clipft's CUDA attention kernel ([`Rows::cuda_seqs`]).
+struct CudaSeqs {
+    full: super::cuda::SeqTable,
+    pooled: super::cuda::SeqTable,
 }
 
 #[derive(Debug, Clone)]
@@ -428,9 +491,11 @@ impl Attention {
         xs: &Tensor,
         rows: &Rows,
         mask: Option<&Tensor>,
+        seqs: Option<&CudaSeqs>,
         residual: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_qkv(&self.qkv.linear()?.forward(xs)?, rows, mask, residual)
+        let qkv = self.qkv.linear()?.forward(xs)?;
+        self.forward_qkv(&qkv, rows, mask, seqs, residual)
     }
 
     /// [`Self::forward`] from the QKV layer's output `[N, 3H]`.
@@ -439,10 +504,19 @@ impl Attention {
         qkv: &Tensor,
         rows: &Rows,
         mask: Option<&Tensor>,
+        seqs: Option<&CudaSeqs>,
         residual: &Tensor,
     ) -> Result<Tensor> {
         let (b, t) = rows.grid();
         let (nh, hd) = (self.num_heads, self.head_dim);
+        // (The only mask is the text tower's causal one.)
+        let h = nh * hd;
+        let cuda = seqs.and_then(|s| {
+            super::cuda::attention(qkv, qkv, h, 2 * h, &s.full, nh, hd, mask.is_some())
+        });
+        if let Some(out) = cuda {
+            return self.out_proj.forward_residual(&out?, residual);
+        }
         let y = rows.grid_of(qkv)?;
         let out = match super::attention_cpu::attention(&y, nh, mask) {
             Some(out) => out?,
@@ -497,6 +571,7 @@ impl Attention {
         rows: &Rows,
         q_xs: &Tensor,
         mask: Option<&Tensor>,
+        seqs: Option<&CudaSeqs>,
         residual: &Tensor,
     ) -> Result<Tensor> {
         let (b, t) = rows.grid();
@@ -504,12 +579,19 @@ impl Attention {
         let (nh, hd) = (self.num_heads, self.head_dim);
         // Rows [0, H) of the fused layer are the (pre-scaled) queries, [H, 3H) keys and values.
         let qkv = self.qkv.linear()?;
+        let kv = qkv.narrow_out(h, 2 * h)?.forward(xs)?;
+        let q = qkv.narrow_out(0, h)?.forward(q_xs)?;
+        let cuda = seqs
+            .and_then(|s| super::cuda::attention(&q, &kv, 0, h, &s.pooled, nh, hd, mask.is_some()));
+        if let Some(out) = cuda {
+            return self.out_proj.forward_residual(&out?, residual);
+        }
         let kv = rows
-            .grid_of(&qkv.narrow_out(h, 2 * h)?.forward(xs)?)?
+            .grid_of(&kv)?
             .reshape((b, t, 2, nh, hd))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
-        let q = self.split_heads(&qkv.narrow_out(0, h)?.forward(q_xs)?.reshape((b, 1, h))?)?;
+        let q = self.split_heads(&q.reshape((b, 1, h))?)?;
         let (k, v) = (kv.get(0)?, kv.get(1)?);
         let out = self.attend(&q, &k, &v, mask)?.reshape((b, h))?;
         self.out_proj.forward_residual(&out, residual)
@@ -565,12 +647,19 @@ impl EncoderLayer {
     }
 
     /// `xs` `[N, H]` (placed by `rows`) through the layer.
-    fn forward(&self, xs: &Tensor, rows: &Rows, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rows: &Rows,
+        mask: Option<&Tensor>,
+        seqs: Option<&CudaSeqs>,
+    ) -> Result<Tensor> {
         let xs = match self.qkv_bf16(xs) {
-            Some(qkv) => self.self_attn.forward_qkv(&qkv?, rows, mask, xs)?,
-            None => self
-                .self_attn
-                .forward(&self.layer_norm1.forward(xs)?, rows, mask, xs)?,
+            Some(qkv) => self.self_attn.forward_qkv(&qkv?, rows, mask, seqs, xs)?,
+            None => {
+                let normed = self.layer_norm1.forward(xs)?;
+                self.self_attn.forward(&normed, rows, mask, seqs, xs)?
+            }
         };
         self.mlp_block(&xs)
     }
@@ -604,9 +693,11 @@ impl EncoderLayer {
         }
         let x = self.layer_norm2.forward(xs)?;
         if self.silu_folded {
-            return self
-                .fc2
-                .forward_residual(&self.fc1.forward(&x)?.silu()?, xs);
+            let h = match self.fc1.forward_cuda(&x, None, super::cuda::Act::Silu) {
+                Some(h) => h?,
+                None => self.fc1.forward(&x)?.silu()?,
+            };
+            return self.fc2.forward_residual(&h, xs);
         }
         if self.act == Activation::QuickGelu && x.track_op() {
             return xs + self.fc2.forward_after_quick_gelu(&self.fc1.forward(&x)?)?;
@@ -645,6 +736,7 @@ impl EncoderLayer {
         xs: &Tensor,
         rows: &Rows,
         mask: Option<&Tensor>,
+        seqs: Option<&CudaSeqs>,
         pos: &[usize],
     ) -> Result<Tensor> {
         let normed = self.layer_norm1.forward(xs)?;
@@ -653,6 +745,7 @@ impl EncoderLayer {
             rows,
             &rows.select(&normed, pos)?,
             mask,
+            seqs,
             &rows.select(xs, pos)?,
         )?;
         self.mlp_block(&xs)
@@ -703,9 +796,12 @@ impl Encoder {
         let Some((last, rest)) = self.layers.split_last() else {
             return rows.select(xs, pos);
         };
-        let xs = rest
-            .iter()
-            .try_fold(xs.clone(), |xs, l| l.forward(&xs, rows, mask))?;
+        // Everything uploaded before the layers run: an upload waits for the GPU's queue.
+        let seqs = if super::cuda::applies([xs]) {
+            Some(rows.cuda_seqs(xs.dim(0)?, pos, xs.device())?)
+        } else {
+            None
+        };
         let mask_rows = match mask {
             Some(m) => {
                 let (t, _) = m.dims2()?;
@@ -718,7 +814,10 @@ impl Encoder {
             }
             None => None,
         };
-        last.forward_pooled(&xs, rows, mask_rows.as_ref(), pos)
+        let xs = rest.iter().try_fold(xs.clone(), |xs, l| {
+            l.forward(&xs, rows, mask, seqs.as_ref())
+        })?;
+        last.forward_pooled(&xs, rows, mask_rows.as_ref(), seqs.as_ref(), pos)
     }
 }
 
@@ -1057,6 +1156,27 @@ mod tests {
         let ids = vec![vec![3u32, 7, 9, 2], vec![5, 4]];
         let text = |m: &ClipModel| m.text_features(&ids, &Device::Cpu).unwrap();
         close(text(&plain), text(&folded), "text");
+    }
+
+    /// The CUDA attention kernel's sequence tables: where each sequence's keys and queries sit
+    /// and which position its first query has, for the grid (vision) and packed (text) rows.
+    #[test]
+    fn cuda_sequence_tables_place_every_row() {
+        let dev = Device::Cpu;
+        let table = |t: &super::super::cuda::SeqTable| t.table().to_vec2::<u32>().unwrap();
+        // Text: sequences of 3, 1 and 2 tokens packed into 6 rows, pooled at their last token.
+        let rows = Rows::new(&[3, 1, 2], &dev).unwrap();
+        let seqs = rows.cuda_seqs(6, &[2, 0, 1], &dev).unwrap();
+        let full = [[0, 3, 0, 3, 0], [3, 1, 3, 1, 0], [4, 2, 4, 2, 0]];
+        assert_eq!(table(&seqs.full), full);
+        let pooled = [[0, 3, 0, 1, 2], [3, 1, 1, 1, 0], [4, 2, 2, 1, 1]];
+        assert_eq!(table(&seqs.pooled), pooled);
+        // Vision: 2 images of 4 tokens, pooled at the class token.
+        let seqs = Rows::Grid { b: 2, t: 4 }
+            .cuda_seqs(8, &[0, 0], &dev)
+            .unwrap();
+        assert_eq!(table(&seqs.full), [[0, 4, 0, 4, 0], [4, 4, 4, 4, 0]]);
+        assert_eq!(table(&seqs.pooled), [[0, 4, 0, 1, 0], [4, 4, 1, 1, 0]]);
     }
 
     #[test]

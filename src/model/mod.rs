@@ -3,6 +3,7 @@
 pub mod attention_cpu;
 pub mod clip;
 pub mod config;
+pub mod cuda;
 pub mod gemm_bf16;
 pub mod hub;
 pub mod kernels;

@@ -1,0 +1,502 @@
+//! clipft's own CUDA kernels for inference (`cuda_kernels.cu`, compiled to PTX by build.rs with
+//! the `cuda` feature): the dense layers' epilogue (bias, activation and residual in one pass
+//! over the GEMM's output) and the attention core read straight from the projections' output
+//! rows. candle runs each of those as several full passes over the activations (broadcast add,
+//! one to three activation kernels, residual add; head-split copy, two batched GEMMs, softmax,
+//! head-merge copy), which on a GPU cost as much as the GEMMs.
+//!
+//! The kernels are checked on the CPU by `scripts/check_cuda_kernels.sh` (an emulation of the
+//! CUDA features they use, against double-precision references), but this code has not yet run
+//! on a GPU, so it is off unless `CLIPFT_CUDA_KERNELS=1`; `scripts/bench_gpu.sh` measures and
+//! checks both paths. Tracked (trained) tensors always take candle's differentiable ops.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{DType, Result, Tensor};
+
+use super::config::Activation;
+
+/// The activation applied by the dense-layer epilogue (codes as in `cuda_kernels.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None = 0,
+    QuickGelu = 1,
+    Silu = 2,
+    GeluErf = 3,
+    GeluTanh = 4,
+}
+
+impl From<Activation> for Act {
+    fn from(a: Activation) -> Self {
+        match a {
+            Activation::QuickGelu => Act::QuickGelu,
+            Activation::Gelu => Act::GeluErf,
+            Activation::GeluNew => Act::GeluTanh,
+        }
+    }
+}
+
+const UNSET: u8 = 0;
+const OFF: u8 = 1;
+const ON: u8 = 2;
+static STATE: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Whether the kernels are switched on: [`set_enabled`], else `CLIPFT_CUDA_KERNELS=1`.
+pub fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var("CLIPFT_CUDA_KERNELS").is_ok_and(|v| v == "1");
+            STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+        s => s == ON,
+    }
+}
+
+/// Switches the kernels on or off for the forward passes that follow (tests and benchmarks
+/// compare both paths in one process).
+pub fn set_enabled(on: bool) {
+    STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+}
+
+/// Whether the kernels take these tensors: a CUDA build with the kernels on, CUDA tensors of one
+/// float dtype, nothing tracked.
+pub fn applies<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> bool {
+    if !cfg!(feature = "cuda") || !enabled() {
+        return false;
+    }
+    let mut dtype = None;
+    ts.into_iter().all(|t| {
+        let same = *dtype.get_or_insert(t.dtype()) == t.dtype();
+        same && t.device().is_cuda() && !t.track_op()
+    }) && matches!(dtype, Some(DType::F32 | DType::F16 | DType::BF16))
+}
+
+/// `act(x·Wᵀ + b) (+ residual)` for `x` `[M, K]`, `w` `[N, K]`, `b` `[N]`, `residual` `[M, N]`:
+/// candle's GEMM, then one pass for the rest. Callers check [`applies`] first.
+pub fn dense(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        imp::dense(x, w, b, residual, act)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w, b, residual, act);
+        candle_core::bail!("clipft was built without the `cuda` feature")
+    }
+}
+
+/// One sequence of an [`attention`] call: its keys and values are rows `[kv_start, kv_start +
+/// kv_len)`, its queries rows `[item_start, item_start + items)` of the query (and output)
+/// tensor, the first of them at position `pos0` of the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seq {
+    pub kv_start: u32,
+    pub kv_len: u32,
+    pub item_start: u32,
+    pub items: u32,
+    pub pos0: u32,
+}
+
+/// The sequences of a batch, uploaded once per forward pass (an upload from host memory waits
+/// for the GPU's queued work, so not once per layer).
+#[derive(Debug, Clone)]
+pub struct SeqTable {
+    /// `[B, 5]` u32, the fields of [`Seq`] in order.
+    table: Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    max_items: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    items: usize,
+}
+
+impl SeqTable {
+    /// The `[B, 5]` table as uploaded.
+    #[cfg(test)]
+    pub(crate) fn table(&self) -> &Tensor {
+        &self.table
+    }
+
+    pub fn new(seqs: &[Seq], device: &candle_core::Device) -> Result<Self> {
+        let flat: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| [s.kv_start, s.kv_len, s.item_start, s.items, s.pos0])
+            .collect();
+        Ok(Self {
+            table: Tensor::from_vec(flat, (seqs.len(), 5), device)?,
+            max_items: seqs.iter().map(|s| s.items as usize).max().unwrap_or(0),
+            items: seqs.iter().map(|s| s.items as usize).sum(),
+        })
+    }
+}
+
+/// Multi-head attention `[items, heads·head_dim]` over the sequences of `seqs`: head `h` of an
+/// item's query at columns `h·head_dim..` of its row of `q` (queries pre-scaled), its keys and
+/// values at columns `k_off + h·head_dim..` and `v_off + h·head_dim..` of `kv`'s rows; `causal`
+/// limits each query to the keys up to its own position. `None` where the kernel does not
+/// apply (see [`applies`]; head sizes up to 128).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    kv: &Tensor,
+    k_off: usize,
+    v_off: usize,
+    seqs: &SeqTable,
+    heads: usize,
+    head_dim: usize,
+    causal: bool,
+) -> Option<Result<Tensor>> {
+    if !applies([q, kv]) || head_dim == 0 || head_dim > 128 || seqs.table.dim(0).ok()? > 65_535 {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        Some(imp::attention(
+            q, kv, k_off, v_off, seqs, heads, head_dim, causal,
+        ))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (k_off, v_off, heads, causal);
+        None
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::{
+        bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout,
+        Result, Shape, Tensor,
+    };
+    use half::{bf16, f16};
+
+    use super::{Act, SeqTable};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_kernels.ptx"));
+    const MODULE: &str = "clipft_kernels";
+
+    /// The view of a contiguous operand from its layout's start.
+    fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        if !l.is_contiguous() {
+            bail!("clipft CUDA kernel: {what} must be contiguous")
+        }
+        Ok(s.slice(l.start_offset()..))
+    }
+
+    /// The element types the kernels come in, by their names' suffix.
+    trait Elem: DeviceRepr {
+        const SUFFIX: &'static str;
+    }
+    impl Elem for f32 {
+        const SUFFIX: &'static str = "f32";
+    }
+    impl Elem for f16 {
+        const SUFFIX: &'static str = "f16";
+    }
+    impl Elem for bf16 {
+        const SUFFIX: &'static str = "bf16";
+    }
+
+    pub(super) fn dense(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        residual: Option<&Tensor>,
+        act: Act,
+    ) -> Result<Tensor> {
+        // A fresh contiguous [M, N] output that nothing else holds: finished in place.
+        let y = x.matmul(&w.t()?)?;
+        let op = BiasAct { act };
+        let b = b.contiguous()?;
+        match residual {
+            Some(r) => y.inplace_op3(&b, &r.contiguous()?, &op)?,
+            None => y.inplace_op2(&b, &op)?,
+        }
+        Ok(y)
+    }
+
+    struct BiasAct {
+        act: Act,
+    }
+
+    impl BiasAct {
+        fn launch<T: Elem>(
+            &self,
+            dev: &CudaDevice,
+            y: &mut CudaSlice<T>,
+            yl: &Layout,
+            b: &CudaSlice<T>,
+            bl: &Layout,
+            r: Option<(&CudaSlice<T>, &Layout)>,
+        ) -> Result<()> {
+            let (rows, cols) = yl.shape().dims2()?;
+            if bl.shape().elem_count() != cols
+                || r.is_some_and(|(_, rl)| rl.shape().dims() != yl.shape().dims())
+                || !yl.is_contiguous()
+            {
+                bail!("clipft bias_act: operand shapes or layout do not fit")
+            }
+            let func =
+                dev.get_or_load_custom_func(&format!("bias_act_{}", T::SUFFIX), MODULE, PTX)?;
+            let b = view(b, bl, "bias")?;
+            let r = r.map(|(r, rl)| view(r, rl, "residual")).transpose()?;
+            let mut y = y.slice_mut(yl.start_offset()..);
+            let null: u64 = 0;
+            let (rows_u, cols_u, act) = (rows as u32, cols as u32, self.act as u32);
+            // A block per row (blocks stride over rows beyond the cap), threads over columns.
+            let blocks = rows.clamp(1, 1 << 20) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = func.builder();
+            builder.arg(&mut y);
+            builder.arg(&b);
+            match &r {
+                Some(r) => builder.arg(r),
+                None => builder.arg(&null),
+            };
+            builder.arg(&rows_u);
+            builder.arg(&cols_u);
+            builder.arg(&act);
+            // SAFETY: the arguments match the kernel's signature; sizes checked above.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(())
+        }
+
+        fn run(
+            &self,
+            y: &mut CudaStorage,
+            yl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+            r: Option<(&CudaStorage, &Layout)>,
+        ) -> Result<()> {
+            let dev = y.device.clone();
+            match (&mut y.slice, &b.slice, r.map(|(r, l)| (&r.slice, l))) {
+                (S::F32(y), S::F32(b), None) => self.launch(&dev, y, yl, b, bl, None),
+                (S::F32(y), S::F32(b), Some((S::F32(r), rl))) => {
+                    self.launch(&dev, y, yl, b, bl, Some((r, rl)))
+                }
+                (S::F16(y), S::F16(b), None) => self.launch(&dev, y, yl, b, bl, None),
+                (S::F16(y), S::F16(b), Some((S::F16(r), rl))) => {
+                    self.launch(&dev, y, yl, b, bl, Some((r, rl)))
+                }
+                (S::BF16(y), S::BF16(b), None) => self.launch(&dev, y, yl, b, bl, None),
+                (S::BF16(y), S::BF16(b), Some((S::BF16(r), rl))) => {
+                    self.launch(&dev, y, yl, b, bl, Some((r, rl)))
+                }
+                _ => bail!("clipft bias_act: f32, f16 or bf16 operands of one dtype"),
+            }
+        }
+    }
+
+    impl InplaceOp2 for BiasAct {
+        fn name(&self) -> &'static str {
+            "clipft-bias-act"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &mut CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<()> {
+            bail!("clipft-bias-act runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            y: &mut CudaStorage,
+            yl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<()> {
+            self.run(y, yl, b, bl, None)
+        }
+    }
+
+    impl InplaceOp3 for BiasAct {
+        fn name(&self) -> &'static str {
+            "clipft-bias-act-residual"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &mut CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<()> {
+            bail!("clipft-bias-act-residual runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            y: &mut CudaStorage,
+            yl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+            r: &CudaStorage,
+            rl: &Layout,
+        ) -> Result<()> {
+            self.run(y, yl, b, bl, Some((r, rl)))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention(
+        q: &Tensor,
+        kv: &Tensor,
+        k_off: usize,
+        v_off: usize,
+        seqs: &SeqTable,
+        heads: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let (q, kv) = (q.contiguous()?, kv.contiguous()?);
+        let h = heads * head_dim;
+        let (q_rows, q_cols) = q.dims2()?;
+        let kv_cols = kv.dim(1)?;
+        if q_rows < seqs.items || q_cols < h || k_off + h > kv_cols || v_off + h > kv_cols {
+            bail!(
+                "clipft attention: query/key/value columns do not fit {heads} heads of {head_dim}"
+            )
+        }
+        q.apply_op3_no_bwd(
+            &kv,
+            &seqs.table,
+            &Attention {
+                k_off,
+                v_off,
+                heads,
+                head_dim,
+                causal,
+                items: seqs.items,
+                max_items: seqs.max_items,
+            },
+        )
+    }
+
+    struct Attention {
+        k_off: usize,
+        v_off: usize,
+        heads: usize,
+        head_dim: usize,
+        causal: bool,
+        items: usize,
+        max_items: usize,
+    }
+
+    impl Attention {
+        #[allow(clippy::too_many_arguments)]
+        fn launch<T: Elem>(
+            &self,
+            dev: &CudaDevice,
+            q: &CudaSlice<T>,
+            ql: &Layout,
+            kv: &CudaSlice<T>,
+            kvl: &Layout,
+            table: &CudaSlice<u32>,
+            tl: &Layout,
+        ) -> Result<CudaSlice<T>> {
+            let r = self.head_dim.div_ceil(32);
+            let func =
+                dev.get_or_load_custom_func(&format!("attention_{}_r{r}", T::SUFFIX), MODULE, PTX)?;
+            let h = self.heads * self.head_dim;
+            let n_seqs = tl.shape().dims2()?.0;
+            let (q_stride, kv_stride) = (ql.dims()[1] as u32, kvl.dims()[1] as u32);
+            let (q, kv, table) = (
+                view(q, ql, "q")?,
+                view(kv, kvl, "kv")?,
+                view(table, tl, "seqs")?,
+            );
+            // SAFETY: every row of the output is written by the kernel (each item, each head).
+            let out = unsafe { dev.alloc::<T>(self.items * h)? };
+            let warps = self.max_items.clamp(1, 8) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (self.max_items.max(1) as u32).div_ceil(warps),
+                    self.heads as u32,
+                    n_seqs as u32,
+                ),
+                block_dim: (32 * warps, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (k_off, v_off, out_stride) = (self.k_off as u32, self.v_off as u32, h as u32);
+            let (head_dim, causal) = (self.head_dim as u32, self.causal as u32);
+            let mut builder = func.builder();
+            builder.arg(&q);
+            builder.arg(&q_stride);
+            builder.arg(&kv);
+            builder.arg(&kv_stride);
+            builder.arg(&k_off);
+            builder.arg(&v_off);
+            builder.arg(&out);
+            builder.arg(&out_stride);
+            builder.arg(&table);
+            builder.arg(&head_dim);
+            builder.arg(&causal);
+            // SAFETY: the arguments match the kernel's signature; the table's rows lie within
+            // q, kv and out (built by the caller from the same rows).
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(out)
+        }
+    }
+
+    impl CustomOp3 for Attention {
+        fn name(&self) -> &'static str {
+            "clipft-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("clipft-attention runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            kv: &CudaStorage,
+            kvl: &Layout,
+            table: &CudaStorage,
+            tl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = q.device.clone();
+            let S::U32(table) = &table.slice else {
+                bail!("clipft attention: the sequence table must be u32")
+            };
+            let slice = match (&q.slice, &kv.slice) {
+                (S::F32(q), S::F32(kv)) => S::F32(self.launch(&dev, q, ql, kv, kvl, table, tl)?),
+                (S::F16(q), S::F16(kv)) => S::F16(self.launch(&dev, q, ql, kv, kvl, table, tl)?),
+                (S::BF16(q), S::BF16(kv)) => S::BF16(self.launch(&dev, q, ql, kv, kvl, table, tl)?),
+                _ => bail!("clipft attention: f32, f16 or bf16 operands of one dtype"),
+            };
+            let shape = Shape::from((self.items, self.heads * self.head_dim));
+            Ok((CudaStorage { slice, device: dev }, shape))
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The CUDA path against the CPU f32 one (which tests/reference.rs holds to `transformers`), with
+//! clipft's CUDA kernels on and off, on a checkpoint with ViT-B/32's layer shapes (two layers per
+//! tower): image features, and text features of equal-length (grid) and mixed-length (packed)
+//! prompt batches. Needs a CUDA build and device; elsewhere (CI) each test says it was skipped.
+//! On a GPU machine: `scripts/bench_gpu.sh` runs the test binary built by `build-cuda.sh`.
+
+use candle_core::{DType, Device, Tensor};
+use clipft::model::synth::{tiny_config, write_checkpoint, TINY_VOCAB};
+use clipft::model::{cuda, Clip, Precision};
+
+fn cuda_device() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// ViT-B/32's widths, heads, patch grid and context length, two layers per tower.
+fn checkpoint() -> (tempfile::TempDir, clipft::model::hub::ModelFiles) {
+    let mut config = tiny_config();
+    let t = &mut config.text_config;
+    (t.hidden_size, t.intermediate_size, t.num_attention_heads) = (512, 2048, 8);
+    let v = &mut config.vision_config;
+    (v.hidden_size, v.intermediate_size, v.num_attention_heads) = (768, 3072, 12);
+    (v.image_size, v.patch_size) = (224, 32);
+    config.projection_dim = 512;
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &config, 7).unwrap();
+    let files = clipft::model::hub::resolve(dir.path().to_str().unwrap(), None, false).unwrap();
+    (dir, files)
+}
+
+fn load(files: &clipft::model::hub::ModelFiles, device: &Device, dtype: DType) -> Clip {
+    let precision = Precision {
+        dtype,
+        bf16_matmul: false,
+    };
+    Clip::from_files(files.clone(), device.clone(), precision, vec![]).unwrap()
+}
+
+/// Prompts as token ids: `lens[i]` tokens, BOS first and EOS last.
+fn prompts(lens: &[usize]) -> Vec<Vec<u32>> {
+    let (bos, eos) = (TINY_VOCAB as u32 - 2, TINY_VOCAB as u32 - 1);
+    lens.iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let mut ids = vec![bos];
+            ids.extend((1..len - 1).map(|j| ((i * 131 + j * 17) % (TINY_VOCAB - 2)) as u32));
+            ids.push(eos);
+            ids
+        })
+        .collect()
+}
+
+fn pixels(device: &Device) -> Tensor {
+    let n = 5 * 3 * 224 * 224;
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    Tensor::from_vec(v, (5, 3, 224, 224), device).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+}
+
+fn min_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+            let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+            let ny: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt();
+            dot / (nx * ny)
+        })
+        .fold(1.0, f64::min)
+}
+
+/// Image and text features (three prompt batches) of `clip` on `device`.
+fn features(clip: &Clip, device: &Device) -> Vec<Vec<Vec<f32>>> {
+    let mut out = vec![rows(&clip.model.image_features(&pixels(device)).unwrap())];
+    for lens in [&[77, 77, 77][..], &[9, 9], &[2, 77, 30, 5, 16, 2]] {
+        out.push(rows(
+            &clip.model.text_features(&prompts(lens), device).unwrap(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn cuda_features_match_the_cpu_with_and_without_clipft_kernels() {
+    let Some(gpu) = cuda_device() else { return };
+    let (_dir, files) = checkpoint();
+    let reference = features(&load(&files, &Device::Cpu, DType::F32), &Device::Cpu);
+    for (dtype, min_cos) in [
+        (DType::F32, 0.99999),
+        (DType::F16, 0.999),
+        (DType::BF16, 0.995),
+    ] {
+        let clip = load(&files, &gpu, dtype);
+        let mut by_path = Vec::new();
+        for kernels in [false, true] {
+            cuda::set_enabled(kernels);
+            let ours = features(&clip, &gpu);
+            for (what, (a, b)) in ["image", "text 77x3", "text 9x2", "text mixed"]
+                .iter()
+                .zip(ours.iter().zip(&reference))
+            {
+                let c = min_cosine(a, b);
+                println!("{dtype:?} kernels {kernels}: {what} min cosine {c:.7}");
+                assert!(
+                    c >= min_cos,
+                    "{dtype:?} kernels {kernels} {what}: cosine {c}"
+                );
+            }
+            by_path.push(ours);
+        }
+        // The kernels must really have run: not bit-identical to candle's ops.
+        assert_ne!(by_path[0], by_path[1], "{dtype:?}: kernels changed nothing");
+    }
+    cuda::set_enabled(false);
+}
