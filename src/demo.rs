@@ -10,12 +10,24 @@ use crate::data::{Dataset, Split};
 use crate::features::ExtractOptions;
 use crate::model::{synth, Clip, ModelSpec};
 
+/// Ctrl-C or SIGTERM ends the process without running `TempDir`'s drop: the handler removes
+/// the generated folder itself, then exits with the interrupt's status (130).
+fn remove_on_interrupt(dir: &Path) {
+    let dir = dir.to_path_buf();
+    // One handler per process: where one is already set (a library caller's), it stays.
+    let _ = ctrlc::set_handler(move || {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::process::exit(130);
+    });
+}
+
 pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     let tmp;
     let root = match dir {
         Some(d) => d.to_path_buf(),
         None => {
             tmp = tempfile::Builder::new().prefix("clipft-demo-").tempdir()?;
+            remove_on_interrupt(tmp.path());
             tmp.path().to_path_buf()
         }
     };

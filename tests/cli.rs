@@ -43,6 +43,34 @@ fn demo_runs_end_to_end() {
     assert!(text.contains("test top-1 side by side"), "{text}");
 }
 
+/// Ctrl-C during `clipft demo` (no `--dir`) leaves no generated folder behind.
+#[cfg(target_os = "linux")]
+#[test]
+fn interrupted_demo_removes_its_temporary_folder() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"))
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first line names the generated folder: it exists, and the demo has seconds to go.
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("clipft-demo-"), "{line}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    // SAFETY: a plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(err);
+}
+
 #[test]
 fn features_writes_normalised_rows_in_dataset_order_and_uses_the_cache() {
     let ws = Workspace::new();
