@@ -2,7 +2,7 @@
 # GPU side-by-side: clipft (CUDA build) vs PyTorch + transformers on the same random ViT-B/32,
 # same JPEGs, same GPU, in one run. Meant for the lent GPU machine, which has PyTorch but no Rust:
 #
-#   here:  CARGO_FEATURES=cuda OUT_DIR=.gpu \
+#   here:  rm -rf .gpu && CARGO_FEATURES=cuda OUT_DIR=.gpu \
 #              CARGO_BUILD_ARGS="--bin clipft --bench extract --bench fdalign --bench layer_ops --bench gemm --test cuda" \
 #              ../shared/gpu/build-cuda.sh .       (with nasm installed: SIMD JPEG decoding)
 #          tar -cf - .gpu | xz -T2 > .gpu.tar.xz   (the six binaries are ~170 MB, over the device

@@ -509,8 +509,8 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t) = rows.grid();
         let (nh, hd) = (self.num_heads, self.head_dim);
-        // (The only mask is the text tower's causal one.)
         let h = nh * hd;
+        // The only mask there is is the text tower's causal one.
         let cuda = seqs.and_then(|s| {
             super::cuda::attention(qkv, qkv, h, 2 * h, &s.full, nh, hd, mask.is_some())
         });
