@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{stderr, stdout, Workspace};
+use common::{assert_fails_with, stderr, stdout, Workspace};
 
 fn load_meta(
     path: &Path,
@@ -283,12 +283,7 @@ fn too_few_shots_is_an_error_unless_allowed() {
         .arg(&f)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("--allow-fewer-shots"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "--allow-fewer-shots");
     assert!(!f.exists());
     let out = ws
         .cmd("features")
@@ -415,8 +410,7 @@ fn bad_images_fail_naming_the_file_or_are_skipped_and_counted() {
         .arg("--quiet")
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("zzz_broken.jpg"), "{}", stderr(&out));
+    assert_fails_with(&out, "zzz_broken.jpg");
     let out = ws
         .cmd("eval")
         .arg("--data")
@@ -448,12 +442,7 @@ fn dataset_errors_name_the_folder() {
         .args(["--split", "val"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("split `val` does not exist"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "split `val` does not exist");
     // A class missing from a split.
     std::fs::remove_dir_all(ws.data().join("test/purple_checks")).ok();
     std::fs::remove_dir_all(ws.data().join("test/green_horizontal_stripes")).unwrap();
@@ -620,8 +609,7 @@ fn device_and_dtype_problems_are_reported_plainly() {
             .args(["--device", "cuda:0"])
             .output()
             .unwrap();
-        assert!(!out.status.success());
-        assert!(stderr(&out).contains("--features cuda"), "{}", stderr(&out));
+        assert_fails_with(&out, "--features cuda");
     }
     let out = ws.cmd("info").args(["--dtype", "f64"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -691,12 +679,7 @@ fn adapter_and_templates_do_not_mix() {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("--templates cannot be combined with --adapter"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "--templates cannot be combined with --adapter");
 }
 
 /// Outputs are checked before any work: a folder given as a file, a folder that cannot be made,
@@ -758,12 +741,7 @@ fn outputs_are_checked_before_any_work() {
     };
     let before = std::fs::read(ws.model().join("model.safetensors")).unwrap();
     let o = fd(&ws.model());
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("source model's folder"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_with(&o, "source model's folder");
     assert_eq!(
         std::fs::read(ws.model().join("model.safetensors")).unwrap(),
         before
@@ -772,12 +750,7 @@ fn outputs_are_checked_before_any_work() {
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("notes.txt"), b"mine").unwrap();
     let o = fd(&other);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("not an FD-Align output"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_with(&o, "not an FD-Align output");
 }
 
 /// Zero-shot cannot tell apart classes whose prompts tokenize the same (the tokenizer ignores
@@ -863,12 +836,7 @@ fn unwritable_cache_warns_and_empty_splits_are_refused() {
         .arg("--skip-bad-images")
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("no image to score"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "no image to score");
 }
 
 /// A checkpoint with broken (NaN) weights gives no features file and no cache entries.
@@ -896,8 +864,7 @@ fn non_finite_features_are_an_error() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("non-finite features"), "{}", stderr(&o));
+    assert_fails_with(&o, "non-finite features");
     assert!(!out.exists());
 }
 
@@ -913,8 +880,7 @@ fn flags_that_would_be_ignored_are_refused() {
         .args(["--head-variant", "wiseft"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("--head-variant"), "{}", stderr(&out));
+    assert_fails_with(&out, "--head-variant");
     // The cross-modal sweep picks lr, weight decay and batch itself: giving one needs --no-sweep.
     for flag in [["--lr", "0.5"], ["--weight-decay", "0.1"], ["--batch", "8"]] {
         let out = ws
@@ -961,8 +927,7 @@ fn a_run_stopped_by_a_bad_image_keeps_what_it_encoded_in_the_cache() {
             .unwrap()
     };
     let out = run(&[]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("zzz_broken.jpg"), "{}", stderr(&out));
+    assert_fails_with(&out, "zzz_broken.jpg");
     assert!(!out_file.exists(), "no output after a failed run");
     let out = run(&["--skip-bad-images"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -10,7 +10,7 @@ use clipft::data::{Dataset, Sample, Split};
 use clipft::methods::fdalign::FdAlignSettings;
 use clipft::methods::fdalign_train::{self, FdAlignOutcome};
 use clipft::model::{Clip, ModelSpec};
-use common::{stderr, stdout, Workspace};
+use common::{assert_fails_with, stderr, stdout, Workspace};
 
 fn settings() -> FdAlignSettings {
     FdAlignSettings {
@@ -119,8 +119,7 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
         .arg(ws.cache())
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("classes differ"), "{}", stderr(&o));
+    assert_fails_with(&o, "classes differ");
 }
 
 /// The generated workspace loaded for library-level training runs.
@@ -254,8 +253,7 @@ fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("the loss became"), "{}", stderr(&o));
+    assert_fails_with(&o, "the loss became");
     assert!(!out.join("model.safetensors").exists());
 }
 

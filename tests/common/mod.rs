@@ -79,6 +79,12 @@ pub fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The run failed and its stderr says `needle` (the whole stderr shown if not).
+pub fn assert_fails_with(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success(), "succeeded: {}", stderr(out));
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
 /// `max |a − b|` over all elements (f32 tensors).
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
