@@ -6,7 +6,9 @@
 //!
 //! `CLIPFT_BENCH_MODEL` selects a checkpoint folder (default: a random ViT-B/32 in a temp dir),
 //! `CLIPFT_BENCH_BATCH` the batch (32), `CLIPFT_BENCH_STEPS` the timed steps (3),
-//! `CLIPFT_BENCH_DEVICE` the device (cpu; `cuda`: f32 weights, timed after a synchronise).
+//! `CLIPFT_BENCH_DEVICE` the device (cpu; `cuda`: timed after a synchronise),
+//! `CLIPFT_BENCH_DTYPE` the compute dtype (f32; `bf16`/`f16`: mixed precision as `clipft fdalign
+//! train --dtype` runs it: f32 weights cast once per step, f16 with loss scaling).
 //! `scripts/bench_fdalign_vs_pytorch.py` runs the same step in PyTorch next to it.
 
 // The allocator the clipft binary uses (src/main.rs); `keep_freed_memory` is called in main.
@@ -19,7 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use clipft::methods::fdalign;
 use clipft::model::trainable::TrainableVision;
-use clipft::model::{synth, Clip, ClipConfig, DeviceArg, ModelSpec};
+use clipft::model::{synth, Clip, ClipConfig, DTypeArg, DeviceArg, ModelSpec};
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -55,6 +57,10 @@ fn main() {
         .unwrap_or_else(|_| "cpu".into())
         .parse::<DeviceArg>()
         .unwrap();
+    spec.dtype = std::env::var("CLIPFT_BENCH_DTYPE")
+        .unwrap_or_else(|_| "f32".into())
+        .parse::<DTypeArg>()
+        .unwrap();
     let clip = Clip::load(&spec).unwrap();
     let dev: Device = clip.device.clone();
     let tv = TrainableVision::from_files(&clip.files, clip.config(), &dev, DType::F32).unwrap();
@@ -78,6 +84,8 @@ fn main() {
     let mut vars: Vec<Var> = tv.vars().into_iter().map(|(_, v)| v).collect();
     vars.extend([head_w.clone(), head_b.clone()]);
     let mut opt = fdalign::Sgd::new(vars, 5e-5 * batch as f64 / 256.0, 0.9, 5e-4);
+    let compute = clip.dtype;
+    let mut scaler = fdalign::LossScaler::for_dtype(compute);
     // Seconds spent in each phase of the timed steps: frozen forward, trainable forward and
     // loss, backward, optimiser update.
     let mut phases = [0f64; 4];
@@ -91,9 +99,20 @@ fn main() {
                 t = Instant::now();
             }
         };
-        let f0 = clip.model.image_features(&x).unwrap();
+        let f0 = clip
+            .model
+            .image_features(&x)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         lap(&mut phases[0]);
-        let ft = tv.tower.forward(&x).unwrap();
+        let ft = tv
+            .in_dtype(compute)
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let (total, _, _) = fdalign::loss(
             &ft,
             &f0,
@@ -105,9 +124,11 @@ fn main() {
         )
         .unwrap();
         lap(&mut phases[1]);
-        let grads = total.backward().unwrap();
+        let mut grads = (total * scaler.scale).unwrap().backward().unwrap();
         lap(&mut phases[2]);
-        opt.step(&grads).unwrap();
+        if scaler.unscale(&mut grads, opt.vars()).unwrap() {
+            opt.step(&grads).unwrap();
+        }
         lap(&mut phases[3]);
     };
     step(&mut [0f64; 4]); // warm-up
@@ -119,9 +140,10 @@ fn main() {
     dev.synchronize().unwrap();
     let per_step = t.elapsed().as_secs_f64() / steps as f64;
     println!(
-        "clipft FD-Align step: {} batch {batch}, {}, {} threads",
+        "clipft FD-Align step: {} batch {batch}, {}, compute {:?}, {} threads",
         clip.config().arch_name(),
         clipft::model::load::device_name(&dev),
+        compute,
         rayon::current_num_threads()
     );
     println!("  seconds per step   {per_step:.3}");

@@ -2,10 +2,12 @@
 """One FD-Align training step, PyTorch vs clipft, same random ViT-B/32 checkpoint and threads.
 
     python3 scripts/bench_fdalign_vs_pytorch.py [--threads 2] [--batch 32] [--steps 3]
-        [--device cpu|cuda] [--autocast bf16] [--bench-bin PATH]
+        [--device cpu|cuda] [--autocast bf16|f16] [--bench-bin PATH]
 
 The step: frozen-encoder forward (no grad) for P0, trainable forward, CE + 20 * KLDivLoss over
-20 spurious prototypes, backward, SGD(momentum 0.9, nesterov, weight decay 5e-4). Prints seconds
+20 spurious prototypes, backward, SGD(momentum 0.9, nesterov, weight decay 5e-4). With --autocast both sides train in mixed
+precision: PyTorch under torch.autocast (f16 with a GradScaler), clipft with its f32 weights
+cast once per step (`clipft fdalign train --dtype`, f16 with its loss scaler). Prints seconds
 per step and peak resident memory for both (each in its own process), and the ratio.
 Needs torch and transformers; clipft itself never needs Python.
 """
@@ -46,7 +48,9 @@ def pytorch_step(model_dir, threads, batch, steps, device="cpu", autocast=None):
 
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    amp = dict(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=autocast == "bf16")
+    amp = dict(device_type="cuda" if cuda else "cpu", dtype=torch.float16 if autocast == "f16" else torch.bfloat16,
+               enabled=autocast is not None)
+    scaler = torch.amp.GradScaler(enabled=autocast == "f16")
 
     # Seconds per phase over the timed steps, as the clipft bench splits them.
     phases = [0.0] * 4
@@ -70,9 +74,10 @@ def pytorch_step(model_dir, threads, batch, steps, device="cpu", autocast=None):
             loss = F.cross_entropy(head(F.normalize(ft.float(), dim=-1)), y) + 20 * kl(torch.log(F.softmax(ctx(ft), 1)), F.softmax(ctx(f0), 1))
             lap(1)
         opt.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
         lap(2)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         lap(3)
 
     step([0.0] * 4)
@@ -97,7 +102,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--model", help="checkpoint folder (default: a random ViT-B/32 written by transformers)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
-    ap.add_argument("--autocast", choices=["bf16"], help="PyTorch side under torch.autocast (clipft trains in f32)")
+    ap.add_argument("--autocast", choices=["bf16", "f16"],
+                    help="mixed precision on both sides (PyTorch torch.autocast, clipft --dtype)")
     ap.add_argument("--bench-bin", help="prebuilt clipft fdalign bench binary (default: cargo bench)")
     ap.add_argument("--_pytorch", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,6 +124,7 @@ def main():
     pt_phases = re.search(r"PYTORCH_PHASES (.+)", py.stdout).group(1).split()
     env = dict(os.environ, CLIPFT_BENCH_MODEL=str(model), CLIPFT_BENCH_BATCH=str(args.batch),
                CLIPFT_BENCH_STEPS=str(args.steps), CLIPFT_BENCH_DEVICE=args.device,
+               CLIPFT_BENCH_DTYPE=args.autocast or "f32",
                RAYON_NUM_THREADS=str(args.threads))
     cmd = [args.bench_bin] if args.bench_bin else ["cargo", "bench", "--bench", "fdalign"]
     rs = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

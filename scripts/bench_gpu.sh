@@ -128,5 +128,7 @@ EOF
 echo "== FD-Align training step, batch $BATCH"
 python3 scripts/bench_fdalign_vs_pytorch.py --device cuda --batch "$BATCH" --steps 5 --threads "$THREADS" \
   --model "$WORK/vit-b32" --bench-bin "$BIN/fdalign"
-python3 scripts/bench_fdalign_vs_pytorch.py --device cuda --batch "$BATCH" --steps 5 --threads "$THREADS" \
-  --model "$WORK/vit-b32" --bench-bin "$BIN/fdalign" --autocast bf16
+for amp in bf16 f16; do
+  python3 scripts/bench_fdalign_vs_pytorch.py --device cuda --batch "$BATCH" --steps 5 --threads "$THREADS" \
+    --model "$WORK/vit-b32" --bench-bin "$BIN/fdalign" --autocast $amp
+done

@@ -75,7 +75,8 @@ pub struct ModelArgs {
     pub revision: Option<String>,
     /// Compute precision: f32, f16 or bf16. On the CPU, bf16 takes the dense layers' products in
     /// bf16 with f32 in between (about 2x f32; needs AVX512-BF16, otherwise f32 with a warning);
-    /// f16 there is slower than f32.
+    /// f16 there is slower than f32. `fdalign train` keeps f32 weights and computes the trained
+    /// encoder in this dtype (mixed precision; f16 with loss scaling).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: DTypeArg,
     /// auto, cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).

@@ -124,3 +124,60 @@ fn cuda_features_match_the_cpu_with_and_without_clipft_kernels() {
     }
     cuda::set_enabled(false);
 }
+
+/// Mixed-precision FD-Align on the GPU: the trainable tower's f32 variables, computing in f32,
+/// bf16 and f16 on CUDA, receive the gradients the CPU f32 tower computes (per variable,
+/// cosine ≥ 0.99; the key biases' true gradient is zero, rounding only).
+#[test]
+fn cuda_mixed_precision_gradients_match_the_cpu() {
+    use clipft::model::trainable::TrainableVision;
+    let Some(dev) = cuda_device() else { return };
+    let (_dir, files) = checkpoint();
+    let config =
+        clipft::model::ClipConfig::from_json(&std::fs::read_to_string(&files.config).unwrap())
+            .unwrap();
+    let grads = |device: &Device, compute: DType| -> Vec<(String, Vec<f32>)> {
+        let tv = TrainableVision::from_files(&files, &config, device, DType::F32).unwrap();
+        let f = tv
+            .in_dtype(compute)
+            .unwrap()
+            .forward(&pixels(device))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let r = Tensor::arange(0f32, f.elem_count() as f32, device)
+            .unwrap()
+            .reshape(f.shape())
+            .unwrap()
+            .sin()
+            .unwrap();
+        let loss = (clipft::features::l2_normalize(&f).unwrap() * r)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        tv.vars()
+            .into_iter()
+            .map(|(name, v)| {
+                let g = g.get(v.as_tensor()).unwrap();
+                assert_eq!(g.dtype(), DType::F32, "{name}");
+                let g = g.flatten_all().unwrap().to_device(&Device::Cpu).unwrap();
+                (name, g.to_vec1().unwrap())
+            })
+            .collect()
+    };
+    let reference = grads(&Device::Cpu, DType::F32);
+    for compute in [DType::F32, DType::BF16, DType::F16] {
+        for ((name, a), (_, b)) in grads(&dev, compute).iter().zip(&reference) {
+            if name.ends_with("k_proj.bias") {
+                continue;
+            }
+            let c = min_cosine(std::slice::from_ref(a), std::slice::from_ref(b));
+            eprintln!("{compute:?} {name}: gradient cosine {c:.6}");
+            assert!(
+                c > 0.99,
+                "{compute:?} `{name}`: gradient cosine {c} to the CPU f32"
+            );
+        }
+    }
+}

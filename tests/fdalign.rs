@@ -7,9 +7,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use clipft::data::{Dataset, Sample, Split};
-use clipft::methods::fdalign::FdAlignSettings;
+use clipft::methods::fdalign::{FdAlignSettings, LossScaler};
 use clipft::methods::fdalign_train::{self, FdAlignOutcome};
-use clipft::model::{Clip, ModelSpec};
+use clipft::model::{Clip, DTypeArg, ModelSpec};
 use common::{assert_fails_with, stderr, stdout, Workspace};
 
 fn settings() -> FdAlignSettings {
@@ -134,8 +134,14 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_dtype(DTypeArg::F32)
+    }
+
+    fn with_dtype(dtype: DTypeArg) -> Self {
         let ws = Workspace::new();
-        let clip = Clip::load(&ModelSpec::local(ws.model())).unwrap();
+        let mut spec = ModelSpec::local(ws.model());
+        spec.dtype = dtype;
+        let clip = Clip::load(&spec).unwrap();
         let dataset = Dataset::open(ws.data()).unwrap();
         Self {
             train: dataset.samples(Split::Train).unwrap(),
@@ -386,5 +392,49 @@ fn accumulated_micro_batches_make_the_same_steps_as_whole_batches() {
         // Summation order only (an optimiser step per micro-batch lands further from the
         // whole-batch result than the whole run moved).
         assert!(apart < 1e-3 * moved, "{name}: {apart} apart, moved {moved}");
+    }
+}
+
+/// `--dtype f16` trains in mixed precision: f32 weights, the trainable tower in f16, the loss
+/// scaled against f16 underflow. The scaler is part of the state, so an interrupted run resumes
+/// to the same result, and what is written is f32.
+#[test]
+fn a_mixed_precision_run_trains_f32_weights_and_resumes_to_the_same_result() {
+    let fx = Fixture::with_dtype(DTypeArg::F16);
+    // Steps of 4 images: the first steps overflow at the initial scale and are skipped (as with
+    // PyTorch's GradScaler), the later ones train.
+    let s = FdAlignSettings {
+        epochs: 2,
+        batch_size: Some(4),
+        ..settings()
+    };
+    let a = fx.ws.path().join("a");
+    let (full, full_outcome) = fx.train(&s, &a, false, None).unwrap();
+    // Both happened: steps skipped (the scale came down from its start) and steps taken.
+    let (_, meta) = clipft::io::load(&a.join(fdalign_train::STATE_FILE)).unwrap();
+    let scaler = &meta["loss_scaler"];
+    assert_eq!(scaler["dynamic"], true, "{meta}");
+    assert!(
+        scaler["scale"].as_f64().unwrap() < LossScaler::INITIAL,
+        "{scaler}"
+    );
+    assert!(scaler["good_steps"].as_u64().unwrap() > 0, "{scaler}");
+    let initial =
+        candle_core::safetensors::load(fx.ws.model().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    for (name, t) in &full {
+        assert_eq!(t.dtype(), DType::F32, "{name}");
+    }
+    let name = "vision_model.encoder.layers.0.mlp.fc1.weight";
+    assert!(common::max_abs_diff(&full[name], &initial[name]) > 1e-4);
+    // Interrupted after one epoch and resumed: the same result.
+    let b = fx.ws.path().join("b");
+    let err = fx.train(&s, &b, false, Some(1)).unwrap_err().to_string();
+    assert!(err.contains("stopped after 1 epoch"), "{err}");
+    let (resumed, resumed_outcome) = fx.train(&s, &b, true, None).unwrap();
+    assert_eq!(full_outcome.val_accs, resumed_outcome.val_accs);
+    for (n, t) in &full {
+        let d = common::max_abs_diff(t, &resumed[n]);
+        assert!(d < 1e-6, "{n}: {d}");
     }
 }

@@ -127,6 +127,10 @@ impl Sgd {
         Ok(())
     }
 
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
     /// The momentum buffers (for checkpoints), in the order of the variables.
     pub fn buffers(&self) -> &[Option<Tensor>] {
         &self.buffers
@@ -136,6 +140,79 @@ impl Sgd {
     pub fn set_buffers(&mut self, buffers: Vec<Option<Tensor>>) {
         assert_eq!(buffers.len(), self.vars.len(), "one buffer per variable");
         self.buffers = buffers;
+    }
+}
+
+/// Dynamic loss scaling for f16 training, as PyTorch's `GradScaler` (its defaults): the loss is
+/// multiplied by [`LossScaler::scale`] before the backward pass, so that gradients too small
+/// for f16 (below 6·10⁻⁸) survive it, and the gradients are divided back in the variables' f32
+/// before the update. A step whose gradients overflowed is skipped and the scale halved; after
+/// [`LossScaler::GROWTH_INTERVAL`] finite steps in a row it doubles. bf16 has f32's range and
+/// f32 needs nothing: the scale stays 1 and nothing is checked.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Finite steps since the scale last changed.
+    pub good_steps: usize,
+    pub dynamic: bool,
+}
+
+impl LossScaler {
+    pub const INITIAL: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    /// Dynamic scaling for an f16 forward pass, none otherwise.
+    pub fn for_dtype(compute: candle_core::DType) -> Self {
+        let dynamic = compute == candle_core::DType::F16;
+        Self {
+            scale: if dynamic { Self::INITIAL } else { 1.0 },
+            good_steps: 0,
+            dynamic,
+        }
+    }
+
+    /// Divides the gradients of `vars` by the scale and tells whether the step may be taken:
+    /// `Ok(false)` when some gradient is not finite (the scale is halved; skip the update).
+    /// Fails when the gradients overflow even unscaled: the run diverged.
+    pub fn unscale(
+        &mut self,
+        grads: &mut candle_core::backprop::GradStore,
+        vars: &[Var],
+    ) -> Result<bool> {
+        if !self.dynamic {
+            return Ok(true);
+        }
+        let mut sums = Vec::with_capacity(vars.len());
+        for var in vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let g = (g * (1.0 / self.scale))?;
+                // inf − inf and NaN both end as NaN in the sum; an overflowing finite sum
+                // needs gradients near f32's limit, which the unscaled ones are not.
+                sums.push(g.sum_all()?.to_dtype(candle_core::DType::F32)?);
+                grads.insert(var.as_tensor(), g);
+            }
+        }
+        let total = if sums.is_empty() {
+            0.0
+        } else {
+            Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?
+        };
+        if total.is_finite() {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+            return Ok(true);
+        }
+        ensure!(
+            self.scale > 1.0,
+            "the f16 gradients overflow even without loss scaling: training diverged \
+             (lower --lr, or train with --dtype bf16 or f32)"
+        );
+        self.scale /= 2.0;
+        self.good_steps = 0;
+        Ok(false)
     }
 }
 
@@ -528,6 +605,58 @@ mod tests {
             for d in 0..4 {
                 assert!((head[c][d] - want[d]).abs() < 1e-9);
             }
+        }
+    }
+
+    /// Gradients of `Σ w·c` for one variable `w`: `c`, whatever `c` holds.
+    fn grads_of(c: &[f32]) -> (Var, candle_core::backprop::GradStore) {
+        let dev = Device::Cpu;
+        let w = Var::ones(c.len(), DType::F32, &dev).unwrap();
+        let c = Tensor::new(c, &dev).unwrap();
+        let g = (w.as_tensor() * c)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (w, g)
+    }
+
+    #[test]
+    fn loss_scaler_unscales_skips_overflows_and_grows() {
+        let mut s = LossScaler::for_dtype(DType::F16);
+        assert_eq!(s.scale, LossScaler::INITIAL);
+        // Finite gradients come back divided by the scale, and the step is taken.
+        let (w, mut g) = grads_of(&[65536.0, -131072.0, 3.0]);
+        assert!(s.unscale(&mut g, std::slice::from_ref(&w)).unwrap());
+        let got: Vec<f32> = g.get(w.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(got, [1.0, -2.0, 3.0 / 65536.0]);
+        assert_eq!((s.scale, s.good_steps), (LossScaler::INITIAL, 1));
+        // An overflow (or NaN) skips the step and halves the scale.
+        for bad in [f32::INFINITY, f32::NAN] {
+            let (w, mut g) = grads_of(&[1.0, bad]);
+            let before = s.scale;
+            assert!(!s.unscale(&mut g, &[w]).unwrap());
+            assert_eq!((s.scale, s.good_steps), (before / 2.0, 0));
+        }
+        // GROWTH_INTERVAL finite steps in a row double it.
+        s.good_steps = LossScaler::GROWTH_INTERVAL - 1;
+        let (w, mut g) = grads_of(&[1.0]);
+        assert!(s.unscale(&mut g, &[w]).unwrap());
+        assert_eq!((s.scale, s.good_steps), (LossScaler::INITIAL / 2.0, 0));
+        // Overflowing at scale 1 is divergence, not a scale to lower.
+        s.scale = 1.0;
+        let (w, mut g) = grads_of(&[f32::INFINITY]);
+        let err = s.unscale(&mut g, &[w]).unwrap_err().to_string();
+        assert!(err.contains("diverged"), "{err}");
+        // bf16 and f32 runs are not scaled, and nothing is checked.
+        for dtype in [DType::BF16, DType::F32] {
+            let mut s = LossScaler::for_dtype(dtype);
+            let (w, mut g) = grads_of(&[f32::INFINITY, 2.0]);
+            assert!(s.unscale(&mut g, std::slice::from_ref(&w)).unwrap());
+            assert_eq!(s.scale, 1.0);
+            let got: Vec<f32> = g.get(w.as_tensor()).unwrap().to_vec1().unwrap();
+            assert_eq!(got, [f32::INFINITY, 2.0]);
         }
     }
 }

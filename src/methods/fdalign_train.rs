@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use super::fdalign::{self, FdAlignSettings, Sgd};
 use crate::data::Sample;
 use crate::features::{image_batches, image_batches_of, text_features, ExtractOptions};
+use crate::model::clip::ClipVisionTransformer;
 use crate::model::trainable::TrainableVision;
 use crate::model::Clip;
 use crate::preprocess::{ImageError, View};
@@ -60,7 +61,7 @@ fn first_error(errors: Vec<Option<ImageError>>) -> Result<()> {
 /// are not finite (a diverged run).
 fn val_accuracy(
     clip: &Clip,
-    tv: &TrainableVision,
+    tower: &ClipVisionTransformer,
     head_w: &Tensor,
     head_b: &Tensor,
     val: &[Sample],
@@ -73,8 +74,8 @@ fn val_accuracy(
         let n = errors.len();
         first_error(errors)?;
         let x = x.expect("a batch without errors has images");
-        let f = tv.tower.forward(&x)?.detach();
-        let logits = fdalign::normalized_linear(&f, head_w, Some(head_b))?.to_dtype(DType::F32)?;
+        let f = tower.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = fdalign::normalized_linear(&f, head_w, Some(head_b))?;
         finite &= logits
             .flatten_all()?
             .to_vec1::<f32>()?
@@ -126,6 +127,7 @@ struct State {
     losses: Vec<f64>,
     val_accs: Vec<f64>,
     best: Option<(usize, f64, HashMap<String, Tensor>)>,
+    scaler: fdalign::LossScaler,
 }
 
 /// What to do after a diverged run. (Not `--resume`: a state only resumes with the settings it
@@ -168,12 +170,10 @@ pub fn train(
     ensure!(!train_set.is_empty(), "no training images");
     ensure!(!val.is_empty(), "FD-Align picks its epoch on val: the dataset needs a non-empty val split (clipft never tunes on test)");
     settings.validate()?;
-    let dtype = if clip.dtype == DType::F32 || !clip.device.is_cpu() {
-        clip.dtype
-    } else {
-        DType::F32
-    };
-    let tv = TrainableVision::from_files(&clip.files, clip.config(), &clip.device, dtype)?;
+    // Weights, gradients, optimiser state and loss in f32; the trainable tower computes in the
+    // model's dtype (f16/bf16: mixed precision, as under `torch.autocast`).
+    let compute = clip.dtype;
+    let tv = TrainableVision::from_files(&clip.files, clip.config(), &clip.device, DType::F32)?;
     let text = template_class_features(clip, class_names, template_set)?;
     let prototypes = fdalign::select_prototypes(
         &fdalign::context_weights(&text, clip.logit_scale)?,
@@ -183,7 +183,7 @@ pub fn train(
             .min(settings.spurious_keep.min(template_set.len())),
         settings.seed,
     )?
-    .to_dtype(dtype)?
+    .to_dtype(DType::F32)?
     .to_device(&clip.device)?;
     // A softmax over one prototype is 1 whatever the features: the KL term would vanish and
     // β would silently do nothing.
@@ -197,10 +197,10 @@ pub fn train(
     );
     let head_w = Var::from_tensor(
         &fdalign::class_head_init(&text, clip.logit_scale)?
-            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
             .to_device(&clip.device)?,
     )?;
-    let head_b = Var::from_tensor(&Tensor::zeros(class_names.len(), dtype, &clip.device)?)?;
+    let head_b = Var::from_tensor(&Tensor::zeros(class_names.len(), DType::F32, &clip.device)?)?;
     let mut vars = tv.vars();
     vars.push(("head.weight".into(), head_w.clone()));
     vars.push(("head.bias".into(), head_b.clone()));
@@ -221,11 +221,12 @@ pub fn train(
         losses: Vec::new(),
         val_accs: Vec::new(),
         best: None,
+        scaler: fdalign::LossScaler::for_dtype(compute),
     };
     let state_path = out.join(STATE_FILE);
     let run = run_key(clip, class_names, template_set, train_set, val)?;
     if resume {
-        state = load_state(&state_path, &vars, &mut opt, settings, &run)?;
+        state = load_state(&state_path, &vars, &mut opt, settings, &run, state.scaler)?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let pb = crate::progress::bar(settings.epochs as u64, "FD-Align", progress);
@@ -286,8 +287,8 @@ pub fn train(
                 part.len(),
                 &clip.device,
             )?;
-            let f0 = clip.model.image_features(&x)?.to_dtype(dtype)?;
-            let ft = tv.tower.forward(&x.to_dtype(dtype)?)?;
+            let f0 = clip.model.image_features(&x)?.to_dtype(DType::F32)?;
+            let ft = tv.in_dtype(compute)?.forward(&x)?.to_dtype(DType::F32)?;
             let (total, _, _) = fdalign::loss(
                 &ft,
                 &f0,
@@ -307,7 +308,8 @@ pub fn train(
                 );
             }
             loss_sum += value * part.len() as f64 / step_len as f64;
-            let g = (total * (part.len() as f64 / step_len as f64))?.backward()?;
+            let weight = part.len() as f64 / step_len as f64;
+            let g = (total * (weight * state.scaler.scale))?.backward()?;
             grads = Some(match grads.take() {
                 None => g,
                 Some(mut acc) => {
@@ -322,13 +324,18 @@ pub fn train(
                 }
             });
             if ends_step {
-                opt.step(&grads.take().expect("at least one micro-batch"))?;
+                let mut g = grads.take().expect("at least one micro-batch");
+                // An f16 step whose gradients overflowed is skipped (the scale was lowered).
+                if state.scaler.unscale(&mut g, opt.vars())? {
+                    opt.step(&g)?;
+                }
             }
             Ok(())
         })?;
         // The loss is checked before each step; the weights after the last step of the epoch
         // are checked here, through their val logits, before they can become the best state.
-        let Some(acc) = val_accuracy(clip, &tv, head_w.as_tensor(), head_b.as_tensor(), val)?
+        let tower = tv.frozen(compute)?;
+        let Some(acc) = val_accuracy(clip, &tower, head_w.as_tensor(), head_b.as_tensor(), val)?
         else {
             bail!(
                 "training diverged in epoch {}: the val logits are not finite (NaN or infinite); \
@@ -424,6 +431,7 @@ fn save_state(
         "best_val": state.best.as_ref().map(|b| b.1),
         "settings": settings,
         "run": run,
+        "loss_scaler": state.scaler,
     });
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     crate::io::save(path, &refs, &meta)
@@ -435,6 +443,7 @@ fn load_state(
     opt: &mut Sgd,
     settings: &FdAlignSettings,
     run: &str,
+    scaler: fdalign::LossScaler,
 ) -> Result<State> {
     ensure!(
         path.is_file(),
@@ -504,6 +513,8 @@ fn load_state(
         losses: serde_json::from_value(meta["losses"].clone()).unwrap_or_default(),
         val_accs: serde_json::from_value(meta["val_accs"].clone()).unwrap_or_default(),
         best,
+        // (States written before the scaler existed were f32 runs, which need none.)
+        scaler: serde_json::from_value(meta["loss_scaler"].clone()).unwrap_or(scaler),
     })
 }
 

@@ -260,15 +260,21 @@ impl Module for Linear {
 }
 
 /// Softmax over the last dimension; candle's fused kernel for inference, a differentiable one
-/// when tracked ([`super::kernels::softmax_last_dim`] on CPU f32, composed ops elsewhere).
+/// when tracked ([`super::kernels::softmax_last_dim`] on CPU f32, composed ops elsewhere, in
+/// f32 for 16-bit input as under `torch.autocast`: a 16-bit sum over the keys would round).
 pub fn softmax(xs: &Tensor) -> Result<Tensor> {
     if xs.track_op() {
         if let Some(y) = super::kernels::softmax_last_dim(xs) {
             return y;
         }
-        let max = xs.max_keepdim(D::Minus1)?.detach();
-        let e = xs.broadcast_sub(&max)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        let dtype = xs.dtype();
+        let x = match dtype {
+            DType::F16 | DType::BF16 => xs.to_dtype(DType::F32)?,
+            _ => xs.clone(),
+        };
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
     } else {
         candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
     }

@@ -8,9 +8,18 @@
 //! creates conditionally, such as `class_embedding`, random). Gradients reach every parameter
 //! because [`super::clip::LayerNorm`], [`super::clip::softmax`] and [`super::clip::Linear`] use
 //! differentiable ops whenever the graph is tracked.
+//!
+//! Mixed precision works as `torch.autocast` does: the variables (and so the gradients and the
+//! optimiser's state) stay in their own dtype, f32, and [`TrainableVision::in_dtype`] gives a
+//! tower that computes in f16 or bf16 from casts of them. A 16-bit variable would lose the
+//! update itself: at FD-Align's learning rates `lr·g` is far below half a bf16 step of a
+//! weight, so pure bf16 weights would not move.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::clip::{BuildOptions, ClipVisionTransformer};
@@ -21,10 +30,14 @@ use super::ClipConfig;
 pub struct TrainableVision {
     pub varmap: VarMap,
     pub tower: ClipVisionTransformer,
+    config: ClipConfig,
+    dtype: DType,
+    device: Device,
 }
 
 impl TrainableVision {
-    /// The vision tower and visual projection of a checkpoint, as trainable variables.
+    /// The vision tower and visual projection of a checkpoint, as trainable variables of
+    /// `dtype` (f32 for training; f64 for gradient checks).
     pub fn from_files(
         files: &ModelFiles,
         config: &ClipConfig,
@@ -32,10 +45,9 @@ impl TrainableVision {
         dtype: DType,
     ) -> Result<Self> {
         let varmap = VarMap::new();
-        let tower = ClipVisionTransformer::new(
+        let tower = build(
             VarBuilder::from_varmap(&varmap, dtype, device),
-            &config.vision_config,
-            config.projection_dim,
+            config,
             // Trained weights stay the checkpoint's own.
             BuildOptions::default(),
         )?;
@@ -46,7 +58,41 @@ impl TrainableVision {
             })?;
             var.set(&value)?;
         }
-        Ok(Self { varmap, tower })
+        Ok(Self {
+            varmap,
+            tower,
+            config: config.clone(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The dtype of the variables.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The tower computing in `dtype`: the tower itself when that is the variables' dtype,
+    /// otherwise one whose weights are casts of the variables (differentiable, so the gradients
+    /// reach the variables, in their dtype). Build it once per step: the casts are taken when
+    /// it is built.
+    pub fn in_dtype(&self, dtype: DType) -> Result<Cow<'_, ClipVisionTransformer>> {
+        if dtype == self.dtype {
+            return Ok(Cow::Borrowed(&self.tower));
+        }
+        let casts = self.tensors(|v| v.as_tensor().to_dtype(dtype))?;
+        Ok(Cow::Owned(self.tower_of(
+            casts,
+            dtype,
+            BuildOptions::default(),
+        )?))
+    }
+
+    /// The current weights as a frozen tower computing in `dtype`, for evaluation: nothing in
+    /// it is tracked, so the inference paths (fused kernels, no graph) run.
+    pub fn frozen(&self, dtype: DType) -> Result<ClipVisionTransformer> {
+        let copies = self.tensors(|v| v.as_tensor().detach().to_dtype(dtype))?;
+        self.tower_of(copies, dtype, BuildOptions::for_inference(&self.device))
     }
 
     /// Every trainable variable, sorted by its checkpoint name.
@@ -62,4 +108,37 @@ impl TrainableVision {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
+
+    fn tensors(
+        &self,
+        f: impl Fn(&Var) -> candle_core::Result<Tensor>,
+    ) -> Result<HashMap<String, Tensor>> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        Ok(data
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), f(v)?)))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    fn tower_of(
+        &self,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        opts: BuildOptions,
+    ) -> Result<ClipVisionTransformer> {
+        build(
+            VarBuilder::from_tensors(tensors, dtype, &self.device),
+            &self.config,
+            opts,
+        )
+    }
+}
+
+fn build(vb: VarBuilder, config: &ClipConfig, opts: BuildOptions) -> Result<ClipVisionTransformer> {
+    Ok(ClipVisionTransformer::new(
+        vb,
+        &config.vision_config,
+        config.projection_dim,
+        opts,
+    )?)
 }
