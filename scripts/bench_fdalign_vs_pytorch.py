@@ -50,7 +50,7 @@ def pytorch_step(model_dir, threads, batch, steps, device="cpu", autocast=None):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     amp = dict(device_type="cuda" if cuda else "cpu", dtype=torch.float16 if autocast == "f16" else torch.bfloat16,
                enabled=autocast is not None)
-    scaler = torch.amp.GradScaler(enabled=autocast == "f16")
+    scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=autocast == "f16")
 
     # Seconds per phase over the timed steps, as the clipft bench splits them.
     phases = [0.0] * 4

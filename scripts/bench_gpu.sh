@@ -132,3 +132,8 @@ for amp in bf16 f16; do
   python3 scripts/bench_fdalign_vs_pytorch.py --device cuda --batch "$BATCH" --steps 5 --threads "$THREADS" \
     --model "$WORK/vit-b32" --bench-bin "$BIN/fdalign" --autocast $amp
 done
+if [ "$CLIPFT_CUDA_KERNELS" = 1 ]; then
+  echo "== FD-Align step, bf16, clipft's kernels (layer norm) off"
+  CLIPFT_CUDA_KERNELS=0 python3 scripts/bench_fdalign_vs_pytorch.py --device cuda --batch "$BATCH" --steps 5 \
+    --threads "$THREADS" --model "$WORK/vit-b32" --bench-bin "$BIN/fdalign" --autocast bf16
+fi

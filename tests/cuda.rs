@@ -8,6 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use clipft::model::synth::{tiny_config, write_checkpoint, TINY_VOCAB};
 use clipft::model::{cuda, Clip, Precision};
 
+/// The kernels' switch is process-wide: tests that flip it take turns.
+static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn cuda_device() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
@@ -94,6 +97,7 @@ fn features(clip: &Clip, device: &Device) -> Vec<Vec<Vec<f32>>> {
 #[test]
 fn cuda_features_match_the_cpu_with_and_without_clipft_kernels() {
     let Some(gpu) = cuda_device() else { return };
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let (_dir, files) = checkpoint();
     let reference = features(&load(&files, &Device::Cpu, DType::F32), &Device::Cpu);
     for (dtype, min_cos) in [
@@ -127,11 +131,13 @@ fn cuda_features_match_the_cpu_with_and_without_clipft_kernels() {
 
 /// Mixed-precision FD-Align on the GPU: the trainable tower's f32 variables, computing in f32,
 /// bf16 and f16 on CUDA, receive the gradients the CPU f32 tower computes (per variable,
-/// cosine ≥ 0.99; the key biases' true gradient is zero, rounding only).
+/// cosine ≥ 0.99; the key biases' true gradient is zero, rounding only), with clipft's kernels
+/// (the layer norm's own backward pass) off and on.
 #[test]
 fn cuda_mixed_precision_gradients_match_the_cpu() {
     use clipft::model::trainable::TrainableVision;
     let Some(dev) = cuda_device() else { return };
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let (_dir, files) = checkpoint();
     let config =
         clipft::model::ClipConfig::from_json(&std::fs::read_to_string(&files.config).unwrap())
@@ -168,16 +174,27 @@ fn cuda_mixed_precision_gradients_match_the_cpu() {
     };
     let reference = grads(&Device::Cpu, DType::F32);
     for compute in [DType::F32, DType::BF16, DType::F16] {
-        for ((name, a), (_, b)) in grads(&dev, compute).iter().zip(&reference) {
-            if name.ends_with("k_proj.bias") {
-                continue;
+        let mut by_path = Vec::new();
+        for kernels in [false, true] {
+            cuda::set_enabled(kernels);
+            let ours = grads(&dev, compute);
+            for ((name, a), (_, b)) in ours.iter().zip(&reference) {
+                if name.ends_with("k_proj.bias") {
+                    continue;
+                }
+                let c = min_cosine(std::slice::from_ref(a), std::slice::from_ref(b));
+                println!("{compute:?} kernels {kernels} {name}: gradient cosine {c:.6}");
+                assert!(
+                    c > 0.99,
+                    "{compute:?} kernels {kernels} `{name}`: gradient cosine {c} to the CPU f32"
+                );
             }
-            let c = min_cosine(std::slice::from_ref(a), std::slice::from_ref(b));
-            eprintln!("{compute:?} {name}: gradient cosine {c:.6}");
-            assert!(
-                c > 0.99,
-                "{compute:?} `{name}`: gradient cosine {c} to the CPU f32"
-            );
+            by_path.push(ours);
         }
+        assert_ne!(
+            by_path[0], by_path[1],
+            "{compute:?}: kernels changed nothing"
+        );
     }
+    cuda::set_enabled(false);
 }

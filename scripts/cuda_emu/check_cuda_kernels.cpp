@@ -172,6 +172,68 @@ void check_attention(const std::vector<uint32_t> &lens, uint32_t heads, uint32_t
            err, Dt<T>::eps * 1.01);
 }
 
+// Layer norm forward and backward on `rows` rows of h, `blocks` blocks of `threads` threads
+// (fewer blocks than rows: several rows per block), against double-precision references.
+template <typename T> void check_layer_norm(uint32_t rows, uint32_t h, uint32_t blocks, uint32_t threads) {
+    const float eps = 1e-5f;
+    auto x = random_vec<T>((size_t)rows * h, 1.5f), w = random_vec<T>(h, 1.0f), b = random_vec<T>(h, 0.5f),
+         g = random_vec<T>((size_t)rows * h, 1.0f);
+    // A large mean on one row: the two-pass variance must hold.
+    for (uint32_t c = 0; c < h; ++c) x[c] = from_f<T>(to_f(x[c]) * 0.1f + 40.0f);
+    std::vector<T> y((size_t)rows * h), dx((size_t)rows * h), dwb(2 * h);
+    std::vector<float> partial((size_t)blocks * 2 * h, NAN);
+    emu::launch({blocks, 1, 1}, {threads, 1, 1},
+                [&] { layer_norm_impl<T>(x.data(), w.data(), b.data(), y.data(), rows, h, eps); });
+    emu::launch({blocks, 1, 1}, {threads, 1, 1}, [&] {
+        layer_norm_grad_impl<T>(x.data(), w.data(), g.data(), dx.data(), partial.data(), rows, h, eps);
+    });
+    emu::launch({2, 1, 1}, {32, 1, 1}, [&] { column_sums_impl<T>(partial.data(), blocks, 2 * h, dwb.data()); });
+    double ey = 0, edx = 0, edw = 0, edb = 0, sdx = 0, sdw = 0, sdb = 0;
+    std::vector<double> dw(h, 0.0), db(h, 0.0);
+    for (uint32_t r = 0; r < rows; ++r) {
+        double mean = 0, var = 0;
+        for (uint32_t c = 0; c < h; ++c) mean += to_f(x[(size_t)r * h + c]);
+        mean /= h;
+        for (uint32_t c = 0; c < h; ++c) var += std::pow(to_f(x[(size_t)r * h + c]) - mean, 2);
+        const double rstd = 1.0 / std::sqrt(var / h + eps);
+        std::vector<double> xhat(h), d(h);
+        double m1 = 0, m2 = 0;
+        for (uint32_t c = 0; c < h; ++c) {
+            const size_t i = (size_t)r * h + c;
+            xhat[c] = (to_f(x[i]) - mean) * rstd;
+            d[c] = (double)to_f(g[i]) * to_f(w[c]);
+            m1 += d[c] / h;
+            m2 += d[c] * xhat[c] / h;
+            dw[c] += (double)to_f(g[i]) * xhat[c];
+            db[c] += to_f(g[i]);
+            const double want = xhat[c] * to_f(w[c]) + to_f(b[c]);
+            ey = std::max(ey, std::abs(to_f(y[i]) - want) / std::max(1.0, std::abs(want)));
+        }
+        for (uint32_t c = 0; c < h; ++c) {
+            const double want = rstd * (d[c] - m1 - xhat[c] * m2);
+            edx = std::max(edx, std::abs(to_f(dx[(size_t)r * h + c]) - want));
+            sdx = std::max(sdx, std::abs(want));
+        }
+    }
+    for (uint32_t c = 0; c < h; ++c) {
+        edw = std::max(edw, std::abs(to_f(dwb[c]) - dw[c]));
+        edb = std::max(edb, std::abs(to_f(dwb[h + c]) - db[c]));
+        sdw = std::max(sdw, std::abs(dw[c]));
+        sdb = std::max(sdb, std::abs(db[c]));
+    }
+    const std::string what = std::string("layer_norm ") + Dt<T>::name + " " + std::to_string(rows) + "x" +
+                             std::to_string(h) + " blocks " + std::to_string(blocks) + " threads " +
+                             std::to_string(threads);
+    // 16-bit: one rounding of the output. f32: the first row's mean (about 40) carries f32's
+    // rounding, ~ulp(40)/2 = 1.9e-6, which is 1.3e-5 of that row's spread of 0.15, times |w|.
+    // (A one-pass variance E[x²] − E[x]² would be off by ~5e-3 there.)
+    const double tol = std::max(Dt<T>::eps, 1e-5) * 1.01;
+    report(what + " y", ey, std::max(tol, 1e-4));
+    report(what + " dx (relative to max)", edx / sdx, tol);
+    report(what + " dw (relative to max)", edw / sdw, tol);
+    report(what + " db (relative to max)", edb / sdb, tol);
+}
+
 template <typename T> void check_all() {
     for (uint32_t act = 0; act <= 4; ++act) {
         check_bias_act<T>(7, 33, act, false);
@@ -187,6 +249,11 @@ template <typename T> void check_all() {
     check_attention<T, 4>({65, 31}, 1, 128, true, false, 8);
     check_attention<T, 2>({50, 50, 50, 50}, 2, 64, false, true, 1);
     check_attention<T, 2>({5, 77, 33, 1}, 2, 64, true, true, 1);
+    // Layer norm: h below one thread per column, odd, and exactly LN_COLS·threads (ViT-B/32).
+    check_layer_norm<T>(3, 37, 1, 32);
+    check_layer_norm<T>(7, 64, 3, 32);
+    check_layer_norm<T>(5, 200, 5, 64);
+    check_layer_norm<T>(9, 768, 4, 192);
 }
 
 int main() {

@@ -103,9 +103,14 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "--out {}: that is the source model's folder; give another folder",
         a.out.display()
     );
+    let precision = match clip.dtype {
+        candle_core::DType::F32 => String::new(),
+        // (Mixed precision: see fdalign_train::train.)
+        d => format!(", f32 weights computing in {}", d.as_str()),
+    };
     info(
         format!(
-            "FD-Align: {} train images, batch {}, lr {:.3e}, {} epoch(s)",
+            "FD-Align: {} train images, batch {}, lr {:.3e}, {} epoch(s){precision}",
             train.len(),
             settings.batch(train.len()),
             settings.lr(train.len()),

@@ -41,7 +41,8 @@ const QUICK_GELU_ALPHA: f64 = 1.702;
 /// candle-nn's `LayerNorm::forward` takes a fused kernel on contiguous input that records no
 /// backward op, which silently stops gradients. On the CPU in f32 clipft's own fused op runs,
 /// with a backward pass ([`super::kernels::layer_norm`]); elsewhere candle-nn's kernel when
-/// nothing in the computation is tracked (inference), else the formula built from
+/// nothing in the computation is tracked (inference), else clipft's CUDA op with its backward
+/// pass where it applies ([`super::cuda::layer_norm`]), else the formula built from
 /// differentiable ops.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -68,6 +69,9 @@ impl Module for LayerNorm {
             return y;
         }
         if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
+            if let Some(y) = super::cuda::layer_norm(xs, &self.weight, &self.bias, self.eps) {
+                return y;
+            }
             let dtype = xs.dtype();
             // Statistics in at least f32 (f64 stays f64, for gradient checks).
             let x = match dtype {

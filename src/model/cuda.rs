@@ -1,14 +1,17 @@
-//! clipft's own CUDA kernels for inference (`cuda_kernels.cu`, compiled to PTX by build.rs with
-//! the `cuda` feature): the dense layers' epilogue (bias, activation and residual in one pass
-//! over the GEMM's output) and the attention core read straight from the projections' output
-//! rows. candle runs each of those as several full passes over the activations (broadcast add,
-//! one to three activation kernels, residual add; head-split copy, two batched GEMMs, softmax,
-//! head-merge copy), which on a GPU cost as much as the GEMMs.
+//! clipft's own CUDA kernels (`cuda_kernels.cu`, compiled to PTX by build.rs with the `cuda`
+//! feature): for inference, the dense layers' epilogue (bias, activation and residual in one
+//! pass over the GEMM's output) and the attention core read straight from the projections'
+//! output rows. candle runs each of those as several full passes over the activations
+//! (broadcast add, one to three activation kernels, residual add; head-split copy, two batched
+//! GEMMs, softmax, head-merge copy), which on a GPU cost as much as the GEMMs. For training, a
+//! layer norm with its own backward pass (candle's has none, so the trained tower composed a
+//! dozen passes each way).
 //!
 //! The kernels are checked on the CPU by `scripts/check_cuda_kernels.sh` (an emulation of the
 //! CUDA features they use, against double-precision references), but this code has not yet run
 //! on a GPU, so it is off unless `CLIPFT_CUDA_KERNELS=1`; `scripts/bench_gpu.sh` measures and
-//! checks both paths. Tracked (trained) tensors always take candle's differentiable ops.
+//! checks both paths. Tracked (trained) tensors take candle's differentiable ops, except in
+//! [`layer_norm`], whose op has its backward pass.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -62,15 +65,42 @@ pub fn set_enabled(on: bool) {
 /// Whether the kernels take these tensors: a CUDA build with the kernels on, CUDA tensors of one
 /// float dtype, nothing tracked.
 pub fn applies<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> bool {
+    fits(ts, false)
+}
+
+fn fits<'a>(ts: impl IntoIterator<Item = &'a Tensor>, tracked_ok: bool) -> bool {
     if !cfg!(feature = "cuda") || !enabled() {
         return false;
     }
     let mut dtype = None;
     ts.into_iter().all(|t| {
         let same = *dtype.get_or_insert(t.dtype()) == t.dtype();
-        same && t.device().is_cuda() && !t.track_op()
+        same && t.device().is_cuda() && (tracked_ok || !t.track_op())
     }) && matches!(dtype, Some(DType::F32 | DType::F16 | DType::BF16))
 }
+
+/// Layer norm over the last dimension with a backward pass of its own (statistics in f32,
+/// recomputed backward), for the trained tower on CUDA, where the alternative is a dozen
+/// composed passes each way; `None` where it does not apply (as [`applies`], tracked tensors
+/// included; rows up to 4,096 wide).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Option<Result<Tensor>> {
+    let h = w.elem_count();
+    if !fits([x, w, b], true) || h == 0 || h > LN_MAX_WIDTH || x.dims().last() != Some(&h) {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        Some(imp::layer_norm(x, w, b, eps))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = eps;
+        None
+    }
+}
+
+/// Widest row the layer-norm kernels take: 1,024 threads of `LN_COLS` (4) columns.
+const LN_MAX_WIDTH: usize = 4096;
 
 /// `act(x·Wᵀ + b) (+ residual)` for `x` `[M, K]`, `w` `[N, K]`, `b` `[N]`, `residual` `[M, N]`:
 /// candle's GEMM, then one pass for the rest. Callers check [`applies`] first.
@@ -497,6 +527,278 @@ mod imp {
             };
             let shape = Shape::from((self.items, self.heads * self.head_dim));
             Ok((CudaStorage { slice, device: dev }, shape))
+        }
+    }
+
+    pub(super) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LayerNorm { eps: eps as f32 },
+        )
+    }
+
+    /// Columns per thread of `layer_norm_grad` (`LN_COLS` in cuda_kernels.cu).
+    const LN_COLS: usize = 4;
+
+    /// Threads per block for rows of `h`: at most `LN_COLS` columns each.
+    fn ln_threads(h: usize) -> u32 {
+        (h.div_ceil(LN_COLS).next_multiple_of(32)).clamp(128, 1024) as u32
+    }
+
+    /// Rows and width of a layer norm's `[.., h]` input, checked against its `[h]` parameters.
+    fn ln_rows(xl: &Layout, pl: &Layout, what: &str) -> Result<(usize, usize)> {
+        let h = pl.shape().elem_count();
+        if h == 0 || h > super::LN_MAX_WIDTH || xl.dims().last() != Some(&h) {
+            bail!(
+                "clipft {what}: rows of {:?} do not fit parameters of {h}",
+                xl.dims()
+            )
+        }
+        Ok((xl.shape().elem_count() / h, h))
+    }
+
+    /// Layer norm, `(x − μ)/√(σ² + ε)·w + b` over the last dimension.
+    struct LayerNorm {
+        eps: f32,
+    }
+
+    impl LayerNorm {
+        #[allow(clippy::too_many_arguments)]
+        fn launch<T: Elem>(
+            &self,
+            dev: &CudaDevice,
+            x: &CudaSlice<T>,
+            xl: &Layout,
+            w: &CudaSlice<T>,
+            wl: &Layout,
+            b: &CudaSlice<T>,
+            bl: &Layout,
+        ) -> Result<CudaSlice<T>> {
+            let (rows, h) = ln_rows(xl, wl, "layer_norm")?;
+            if bl.shape().elem_count() != h {
+                bail!("clipft layer_norm: bias of {:?} for rows of {h}", bl.dims())
+            }
+            let func =
+                dev.get_or_load_custom_func(&format!("layer_norm_{}", T::SUFFIX), MODULE, PTX)?;
+            let (x, w, b) = (
+                view(x, xl, "x")?,
+                view(w, wl, "weight")?,
+                view(b, bl, "bias")?,
+            );
+            // SAFETY: every row is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(rows * h)? };
+            let cfg = LaunchConfig {
+                grid_dim: (rows.clamp(1, 1 << 20) as u32, 1, 1),
+                block_dim: (ln_threads(h), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (rows_u, h_u) = (rows as u32, h as u32);
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&w);
+            builder.arg(&b);
+            builder.arg(&y);
+            builder.arg(&rows_u);
+            builder.arg(&h_u);
+            builder.arg(&self.eps);
+            // SAFETY: the arguments match the kernel's signature; sizes checked above.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(y)
+        }
+    }
+
+    impl CustomOp3 for LayerNorm {
+        fn name(&self) -> &'static str {
+            "clipft-layer-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("clipft-layer-norm runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device.clone();
+            let slice = match (&x.slice, &w.slice, &b.slice) {
+                (S::F32(x), S::F32(w), S::F32(b)) => {
+                    S::F32(self.launch(&dev, x, xl, w, wl, b, bl)?)
+                }
+                (S::F16(x), S::F16(w), S::F16(b)) => {
+                    S::F16(self.launch(&dev, x, xl, w, wl, b, bl)?)
+                }
+                (S::BF16(x), S::BF16(w), S::BF16(b)) => {
+                    S::BF16(self.launch(&dev, x, xl, w, wl, b, bl)?)
+                }
+                _ => bail!("clipft layer_norm: f32, f16 or bf16 operands of one dtype"),
+            };
+            Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            w: &Tensor,
+            _b: &Tensor,
+            _res: &Tensor,
+            g: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            // One op gives the rows of dx, then dw and db.
+            let h = w.elem_count();
+            let rows = x.elem_count() / h;
+            let all = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+            Ok((
+                Some(all.narrow(0, 0, rows)?.reshape(x.shape())?),
+                Some(all.get(rows)?),
+                Some(all.get(rows + 1)?),
+            ))
+        }
+    }
+
+    /// Layer norm's backward pass for `(x, w, g)`: `[rows + 2, h]`, the rows of dx, then dw and
+    /// db (per-block partial sums in f32, summed over blocks by a second kernel).
+    struct LayerNormGrad {
+        eps: f32,
+    }
+
+    /// Blocks of the backward pass: each sums its rows' weight and bias gradients, so fewer
+    /// blocks than rows keep the partial sums (blocks × 2h floats) small.
+    const LN_GRAD_BLOCKS: usize = 512;
+
+    impl LayerNormGrad {
+        #[allow(clippy::too_many_arguments)]
+        fn launch<T: Elem>(
+            &self,
+            dev: &CudaDevice,
+            x: &CudaSlice<T>,
+            xl: &Layout,
+            w: &CudaSlice<T>,
+            wl: &Layout,
+            g: &CudaSlice<T>,
+            gl: &Layout,
+        ) -> Result<CudaSlice<T>> {
+            let (rows, h) = ln_rows(xl, wl, "layer_norm_grad")?;
+            if gl.shape().elem_count() != rows * h {
+                bail!(
+                    "clipft layer_norm_grad: gradient of {:?} for {:?}",
+                    gl.dims(),
+                    xl.dims()
+                )
+            }
+            let grad = dev.get_or_load_custom_func(
+                &format!("layer_norm_grad_{}", T::SUFFIX),
+                MODULE,
+                PTX,
+            )?;
+            let sums =
+                dev.get_or_load_custom_func(&format!("column_sums_{}", T::SUFFIX), MODULE, PTX)?;
+            let (x, w, g) = (
+                view(x, xl, "x")?,
+                view(w, wl, "weight")?,
+                view(g, gl, "gradient")?,
+            );
+            let blocks = rows.clamp(1, LN_GRAD_BLOCKS);
+            // SAFETY: the first kernel writes every row of dx and every block's partial sums,
+            // the second the last two rows from them.
+            let mut out = unsafe { dev.alloc::<T>((rows + 2) * h)? };
+            let partial = unsafe { dev.alloc::<f32>(blocks * 2 * h)? };
+            let (rows_u, h_u, blocks_u, n_u) = (rows as u32, h as u32, blocks as u32, 2 * h as u32);
+            {
+                let mut dx = out.slice_mut(..rows * h);
+                let cfg = LaunchConfig {
+                    grid_dim: (blocks_u, 1, 1),
+                    block_dim: (ln_threads(h), 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut builder = grad.builder();
+                builder.arg(&x);
+                builder.arg(&w);
+                builder.arg(&g);
+                builder.arg(&mut dx);
+                builder.arg(&partial);
+                builder.arg(&rows_u);
+                builder.arg(&h_u);
+                builder.arg(&self.eps);
+                // SAFETY: the arguments match the kernel's signature; sizes checked above.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+            let mut params = out.slice_mut(rows * h..);
+            let cfg = LaunchConfig {
+                grid_dim: ((2 * h).div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = sums.builder();
+            builder.arg(&partial);
+            builder.arg(&blocks_u);
+            builder.arg(&n_u);
+            builder.arg(&mut params);
+            // SAFETY: as above; `params` holds the 2h values summed.
+            unsafe { builder.launch(cfg) }.w()?;
+            drop(params);
+            Ok(out)
+        }
+    }
+
+    impl CustomOp3 for LayerNormGrad {
+        fn name(&self) -> &'static str {
+            "clipft-layer-norm-grad"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("clipft-layer-norm-grad runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device.clone();
+            let (rows, h) = ln_rows(xl, wl, "layer_norm_grad")?;
+            let slice = match (&x.slice, &w.slice, &g.slice) {
+                (S::F32(x), S::F32(w), S::F32(g)) => {
+                    S::F32(self.launch(&dev, x, xl, w, wl, g, gl)?)
+                }
+                (S::F16(x), S::F16(w), S::F16(g)) => {
+                    S::F16(self.launch(&dev, x, xl, w, wl, g, gl)?)
+                }
+                (S::BF16(x), S::BF16(w), S::BF16(g)) => {
+                    S::BF16(self.launch(&dev, x, xl, w, wl, g, gl)?)
+                }
+                _ => bail!("clipft layer_norm_grad: f32, f16 or bf16 operands of one dtype"),
+            };
+            Ok((
+                CudaStorage { slice, device: dev },
+                Shape::from((rows + 2, h)),
+            ))
         }
     }
 }

@@ -1,11 +1,15 @@
-// clipft's CUDA kernels for inference (`--features cuda`), compiled to PTX by build.rs and
-// loaded through candle's custom-module cache (src/model/cuda.rs).
+// clipft's CUDA kernels (`--features cuda`), compiled to PTX by build.rs and loaded through
+// candle's custom-module cache (src/model/cuda.rs): for inference, and layer norm with its
+// backward pass for training.
 //
 // candle runs a dense layer as a cuBLAS GEMM followed by a broadcast bias add, an activation in
 // one to three elementwise kernels and a residual add, and attention as a head-split copy, two
 // batched GEMMs, a softmax and a head-merge copy: each a full pass over activations that the
 // GEMMs themselves barely touch. Here one pass finishes a dense layer (bias, activation,
-// residual) and one kernel does the whole attention core from the QKV layer's output.
+// residual) and one kernel does the whole attention core from the QKV layer's output. For
+// training, candle's layer norm has no backward pass, so the trained tower composed it from a
+// dozen passes forward and twice that backward; here it is one kernel each way (plus a column
+// sum for the weight and bias gradients).
 //
 // Only constructs that scripts/check_cuda_kernels.sh can emulate on the CPU are used (static
 // __shared__ arrays, __syncthreads, __syncwarp, full-warp __shfl_xor_sync), so the kernels are
@@ -183,6 +187,122 @@ __device__ void attention_impl(const T *q, uint32_t q_stride, const T *kv, uint3
     }
 }
 
+// Sum of `v` over the block (every thread gets it; at most 32 warps). The first barrier keeps
+// a call from overwriting partials that a previous call's threads are still reading.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    v = warp_sum(v);
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    __syncthreads();
+    if (lane == 0) {
+        part[warp] = v;
+    }
+    __syncthreads();
+    float total = 0.0f;
+    for (uint32_t i = 0; i < nwarps; ++i) {
+        total += part[i];
+    }
+    return total;
+}
+
+// Mean and 1/sqrt(var + eps) of one row, two passes in f32 (as PyTorch: E[x²] − E[x]² loses
+// the variance of rows with a large mean).
+template <typename T>
+__device__ void row_stats(const T *x, uint32_t h, float eps, float &mean, float &rstd) {
+    float s = 0.0f;
+    for (uint32_t c = threadIdx.x; c < h; c += blockDim.x) {
+        s += to_f(x[c]);
+    }
+    mean = block_sum(s) / (float)h;
+    float v = 0.0f;
+    for (uint32_t c = threadIdx.x; c < h; c += blockDim.x) {
+        const float d = to_f(x[c]) - mean;
+        v += d * d;
+    }
+    rstd = 1.0f / sqrtf(block_sum(v) / (float)h + eps);
+}
+
+// Layer norm over rows of h: y = (x − μ)·r·w + b. Blocks stride over rows (a uniform trip
+// count, so the barriers inside are reached by every thread), threads over columns.
+template <typename T>
+__device__ void layer_norm_impl(const T *x, const T *w, const T *b, T *y, uint32_t rows,
+                                uint32_t h, float eps) {
+    for (uint32_t row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T *xr = x + (size_t)row * h;
+        T *yr = y + (size_t)row * h;
+        float mean, rstd;
+        row_stats(xr, h, eps, mean, rstd);
+        for (uint32_t c = threadIdx.x; c < h; c += blockDim.x) {
+            yr[c] = from_f<T>((to_f(xr[c]) - mean) * rstd * to_f(w[c]) + to_f(b[c]));
+        }
+    }
+}
+
+// Columns per thread in layer norm's backward pass: the launch keeps h <= LN_COLS·blockDim.x.
+constexpr uint32_t LN_COLS = 4;
+
+// Layer norm's backward pass, statistics recomputed per row: with x̂ = (x − μ)·r and
+// d = g·w, dx = r·(d − mean(d) − x̂·mean(d·x̂)). The weight and bias gradients Σ g·x̂ and Σ g
+// over this block's rows go to `partial` [gridDim.x][2h] (dw's columns, then db's), summed
+// over blocks by column_sums_impl.
+template <typename T>
+__device__ void layer_norm_grad_impl(const T *x, const T *w, const T *g, T *dx, float *partial,
+                                     uint32_t rows, uint32_t h, float eps) {
+    float pw[LN_COLS], pb[LN_COLS];
+    for (uint32_t k = 0; k < LN_COLS; ++k) {
+        pw[k] = 0.0f;
+        pb[k] = 0.0f;
+    }
+    for (uint32_t row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T *xr = x + (size_t)row * h, *gr = g + (size_t)row * h;
+        T *dxr = dx + (size_t)row * h;
+        float mean, rstd;
+        row_stats(xr, h, eps, mean, rstd);
+        float m1 = 0.0f, m2 = 0.0f;
+        for (uint32_t k = 0; k < LN_COLS; ++k) {
+            const uint32_t c = threadIdx.x + k * blockDim.x;
+            if (c < h) {
+                const float xhat = (to_f(xr[c]) - mean) * rstd, gv = to_f(gr[c]);
+                const float d = gv * to_f(w[c]);
+                m1 += d;
+                m2 += d * xhat;
+                pw[k] += gv * xhat;
+                pb[k] += gv;
+            }
+        }
+        m1 = block_sum(m1) / (float)h;
+        m2 = block_sum(m2) / (float)h;
+        for (uint32_t k = 0; k < LN_COLS; ++k) {
+            const uint32_t c = threadIdx.x + k * blockDim.x;
+            if (c < h) {
+                const float xhat = (to_f(xr[c]) - mean) * rstd;
+                const float d = to_f(gr[c]) * to_f(w[c]);
+                dxr[c] = from_f<T>(rstd * (d - m1 - xhat * m2));
+            }
+        }
+    }
+    float *p = partial + (size_t)blockIdx.x * 2 * h;
+    for (uint32_t k = 0; k < LN_COLS; ++k) {
+        const uint32_t c = threadIdx.x + k * blockDim.x;
+        if (c < h) {
+            p[c] = pw[k];
+            p[h + c] = pb[k];
+        }
+    }
+}
+
+// out[i] = Σ_b partial[b·n + i] for i < n, summed in f32 and rounded to T once.
+template <typename T>
+__device__ void column_sums_impl(const float *partial, uint32_t blocks, uint32_t n, T *out) {
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (uint32_t b = 0; b < blocks; ++b) {
+            s += partial[(size_t)b * n + i];
+        }
+        out[i] = from_f<T>(s);
+    }
+}
+
 } // namespace
 
 #define BIAS_ACT(NAME, T)                                                                          \
@@ -210,3 +330,21 @@ BIAS_ACT(bias_act_bf16, __nv_bfloat16)
 ATTENTION_R(float, f32)
 ATTENTION_R(__half, f16)
 ATTENTION_R(__nv_bfloat16, bf16)
+
+#define LAYER_NORM(SUFFIX, T)                                                                      \
+    extern "C" __global__ void layer_norm_##SUFFIX(const T *x, const T *w, const T *b, T *y,      \
+                                                   uint32_t rows, uint32_t h, float eps) {         \
+        layer_norm_impl<T>(x, w, b, y, rows, h, eps);                                              \
+    }                                                                                              \
+    extern "C" __global__ void layer_norm_grad_##SUFFIX(const T *x, const T *w, const T *g,       \
+                                                        T *dx, float *partial, uint32_t rows,      \
+                                                        uint32_t h, float eps) {                   \
+        layer_norm_grad_impl<T>(x, w, g, dx, partial, rows, h, eps);                               \
+    }                                                                                              \
+    extern "C" __global__ void column_sums_##SUFFIX(const float *partial, uint32_t blocks,        \
+                                                    uint32_t n, T *out) {                          \
+        column_sums_impl<T>(partial, blocks, n, out);                                              \
+    }
+LAYER_NORM(f32, float)
+LAYER_NORM(f16, __half)
+LAYER_NORM(bf16, __nv_bfloat16)
