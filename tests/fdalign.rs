@@ -431,6 +431,26 @@ fn a_mixed_precision_run_trains_f32_weights_and_resumes_to_the_same_result() {
     let b = fx.ws.path().join("b");
     let err = fx.train(&s, &b, false, Some(1)).unwrap_err().to_string();
     assert!(err.contains("stopped after 1 epoch"), "{err}");
+    // Not in f32: the same model and images at another --dtype are another run.
+    let f32_clip = Clip::load(&ModelSpec::local(fx.ws.model())).unwrap();
+    let err = fdalign_train::train(
+        &f32_clip,
+        &fx.dataset.class_names(),
+        &fx.templates,
+        &fx.train,
+        &fx.val,
+        &s,
+        &b,
+        true,
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("another run") && err.contains("--dtype"),
+        "{err}"
+    );
     let (resumed, resumed_outcome) = fx.train(&s, &b, true, None).unwrap();
     assert_eq!(full_outcome.val_accs, resumed_outcome.val_accs);
     for (n, t) in &full {

@@ -234,6 +234,26 @@ template <typename T> void check_layer_norm(uint32_t rows, uint32_t h, uint32_t 
     report(what + " db (relative to max)", edb / sdb, tol);
 }
 
+// QuickGELU forward and backward over n elements (grid-stride: fewer threads than elements).
+template <typename T> void check_quick_gelu(uint64_t n) {
+    auto x = random_vec<T>(n, 3.0f), g = random_vec<T>(n, 1.0f);
+    std::vector<T> y(n), dx(n);
+    emu::launch({2, 1, 1}, {64, 1, 1}, [&] { quick_gelu_impl<T>(x.data(), y.data(), n); });
+    emu::launch({2, 1, 1}, {64, 1, 1}, [&] { quick_gelu_grad_impl<T>(x.data(), g.data(), dx.data(), n); });
+    double ey = 0, edx = 0;
+    for (uint64_t i = 0; i < n; ++i) {
+        const double v = to_f(x[i]), s = 1.0 / (1.0 + std::exp(-1.702 * v));
+        const double want_y = v * s, want_dx = to_f(g[i]) * s * (1.0 + 1.702 * v * (1.0 - s));
+        ey = std::max(ey, std::abs(to_f(y[i]) - want_y) / std::max(1.0, std::abs(want_y)));
+        edx = std::max(edx, std::abs(to_f(dx[i]) - want_dx) / std::max(1.0, std::abs(want_dx)));
+    }
+    const std::string what = std::string("quick_gelu ") + Dt<T>::name + " n " + std::to_string(n);
+    // f32: expf's rounding (ulps on the device), scaled up by 1.702·x in the gradient.
+    const double tol = std::max(Dt<T>::eps, 4e-6) * 1.01;
+    report(what + " y", ey, tol);
+    report(what + " dx", edx, tol);
+}
+
 template <typename T> void check_all() {
     for (uint32_t act = 0; act <= 4; ++act) {
         check_bias_act<T>(7, 33, act, false);
@@ -254,6 +274,7 @@ template <typename T> void check_all() {
     check_layer_norm<T>(7, 64, 3, 32);
     check_layer_norm<T>(5, 200, 5, 64);
     check_layer_norm<T>(9, 768, 4, 192);
+    check_quick_gelu<T>(1000);
 }
 
 int main() {

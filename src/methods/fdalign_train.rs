@@ -377,7 +377,8 @@ pub fn train(
     ))
 }
 
-/// What a resumed run must share with the interrupted one beyond the settings: the model, the
+/// What a resumed run must share with the interrupted one beyond the settings: the model and
+/// its precision (the fingerprint holds `--dtype`, which is also the compute dtype), the
 /// classes, the templates and the exact train and val images (other --shots, --seed or --data
 /// give other images, and the batch size and learning rate follow the train set's size).
 fn run_key(
@@ -474,9 +475,9 @@ fn load_state(
     }
     ensure!(
         meta["run"].as_str() == Some(run),
-        "--resume: {} was written for another run (another model, classes, --templates, or other \
-         train/val images: --data, --shots, --seed); rerun with the same flags, or without \
-         --resume to start over",
+        "--resume: {} was written for another run (another model or --dtype, classes, \
+         --templates, or other train/val images: --data, --shots, --seed); rerun with the same \
+         flags, or without --resume to start over",
         path.display()
     );
     let mut buffers = Vec::new();

@@ -4,14 +4,15 @@
 //! output rows. candle runs each of those as several full passes over the activations
 //! (broadcast add, one to three activation kernels, residual add; head-split copy, two batched
 //! GEMMs, softmax, head-merge copy), which on a GPU cost as much as the GEMMs. For training, a
-//! layer norm with its own backward pass (candle's has none, so the trained tower composed a
-//! dozen passes each way).
+//! layer norm and QuickGELU with their own backward passes (candle has no backward pass for its
+//! layer norm, so the trained tower composed a dozen passes each way, and composes QuickGELU from
+//! three forward and five backward).
 //!
 //! The kernels are checked on the CPU by `scripts/check_cuda_kernels.sh` (an emulation of the
 //! CUDA features they use, against double-precision references), but this code has not yet run
 //! on a GPU, so it is off unless `CLIPFT_CUDA_KERNELS=1`; `scripts/bench_gpu.sh` measures and
 //! checks both paths. Tracked (trained) tensors take candle's differentiable ops, except in
-//! [`layer_norm`], whose op has its backward pass.
+//! [`layer_norm`] and [`quick_gelu`], whose ops have their backward passes.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -95,6 +96,23 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Option<Result
     #[cfg(not(feature = "cuda"))]
     {
         let _ = eps;
+        None
+    }
+}
+
+/// QuickGELU `x·σ(1.702·x)` with a backward pass of its own, one kernel each way, for the
+/// trained tower on CUDA (candle composes three passes forward and five backward); `None` where
+/// it does not apply (as [`applies`], tracked tensors included).
+pub fn quick_gelu(x: &Tensor) -> Option<Result<Tensor>> {
+    if !fits([x], true) {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        Some(x.contiguous().and_then(|x| x.apply_op1(imp::QuickGelu)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
         None
     }
 }
@@ -205,8 +223,8 @@ mod imp {
     };
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{
-        bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout,
-        Result, Shape, Tensor,
+        bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2,
+        InplaceOp3, Layout, Result, Shape, Tensor,
     };
     use half::{bf16, f16};
 
@@ -799,6 +817,137 @@ mod imp {
                 CudaStorage { slice, device: dev },
                 Shape::from((rows + 2, h)),
             ))
+        }
+    }
+
+    /// Launch shape of an elementwise kernel over `n` elements (grid-stride loops).
+    fn elementwise(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub(super) struct QuickGelu;
+
+    impl QuickGelu {
+        fn launch<T: Elem>(
+            dev: &CudaDevice,
+            x: &CudaSlice<T>,
+            xl: &Layout,
+        ) -> Result<CudaSlice<T>> {
+            let n = xl.shape().elem_count();
+            let func =
+                dev.get_or_load_custom_func(&format!("quick_gelu_{}", T::SUFFIX), MODULE, PTX)?;
+            let x = view(x, xl, "x")?;
+            // SAFETY: every element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(n)? };
+            let n_u = n as u64;
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&y);
+            builder.arg(&n_u);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(elementwise(n)) }.w()?;
+            Ok(y)
+        }
+    }
+
+    impl CustomOp1 for QuickGelu {
+        fn name(&self) -> &'static str {
+            "clipft-quick-gelu"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("clipft-quick-gelu runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device.clone();
+            let slice = match &x.slice {
+                S::F32(x) => S::F32(Self::launch(&dev, x, xl)?),
+                S::F16(x) => S::F16(Self::launch(&dev, x, xl)?),
+                S::BF16(x) => S::BF16(Self::launch(&dev, x, xl)?),
+                _ => bail!("clipft quick_gelu: f32, f16 or bf16 input"),
+            };
+            Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
+        }
+
+        fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+            Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &QuickGeluGrad)?))
+        }
+    }
+
+    /// `g·σ(ax)·(1 + a·x·(1 − σ(ax)))` for `(x, g)`.
+    struct QuickGeluGrad;
+
+    impl QuickGeluGrad {
+        fn launch<T: Elem>(
+            dev: &CudaDevice,
+            x: &CudaSlice<T>,
+            xl: &Layout,
+            g: &CudaSlice<T>,
+            gl: &Layout,
+        ) -> Result<CudaSlice<T>> {
+            let n = xl.shape().elem_count();
+            if gl.shape().elem_count() != n {
+                bail!(
+                    "clipft quick_gelu_grad: gradient of {:?} for {:?}",
+                    gl.dims(),
+                    xl.dims()
+                )
+            }
+            let func = dev.get_or_load_custom_func(
+                &format!("quick_gelu_grad_{}", T::SUFFIX),
+                MODULE,
+                PTX,
+            )?;
+            let (x, g) = (view(x, xl, "x")?, view(g, gl, "gradient")?);
+            // SAFETY: every element is written by the kernel.
+            let dx = unsafe { dev.alloc::<T>(n)? };
+            let n_u = n as u64;
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&g);
+            builder.arg(&dx);
+            builder.arg(&n_u);
+            // SAFETY: the arguments match the kernel's signature; sizes checked above.
+            unsafe { builder.launch(elementwise(n)) }.w()?;
+            Ok(dx)
+        }
+    }
+
+    impl CustomOp2 for QuickGeluGrad {
+        fn name(&self) -> &'static str {
+            "clipft-quick-gelu-grad"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("clipft-quick-gelu-grad runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device.clone();
+            let slice = match (&x.slice, &g.slice) {
+                (S::F32(x), S::F32(g)) => S::F32(Self::launch(&dev, x, xl, g, gl)?),
+                (S::F16(x), S::F16(g)) => S::F16(Self::launch(&dev, x, xl, g, gl)?),
+                (S::BF16(x), S::BF16(g)) => S::BF16(Self::launch(&dev, x, xl, g, gl)?),
+                _ => bail!("clipft quick_gelu_grad: f32, f16 or bf16 operands of one dtype"),
+            };
+            Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
         }
     }
 }

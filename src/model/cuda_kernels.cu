@@ -1,6 +1,6 @@
 // clipft's CUDA kernels (`--features cuda`), compiled to PTX by build.rs and loaded through
-// candle's custom-module cache (src/model/cuda.rs): for inference, and layer norm with its
-// backward pass for training.
+// candle's custom-module cache (src/model/cuda.rs): for inference, and layer norm and QuickGELU
+// with their backward passes for training.
 //
 // candle runs a dense layer as a cuBLAS GEMM followed by a broadcast bias add, an activation in
 // one to three elementwise kernels and a residual add, and attention as a head-split copy, two
@@ -303,6 +303,26 @@ __device__ void column_sums_impl(const float *partial, uint32_t blocks, uint32_t
     }
 }
 
+// QuickGELU for training, y = x·σ(1.702x), and its backward pass dx = g·σ·(1 + 1.702·x·(1 − σ)):
+// one pass each, where candle composes three kernels forward and five backward. Grid-stride
+// loops over n elements.
+template <typename T> __device__ void quick_gelu_impl(const T *x, T *y, uint64_t n) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)gridDim.x * blockDim.x) {
+        y[i] = from_f<T>(activate(to_f(x[i]), ACT_QUICK_GELU));
+    }
+}
+
+template <typename T>
+__device__ void quick_gelu_grad_impl(const T *x, const T *g, T *dx, uint64_t n) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)gridDim.x * blockDim.x) {
+        const float v = to_f(x[i]);
+        const float s = 1.0f / (1.0f + expf(-1.702f * v));
+        dx[i] = from_f<T>(to_f(g[i]) * s * (1.0f + 1.702f * v * (1.0f - s)));
+    }
+}
+
 } // namespace
 
 #define BIAS_ACT(NAME, T)                                                                          \
@@ -348,3 +368,15 @@ ATTENTION_R(__nv_bfloat16, bf16)
 LAYER_NORM(f32, float)
 LAYER_NORM(f16, __half)
 LAYER_NORM(bf16, __nv_bfloat16)
+
+#define QUICK_GELU(SUFFIX, T)                                                                      \
+    extern "C" __global__ void quick_gelu_##SUFFIX(const T *x, T *y, uint64_t n) {                \
+        quick_gelu_impl<T>(x, y, n);                                                               \
+    }                                                                                              \
+    extern "C" __global__ void quick_gelu_grad_##SUFFIX(const T *x, const T *g, T *dx,            \
+                                                        uint64_t n) {                              \
+        quick_gelu_grad_impl<T>(x, g, dx, n);                                                      \
+    }
+QUICK_GELU(f32, float)
+QUICK_GELU(f16, __half)
+QUICK_GELU(bf16, __nv_bfloat16)

@@ -517,10 +517,13 @@ fn cpu_f32_grad(
     })
 }
 
-/// QuickGELU `x·σ(1.702·x)`: one fused pass on the CPU in f32.
+/// QuickGELU `x·σ(1.702·x)`: one fused pass on the CPU in f32, clipft's CUDA op where it
+/// applies ([`super::cuda::quick_gelu`]), composed elsewhere.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     if cpu_f32(&[x]) {
         x.contiguous()?.apply_op1(QuickGelu)
+    } else if let Some(y) = super::cuda::quick_gelu(x) {
+        y
     } else {
         x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
     }
