@@ -755,20 +755,21 @@ mod imp {
                 // SAFETY: the arguments match the kernel's signature; sizes checked above.
                 unsafe { builder.launch(cfg) }.w()?;
             }
-            let mut params = out.slice_mut(rows * h..);
-            let cfg = LaunchConfig {
-                grid_dim: ((2 * h).div_ceil(256) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut builder = sums.builder();
-            builder.arg(&partial);
-            builder.arg(&blocks_u);
-            builder.arg(&n_u);
-            builder.arg(&mut params);
-            // SAFETY: as above; `params` holds the 2h values summed.
-            unsafe { builder.launch(cfg) }.w()?;
-            drop(params);
+            {
+                let mut params = out.slice_mut(rows * h..);
+                let cfg = LaunchConfig {
+                    grid_dim: ((2 * h).div_ceil(256) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut builder = sums.builder();
+                builder.arg(&partial);
+                builder.arg(&blocks_u);
+                builder.arg(&n_u);
+                builder.arg(&mut params);
+                // SAFETY: as above; `params` holds the 2h values summed.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
             Ok(out)
         }
     }
