@@ -67,11 +67,6 @@ impl TrainableVision {
         })
     }
 
-    /// The dtype of the variables.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// The tower computing in `dtype`: the tower itself when that is the variables' dtype,
     /// otherwise one whose weights are casts of the variables (differentiable, so the gradients
     /// reach the variables, in their dtype). Build it once per step: the casts are taken when
@@ -89,10 +84,11 @@ impl TrainableVision {
     }
 
     /// The current weights as a frozen tower computing in `dtype`, for evaluation: nothing in
-    /// it is tracked, so the inference paths (fused kernels, no graph) run.
+    /// it is tracked, so the inference paths (fused kernels, no graph) run. In the variables'
+    /// own dtype it shares their storage (no copy), so use it before the next update.
     pub fn frozen(&self, dtype: DType) -> Result<ClipVisionTransformer> {
-        let copies = self.tensors(|v| v.as_tensor().detach().to_dtype(dtype))?;
-        self.tower_of(copies, dtype, BuildOptions::for_inference(&self.device))
+        let weights = self.tensors(|v| v.as_tensor().detach().to_dtype(dtype))?;
+        self.tower_of(weights, dtype, BuildOptions::for_inference(&self.device))
     }
 
     /// Every trainable variable, sorted by its checkpoint name.
