@@ -419,6 +419,8 @@ fn a_mixed_precision_run_trains_f32_weights_and_resumes_to_the_same_result() {
         "{scaler}"
     );
     assert!(scaler["good_steps"].as_u64().unwrap() > 0, "{scaler}");
+    let halvings = (LossScaler::INITIAL / scaler["scale"].as_f64().unwrap()).log2() as usize;
+    assert_eq!(full_outcome.skipped_steps, halvings);
     let initial =
         candle_core::safetensors::load(fx.ws.model().join("model.safetensors"), &Device::Cpu)
             .unwrap();

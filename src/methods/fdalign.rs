@@ -155,6 +155,9 @@ pub struct LossScaler {
     /// Finite steps since the scale last changed.
     pub good_steps: usize,
     pub dynamic: bool,
+    /// Steps skipped so far because their gradients overflowed.
+    #[serde(default)]
+    pub skipped: usize,
 }
 
 impl LossScaler {
@@ -168,6 +171,7 @@ impl LossScaler {
             scale: if dynamic { Self::INITIAL } else { 1.0 },
             good_steps: 0,
             dynamic,
+            skipped: 0,
         }
     }
 
@@ -212,6 +216,7 @@ impl LossScaler {
         );
         self.scale /= 2.0;
         self.good_steps = 0;
+        self.skipped += 1;
         Ok(false)
     }
 }
@@ -639,6 +644,7 @@ mod tests {
             assert!(!s.unscale(&mut g, &[w]).unwrap());
             assert_eq!((s.scale, s.good_steps), (before / 2.0, 0));
         }
+        assert_eq!(s.skipped, 2);
         // GROWTH_INTERVAL finite steps in a row double it.
         s.good_steps = LossScaler::GROWTH_INTERVAL - 1;
         let (w, mut g) = grads_of(&[1.0]);

@@ -142,6 +142,16 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "outcome": outcome,
     });
     fdalign_train::write_checkpoint(&clip, &best, &a.out, meta)?;
+    if outcome.skipped_steps > 0 {
+        info(
+            format!(
+                "f16 loss scaling skipped {} optimiser step(s) whose gradients overflowed (as \
+                 PyTorch's GradScaler does); with few steps, --dtype bf16 skips none",
+                outcome.skipped_steps
+            ),
+            quiet,
+        );
+    }
     info(
         format!(
             "wrote {} (best val epoch {} of {}: {:.2}%); use it with --model {} or --adapter {}",

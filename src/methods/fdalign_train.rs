@@ -34,6 +34,9 @@ pub struct FdAlignOutcome {
     pub losses: Vec<f64>,
     pub best_epoch: usize,
     pub best_val: f64,
+    /// Optimiser steps skipped by f16 loss scaling (their gradients overflowed).
+    #[serde(default)]
+    pub skipped_steps: usize,
 }
 
 /// How training and validation images are read: the extraction pipeline's, decoding the next
@@ -373,6 +376,7 @@ pub fn train(
             losses: state.losses,
             best_epoch,
             best_val,
+            skipped_steps: state.scaler.skipped,
         },
     ))
 }
