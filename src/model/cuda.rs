@@ -69,6 +69,7 @@ pub fn applies<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> bool {
     fits(ts, false)
 }
 
+/// [`applies`], tracked tensors allowed with `tracked_ok` (for ops with a backward pass).
 fn fits<'a>(ts: impl IntoIterator<Item = &'a Tensor>, tracked_ok: bool) -> bool {
     if !cfg!(feature = "cuda") || !enabled() {
         return false;
