@@ -4,6 +4,8 @@
 //! prompt batches. Needs a CUDA build and device; elsewhere (CI) each test says it was skipped.
 //! On a GPU machine: `scripts/bench_gpu.sh` runs the test binary built by `build-cuda.sh`.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use clipft::model::synth::{tiny_config, write_checkpoint, TINY_VOCAB};
 use clipft::model::{cuda, Clip, Precision};
@@ -195,6 +197,71 @@ fn cuda_mixed_precision_gradients_match_the_cpu() {
             by_path[0], by_path[1],
             "{compute:?}: kernels changed nothing"
         );
+    }
+    cuda::set_enabled(false);
+}
+
+/// `fdalign train` end to end on the GPU in mixed precision (bf16, f16 with loss scaling), with
+/// clipft's kernels off and on: the run finishes (val through the frozen tower), and the
+/// weights it returns are f32, finite, and moved.
+#[test]
+fn cuda_fdalign_trains_in_mixed_precision() {
+    use clipft::data::{Dataset, Split};
+    use clipft::methods::fdalign::FdAlignSettings;
+    use clipft::methods::fdalign_train;
+    use clipft::model::{DTypeArg, DeviceArg, ModelSpec};
+    if cuda_device().is_none() {
+        return;
+    }
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let ws = common::Workspace::new();
+    let dataset = Dataset::open(ws.data()).unwrap();
+    let train = dataset.samples(Split::Train).unwrap();
+    let val = dataset.samples(Split::Val).unwrap();
+    let templates = clipft::templates::resolve("ensemble7").unwrap();
+    let initial =
+        candle_core::safetensors::load(ws.model().join("model.safetensors"), &Device::Cpu).unwrap();
+    let settings = FdAlignSettings {
+        epochs: 2,
+        base_lr: 2e-2,
+        batch_size: Some(4),
+        spurious_keep: 6,
+        spurious_clusters: 3,
+        ..FdAlignSettings::default()
+    };
+    for kernels in [false, true] {
+        cuda::set_enabled(kernels);
+        for dtype in [DTypeArg::Bf16, DTypeArg::F16] {
+            let mut spec = ModelSpec::local(ws.model());
+            (spec.dtype, spec.device) = (dtype, DeviceArg::Cuda(0));
+            let clip = Clip::load(&spec).unwrap();
+            let out = ws.path().join(format!("fd-{dtype}-{kernels}"));
+            let (best, outcome) = fdalign_train::train(
+                &clip,
+                &dataset.class_names(),
+                &templates,
+                &train,
+                &val,
+                &settings,
+                &out,
+                false,
+                false,
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{dtype} kernels {kernels}: {e:#}"));
+            println!("{dtype} kernels {kernels}: {outcome:?}");
+            let name = "vision_model.encoder.layers.0.mlp.fc1.weight";
+            assert_eq!(best[name].dtype(), DType::F32, "{dtype} kernels {kernels}");
+            // The weights after the last step (the best epoch's may predate f16's first taken
+            // step: the first steps can overflow and be skipped).
+            let (state, _) = clipft::io::load(&out.join(fdalign_train::STATE_FILE)).unwrap();
+            let t = &state[&format!("current.{name}")];
+            let moved = common::max_abs_diff(t, &initial[name]);
+            assert!(
+                moved.is_finite() && moved > 1e-4,
+                "{dtype} kernels {kernels}: moved by {moved}"
+            );
+        }
     }
     cuda::set_enabled(false);
 }
