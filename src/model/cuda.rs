@@ -234,6 +234,21 @@ mod imp {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_kernels.ptx"));
     const MODULE: &str = "clipft_kernels";
 
+    /// `S::F32($launch)` etc. for operands whose storages are all of that float dtype, with
+    /// `$v` bound to each one's slice: each arm instantiates the generic launch for its
+    /// element type; other dtypes or a mix fail with `$msg`.
+    macro_rules! same_float {
+        ($msg:literal, ($($s:expr),+), |$($v:ident),+| $launch:expr) => {
+            // (Tuples even of one operand: the trailing commas.)
+            match ($(&$s.slice,)+) {
+                ($(S::F32($v),)+) => S::F32($launch),
+                ($(S::F16($v),)+) => S::F16($launch),
+                ($(S::BF16($v),)+) => S::BF16($launch),
+                _ => bail!($msg),
+            }
+        };
+    }
+
     /// The view of a contiguous operand from its layout's start.
     fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
         if !l.is_contiguous() {
@@ -538,12 +553,11 @@ mod imp {
             let S::U32(table) = &table.slice else {
                 bail!("clipft attention: the sequence table must be u32")
             };
-            let slice = match (&q.slice, &kv.slice) {
-                (S::F32(q), S::F32(kv)) => S::F32(self.launch(&dev, q, ql, kv, kvl, table, tl)?),
-                (S::F16(q), S::F16(kv)) => S::F16(self.launch(&dev, q, ql, kv, kvl, table, tl)?),
-                (S::BF16(q), S::BF16(kv)) => S::BF16(self.launch(&dev, q, ql, kv, kvl, table, tl)?),
-                _ => bail!("clipft attention: f32, f16 or bf16 operands of one dtype"),
-            };
+            let slice = same_float!(
+                "clipft attention: f32, f16 or bf16 operands of one dtype",
+                (q, kv),
+                |q, kv| self.launch(&dev, q, ql, kv, kvl, table, tl)?
+            );
             let shape = Shape::from((self.items, self.heads * self.head_dim));
             Ok((CudaStorage { slice, device: dev }, shape))
         }
@@ -654,18 +668,11 @@ mod imp {
             bl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
             let dev = x.device.clone();
-            let slice = match (&x.slice, &w.slice, &b.slice) {
-                (S::F32(x), S::F32(w), S::F32(b)) => {
-                    S::F32(self.launch(&dev, x, xl, w, wl, b, bl)?)
-                }
-                (S::F16(x), S::F16(w), S::F16(b)) => {
-                    S::F16(self.launch(&dev, x, xl, w, wl, b, bl)?)
-                }
-                (S::BF16(x), S::BF16(w), S::BF16(b)) => {
-                    S::BF16(self.launch(&dev, x, xl, w, wl, b, bl)?)
-                }
-                _ => bail!("clipft layer_norm: f32, f16 or bf16 operands of one dtype"),
-            };
+            let slice = same_float!(
+                "clipft layer_norm: f32, f16 or bf16 operands of one dtype",
+                (x, w, b),
+                |x, w, b| self.launch(&dev, x, xl, w, wl, b, bl)?
+            );
             Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
         }
 
@@ -803,18 +810,11 @@ mod imp {
         ) -> Result<(CudaStorage, Shape)> {
             let dev = x.device.clone();
             let (rows, h) = ln_rows(xl, wl, "layer_norm_grad")?;
-            let slice = match (&x.slice, &w.slice, &g.slice) {
-                (S::F32(x), S::F32(w), S::F32(g)) => {
-                    S::F32(self.launch(&dev, x, xl, w, wl, g, gl)?)
-                }
-                (S::F16(x), S::F16(w), S::F16(g)) => {
-                    S::F16(self.launch(&dev, x, xl, w, wl, g, gl)?)
-                }
-                (S::BF16(x), S::BF16(w), S::BF16(g)) => {
-                    S::BF16(self.launch(&dev, x, xl, w, wl, g, gl)?)
-                }
-                _ => bail!("clipft layer_norm_grad: f32, f16 or bf16 operands of one dtype"),
-            };
+            let slice = same_float!(
+                "clipft layer_norm_grad: f32, f16 or bf16 operands of one dtype",
+                (x, w, g),
+                |x, w, g| self.launch(&dev, x, xl, w, wl, g, gl)?
+            );
             Ok((
                 CudaStorage { slice, device: dev },
                 Shape::from((rows + 2, h)),
@@ -867,12 +867,9 @@ mod imp {
 
         fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = x.device.clone();
-            let slice = match &x.slice {
-                S::F32(x) => S::F32(Self::launch(&dev, x, xl)?),
-                S::F16(x) => S::F16(Self::launch(&dev, x, xl)?),
-                S::BF16(x) => S::BF16(Self::launch(&dev, x, xl)?),
-                _ => bail!("clipft quick_gelu: f32, f16 or bf16 input"),
-            };
+            let slice = same_float!("clipft quick_gelu: f32, f16 or bf16 input", (x), |x| {
+                Self::launch(&dev, x, xl)?
+            });
             Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
         }
 
@@ -943,12 +940,11 @@ mod imp {
             gl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
             let dev = x.device.clone();
-            let slice = match (&x.slice, &g.slice) {
-                (S::F32(x), S::F32(g)) => S::F32(Self::launch(&dev, x, xl, g, gl)?),
-                (S::F16(x), S::F16(g)) => S::F16(Self::launch(&dev, x, xl, g, gl)?),
-                (S::BF16(x), S::BF16(g)) => S::BF16(Self::launch(&dev, x, xl, g, gl)?),
-                _ => bail!("clipft quick_gelu_grad: f32, f16 or bf16 operands of one dtype"),
-            };
+            let slice = same_float!(
+                "clipft quick_gelu_grad: f32, f16 or bf16 operands of one dtype",
+                (x, g),
+                |x, g| Self::launch(&dev, x, xl, g, gl)?
+            );
             Ok((CudaStorage { slice, device: dev }, xl.shape().clone()))
         }
     }
