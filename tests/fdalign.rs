@@ -160,11 +160,24 @@ impl Fixture {
         resume: bool,
         stop: Option<usize>,
     ) -> anyhow::Result<(HashMap<String, Tensor>, FdAlignOutcome)> {
+        self.train_on(&self.clip, &self.train, s, out, resume, stop)
+    }
+
+    /// [`Self::train`] with another loaded model or other training images.
+    fn train_on(
+        &self,
+        clip: &Clip,
+        train: &[Sample],
+        s: &FdAlignSettings,
+        out: &std::path::Path,
+        resume: bool,
+        stop: Option<usize>,
+    ) -> anyhow::Result<(HashMap<String, Tensor>, FdAlignOutcome)> {
         fdalign_train::train(
-            &self.clip,
+            clip,
             &self.dataset.class_names(),
             &self.templates,
-            &self.train,
+            train,
             &self.val,
             s,
             out,
@@ -210,20 +223,10 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let err = fx.train(&other, &b, true, None).unwrap_err().to_string();
     assert!(err.contains("other settings"), "{err}");
     // Nor can the same settings on other training images (another --shots, --seed or --data).
-    let err = fdalign_train::train(
-        &fx.clip,
-        &fx.dataset.class_names(),
-        &fx.templates,
-        &fx.train[1..],
-        &fx.val,
-        &s,
-        &b,
-        true,
-        false,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = fx
+        .train_on(&fx.clip, &fx.train[1..], &s, &b, true, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("another run"), "{err}");
 }
 
@@ -435,20 +438,10 @@ fn a_mixed_precision_run_trains_f32_weights_and_resumes_to_the_same_result() {
     assert!(err.contains("stopped after 1 epoch"), "{err}");
     // Not in f32: the same model and images at another --dtype are another run.
     let f32_clip = Clip::load(&ModelSpec::local(fx.ws.model())).unwrap();
-    let err = fdalign_train::train(
-        &f32_clip,
-        &fx.dataset.class_names(),
-        &fx.templates,
-        &fx.train,
-        &fx.val,
-        &s,
-        &b,
-        true,
-        false,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = fx
+        .train_on(&f32_clip, &fx.train, &s, &b, true, None)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("another run") && err.contains("--dtype"),
         "{err}"
