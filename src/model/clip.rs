@@ -74,10 +74,7 @@ impl Module for LayerNorm {
             }
             let dtype = xs.dtype();
             // Statistics in at least f32 (f64 stays f64, for gradient checks).
-            let x = match dtype {
-                DType::F16 | DType::BF16 => xs.to_dtype(DType::F32)?,
-                _ => xs.clone(),
-            };
+            let x = at_least_f32(xs)?;
             let mean = x.mean_keepdim(D::Minus1)?;
             let x = x.broadcast_sub(&mean)?;
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -272,15 +269,20 @@ pub fn softmax(xs: &Tensor) -> Result<Tensor> {
             return y;
         }
         let dtype = xs.dtype();
-        let x = match dtype {
-            DType::F16 | DType::BF16 => xs.to_dtype(DType::F32)?,
-            _ => xs.clone(),
-        };
+        let x = at_least_f32(xs)?;
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
     } else {
         candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
+    }
+}
+
+/// `xs` in f32 when it is 16-bit, as it is otherwise: where a reduction must not round to 16 bits.
+fn at_least_f32(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::F16 | DType::BF16 => xs.to_dtype(DType::F32),
+        _ => Ok(xs.clone()),
     }
 }
 
