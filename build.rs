@@ -20,10 +20,13 @@ fn main() {
         std::fs::read_to_string(dir.join("jconfig.h")).is_ok_and(|h| h.contains("WITH_SIMD"))
     });
     if matches!(arch.as_str(), "x86_64" | "x86") && !simd {
+        // `cargo clean -p` clears one profile's directory: name the one being built.
+        let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
         println!(
             "cargo:warning=JPEG decoding is built without libjpeg-turbo's SIMD code (same pixels, \
              about half the decoding speed) because `nasm` was not found. Install nasm, then \
-             `cargo clean -p mozjpeg-sys` and build again to get it."
+             `cargo clean{} -p mozjpeg-sys` and build again to get it.",
+            if release { " --release" } else { "" }
         );
     }
 }

@@ -100,6 +100,10 @@ fn main() {
         .unwrap()
         .max(1);
     let text_classes: usize = env_or("CLIPFT_BENCH_TEXT_CLASSES", "20").parse().unwrap();
+    assert!(
+        text_classes <= 64,
+        "CLIPFT_BENCH_TEXT_CLASSES: at most 64 (the made-up class names must be distinct)"
+    );
     let text_batch: usize = env_or(
         "CLIPFT_BENCH_TEXT_BATCH",
         &clipft::features::TEXT_BATCH.to_string(),
@@ -271,5 +275,6 @@ fn class_name(i: usize) -> String {
         "leaf",
         "aircraft carrier",
     ];
-    format!("{} {}", PARTS[i % 8], PARTS[(i * 3 + 1) % 8])
+    // Distinct for i < 64: clipft refuses classes whose prompts tokenize the same.
+    format!("{} {}", PARTS[i % 8], PARTS[(i / 8 + i * 3 + 1) % 8])
 }

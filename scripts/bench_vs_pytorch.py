@@ -62,8 +62,8 @@ PARTS = ["golden", "retriever", "sports car", "tabby", "cat", "maple", "leaf", "
 
 
 def class_name(i: int) -> str:
-    """The same made-up class names as benches/extract.rs."""
-    return f"{PARTS[i % 8]} {PARTS[(i * 3 + 1) % 8]}"
+    """The same made-up class names as benches/extract.rs (distinct for i < 64)."""
+    return f"{PARTS[i % 8]} {PARTS[(i // 8 + i * 3 + 1) % 8]}"
 
 
 def imagenet80():
@@ -158,6 +158,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="alternate the two sides this often; report the best")
     ap.add_argument("--workdir", help="keep the checkpoint and images here (default: a temp dir)")
     args = ap.parse_args()
+    if not 0 <= args.text_classes <= 64:
+        ap.error("--text-classes: 0 to 64 (the made-up class names must be distinct)")
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="clipft-bench-"))
     model_dir, image_dir = work / "vit-b32", work / "images"

@@ -215,7 +215,9 @@ impl Sequence<'_> {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2(&self, out: &mut [MaybeUninit<f32>], g: Option<&[f32]>) {
         match g {
+            None if self.hd.is_multiple_of(8) => self.heads_avx2(out),
             None => self.heads_into(zeroed(out)),
+            Some(g) if self.hd.is_multiple_of(8) => self.grads_avx2(g, out),
             Some(g) => self.grads_into(g, zeroed(out)),
         }
     }
@@ -556,6 +558,182 @@ impl Sequence<'_> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Sequence<'_> {
+    /// [`Sequence::heads_into`] on 8-lane registers for head widths of whole vectors: a query
+    /// row's scores against up to 64 keys at a time, and its output up to 64 columns at a
+    /// time, stay in registers across the head dimension and the keys (the plain loops load
+    /// and store a row of scores or outputs for every FMA step).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn heads_avx2(&self, out: &mut [MaybeUninit<f32>]) {
+        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
+        assert!(hd.is_multiple_of(8) && self.x.len() >= t * h3 && out.len() >= t * h);
+        // Keys transposed, rows padded with zeros to whole vectors.
+        let tp = t.next_multiple_of(8);
+        let mut kt = vec![0f32; hd * tp];
+        let mut p = vec![0f32; tp];
+        let out = out.as_mut_ptr().cast::<f32>();
+        for head in 0..self.heads {
+            self.transposed(head, h, &mut kt, tp);
+            let v = self.x.as_ptr().add(2 * h + head * hd);
+            for i in 0..t {
+                self.probability_row8(head, i, &kt, tp, &mut p);
+                let row = &p[..t];
+                weighted8(hd, t, |j| row[j], v, h3, out.add(i * h + head * hd));
+            }
+        }
+    }
+
+    /// Row `i`'s softmax probabilities of `head` into `p[..T]` (`kt`: the keys transposed,
+    /// `[hd, tp]`).
+    #[inline(always)]
+    unsafe fn probability_row8(&self, head: usize, i: usize, kt: &[f32], tp: usize, p: &mut [f32]) {
+        let (t, hd, h3) = (self.t, self.hd, 3 * self.h);
+        scores8(&self.x[i * h3 + head * hd..][..hd], kt, tp, p);
+        let row = &mut p[..t];
+        if let Some(m) = self.mask {
+            row.iter_mut()
+                .zip(&m[i * t..][..t])
+                .for_each(|(s, m)| *s += m);
+        }
+        softmax(row);
+    }
+
+    /// [`Sequence::grads_into`] on 8-lane registers for head widths of whole vectors: per head
+    /// `P` and `dS` (`T × T`) are built row by row ([`scores8`] for the scores and for
+    /// `dP = dO·vᵀ`), then every row of `dq = dS·k`, `dk = dSᵀ·q` and `dv = Pᵀ·dO` is summed in
+    /// registers ([`weighted8`]) and written once (the plain loops add into `dk` and `dv` in
+    /// memory for every query row).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn grads_avx2(&self, g: &[f32], dx: &mut [MaybeUninit<f32>]) {
+        let (t, h, hd, h3) = (self.t, self.h, self.hd, 3 * self.h);
+        assert!(hd.is_multiple_of(8) && self.x.len() >= t * h3);
+        assert!(dx.len() >= t * h3 && g.len() >= t * h);
+        let tp = t.next_multiple_of(8);
+        let mut kt = vec![0f32; hd * tp];
+        let mut vt = vec![0f32; hd * tp];
+        let mut p = vec![0f32; t * tp];
+        let mut ds = vec![0f32; t * tp];
+        let (x, go, dx) = (self.x.as_ptr(), g.as_ptr(), dx.as_mut_ptr().cast::<f32>());
+        for head in 0..self.heads {
+            self.transposed(head, h, &mut kt, tp);
+            self.transposed(head, 2 * h, &mut vt, tp);
+            let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
+            for i in 0..t {
+                let (pr, dr) = (&mut p[i * tp..][..tp], &mut ds[i * tp..][..tp]);
+                self.probability_row8(head, i, &kt, tp, pr);
+                scores8(&g[i * h + qc..][..hd], &vt, tp, dr);
+                let (pr, dr) = (&pr[..t], &mut dr[..t]);
+                let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
+                dr.iter_mut()
+                    .zip(pr)
+                    .for_each(|(d, &p)| *d = p * (*d - dot));
+            }
+            for i in 0..t {
+                let (pc, dsr) = (|j: usize| p[j * tp + i], |j: usize| ds[i * tp + j]);
+                let dsc = |j: usize| ds[j * tp + i];
+                let row = dx.add(i * h3);
+                weighted8(hd, t, dsr, x.add(kc), h3, row.add(qc));
+                weighted8(hd, t, dsc, x.add(qc), h3, row.add(kc));
+                weighted8(hd, t, pc, go.add(qc), h, row.add(vc));
+            }
+        }
+    }
+}
+
+/// The scores of `q` (`hd` floats) against all `tp` columns of `kt` (`[hd, tp]`, `tp` a
+/// multiple of 8) into `p[..tp]`, up to 64 columns at a time in registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores8(q: &[f32], kt: &[f32], tp: usize, p: &mut [f32]) {
+    let mut c = 0;
+    while c < tp {
+        match ((tp - c) / 8).min(8) {
+            1 => scores8_at::<1>(q, kt, tp, c, p),
+            2 => scores8_at::<2>(q, kt, tp, c, p),
+            3 => scores8_at::<3>(q, kt, tp, c, p),
+            4 => scores8_at::<4>(q, kt, tp, c, p),
+            5 => scores8_at::<5>(q, kt, tp, c, p),
+            6 => scores8_at::<6>(q, kt, tp, c, p),
+            7 => scores8_at::<7>(q, kt, tp, c, p),
+            _ => scores8_at::<8>(q, kt, tp, c, p),
+        }
+        c += 64;
+    }
+}
+
+/// `out[..w] = Σ_{j < n} coef(j) · m[j][..w]` (`m[j]` at `m + j·stride`, `w` a multiple of 8),
+/// up to 64 columns at a time in registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weighted8(
+    w: usize,
+    n: usize,
+    coef: impl Fn(usize) -> f32 + Copy,
+    m: *const f32,
+    stride: usize,
+    out: *mut f32,
+) {
+    let mut c = 0;
+    while c < w {
+        let (m, out) = (m.add(c), out.add(c));
+        match ((w - c) / 8).min(8) {
+            1 => weighted8_at::<1>(n, coef, m, stride, out),
+            2 => weighted8_at::<2>(n, coef, m, stride, out),
+            3 => weighted8_at::<3>(n, coef, m, stride, out),
+            4 => weighted8_at::<4>(n, coef, m, stride, out),
+            5 => weighted8_at::<5>(n, coef, m, stride, out),
+            6 => weighted8_at::<6>(n, coef, m, stride, out),
+            7 => weighted8_at::<7>(n, coef, m, stride, out),
+            _ => weighted8_at::<8>(n, coef, m, stride, out),
+        }
+        c += 64;
+    }
+}
+
+/// The scores of query `q` against keys `[c, c + 8·NV)` of `kt` (`[hd, tp]`) into `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores8_at<const NV: usize>(q: &[f32], kt: &[f32], tp: usize, c: usize, p: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(kt.len() >= q.len() * tp && c + 8 * NV <= tp && p.len() >= tp);
+    let mut acc = [_mm256_setzero_ps(); NV];
+    for (d, &qd) in q.iter().enumerate() {
+        let k = kt.as_ptr().add(d * tp + c);
+        let qd = _mm256_set1_ps(qd);
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k.add(8 * v)), *a);
+        }
+    }
+    for (v, &a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(p.as_mut_ptr().add(c + 8 * v), a);
+    }
+}
+
+/// `out = Σ_{j < n} coef(j) · m[j]` for `8·CV` floats (`m[j]` at `m + j·stride`), the sum in
+/// registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weighted8_at<const CV: usize>(
+    n: usize,
+    coef: impl Fn(usize) -> f32,
+    m: *const f32,
+    stride: usize,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut o = [_mm256_setzero_ps(); CV];
+    for j in 0..n {
+        let (c, v) = (_mm256_set1_ps(coef(j)), m.add(j * stride));
+        for (k, o) in o.iter_mut().enumerate() {
+            *o = _mm256_fmadd_ps(c, _mm256_loadu_ps(v.add(8 * k)), *o);
+        }
+    }
+    for (k, &o) in o.iter().enumerate() {
+        _mm256_storeu_ps(out.add(8 * k), o);
+    }
+}
+
 /// `out[r] = scale[r] · Σ_{j < n} coef(r, j) · m[j]` for `R` rows of `16·HV` floats (`m[j]`
 /// at `m + j·stride`, `out[r]` at `out + r·ld`): the rows' sums stay in registers and each
 /// vector of `m` loaded serves all `R` of them.
@@ -828,6 +1006,77 @@ mod tests {
             .collect();
         assert!(out.iter().all(|v| !v.is_nan()), "an element left unwritten");
         out
+    }
+
+    /// The 8-lane kernels (outputs and gradients) against the plain loops on any CPU with AVX2 (on AVX-512
+    /// CPUs the fused-attention tests above run the 16-lane kernels instead): head widths of
+    /// one, eight and ten vectors (two column chunks), sequences with partial key vectors and
+    /// more than 64 keys, with and without the causal mask.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_equals_the_plain_loops() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("no AVX2/FMA on this CPU: the 8-lane kernel is not used");
+            return;
+        }
+        for (t, heads, hd) in [
+            (77, 2, 64),
+            (50, 3, 8),
+            (9, 1, 80),
+            (1, 2, 64),
+            (66, 1, 128),
+        ] {
+            let h = heads * hd;
+            let x: Vec<f32> = (0..t * 3 * h)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+                .collect();
+            let g: Vec<f32> = (0..t * h)
+                .map(|i| (i * 4253 % 997) as f32 / 997.0 - 0.5)
+                .collect();
+            let causal = crate::model::clip::causal_mask(t, DType::F32, &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for mask in [None, Some(&causal[..])] {
+                let seq = Sequence {
+                    x: &x,
+                    t,
+                    h,
+                    hd,
+                    heads,
+                    mask,
+                };
+                let max_diff = |a: &[f32], b: Vec<f32>| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max)
+                };
+                let (mut plain, mut fast) = (vec![0f32; t * h], uninit(t * h));
+                seq.heads_into(&mut plain);
+                // SAFETY: AVX2 and FMA were detected above.
+                unsafe { seq.heads_avx2(&mut fast) };
+                let diff = max_diff(&plain, written(fast));
+                assert!(
+                    diff < 1e-5,
+                    "{t}×{heads}×{hd}, mask {}: {diff}",
+                    mask.is_some()
+                );
+
+                let (mut plain, mut fast) = (vec![0f32; t * 3 * h], uninit(t * 3 * h));
+                seq.grads_into(&g, &mut plain);
+                // SAFETY: AVX2 and FMA were detected above.
+                unsafe { seq.grads_avx2(&g, &mut fast) };
+                let diff = max_diff(&plain, written(fast));
+                assert!(
+                    diff < 1e-4,
+                    "gradients {t}×{heads}×{hd}, mask {}: {diff}",
+                    mask.is_some()
+                );
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
