@@ -22,25 +22,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Which vector instructions the kernel is compiled for at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Avx512,
-    Avx2,
-}
-
-fn isa() -> Option<Isa> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            return Some(Isa::Avx512);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Some(Isa::Avx2);
-        }
-    }
-    None
-}
+use super::vmath::{isa, Isa};
 
 /// The attention core of a multi-head layer: `qkv` `[B, T, 3H]` holds each row's queries
 /// (already scaled by 1/√head_dim), keys and values, heads side by side in each; `mask` an
@@ -644,25 +626,36 @@ impl Sequence<'_> {
     }
 }
 
+/// `f::<NV>(args)` for each chunk `c` of up to 64 floats (`NV` ≤ 8 vectors of 8) covering
+/// `[0, width)`, `width` a multiple of 8: the chunk width is a constant of the kernel, so its
+/// accumulators are registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_chunks8 {
+    ($width:expr, |$c:ident| $f:ident::<NV>($($arg:expr),*)) => {{
+        let width = $width;
+        let mut $c = 0;
+        while $c < width {
+            match ((width - $c) / 8).min(8) {
+                1 => $f::<1>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                4 => $f::<4>($($arg),*),
+                5 => $f::<5>($($arg),*),
+                6 => $f::<6>($($arg),*),
+                7 => $f::<7>($($arg),*),
+                _ => $f::<8>($($arg),*),
+            }
+            $c += 64;
+        }
+    }};
+}
+
 /// The scores of `q` (`hd` floats) against all `tp` columns of `kt` (`[hd, tp]`, `tp` a
 /// multiple of 8) into `p[..tp]`, up to 64 columns at a time in registers.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn scores8(q: &[f32], kt: &[f32], tp: usize, p: &mut [f32]) {
-    let mut c = 0;
-    while c < tp {
-        match ((tp - c) / 8).min(8) {
-            1 => scores8_at::<1>(q, kt, tp, c, p),
-            2 => scores8_at::<2>(q, kt, tp, c, p),
-            3 => scores8_at::<3>(q, kt, tp, c, p),
-            4 => scores8_at::<4>(q, kt, tp, c, p),
-            5 => scores8_at::<5>(q, kt, tp, c, p),
-            6 => scores8_at::<6>(q, kt, tp, c, p),
-            7 => scores8_at::<7>(q, kt, tp, c, p),
-            _ => scores8_at::<8>(q, kt, tp, c, p),
-        }
-        c += 64;
-    }
+    in_chunks8!(tp, |c| scores8_at::<NV>(q, kt, tp, c, p));
 }
 
 /// `out[..w] = Σ_{j < n} coef(j) · m[j][..w]` (`m[j]` at `m + j·stride`, `w` a multiple of 8),
@@ -677,21 +670,13 @@ unsafe fn weighted8(
     stride: usize,
     out: *mut f32,
 ) {
-    let mut c = 0;
-    while c < w {
-        let (m, out) = (m.add(c), out.add(c));
-        match ((w - c) / 8).min(8) {
-            1 => weighted8_at::<1>(n, coef, m, stride, out),
-            2 => weighted8_at::<2>(n, coef, m, stride, out),
-            3 => weighted8_at::<3>(n, coef, m, stride, out),
-            4 => weighted8_at::<4>(n, coef, m, stride, out),
-            5 => weighted8_at::<5>(n, coef, m, stride, out),
-            6 => weighted8_at::<6>(n, coef, m, stride, out),
-            7 => weighted8_at::<7>(n, coef, m, stride, out),
-            _ => weighted8_at::<8>(n, coef, m, stride, out),
-        }
-        c += 64;
-    }
+    in_chunks8!(w, |c| weighted8_at::<NV>(
+        n,
+        coef,
+        m.add(c),
+        stride,
+        out.add(c)
+    ));
 }
 
 /// The scores of query `q` against keys `[c, c + 8·NV)` of `kt` (`[hd, tp]`) into `p`.

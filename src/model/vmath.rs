@@ -14,9 +14,11 @@ fn quick_gelu_on(isa: Option<Isa>, out: &mut [f32], x: &[f32]) {
     assert_eq!(out.len(), x.len());
     // SAFETY: `isa` was detected on this CPU; the lengths are equal (checked above).
     let done = match isa {
+        #[cfg(target_arch = "x86_64")]
         Some(Isa::Avx512) => unsafe { quick_gelu_avx512(out, x) },
+        #[cfg(target_arch = "x86_64")]
         Some(Isa::Avx2) => unsafe { quick_gelu_avx2(out, x) },
-        None => 0,
+        _ => 0,
     };
     for (o, &x) in out[done..].iter_mut().zip(&x[done..]) {
         *o = x / (1.0 + (-1.702 * x).exp());
@@ -32,9 +34,11 @@ fn quick_gelu_grad_on(isa: Option<Isa>, out: &mut [f32], x: &[f32], g: &[f32]) {
     assert!(out.len() == x.len() && x.len() == g.len());
     // SAFETY: `isa` was detected on this CPU; the lengths are equal (checked above).
     let done = match isa {
+        #[cfg(target_arch = "x86_64")]
         Some(Isa::Avx512) => unsafe { quick_gelu_grad_avx512(out, x, g) },
+        #[cfg(target_arch = "x86_64")]
         Some(Isa::Avx2) => unsafe { quick_gelu_grad_avx2(out, x, g) },
-        None => 0,
+        _ => 0,
     };
     for ((o, &x), &g) in out[done..].iter_mut().zip(&x[done..]).zip(&g[done..]) {
         let s = 1.0 / (1.0 + (-1.702 * x).exp());
@@ -42,15 +46,17 @@ fn quick_gelu_grad_on(isa: Option<Isa>, out: &mut [f32], x: &[f32], g: &[f32]) {
     }
 }
 
+/// The vector instructions the CPU kernels choose between at run time (here and in
+/// [`super::attention_cpu`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Avx512,
     /// AVX2 with FMA (AMD Zen 1–3, Intel Haswell and later client CPUs).
     Avx2,
 }
 
-/// The widest vector instructions the slice functions have a path for on this CPU.
-fn isa() -> Option<Isa> {
+/// The widest of [`Isa`] this CPU has, if any.
+pub(crate) fn isa() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
@@ -135,16 +141,6 @@ pub(crate) unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__
     _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), above)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn quick_gelu_avx2(_: &mut [f32], _: &[f32]) -> usize {
-    unreachable!("AVX2 is x86_64 only")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn quick_gelu_grad_avx2(_: &mut [f32], _: &[f32], _: &[f32]) -> usize {
-    unreachable!("AVX2 is x86_64 only")
-}
-
 /// Whole 16-float blocks of [`quick_gelu`]; returns how many floats it wrote.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -179,16 +175,6 @@ unsafe fn quick_gelu_grad_avx512(out: &mut [f32], x: &[f32], g: &[f32]) -> usize
         );
     }
     n
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn quick_gelu_avx512(_: &mut [f32], _: &[f32]) -> usize {
-    unreachable!("AVX-512 is x86_64 only")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn quick_gelu_grad_avx512(_: &mut [f32], _: &[f32], _: &[f32]) -> usize {
-    unreachable!("AVX-512 is x86_64 only")
 }
 
 /// QuickGELU `x / (1 + e^(−1.702·x))` on 16 lanes.
