@@ -273,7 +273,9 @@ pub struct InfoArgs {
 /// Entry point of the binary: parses arguments, runs, prints errors with their causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = run(cli);
+    crate::interrupt::finish();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of stdout went away (`clipft eval | head`): nothing left to say, as any
         // Unix filter.

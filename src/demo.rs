@@ -10,24 +10,14 @@ use crate::data::{Dataset, Split};
 use crate::features::ExtractOptions;
 use crate::model::{synth, Clip, ModelSpec};
 
-/// Ctrl-C or SIGTERM ends the process without running `TempDir`'s drop: the handler removes
-/// the generated folder itself, then exits with the interrupt's status (130).
-fn remove_on_interrupt(dir: &Path) {
-    let dir = dir.to_path_buf();
-    // One handler per process: where one is already set (a library caller's), it stays.
-    let _ = ctrlc::set_handler(move || {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::process::exit(130);
-    });
-}
-
 pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     let tmp;
     let root = match dir {
         Some(d) => d.to_path_buf(),
         None => {
             tmp = tempfile::Builder::new().prefix("clipft-demo-").tempdir()?;
-            remove_on_interrupt(tmp.path());
+            // Ctrl-C ends the process without running `TempDir`'s drop.
+            crate::interrupt::remove_on_interrupt(tmp.path());
             tmp.path().to_path_buf()
         }
     };
@@ -40,12 +30,15 @@ pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> 
         ),
         quiet,
     );
+    // Held while generating, so that an interrupt's removal does not race with new files.
+    let writing = crate::interrupt::writing();
     synth::write_checkpoint(&model_dir, &synth::tiny_config(), 0)?;
     crate::cli::info(
         format!("generating a 6-class image set in {}", data_dir.display()),
         quiet,
     );
     synth::write_dataset(&data_dir, 6, [("train", 16), ("val", 8), ("test", 20)], 0)?;
+    drop(writing);
 
     let clip = Clip::load(&ModelSpec::local(&model_dir))?;
     writeln!(out, "model: {}", clip.describe())?;

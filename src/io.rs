@@ -33,6 +33,8 @@ pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers
 /// see the old file or the complete new one, never a partial write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    // The folder may be one that Ctrl-C removes (the demo's feature cache).
+    let _writing = crate::interrupt::writing();
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

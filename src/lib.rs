@@ -11,6 +11,7 @@ pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod features;
+pub mod interrupt;
 pub mod io;
 pub mod methods;
 pub mod model;

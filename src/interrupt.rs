@@ -1,0 +1,99 @@
+//! Ctrl-C and SIGTERM for commands that work in a folder of their own (`clipft demo` without
+//! `--dir`): the folder is removed and the process exits with the interrupt's status, 130.
+//!
+//! The handler runs on its own thread while the command's threads keep going, so removing the
+//! folder races with files they are creating in it (`create_dir_all` of a subfolder recreates
+//! the removed folder). Writes into such a folder therefore hold [`writing`]; the handler takes
+//! the same lock before it removes anything and keeps it until the process ends, so no write
+//! starts after the removal. A command that fails because its folder vanished under it
+//! ([`finish`]) waits for the handler's exit instead of reporting that failure.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+static GATE: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// How many [`Writing`]s this thread holds: nested writes (a generator that writes through
+    /// [`crate::io::write_atomic`]) take the lock once.
+    static HELD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Proof that no interrupt handler is removing files: see [`writing`].
+pub struct Writing {
+    _guard: Option<MutexGuard<'static, ()>>,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        HELD.with(|h| h.set(h.get() - 1));
+    }
+}
+
+/// Hold while creating files or folders in a folder given to [`remove_on_interrupt`]. Nests on
+/// one thread.
+pub fn writing() -> Writing {
+    if HELD.with(|h| h.get()) > 0 {
+        HELD.with(|h| h.set(h.get() + 1));
+        return Writing { _guard: None };
+    }
+    // A panic while writing poisons nothing that matters here: the lock guards no data.
+    let guard = GATE.lock().unwrap_or_else(|e| e.into_inner());
+    HELD.with(|h| h.set(1));
+    Writing {
+        _guard: Some(guard),
+    }
+}
+
+/// Whether an interrupt has arrived (the handler is removing the folder and will exit).
+pub fn requested() -> bool {
+    REQUESTED.load(Ordering::SeqCst)
+}
+
+/// On Ctrl-C or SIGTERM: removes `dir` (after any write in progress under [`writing`]), then
+/// exits with status 130. One handler per process: where one is already set (a library
+/// caller's), it stays and this does nothing.
+pub fn remove_on_interrupt(dir: &Path) {
+    let dir: PathBuf = dir.to_path_buf();
+    let _ = ctrlc::set_handler(move || {
+        REQUESTED.store(true, Ordering::SeqCst);
+        let _held = GATE.lock();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::process::exit(130);
+    });
+}
+
+/// Called by the binary once a command has returned: after an interrupt, its result (most often
+/// an error about files that were just removed) is not the outcome, the handler's exit is.
+pub fn finish() {
+    if requested() {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writing_nests_on_one_thread_and_excludes_others() {
+        let outer = writing();
+        let inner = writing();
+        // Another thread cannot take the lock while this one holds it, nested or not.
+        assert!(std::thread::spawn(|| GATE.try_lock().is_err())
+            .join()
+            .unwrap());
+        drop(inner);
+        assert!(std::thread::spawn(|| GATE.try_lock().is_err())
+            .join()
+            .unwrap());
+        drop(outer);
+        // The count went back to zero: the next one takes the lock again.
+        assert!(writing()._guard.is_some());
+    }
+}
