@@ -34,7 +34,8 @@ impl Drop for Writing {
 }
 
 /// Hold while creating files or folders in a folder given to [`remove_on_interrupt`]. Nests on
-/// one thread.
+/// one thread; other threads wait for it, so do not hold it across parallel work that writes
+/// (a rayon task calling [`crate::io::write_atomic`] would wait for its own caller).
 pub fn writing() -> Writing {
     if HELD.with(|h| h.get()) > 0 {
         HELD.with(|h| h.set(h.get() + 1));
