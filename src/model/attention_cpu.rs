@@ -996,85 +996,15 @@ mod tests {
         out
     }
 
-    /// The 8-lane kernels (outputs and gradients) against the plain loops on any CPU with AVX2 (on AVX-512
-    /// CPUs the fused-attention tests above run the 16-lane kernels instead): head widths of
-    /// one, eight and ten vectors (two column chunks), sequences with partial key vectors and
-    /// more than 64 keys, with and without the causal mask.
+    /// Asserts that a kernel's outputs (`fwd`) and gradients (`bwd`) equal the plain loops' on
+    /// one shape of deterministic inputs, with and without the causal mask. The kernels write
+    /// into [`uninit`] buffers, so an element they leave unwritten fails too.
     #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx2_kernel_equals_the_plain_loops() {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            eprintln!("no AVX2/FMA on this CPU: the 8-lane kernel is not used");
-            return;
-        }
-        for (t, heads, hd) in [
-            (77, 2, 64),
-            (50, 3, 8),
-            (9, 1, 80),
-            (1, 2, 64),
-            (66, 1, 128),
-        ] {
-            let h = heads * hd;
-            let x: Vec<f32> = (0..t * 3 * h)
-                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
-                .collect();
-            let g: Vec<f32> = (0..t * h)
-                .map(|i| (i * 4253 % 997) as f32 / 997.0 - 0.5)
-                .collect();
-            let causal = crate::model::clip::causal_mask(t, DType::F32, &Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            for mask in [None, Some(&causal[..])] {
-                let seq = Sequence {
-                    x: &x,
-                    t,
-                    h,
-                    hd,
-                    heads,
-                    mask,
-                };
-                let max_diff = |a: &[f32], b: Vec<f32>| {
-                    a.iter()
-                        .zip(b)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max)
-                };
-                let (mut plain, mut fast) = (vec![0f32; t * h], uninit(t * h));
-                seq.heads_into(&mut plain);
-                // SAFETY: AVX2 and FMA were detected above.
-                unsafe { seq.heads_avx2(&mut fast) };
-                let diff = max_diff(&plain, written(fast));
-                assert!(
-                    diff < 1e-5,
-                    "{t}×{heads}×{hd}, mask {}: {diff}",
-                    mask.is_some()
-                );
-
-                let (mut plain, mut fast) = (vec![0f32; t * 3 * h], uninit(t * 3 * h));
-                seq.grads_into(&g, &mut plain);
-                // SAFETY: AVX2 and FMA were detected above.
-                unsafe { seq.grads_avx2(&g, &mut fast) };
-                let diff = max_diff(&plain, written(fast));
-                assert!(
-                    diff < 1e-4,
-                    "gradients {t}×{heads}×{hd}, mask {}: {diff}",
-                    mask.is_some()
-                );
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn blocked_kernels_equal_the_plain_loops() {
-        if isa() != Some(Isa::Avx512) {
-            eprintln!("no AVX-512 on this CPU: the blocked kernels are not used");
-            return;
-        }
-        let (t, heads, hd) = (77, 2, 64);
+    fn assert_kernel_equals_plain_loops(
+        (t, heads, hd): (usize, usize, usize),
+        fwd: impl Fn(&Sequence, &mut [MaybeUninit<f32>]),
+        bwd: impl Fn(&Sequence, &[f32], &mut [MaybeUninit<f32>]),
+    ) {
         let h = heads * hd;
         let x: Vec<f32> = (0..t * 3 * h)
             .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
@@ -1088,7 +1018,7 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let max_diff = |a: &[f32], b: &[f32]| {
+        let max_diff = |a: &[f32], b: Vec<f32>| {
             a.iter()
                 .zip(b)
                 .map(|(a, b)| (a - b).abs())
@@ -1103,20 +1033,68 @@ mod tests {
                 heads,
                 mask,
             };
-            let (mut plain, mut blocked) = (vec![0f32; t * h], uninit(t * h));
+            let (mut plain, mut fast) = (vec![0f32; t * h], uninit(t * h));
             seq.heads_into(&mut plain);
-            // SAFETY: AVX-512 was detected above.
-            unsafe { seq.heads_blocked::<4, 4>(&mut blocked) };
-            let diff = max_diff(&plain, &written(blocked));
-            assert!(diff < 1e-5, "outputs, mask {}: {diff}", mask.is_some());
+            fwd(&seq, &mut fast);
+            let diff = max_diff(&plain, written(fast));
+            assert!(
+                diff < 1e-5,
+                "outputs {t}×{heads}×{hd}, mask {}: {diff}",
+                mask.is_some()
+            );
 
-            let (mut plain, mut blocked) = (vec![0f32; t * 3 * h], uninit(t * 3 * h));
+            let (mut plain, mut fast) = (vec![0f32; t * 3 * h], uninit(t * 3 * h));
             seq.grads_into(&g, &mut plain);
-            // SAFETY: AVX-512 was detected above.
-            unsafe { seq.grads_blocked::<4, 4>(&g, &mut blocked) };
-            let diff = max_diff(&plain, &written(blocked));
-            assert!(diff < 1e-4, "gradients, mask {}: {diff}", mask.is_some());
+            bwd(&seq, &g, &mut fast);
+            let diff = max_diff(&plain, written(fast));
+            assert!(
+                diff < 1e-4,
+                "gradients {t}×{heads}×{hd}, mask {}: {diff}",
+                mask.is_some()
+            );
         }
+    }
+
+    /// The 8-lane kernels against the plain loops on any CPU with AVX2 (on AVX-512 CPUs the
+    /// fused-attention tests above run the 16-lane kernels instead): head widths of one, eight
+    /// and ten vectors (two column chunks), sequences with partial key vectors and more than 64
+    /// keys, with and without the causal mask.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_equals_the_plain_loops() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("no AVX2/FMA on this CPU: the 8-lane kernel is not used");
+            return;
+        }
+        for shape in [
+            (77, 2, 64),
+            (50, 3, 8),
+            (9, 1, 80),
+            (1, 2, 64),
+            (66, 1, 128),
+        ] {
+            assert_kernel_equals_plain_loops(
+                shape,
+                // SAFETY (both): AVX2 and FMA were detected above.
+                |seq, out| unsafe { seq.heads_avx2(out) },
+                |seq, g, dx| unsafe { seq.grads_avx2(g, dx) },
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn blocked_kernels_equal_the_plain_loops() {
+        if isa() != Some(Isa::Avx512) {
+            eprintln!("no AVX-512 on this CPU: the blocked kernels are not used");
+            return;
+        }
+        assert_kernel_equals_plain_loops(
+            (77, 2, 64),
+            // SAFETY (both): AVX-512 was detected above.
+            |seq, out| unsafe { seq.heads_blocked::<4, 4>(out) },
+            |seq, g, dx| unsafe { seq.grads_blocked::<4, 4>(g, dx) },
+        );
     }
 
     #[test]
