@@ -49,11 +49,6 @@ pub fn writing() -> Writing {
     }
 }
 
-/// Whether an interrupt has arrived (the handler is removing the folder and will exit).
-pub fn requested() -> bool {
-    REQUESTED.load(Ordering::SeqCst)
-}
-
 /// On Ctrl-C or SIGTERM: removes `dir` (after any write in progress under [`writing`]), then
 /// exits with status 130. One handler per process: where one is already set (a library
 /// caller's), it stays and this does nothing.
@@ -70,7 +65,8 @@ pub fn remove_on_interrupt(dir: &Path) {
 /// Called by the binary once a command has returned: after an interrupt, its result (most often
 /// an error about files that were just removed) is not the outcome, the handler's exit is.
 pub fn finish() {
-    if requested() {
+    // Set by the handler, which is removing the folder and will exit.
+    if REQUESTED.load(Ordering::SeqCst) {
         loop {
             std::thread::park();
         }
