@@ -140,8 +140,8 @@ fn main() {
     //    over a few hundred images is short enough for a neighbour's burst to show). The
     //    outputs are written into buffers allocated and touched before the clock starts, as the
     //    pipeline recycles its batch buffers: fresh memory would time the page faults of
-    //    n × 600 KB instead (in a VM whose freed memory goes back to the host, the first pass
-    //    ran at a third of the later ones' rate).
+    //    n × 600 KB instead (in a VM whose freed memory goes back to the host, a pass into
+    //    fresh memory ran at a third of the rate of one into reused memory).
     let mut pixels: Vec<Vec<f32>> = (0..n).map(|_| vec![f32::NAN; 3 * s * s]).collect();
     let mut pre = 0f64;
     for _ in 0..passes.max(1) {
