@@ -2,6 +2,10 @@
 //! filter weights in f64, normalised per output pixel, rounded to 22-bit fixed point, a horizontal
 //! pass into 8-bit rows, then a vertical pass, each rounding and clipping to 8 bits. Matching it
 //! exactly (not just closely) is what makes pixels equal to `CLIPImageProcessor`'s.
+//!
+//! The pass order is Pillow 13's: the vertical pass first when the height shrinks by more than
+//! twice as many pixels as the width does (tall images; Pillow ≤ 12 always went horizontal
+//! first). The 8-bit rounding between the passes makes the order visible in the pixels.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -169,6 +173,8 @@ struct Scratch {
     col: Vec<u8>,
     /// The horizontal pass's output.
     tmp: Vec<u8>,
+    /// The vertical pass's output when it runs first.
+    mid: Vec<u8>,
 }
 
 thread_local! {
@@ -181,7 +187,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     let mut bufs = SCRATCH.with(RefCell::take);
     let r = f(&mut bufs);
     // A very large photo's buffers are not worth keeping for the images after it.
-    for buf in [&mut bufs.src_t, &mut bufs.col, &mut bufs.tmp] {
+    for buf in [&mut bufs.src_t, &mut bufs.col, &mut bufs.tmp, &mut bufs.mid] {
         if buf.capacity() > SCRATCH_KEEP_MAX {
             *buf = Vec::new();
         }
@@ -240,6 +246,7 @@ pub fn resize_region(
         horiz: horiz.as_deref(),
         vert: vert.as_deref(),
         window: (x0, y0, rw, rh),
+        vertical_first: vertical_first(in_w, in_h, out_w, out_h),
     };
     let out = with_scratch(|bufs| {
         #[cfg(target_arch = "x86_64")]
@@ -252,6 +259,14 @@ pub fn resize_region(
     RgbImage::from_raw(rw as u32, rh as u32, out).expect("size matches")
 }
 
+/// Pillow 13's pass order (`ImagingResampleInner`): vertical first when the height shrinks by
+/// more than twice as many pixels as the width (which may grow) does.
+fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let dh = in_h as i64 - out_h as i64;
+    let dw = in_w as i64 - out_w as i64;
+    dh > 0 && dh > dw * 2
+}
+
 /// The inputs of the two resampling passes.
 struct Passes<'a> {
     src: &'a [u8],
@@ -260,6 +275,8 @@ struct Passes<'a> {
     horiz: Option<&'a Coeffs>,
     vert: Option<&'a Coeffs>,
     window: (usize, usize, usize, usize),
+    /// Run the vertical pass first ([`vertical_first`]).
+    vertical_first: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -309,8 +326,38 @@ fn filter_line(out: &mut [u8], src: &[u8], stride: usize, k: &[i32]) {
 fn passes(a: &Passes, bufs: &mut Scratch) -> Vec<u8> {
     let (x0, y0, rw, rh) = a.window;
     let (src, in_w) = (a.src, a.in_w);
+    let row_len = rw * 3;
+    let row_stride = row_len + 1;
+    let Scratch {
+        src_t,
+        col,
+        tmp,
+        mid,
+    } = bufs;
+
+    if let (true, Some(v), Some(_)) = (a.vertical_first, a.vert, a.horiz) {
+        // Vertical pass over whole source rows (the crop of a tall image keeps about its full
+        // width anyway), then the horizontal pass over its output.
+        let line = in_w * 3;
+        let mid = scratch(mid, rh * line);
+        for (yy, mid_row) in mid.chunks_exact_mut(line).enumerate() {
+            let (ymin, n) = v.bounds[y0 + yy];
+            let k = &v.weights[(y0 + yy) * v.ksize..][..n];
+            filter_line(mid_row, &src[ymin * line..], line, k);
+        }
+        let tmp = scratch(tmp, rh * row_stride);
+        let rows = Rows {
+            src: mid,
+            in_w,
+            first: 0,
+            count: rh,
+        };
+        horizontal(&rows, (x0, rw), a.horiz, tmp, src_t, col);
+        return unpad(tmp, row_stride, row_len);
+    }
+
     // Source rows the vertical pass reads (the window's own rows when there is no vertical pass).
-    let (first_row, rows) = match a.vert {
+    let (first, count) = match a.vert {
         Some(v) if rh > 0 => {
             let first = v.bounds[y0].0;
             let (lmin, ln) = v.bounds[y0 + rh - 1];
@@ -318,33 +365,76 @@ fn passes(a: &Passes, bufs: &mut Scratch) -> Vec<u8> {
         }
         _ => (y0, rh),
     };
-    let row_len = rw * 3;
+    let tmp = scratch(tmp, count * row_stride);
+    let rows = Rows {
+        src,
+        in_w,
+        first,
+        count,
+    };
+    horizontal(&rows, (x0, rw), a.horiz, tmp, src_t, col);
+    let Some(v) = a.vert else {
+        return unpad(tmp, row_stride, row_len);
+    };
 
-    // Horizontal pass into `rows × rw` pixels, `row_stride` bytes apart. Done on the transposed
-    // image, so that each output column is a sum of whole source columns (contiguous after the
-    // transpose). Both transposes move pixels as 4-byte words (one load, one store instead of a
-    // 2- and a 1-byte copy): each word's fourth byte lands on the next pixel's first, which is
-    // written after it, or on a spare byte at the end of a line.
+    // Vertical pass, a whole output row at a time.
+    let mut out = vec![0u8; rw * rh * 3];
+    for (yy, out_row) in out.chunks_exact_mut(row_len.max(1)).enumerate().take(rh) {
+        let (ymin, n) = v.bounds[y0 + yy];
+        let k = &v.weights[(y0 + yy) * v.ksize..][..n];
+        filter_line(out_row, &tmp[(ymin - first) * row_stride..], row_stride, k);
+    }
+    out
+}
+
+/// Rows `first..first + count` of an RGB image `in_w` pixels wide.
+struct Rows<'a> {
+    src: &'a [u8],
+    in_w: usize,
+    first: usize,
+    count: usize,
+}
+
+/// Horizontal pass of `rows` over output columns `x0..x0 + rw` into `tmp`: `rows.count` lines of
+/// `rw` pixels, `rw * 3 + 1` bytes apart (a copy when `h` is `None`: the width does not change).
+/// Done on the transposed image, so that each output column is a sum of whole source columns
+/// (contiguous after the transpose). Both transposes move pixels as 4-byte words (one load, one
+/// store instead of a 2- and a 1-byte copy): each word's fourth byte lands on the next pixel's
+/// first, which is written after it, or on a spare byte at the end of a line.
+#[inline(always)]
+fn horizontal(
+    rows: &Rows,
+    (x0, rw): (usize, usize),
+    h: Option<&Coeffs>,
+    tmp: &mut [u8],
+    src_t: &mut Vec<u8>,
+    col: &mut Vec<u8>,
+) {
+    let Rows {
+        src,
+        in_w,
+        first,
+        count,
+    } = *rows;
+    let row_len = rw * 3;
     let row_stride = row_len + 1;
-    let Scratch { src_t, col, tmp } = bufs;
-    let tmp = scratch(tmp, rows * row_stride);
-    match a.horiz {
+    match h {
         None => {
             for (r, line) in tmp.chunks_exact_mut(row_stride).enumerate() {
-                let start = ((first_row + r) * in_w + x0) * 3;
+                let start = ((first + r) * in_w + x0) * 3;
                 line[..row_len].copy_from_slice(&src[start..start + row_len]);
             }
         }
-        Some(h) if rw > 0 && rows > 0 => {
+        Some(h) if rw > 0 && count > 0 => {
             let cx0 = h.bounds[x0].0;
             let (lx, ln) = h.bounds[x0 + rw - 1];
             let cols = lx + ln - cx0;
-            let col_len = rows * 3;
+            let col_len = count * 3;
             let col_stride = col_len + 1;
             let src_t = scratch(src_t, cols * col_stride);
-            for r in 0..rows {
+            for r in 0..count {
                 // With the byte after the window where there is one, for the last word.
-                let start = ((first_row + r) * in_w + cx0) * 3;
+                let start = ((first + r) * in_w + cx0) * 3;
                 let row = &src[start..(start + cols * 3 + 1).min(src.len())];
                 transpose_row(row, &mut src_t[r * 3..], col_stride);
             }
@@ -363,25 +453,13 @@ fn passes(a: &Passes, bufs: &mut Scratch) -> Vec<u8> {
         }
         Some(_) => {}
     }
-    let Some(v) = a.vert else {
-        let mut out = Vec::with_capacity(rh * row_len);
-        for line in tmp.chunks_exact(row_stride) {
-            out.extend_from_slice(&line[..row_len]);
-        }
-        return out;
-    };
+}
 
-    // Vertical pass, a whole output row at a time.
-    let mut out = vec![0u8; rw * rh * 3];
-    for (yy, out_row) in out.chunks_exact_mut(row_len.max(1)).enumerate().take(rh) {
-        let (ymin, n) = v.bounds[y0 + yy];
-        let k = &v.weights[(y0 + yy) * v.ksize..][..n];
-        filter_line(
-            out_row,
-            &tmp[(ymin - first_row) * row_stride..],
-            row_stride,
-            k,
-        );
+/// The `row_len` bytes of each `row_stride`-byte line of `tmp`, packed.
+fn unpad(tmp: &[u8], row_stride: usize, row_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tmp.len() / row_stride * row_len);
+    for line in tmp.chunks_exact(row_stride) {
+        out.extend_from_slice(&line[..row_len]);
     }
     out
 }
@@ -463,6 +541,47 @@ mod tests {
         }
     }
 
+    /// Expected values: Pillow 13.0's BICUBIC resize of a 7×15 pattern to 6×7 and to 9×4, where it
+    /// runs the vertical pass first (the height shrinks by more than twice what the width does);
+    /// horizontal first, as Pillow ≤ 12 did, gives other bytes.
+    #[test]
+    fn tall_images_take_pillow_13s_vertical_pass_first() {
+        let img = RgbImage::from_fn(7, 15, |x, y| {
+            image::Rgb([(x * 36) as u8, (y * 17) as u8, ((x * y * 9) % 256) as u8])
+        });
+        #[rustfmt::skip]
+        let cases: [(u32, u32, &[u8]); 2] = [
+            (6, 7, &[3, 11, 1, 44, 11, 7, 87, 11, 13, 129, 11, 20, 172, 11, 27, 213, 11, 33, 3, 45, 2, 44, 45, 30, 87, 45, 58, 129, 45, 86, 172, 45, 120, 213, 45, 153, 3, 83, 4, 44, 83, 54, 87, 83, 104, 129, 83, 165, 172, 83, 174, 213, 83, 100, 3, 119, 6, 44, 119, 77, 87, 119, 161, 129, 119, 202, 172, 119, 85, 213, 119, 109, 3, 155, 7, 44, 155, 106, 87, 155, 175, 129, 155, 100, 172, 155, 135, 213, 155, 158, 3, 193, 9, 44, 193, 140, 87, 193, 134, 129, 193, 95, 172, 193, 159, 213, 193, 97, 3, 227, 11, 44, 227, 162, 87, 227, 184, 129, 227, 175, 172, 227, 119, 213, 227, 189]),
+            (9, 4, &[0, 25, 0, 22, 25, 8, 52, 25, 19, 80, 25, 29, 108, 25, 39, 136, 25, 50, 164, 25, 67, 194, 25, 82, 218, 25, 90, 0, 86, 0, 22, 86, 27, 52, 86, 65, 80, 86, 103, 108, 86, 146, 136, 86, 177, 164, 86, 152, 194, 86, 119, 218, 86, 113, 0, 152, 0, 22, 152, 49, 52, 152, 121, 80, 152, 166, 108, 152, 154, 136, 152, 114, 164, 152, 121, 194, 152, 135, 218, 152, 130, 0, 213, 0, 22, 213, 69, 52, 213, 178, 80, 213, 205, 108, 213, 73, 136, 213, 171, 164, 213, 149, 194, 213, 120, 218, 213, 157]),
+        ];
+        for (w, h, expected) in cases {
+            assert!(vertical_first(7, 15, w as usize, h as usize));
+            let out = resize(&img, w, h, Resample::Bicubic);
+            assert_eq!(out.as_raw().as_slice(), expected, "{w}x{h}");
+            let (f, sup) = filter_of(Resample::Bicubic);
+            let (hc, vc) = (
+                coeffs(7, w as usize, f, sup),
+                coeffs(15, h as usize, f, sup),
+            );
+            let horizontal_first = passes(
+                &Passes {
+                    src: img.as_raw(),
+                    in_w: 7,
+                    horiz: Some(&hc),
+                    vert: Some(&vc),
+                    window: (0, 0, w as usize, h as usize),
+                    vertical_first: false,
+                },
+                &mut Scratch::default(),
+            );
+            assert_ne!(
+                horizontal_first.as_slice(),
+                expected,
+                "{w}x{h}: the order matters"
+            );
+        }
+    }
+
     /// Expected values: Pillow's BICUBIC resize of a 7×5 gradient, horizontal pass then vertical
     /// (each pass a single-axis `Image.resize`, so independent of Pillow's pass order).
     #[test]
@@ -494,7 +613,8 @@ mod tests {
         });
         let mut bufs = Scratch::default();
         for r in ALL {
-            for (w, h) in [(11, 9), (23, 9), (11, 17), (40, 30)] {
+            // (22, 9) and (30, 5): the vertical pass first (the second with the width growing).
+            for (w, h) in [(11, 9), (23, 9), (11, 17), (40, 30), (22, 9), (30, 5)] {
                 let full = resize(&photo, w, h, r);
                 for win in [
                     (0, 0, w, h),
@@ -523,6 +643,7 @@ mod tests {
                                     win.2 as usize,
                                     win.3 as usize,
                                 ),
+                                vertical_first: vertical_first(23, 17, w as usize, h as usize),
                             },
                             &mut bufs,
                         );
@@ -534,6 +655,8 @@ mod tests {
                 }
             }
         }
+        assert!(vertical_first(23, 17, 22, 9) && vertical_first(23, 17, 30, 5));
+        assert!(!vertical_first(23, 17, 11, 9) && !vertical_first(23, 17, 40, 30));
         // A constant image stays constant under every filter (weights are normalised).
         let flat = RgbImage::from_pixel(13, 9, image::Rgb([77, 128, 201]));
         for r in ALL {
