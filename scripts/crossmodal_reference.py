@@ -69,9 +69,9 @@ class AdapterHead(nn.Module):
 
 
 def zeroshot_weight(text_raw):
-    # official get_zero_shot_weights (engine/model/head.py): each text feature normalised, the
-    # per-class mean, then normalised again
-    w = F.normalize(text_raw, dim=1).view(C, T, D).mean(dim=1)
+    # official get_zero_shot_weights (engine/model/head.py): the per-class mean of the raw text
+    # features, then normalised (the commented-out older version normalised each feature first)
+    w = text_raw.view(C, T, D).mean(dim=1)
     return w / w.norm(dim=-1, keepdim=True)
 
 

@@ -136,18 +136,18 @@ pub enum HeadKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Init {
-    /// Per class mean of the L2-normalised template text features, L2-normalised.
+    /// Per class mean of the raw template text features, L2-normalised.
     Zeroshot,
     /// PyTorch's `nn.Linear` default: uniform(±1/√D), seeded.
     Random,
 }
 
 /// The zero-shot init `[C, D]`: rows of `text_raw` are `(class, template)` pairs, class-major
-/// (`row = c·T + t`). As the official `get_zero_shot_weights` (engine/model/head.py): each text
-/// feature L2-normalised, the per-class mean, then L2-normalised again. (Issue 4 says "mean of the
-/// raw features"; the official code normalises each feature first. With one template both agree.)
+/// (`row = c·T + t`). As the official `get_zero_shot_weights` (engine/model/head.py): the
+/// per-class mean of the raw (unnormalised) text features, then L2-normalised. (The version it
+/// replaced, still there commented out, normalised each feature first; with one template both
+/// agree.)
 pub fn zeroshot_init(text_raw: &Mat, classes: usize) -> Result<Mat> {
-    let text_raw = &text_raw.l2_normalized();
     ensure!(
         classes > 0 && text_raw.rows.is_multiple_of(classes) && text_raw.rows > 0,
         "{} text rows for {classes} classes",

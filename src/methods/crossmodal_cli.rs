@@ -55,7 +55,7 @@ pub struct TrainArgs {
     /// uni-modal linear probe, to see the cross-modal gain).
     #[arg(long, value_enum, default_value_t = Modality::Cross)]
     pub modality: Modality,
-    /// Head weight init: `zeroshot` (per-class mean of the normalised template text features,
+    /// Head weight init: `zeroshot` (per-class mean of the raw template text features,
     /// normalised, as the official code does) or `random` [default: zeroshot for cross, random for
     /// image].
     #[arg(long, value_enum)]
