@@ -193,10 +193,18 @@ pub fn train(
     let n_proto = prototypes.dim(0)?;
     ensure!(
         n_proto >= 2 || settings.beta == 0.0,
-        "the spurious-feature term needs at least 2 prototypes, but {} template(s) give {n_proto}: \
-         use a template set with more templates (e.g. --templates imagenet80), or --beta 0 to \
-         train without the term",
-        template_set.len()
+        "the spurious-feature term needs at least 2 prototypes, but {} template(s) with \
+         --spurious-keep {} and --spurious-clusters {} give {n_proto}: {}, or --beta 0 to train \
+         without the term",
+        template_set.len(),
+        settings.spurious_keep,
+        settings.spurious_clusters,
+        if template_set.len() < 2 {
+            "use a template set with more templates (e.g. --templates imagenet80)"
+        } else {
+            "raise --spurious-keep / --spurious-clusters to 2 or more (--spurious-clusters 0: \
+             every template is a prototype)"
+        }
     );
     let head_w = Var::from_tensor(
         &fdalign::class_head_init(&text, clip.logit_scale)?
