@@ -616,9 +616,10 @@ mod tests {
         assert_eq!(select_prototypes(&t, 60, 0, 0).unwrap().dims(), &[61, 4]);
     }
 
-    /// Twelve tight clusters, three of them of 2 points among clusters of 12: one k-means++ run
-    /// often spends two centres on one big cluster and merges small ones; the best of
-    /// [`KMEANS_RUNS`] greedy runs finds every cluster, whatever the seed.
+    /// Twelve clusters 6 apart, three of them of 2 points among clusters of 12: one k-means++ run
+    /// often spends two centres on one big cluster and merges small ones (a Python port: 85% of
+    /// seeds for one plain run, 20% for one greedy run); the best of [`KMEANS_RUNS`] greedy runs
+    /// finds every cluster, whatever the seed.
     #[test]
     fn kmeans_finds_small_clusters_among_big_ones() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
@@ -636,7 +637,7 @@ mod tests {
             for _ in 0..if c % 4 == 1 { 2 } else { 12 } {
                 data.push(
                     m.iter()
-                        .map(|v| v + rng.random_range(-0.3..0.3))
+                        .map(|v| v + rng.random_range(-1.0..1.0))
                         .collect::<Vec<f32>>(),
                 );
             }
@@ -645,7 +646,7 @@ mod tests {
             let centers = kmeans(&data, 12, seed);
             for m in &means {
                 assert!(
-                    centers.iter().any(|c| dist2(c, m) < 0.5),
+                    centers.iter().any(|c| dist2(c, m) < 2.0),
                     "seed {seed}: no centre near the cluster at {m:?}"
                 );
             }
