@@ -839,18 +839,31 @@ fn unwritable_cache_warns_and_empty_splits_are_refused() {
     assert_fails_with(&out, "no image to score");
 }
 
-/// A checkpoint with broken (NaN) weights gives no features file and no cache entries.
+/// A checkpoint with broken (NaN) weights gives no features file and no cache entries: a NaN
+/// projection, and a single NaN in a key projection (which reaches the features only through the
+/// attention softmax, as in `transformers`).
 #[test]
 fn non_finite_features_are_an_error() {
-    let ws = Workspace::new();
-    let broken = ws.path().join("broken-model");
-    common::copy_dir(&ws.model(), &broken);
-    let weights = broken.join("model.safetensors");
-    let mut t = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
-    let w = &t["visual_projection.weight"];
-    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
-    t.insert("visual_projection.weight".into(), nan);
-    candle_core::safetensors::save(&t, &weights).unwrap();
+    for name in [
+        "visual_projection.weight",
+        "vision_model.encoder.layers.0.self_attn.k_proj.weight",
+    ] {
+        let ws = Workspace::new();
+        let broken = ws.path().join("broken-model");
+        common::copy_dir(&ws.model(), &broken);
+        let weights = broken.join("model.safetensors");
+        let mut t = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+        let w = &t[name];
+        let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[0] = f32::NAN;
+        let nan = candle_core::Tensor::from_vec(v, w.shape(), &candle_core::Device::Cpu).unwrap();
+        t.insert(name.into(), nan);
+        candle_core::safetensors::save(&t, &weights).unwrap();
+        assert_no_features(&ws, &broken, name);
+    }
+}
+
+fn assert_no_features(ws: &Workspace, broken: &std::path::Path, name: &str) {
     let out = ws.path().join("f.safetensors");
     let o = ws
         .bare("features")
@@ -865,7 +878,7 @@ fn non_finite_features_are_an_error() {
         .output()
         .unwrap();
     assert_fails_with(&o, "non-finite features");
-    assert!(!out.exists());
+    assert!(!out.exists(), "{name}");
 }
 
 /// Flags that would otherwise be silently ignored are refused.

@@ -192,9 +192,11 @@ pub(crate) unsafe fn quick_gelu16(x: std::arch::x86_64::__m512) -> std::arch::x8
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
+    // `min`/`max` return their second operand when one is NaN: `x` second keeps a NaN lane NaN
+    // (a NaN attention score must reach the softmax's sum, not become e^100).
     let x = _mm512_max_ps(
-        _mm512_min_ps(x, _mm512_set1_ps(100.0)),
         _mm512_set1_ps(-110.0),
+        _mm512_min_ps(_mm512_set1_ps(100.0), x),
     );
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
@@ -216,7 +218,8 @@ pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::_
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let below = x < -87.0;
-    let x = x.max(-87.0);
+    // Not `x.max(-87.0)`, which turns NaN into −87: a NaN score must reach the softmax's sum.
+    let x = if below { -87.0 } else { x };
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     // ln2 in two parts so that n·ln2_hi is exact.
     let r = n.mul_add(-0.693_359_4, x);
@@ -250,6 +253,18 @@ mod tests {
         assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_nonpositive(-100.0), 0.0);
         assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            let lanes: [f32; 16] = unsafe {
+                use std::arch::x86_64::*;
+                let mut v = [0.5f32; 16];
+                v[3] = f32::NAN;
+                std::mem::transmute(exp16(_mm512_loadu_ps(v.as_ptr())))
+            };
+            assert!(lanes[3].is_nan() && lanes[0].is_finite(), "{lanes:?}");
+        }
     }
 
     /// The vector paths this CPU can run, the scalar one (`None`) first.

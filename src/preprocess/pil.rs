@@ -53,7 +53,9 @@ fn hamming(x: f64) -> f64 {
         0.0
     } else {
         let x = x * std::f64::consts::PI;
-        x.sin() / x * (0.54 + 0.46 * x.cos())
+        // Pillow's constants are C floats (`0.54f + 0.46f * cos(x)`): their f32 values matter
+        // to the 22-bit weights.
+        x.sin() / x * (0.54f32 as f64 + 0.46f32 as f64 * x.cos())
     }
 }
 
@@ -492,7 +494,7 @@ fn transpose_row(line: &[u8], out: &mut [u8], stride: usize) {
     }
 }
 
-/// Pillow's NEAREST resize (source pixel `floor((x + 0.5) * in / out)`), over a window.
+/// Pillow's NEAREST resize (`ImagingScaleAffine`), over a window.
 fn nearest(
     img: &RgbImage,
     out_w: usize,
@@ -500,14 +502,29 @@ fn nearest(
     (x0, y0, rw, rh): (usize, usize, usize, usize),
 ) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    let (xs, ys) = (nearest_table(in_w, out_w), nearest_table(in_h, out_h));
     let mut out = RgbImage::new(rw as u32, rh as u32);
     for (x, y, p) in out.enumerate_pixels_mut() {
-        let (x, y) = (x as usize + x0, y as usize + y0);
-        let sx = (((x as f64 + 0.5) * in_w as f64 / out_w as f64) as usize).min(in_w - 1);
-        let sy = (((y as f64 + 0.5) * in_h as f64 / out_h as f64) as usize).min(in_h - 1);
+        let (sx, sy) = (xs[x as usize + x0], ys[y as usize + y0]);
         *p = *img.get_pixel(sx as u32, sy as u32);
     }
     out
+}
+
+/// Source index of each output position as `ImagingScaleAffine` finds it: a running f64 sum
+/// starting at half a step and adding the step once per position, truncated. Not
+/// `floor((x + 0.5) · in / out)`: where that is a whole number the running sum can land just
+/// below it and pick the previous pixel (500 → 42, column 10: 124, not 125).
+fn nearest_table(in_size: usize, out_size: usize) -> Vec<usize> {
+    let step = in_size as f64 / out_size as f64;
+    let mut pos = step * 0.5;
+    (0..out_size)
+        .map(|_| {
+            let i = (pos as usize).min(in_size - 1);
+            pos += step;
+            i
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -539,6 +556,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Pillow 13.0's NEAREST source columns where `floor((x + 0.5) · in / out)` picks the next
+    /// one (read back from `Image.resize(..., NEAREST)` of an image whose pixels encode their
+    /// column).
+    #[test]
+    fn nearest_picks_pillows_source_pixels() {
+        assert_eq!(nearest_table(500, 42)[10], 124);
+        let t = nearest_table(1024, 224);
+        for (x, want) in [(3, 15), (10, 47), (24, 111), (80, 367), (220, 1007)] {
+            assert_eq!(t[x], want, "1024 → 224, column {x}");
+        }
+        let t = nearest_table(768, 224);
+        for (x, want) in [(45, 155), (52, 179), (94, 323)] {
+            assert_eq!(t[x], want, "768 → 224, column {x}");
+        }
+        assert_eq!(nearest_table(375, 224)[223], 374);
+    }
+
+    /// Pillow 13.0's HAMMING resize of a 448×224 pattern to 64×32, as two checksums of its
+    /// bytes (`Σ v` and `Σ i·v`); Pillow's filter constants are C floats, and their f64 values
+    /// move some fixed-point weights by one unit.
+    #[test]
+    fn hamming_matches_pillow() {
+        let img = RgbImage::from_fn(448, 224, |x, y| {
+            image::Rgb([
+                ((x * 37 + y * 91) % 256) as u8,
+                (((x ^ y) * 13) % 256) as u8,
+                ((x * y) % 256) as u8,
+            ])
+        });
+        let out = resize(&img, 64, 32, Resample::Hamming);
+        let sum: u64 = out.as_raw().iter().map(|&v| v as u64).sum();
+        let weighted: u64 = out
+            .as_raw()
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| i as u64 * v as u64)
+            .sum();
+        assert_eq!((sum, weighted), (778_722, 2_396_817_503));
     }
 
     /// Expected values: Pillow 13.0's BICUBIC resize of a 7×15 pattern to 6×7 and to 9×4, where it
