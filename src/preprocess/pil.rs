@@ -575,19 +575,21 @@ mod tests {
         assert_eq!(nearest_table(375, 224)[223], 374);
     }
 
-    /// Pillow 13.0's HAMMING resize of a 448×224 pattern to 64×32, as two checksums of its
-    /// bytes (`Σ v` and `Σ i·v`); Pillow's filter constants are C floats, and their f64 values
-    /// move some fixed-point weights by one unit.
+    /// Pillow 13.0's HAMMING resize of 448×448 hashed noise to 64×64, as two checksums of its
+    /// bytes (`Σ v` and `Σ i·v`). Pillow's filter constants are C floats; with their f64 values
+    /// 62 of the 64 outputs' fixed-point weights move by one unit (and a few pixels of other
+    /// images by one level).
     #[test]
     fn hamming_matches_pillow() {
-        let img = RgbImage::from_fn(448, 224, |x, y| {
-            image::Rgb([
-                ((x * 37 + y * 91) % 256) as u8,
-                (((x ^ y) * 13) % 256) as u8,
-                ((x * y) % 256) as u8,
-            ])
+        let noise = |x: u32, y: u32, c: u64| {
+            let v = (x as u64 * 2_654_435_761 + y as u64 * 40_503 + c * 977)
+                .wrapping_mul(2_246_822_519);
+            ((v >> 13) & 255) as u8
+        };
+        let img = RgbImage::from_fn(448, 448, |x, y| {
+            image::Rgb([noise(x, y, 0), noise(x, y, 1), noise(x, y, 2)])
         });
-        let out = resize(&img, 64, 32, Resample::Hamming);
+        let out = resize(&img, 64, 64, Resample::Hamming);
         let sum: u64 = out.as_raw().iter().map(|&v| v as u64).sum();
         let weighted: u64 = out
             .as_raw()
@@ -595,7 +597,12 @@ mod tests {
             .enumerate()
             .map(|(i, &v)| i as u64 * v as u64)
             .sum();
-        assert_eq!((sum, weighted), (778_722, 2_396_817_503));
+        assert_eq!((sum, weighted), (1_566_763, 9_625_378_578));
+        // Those pixels round alike either way; the weights do not: output 1's first tap is
+        // 14362 with Pillow's float constants (libImaging/Resample.c transcribed), 14361 with
+        // 0.54 and 0.46 as f64.
+        let c = coeffs(448, 64, hamming, 1.0);
+        assert_eq!(c.weights[c.ksize], 14362);
     }
 
     /// Expected values: Pillow 13.0's BICUBIC resize of a 7×15 pattern to 6×7 and to 9×4, where it
