@@ -911,6 +911,25 @@ fn flags_that_would_be_ignored_are_refused() {
         assert!(!out.status.success(), "{flag:?}");
         assert!(stderr(&out).contains("--no-sweep"), "{}", stderr(&out));
     }
+    // A weight decay that is no number would train NaN heads: refused before any work.
+    for wd in ["nan", "inf", "-0.5"] {
+        let head = ws.path().join("head.safetensors");
+        let out = ws
+            .bare("crossmodal")
+            .arg("train")
+            .arg("--model")
+            .arg(ws.model())
+            .arg("--data")
+            .arg(ws.data())
+            .arg("--no-sweep")
+            .arg(format!("--weight-decay={wd}"))
+            .arg("--out")
+            .arg(&head)
+            .output()
+            .unwrap();
+        assert_fails_with(&out, "--weight-decay must be a non-negative number");
+        assert!(!head.exists());
+    }
 }
 
 #[test]

@@ -548,6 +548,16 @@ mod cli {
             .success();
         let (_, meta) = clipft::io::load(&fresh).unwrap();
         assert_eq!(meta["train"]["fresh_views"], true);
+        // A run that diverges (an absurd lr) is an error naming --lr, and writes nothing: not an
+        // artifact whose NaN losses `eval` could not read.
+        let bad = ws.p("bad.safetensors");
+        ws.cmd()
+            .args(["tip", "train", "--cache", s(&tipc), "--data", s(&data)])
+            .args(["--epochs", "3", "--lr", "1e6", "--out", s(&bad)])
+            .assert()
+            .failure()
+            .stderr(contains("diverged").and(contains("--lr")));
+        assert!(!bad.exists());
         // A train image replaced under the same name is not the one the keys were built from.
         let (_, cache_meta) = clipft::io::load(&tipc).unwrap();
         let first = data.join(cache_meta["train_paths"][0].as_str().unwrap());

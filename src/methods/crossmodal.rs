@@ -358,6 +358,13 @@ impl Head {
         p
     }
 
+    /// Whether every weight is finite (not a diverged head).
+    pub fn is_finite(&self) -> bool {
+        self.params()
+            .iter()
+            .all(|p| p.iter().all(|x| x.is_finite()))
+    }
+
     fn params(&self) -> Vec<&[f32]> {
         let mut p = vec![self.weight.data.as_slice()];
         if let Some(a) = &self.adapter {
@@ -790,6 +797,11 @@ pub fn train_one(
             hyper.weight_decay,
         );
         if it % EVAL_FREQ == 0 {
+            // A diverged (non-finite) head is never kept: its val accuracy is an artefact of
+            // comparing NaNs.
+            if !trainer.head().is_finite() {
+                break;
+            }
             let acc = val_acc(trainer.head());
             if best.as_ref().is_none_or(|b| acc > b.0) {
                 best = Some((acc, it, trainer.head().clone()));
@@ -835,14 +847,30 @@ pub fn sweep(
     for (h, r) in grid.iter().zip(runs) {
         match r {
             None => {
-                notes.push(format!(
-                    "skipped lr {} wd {} batch {}: a half batch exceeds the {} text / {} image rows",
-                    h.lr,
-                    h.weight_decay,
+                let fits = batch_split(
                     h.batch_size,
+                    settings.modality,
                     text.labels.len(),
-                    image.labels.len()
-                ));
+                    image.labels.len(),
+                )
+                .is_some();
+                notes.push(if fits {
+                    format!(
+                        "lr {} wd {} batch {} diverged (non-finite weights at the first \
+                         validation): not used",
+                        h.lr, h.weight_decay, h.batch_size
+                    )
+                } else {
+                    format!(
+                        "skipped lr {} wd {} batch {}: a half batch exceeds the {} text / {} \
+                         image rows",
+                        h.lr,
+                        h.weight_decay,
+                        h.batch_size,
+                        text.labels.len(),
+                        image.labels.len()
+                    )
+                });
                 results.push((*h, None));
             }
             Some(r) => {
@@ -854,7 +882,10 @@ pub fn sweep(
         }
     }
     let Some(best) = best else {
-        bail!("every sweep setting was skipped: the batch halves exceed the training rows");
+        bail!(
+            "no setting trained a head: {} (with --no-sweep, lower --batch or --lr)",
+            notes.join("; ")
+        );
     };
     Ok(SweepOutcome {
         best,

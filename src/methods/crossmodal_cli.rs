@@ -304,6 +304,11 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         ensure!((0.0..=1.0).contains(&w), "--wise-ft must be in [0, 1]");
     }
     ensure!(a.lr > 0.0 && a.lr.is_finite(), "--lr must be positive");
+    ensure!(
+        a.weight_decay >= 0.0 && a.weight_decay.is_finite(),
+        "--weight-decay must be a non-negative number, not {}",
+        a.weight_decay
+    );
     let templates = crate::templates::resolve(&a.templates)?;
     let dataset = Dataset::open(&a.data)?;
     dataset.samples(Split::Val).with_context(|| {

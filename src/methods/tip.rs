@@ -617,7 +617,14 @@ pub fn train_adapter(
             let y: Vec<usize> = chunk.iter().map(|&i| train_labels[i]).collect();
             sum += trainer.step(&x, &y)? as f64;
         }
-        losses.push(sum / iters as f64);
+        let loss = sum / iters as f64;
+        ensure!(
+            loss.is_finite(),
+            "Tip-Adapter-F training diverged in epoch {} (mean loss {loss}): lower --lr (it is {})",
+            epoch + 1,
+            settings.lr
+        );
+        losses.push(loss);
         let acc = top1(&trainer.logits(val_features)?, val_labels)?;
         val_accs.push(acc);
         if best.as_ref().is_none_or(|(b, _, _)| acc > *b) {
