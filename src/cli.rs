@@ -494,6 +494,7 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     let dataset = Dataset::open(&a.data)?;
     let samples = split_samples(&dataset, a.split, &a.shots, quiet)?;
     let clip = load_model(&a.model, quiet)?;
+    crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
     let view = match a.view {
         ViewArg::Center => View::Center,
         ViewArg::Flip => View::Flip,
@@ -543,6 +544,8 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
 fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     if let Some(p) = &a.save_logits {
         crate::io::check_writable(p, "--save-logits")?;
+        let adapter = a.adapter.as_deref().map(|f| (f, "the --adapter artifact"));
+        crate::io::ensure_not_input(p, "--save-logits", adapter)?;
     }
     let dataset = Dataset::open(&a.data)?;
     // Fail on a missing split before the (possibly slow) model load.
@@ -594,6 +597,7 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     };
     report_skipped_count(run.report.skipped, quiet);
     if let Some(path) = &a.save_logits {
+        crate::io::ensure_not_input(path, "--save-logits", clip.files.inputs())?;
         save_logits(path, &clip, &dataset, a.split, &run)?;
         info(format!("wrote {}", path.display()), quiet);
     }

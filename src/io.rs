@@ -88,6 +88,26 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output path that names one of the command's input files (`(path, what)` pairs):
+/// writing it would destroy the input. A path that does not exist yet names no input.
+pub fn ensure_not_input<'a>(
+    out: &Path,
+    flag: &str,
+    inputs: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<()> {
+    let Ok(out_c) = out.canonicalize() else {
+        return Ok(());
+    };
+    for (path, what) in inputs {
+        anyhow::ensure!(
+            path.canonicalize().ok().as_ref() != Some(&out_c),
+            "{flag} {}: that is {what}, which this command reads; give another path",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Saves named tensors plus a JSON metadata value atomically.
 pub fn save(path: &Path, tensors: &[(&str, &Tensor)], meta: &serde_json::Value) -> Result<()> {
     let meta = HashMap::from([(META_KEY.to_string(), meta.to_string())]);

@@ -740,6 +740,16 @@ fn outputs_are_checked_before_any_work() {
             .unwrap()
     };
     let before = std::fs::read(ws.model().join("model.safetensors")).unwrap();
+    // An --out that is one of the model's files would destroy it.
+    let o = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "val", "--out"])
+        .arg(ws.model().join("model.safetensors"))
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "which this command reads");
     let o = fd(&ws.model());
     assert_fails_with(&o, "source model's folder");
     assert_eq!(

@@ -558,6 +558,21 @@ mod cli {
             .failure()
             .stderr(contains("diverged").and(contains("--lr")));
         assert!(!bad.exists());
+        // An output that is the input artifact would destroy it.
+        let cache_bytes = std::fs::read(&tipc).unwrap();
+        ws.cmd()
+            .args(["tip", "train", "--cache", s(&tipc), "--data", s(&data)])
+            .args(["--out", s(&tipc)])
+            .assert()
+            .failure()
+            .stderr(contains("the --cache artifact"));
+        ws.cmd()
+            .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
+            .args(["--save-logits", s(&tipc)])
+            .assert()
+            .failure()
+            .stderr(contains("the --adapter artifact"));
+        assert_eq!(std::fs::read(&tipc).unwrap(), cache_bytes);
         // A train image replaced under the same name is not the one the keys were built from.
         let (_, cache_meta) = clipft::io::load(&tipc).unwrap();
         let first = data.join(cache_meta["train_paths"][0].as_str().unwrap());

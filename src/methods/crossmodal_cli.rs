@@ -316,6 +316,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     })?;
     let train_s = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
     let clip = load_model(&a.model, quiet)?;
+    crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
     let opts = a.extract.options(quiet);
     let o = TrainOptions {
         templates,

@@ -106,6 +106,7 @@ fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
     })?;
     let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
     let clip = load_model(&a.model, quiet)?;
+    crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
     let opts = a.extract.options(quiet);
     let build = tip::BuildOptions {
         augment_epochs: a
@@ -193,6 +194,11 @@ fn load_for(
 
 fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     crate::io::check_writable(&a.out, "--out")?;
+    crate::io::ensure_not_input(
+        &a.out,
+        "--out",
+        [(a.cache.as_path(), "the --cache artifact")],
+    )?;
     let cache = TipArtifact::load(&a.cache)?;
     ensure!(
         cache.meta.kind == tip::Kind::Tip,
@@ -208,6 +214,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     };
     let train = split_samples(&dataset, Split::Train, &shots, true)?;
     let clip = load_for(&a.model, &cache, &dataset, &a.cache, quiet)?;
+    crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
     let opts = a.read.options(a.encode_batch_size as usize, quiet);
     let mut settings = TipFSettings::from_config(&m.config, m.seed);
     if let Some(e) = a.epochs {

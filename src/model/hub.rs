@@ -44,6 +44,26 @@ pub struct ModelFiles {
     pub weights: WeightFiles,
 }
 
+impl ModelFiles {
+    /// Every file of the checkpoint, each with what it is (for error messages).
+    pub fn inputs(&self) -> Vec<(&Path, &'static str)> {
+        let mut v = vec![
+            (self.config.as_path(), "the model's config.json"),
+            (self.tokenizer.as_path(), "the model's tokenizer.json"),
+        ];
+        if let Some(p) = &self.preprocessor {
+            v.push((p.as_path(), "the model's preprocessor_config.json"));
+        }
+        v.extend(
+            self.weights
+                .paths()
+                .into_iter()
+                .map(|p| (p, "a weights file of the model")),
+        );
+        v
+    }
+}
+
 /// The hub cache folder, as `huggingface_hub` computes it.
 pub fn hub_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|s| !s.is_empty()) {
