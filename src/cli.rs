@@ -273,6 +273,7 @@ pub struct InfoArgs {
 /// Entry point of the binary: parses arguments, runs, prints errors with their causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    crate::interrupt::install();
     let result = run(cli);
     crate::interrupt::finish();
     match result {

@@ -1,12 +1,15 @@
-//! Ctrl-C and SIGTERM for commands that work in a folder of their own (`clipft demo` without
-//! `--dir`): the folder is removed and the process exits with the interrupt's status, 130.
+//! Ctrl-C and SIGTERM. Every output is written through [`crate::io::write_atomic`] (a temporary
+//! file renamed into place) while holding [`writing`]; the handler takes the same lock, so it
+//! waits for a write in progress to finish and no temporary file is left behind: each output is
+//! whole or absent. Then it removes the folder given to [`remove_on_interrupt`] (`clipft demo`
+//! without `--dir`), if any, and exits with the interrupt's status, 130.
 //!
 //! The handler runs on its own thread while the command's threads keep going, so removing the
 //! folder races with files they are creating in it (`create_dir_all` of a subfolder recreates
-//! the removed folder). Writes into such a folder therefore hold [`writing`]; the handler takes
-//! the same lock before it removes anything and keeps it until the process ends, so no write
-//! starts after the removal. A command that fails because its folder vanished under it
-//! ([`finish`]) waits for the handler's exit instead of reporting that failure.
+//! the removed folder). Writes into such a folder therefore hold [`writing`] too; the handler
+//! keeps the lock until the process ends, so no write starts after the removal. A command that
+//! fails because its folder vanished under it ([`finish`]) waits for the handler's exit instead
+//! of reporting that failure.
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -15,6 +18,8 @@ use std::sync::{Mutex, MutexGuard};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 static GATE: Mutex<()> = Mutex::new(());
+/// The folder an interrupt removes.
+static REMOVE: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 thread_local! {
     /// How many [`Writing`]s this thread holds: nested writes (a generator that writes through
@@ -49,17 +54,25 @@ pub fn writing() -> Writing {
     }
 }
 
-/// On Ctrl-C or SIGTERM: removes `dir` (after any write in progress under [`writing`]), then
-/// exits with status 130. One handler per process: where one is already set (a library
-/// caller's), it stays and this does nothing.
-pub fn remove_on_interrupt(dir: &Path) {
-    let dir: PathBuf = dir.to_path_buf();
-    let _ = ctrlc::set_handler(move || {
+/// Installs the Ctrl-C / SIGTERM handler described in the module docs. One handler per process:
+/// where one is already set (a library caller's, or this one), it stays.
+pub fn install() {
+    let _ = ctrlc::set_handler(|| {
         REQUESTED.store(true, Ordering::SeqCst);
         let _held = GATE.lock();
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = REMOVE.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         std::process::exit(130);
     });
+}
+
+/// On Ctrl-C or SIGTERM: removes `dir` (after any write in progress under [`writing`]), then
+/// exits with status 130 (installing the handler if it is not yet).
+pub fn remove_on_interrupt(dir: &Path) {
+    *REMOVE.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
+    install();
 }
 
 /// Called by the binary once a command has returned: after an interrupt, its result (most often

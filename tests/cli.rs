@@ -71,6 +71,50 @@ fn interrupted_demo_removes_its_temporary_folder() {
     drop(err);
 }
 
+/// Ctrl-C in any command exits with 130 after the write in progress: no temporary file of an
+/// atomic write is left, and every file written is whole (here `demo --dir`, whose generated
+/// images and feature cache stay).
+#[test]
+fn interrupted_commands_leave_no_temporary_or_partial_files() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("generating"), "{line}");
+    // SAFETY: a plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let mut stack = vec![dir];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with(".clipft-"),
+                "left behind: {}",
+                p.display()
+            );
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.ends_with(".png") {
+                image::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            }
+        }
+    }
+    drop(err);
+}
+
 #[test]
 fn features_writes_normalised_rows_in_dataset_order_and_uses_the_cache() {
     let ws = Workspace::new();

@@ -217,13 +217,16 @@ pub fn write_dataset(
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
             for i in 0..n {
                 let img = synth_image(c, &mut rng);
-                let path = if i % 2 == 0 {
-                    d.join(format!("{i:03}.png"))
+                let (path, format) = if i % 2 == 0 {
+                    (d.join(format!("{i:03}.png")), image::ImageFormat::Png)
                 } else {
-                    d.join(format!("{i:03}.jpg"))
+                    (d.join(format!("{i:03}.jpg")), image::ImageFormat::Jpeg)
                 };
-                img.save(&path)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                // Encoded in memory and written atomically: a full disk leaves no cut image.
+                let mut bytes = std::io::Cursor::new(Vec::new());
+                img.write_to(&mut bytes, format)
+                    .with_context(|| format!("encoding {}", path.display()))?;
+                crate::io::write_atomic(&path, bytes.get_ref())?;
             }
         }
     }
