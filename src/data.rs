@@ -130,6 +130,15 @@ fn subdirs(dir: &Path) -> Result<Vec<String>, DataError> {
         let entry = entry.map_err(|e| io_err(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.starts_with('.') && entry.path().is_dir() {
+            // The folder name is the class identity, in prompts and artifacts: it must be text.
+            if entry.file_name().to_str().is_none() {
+                return Err(DataError::Io {
+                    path: entry.path(),
+                    msg: "class folder name is not valid UTF-8; rename the folder (a readable \
+                          name for prompts can go in classnames.txt)"
+                        .into(),
+                });
+            }
             out.push(name);
         }
     }
@@ -148,7 +157,10 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
             .extension()
             .map(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
             .unwrap_or(false);
-        if is_image && !name.starts_with('.') && path.is_file() {
+        // A link to nothing is listed too: reading it fails naming it (or --skip-bad-images
+        // skips it and counts it), rather than the image silently missing from the split.
+        let dangling = || path.symlink_metadata().is_ok() && std::fs::metadata(&path).is_err();
+        if is_image && !name.starts_with('.') && (path.is_file() || dangling()) {
             out.push(path);
         }
     }
@@ -441,6 +453,35 @@ mod tests {
             std::fs::write(root.join("classnames.txt"), text).unwrap();
         }
         (dir, root)
+    }
+
+    /// A link to a missing image is listed (reading it then fails naming it); a folder named
+    /// like an image is not.
+    #[cfg(unix)]
+    #[test]
+    fn dangling_image_links_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.png"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone.png"), dir.path().join("b.png")).unwrap();
+        std::fs::create_dir(dir.path().join("c.jpg")).unwrap();
+        let names: Vec<String> = list_images(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a.png", "b.png"]);
+    }
+
+    /// A class folder whose name is not UTF-8 is refused by name, not reported missing.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn non_utf8_class_folders_are_refused_by_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let (_dir, root) = dataset(&["ok"], None);
+        let bad = std::ffi::OsStr::from_bytes(b"or\xffange");
+        std::fs::create_dir_all(root.join("train").join(bad)).unwrap();
+        let e = Dataset::open(&root).unwrap_err().to_string();
+        assert!(e.contains("not valid UTF-8") && e.contains("or"), "{e}");
     }
 
     fn open_err(folders: &[&str], classnames: Option<&str>) -> String {
