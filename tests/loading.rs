@@ -119,6 +119,22 @@ fn broken_checkpoints_name_the_file_and_tensor() {
         "{e}"
     );
 
+    // A config with fewer layers than the weights: the last layer would be dropped silently.
+    let d = tmp.path().join("fewer-layers");
+    copy_dir(&base, &d);
+    let cfg_path = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["vision_config"]["num_hidden_layers"] = 1.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("`vision_model.encoder.layers.1.")
+            && e.contains("1 layer(s)"),
+        "{e}"
+    );
+
     let d = tmp.path().join("bad-shape");
     copy_dir(&base, &d);
     edit_weights(&d, |t| {

@@ -518,6 +518,32 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
             }
         }
     }
+    // A layer past the config's count would be silently dropped: the config describes another
+    // checkpoint (transformers would refuse the shapes or warn about unused weights).
+    let mut names: Vec<&String> = found.keys().collect();
+    names.sort();
+    for name in names {
+        let file = &found[name].0;
+        for (tower, layers) in [
+            ("vision_model", config.vision_config.num_hidden_layers),
+            ("text_model", config.text_config.num_hidden_layers),
+        ] {
+            let layer = name
+                .strip_prefix(tower)
+                .and_then(|r| r.strip_prefix(".encoder.layers."))
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            if layer.is_some_and(|i| i >= layers) {
+                return Err(LoadError::BadFile {
+                    path: file.clone(),
+                    msg: format!(
+                        "has tensor `{name}`, but config.json gives the {tower} {layers} layer(s): \
+                         the config does not describe these weights"
+                    ),
+                });
+            }
+        }
+    }
     let first = weights.paths()[0].to_path_buf();
     for (name, expected) in config.expected_tensors() {
         match found.get(&name) {
