@@ -297,6 +297,14 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        if n > 4 * cores && !cli.quiet {
+            // Idle pool threads spin before sleeping: thousands of them starve the workers.
+            eprintln!(
+                "warning: --threads {n} is more than 4× the {cores} core(s) here; expect the run \
+                 to be much slower than with --threads {cores}"
+            );
+        }
         // candle's CPU kernels size their pool from RAYON_NUM_THREADS; set both before any work.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new()

@@ -768,21 +768,42 @@ impl TipArtifact {
         crate::io::save(path, &tensors, &serde_json::to_value(&self.meta)?)
     }
 
+    /// Loads the artifact `eval --adapter` was given.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_checked(path, |kind| {
+            format!(
+                "{}: not an adapter (kind `{kind}`): `--adapter` takes a Tip-Adapter artifact \
+                 (`clipft tip build-cache` / `tip train`), a cross-modal head (`clipft crossmodal \
+                 train`) or an FD-Align output folder (`clipft fdalign train`){}",
+                path.display(),
+                if path
+                    .file_name()
+                    .is_some_and(|n| n == "fdalign_head.safetensors")
+                {
+                    "; for FD-Align give the folder, not its head file"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+
+    /// Loads the cache `tip train --cache` was given.
+    pub fn load_cache(path: &Path) -> Result<Self> {
+        Self::load_checked(path, |kind| {
+            format!(
+                "--cache {}: not a Tip-Adapter cache (kind `{kind}`); pass the file from `clipft \
+                 tip build-cache`",
+                path.display()
+            )
+        })
+    }
+
+    /// Loads a Tip-Adapter(-F) artifact; `wrong_kind` says what else the file is.
+    fn load_checked(path: &Path, wrong_kind: impl Fn(&str) -> String) -> Result<Self> {
         let (mut t, meta) = crate::io::load(path)?;
         let kind = meta.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-        ensure!(
-            kind == "tip" || kind == "tipf",
-            "{}: not an adapter (kind `{kind}`): `--adapter` takes a Tip-Adapter artifact (`clipft \
-             tip build-cache` / `tip train`), a cross-modal head (`clipft crossmodal train`) or an \
-             FD-Align output folder (`clipft fdalign train`){}",
-            path.display(),
-            if path.file_name().is_some_and(|n| n == "fdalign_head.safetensors") {
-                "; for FD-Align give the folder, not its head file"
-            } else {
-                ""
-            }
-        );
+        ensure!(kind == "tip" || kind == "tipf", "{}", wrong_kind(kind));
         let meta: TipMeta = serde_json::from_value(meta)
             .with_context(|| format!("{}: malformed Tip-Adapter metadata", path.display()))?;
         let cache_keys = crate::io::take(&mut t, "cache_keys", path)?.to_dtype(DType::F32)?;

@@ -199,7 +199,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "--out",
         [(a.cache.as_path(), "the --cache artifact")],
     )?;
-    let cache = TipArtifact::load(&a.cache)?;
+    let cache = TipArtifact::load_cache(&a.cache)?;
     ensure!(
         cache.meta.kind == tip::Kind::Tip,
         "--cache {}: already a Tip-Adapter-F artifact; pass the file from `clipft tip build-cache`",
