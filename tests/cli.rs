@@ -922,7 +922,7 @@ fn assert_no_features(ws: &Workspace, broken: &std::path::Path, name: &str) {
     let o = ws
         .bare("features")
         .arg("--model")
-        .arg(&broken)
+        .arg(broken)
         .arg("--data")
         .arg(ws.data())
         .args(["--split", "val", "--cache-dir"])
