@@ -202,7 +202,8 @@ fn fdalign_steps_lower_the_loss_and_the_kl_starts_at_zero() {
     let f0 = clip.model.image_features(&x).unwrap();
     let mut vars: Vec<Var> = tv.vars().into_iter().map(|(_, v)| v).collect();
     vars.extend([head_w.clone(), head_b.clone()]);
-    let mut opt = fdalign::Sgd::new(vars, 1e-4, 0.9, 5e-4);
+    // Small enough that momentum does not overshoot within the six steps.
+    let mut opt = fdalign::Sgd::new(vars, 5e-5, 0.9, 5e-4);
     let mut totals = Vec::new();
     for step in 0..6 {
         let ft = tv.tower.forward(&x).unwrap();
