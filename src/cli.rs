@@ -452,6 +452,67 @@ pub(crate) fn split_samples(
     Ok(picked)
 }
 
+/// `--val-shots K|all`: how many val images per class a method tunes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValShots {
+    All,
+    PerClass(usize),
+}
+
+impl std::str::FromStr for ValShots {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            _ => match s.parse::<usize>() {
+                Ok(k) if k >= 1 => Ok(Self::PerClass(k)),
+                _ => Err(format!(
+                    "`{s}`: give a number of images per class (1 or more) or `all`"
+                )),
+            },
+        }
+    }
+}
+
+/// Val images per class by default when training on `--shots K`: min(K, 4), as the official
+/// cross-modal (`--max-val-shot 4`) and FD-Align code sample their few-shot val sets.
+pub const DEFAULT_MAX_VAL_SHOTS: usize = 4;
+
+/// The val images a method tunes on: `--val-shots K` per class (seeded like the train sample),
+/// `all`, or by default min(--shots, 4) per class (every val image without --shots). A class
+/// with fewer val images keeps all of them.
+pub(crate) fn val_samples(
+    dataset: &Dataset,
+    val_shots: Option<ValShots>,
+    shots: &ShotArgs,
+    quiet: bool,
+) -> Result<Vec<Sample>> {
+    let all = dataset.samples(Split::Val)?;
+    let k = match val_shots {
+        Some(ValShots::All) => return Ok(all),
+        Some(ValShots::PerClass(k)) => k,
+        None => match shots.shots {
+            Some(s) => (s as usize).min(DEFAULT_MAX_VAL_SHOTS),
+            None => return Ok(all),
+        },
+    };
+    let (picked, _) = few_shot(dataset, &all, k, shots.seed, true)?;
+    info(
+        format!(
+            "val: {} of {} images (up to {k} per class{}; --val-shots all uses every one)",
+            picked.len(),
+            all.len(),
+            if val_shots.is_none() {
+                ", min(--shots, 4) as the official code"
+            } else {
+                ""
+            }
+        ),
+        quiet,
+    );
+    Ok(picked)
+}
+
 fn report_skipped(skipped: &[crate::preprocess::ImageError]) {
     if skipped.is_empty() {
         return;

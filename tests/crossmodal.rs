@@ -741,6 +741,8 @@ mod cli {
         assert!(text.contains("chosen: lr"), "{text}");
         let (_, meta) = clipft::io::load(&p("head.safetensors")).unwrap();
         assert_eq!(meta["kind"], "crossmodal");
+        // Val as the official few-shot protocol: min(--shots, 4) = 2 of the 3 per class.
+        assert_eq!(meta["val_n"], 6);
         assert_eq!(meta["templates"].as_array().unwrap().len(), 7);
         assert_eq!(meta["sweep"].as_array().unwrap().len(), 12);
         let eval = |variant: &str| -> Value {
@@ -784,11 +786,22 @@ mod cli {
                 .args(["crossmodal", "train", "--model", s(&p("model")), "--data"])
                 .arg(s(&p("data")))
                 .args(["--shots", "2", "--iters", "150", "--templates", "ensemble7"])
+                // Tuned on every val image, as `eval --split val` scores below.
+                .args(["--val-shots", "all"])
                 .args(extra)
                 .arg("--out")
                 .arg(s(&p(out)))
                 .assert()
         };
+        cmd()
+            .args(["crossmodal", "train", "--model", s(&p("model")), "--data"])
+            .arg(s(&p("data")))
+            .args(["--val-shots", "0", "--out", s(&p("x.safetensors"))])
+            .assert()
+            .failure()
+            .stderr(
+                predicates::str::contains("--val-shots").and(predicates::str::contains("or `all`")),
+            );
         // A wrong head names the flag and the choices.
         train(&["--head", "mlp"], "x.safetensors")
             .failure()

@@ -47,6 +47,10 @@ pub struct TrainArgs {
     pub data: PathBuf,
     #[command(flatten)]
     pub shots: ShotArgs,
+    /// Val images per class to tune on: a number, or `all` [default: min(--shots, 4), as the
+    /// official code's few-shot val set; every val image without --shots].
+    #[arg(long, value_name = "K|all")]
+    pub val_shots: Option<crate::cli::ValShots>,
     /// Prompt templates whose text features are training samples: a built-in set (clip,
     /// ensemble7, imagenet80) or a file with one template per line.
     #[arg(long, default_value = "clip", value_name = "NAME|FILE")]
@@ -142,16 +146,11 @@ pub fn train(
     clip: &Clip,
     dataset: &Dataset,
     train: &[Sample],
+    val: &[Sample],
     o: &TrainOptions,
     opts: &ExtractOptions,
 ) -> Result<(CrossArtifact, Vec<String>)> {
     ensure!(!train.is_empty(), "no training images");
-    let val = dataset.samples(Split::Val).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}. Cross-modal training picks its hyperparameters and best iteration on the val \
-             split; clipft never tunes on test, so the dataset needs a val/ folder"
-        )
-    })?;
     let class_names = dataset.class_names();
     let c = class_names.len();
     let prompts: Vec<String> = class_names
@@ -311,7 +310,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     let templates = crate::templates::resolve(&a.templates)?;
     let dataset = Dataset::open(&a.data)?;
-    dataset.samples(Split::Val).with_context(|| {
+    let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet).with_context(|| {
         "cross-modal training sweeps hyperparameters on the val split (clipft never tunes on test)"
     })?;
     let train_s = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
@@ -349,7 +348,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         ),
         quiet,
     );
-    let (art, notes) = train(&clip, &dataset, &train_s, &o, &opts)?;
+    let (art, notes) = train(&clip, &dataset, &train_s, &val, &o, &opts)?;
     for n in notes {
         info(format!("note: {n}"), quiet);
     }
@@ -415,6 +414,7 @@ pub fn demo(
 ) -> Result<Vec<crate::eval::EvalReport>> {
     let all = dataset.samples(Split::Train)?;
     let (train_s, _) = crate::data::few_shot(dataset, &all, 1, 1, false)?;
+    let val = dataset.samples(Split::Val)?;
     writeln!(out)?;
     writeln!(
         out,
@@ -444,7 +444,7 @@ pub fn demo(
             shots: Some(1),
             seed: 1,
         };
-        let (art, _) = train(clip, dataset, &train_s, &o, opts)?;
+        let (art, _) = train(clip, dataset, &train_s, &val, &o, opts)?;
         writeln!(out)?;
         write_summary(&art, out)?;
         let (head, _) = art.pick("learned")?;

@@ -32,6 +32,10 @@ pub struct TrainArgs {
     pub data: PathBuf,
     #[command(flatten)]
     pub shots: ShotArgs,
+    /// Val images per class to tune on: a number, or `all` [default: min(--shots, 4), as the
+    /// official code's few-shot val set; every val image without --shots].
+    #[arg(long, value_name = "K|all")]
+    pub val_shots: Option<crate::cli::ValShots>,
     /// Epochs (the best val epoch is kept).
     #[arg(long, default_value_t = 60, value_name = "N")]
     pub epochs: usize,
@@ -87,8 +91,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     check_out_folder(&a.out, a.model.model.as_deref())?;
     let dataset = Dataset::open(&a.data)?;
     let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
-    let val = dataset
-        .samples(Split::Val)
+    let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet)
         .context("FD-Align picks its epoch on val (clipft never tunes on test)")?;
     let template_set = crate::templates::resolve(&a.templates)?;
     let clip = load_model(&a.model, quiet)?;
