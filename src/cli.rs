@@ -298,6 +298,12 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        // Each thread reserves a stack: tens of thousands exhaust memory and abort mid-spawn.
+        let most = (16 * cores).max(1024);
+        anyhow::ensure!(
+            n <= most,
+            "--threads {n}: at most {most} here ({cores} core(s)); the default uses all cores"
+        );
         if n > 4 * cores && !cli.quiet {
             // Idle pool threads spin before sleeping: thousands of them starve the workers.
             eprintln!(
@@ -488,13 +494,13 @@ pub(crate) fn val_samples(
     quiet: bool,
 ) -> Result<Vec<Sample>> {
     let all = dataset.samples(Split::Val)?;
-    let k = match val_shots {
-        Some(ValShots::All) => return Ok(all),
-        Some(ValShots::PerClass(k)) => k,
-        None => match shots.shots {
-            Some(s) => (s as usize).min(DEFAULT_MAX_VAL_SHOTS),
-            None => return Ok(all),
-        },
+    let k = match (val_shots, shots.shots) {
+        (Some(ValShots::PerClass(k)), _) => k,
+        (None, Some(s)) => (s as usize).min(DEFAULT_MAX_VAL_SHOTS),
+        _ => {
+            info(format!("val: all {} images", all.len()), quiet);
+            return Ok(all);
+        }
     };
     let (picked, _) = few_shot(dataset, &all, k, shots.seed, true)?;
     info(
@@ -562,6 +568,7 @@ fn labels_tensor(labels: &[usize]) -> Result<Tensor> {
 fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     crate::io::check_writable(&a.out, "--out")?;
     let dataset = Dataset::open(&a.data)?;
+    dataset.ensure_not_an_image(&a.out, "--out")?;
     let samples = split_samples(&dataset, a.split, &a.shots, quiet)?;
     let clip = load_model(&a.model, quiet)?;
     crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
@@ -618,6 +625,9 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
         crate::io::ensure_not_input(p, "--save-logits", adapter)?;
     }
     let dataset = Dataset::open(&a.data)?;
+    if let Some(p) = &a.save_logits {
+        dataset.ensure_not_an_image(p, "--save-logits")?;
+    }
     // Fail on a missing split before the (possibly slow) model load.
     dataset.samples(a.split)?;
     if a.adapter.is_some() && a.templates.is_some() {

@@ -169,6 +169,24 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 }
 
 impl Dataset {
+    /// Refuses an output path that is an image file of this dataset (writing it would replace
+    /// the image).
+    pub fn ensure_not_an_image(&self, out: &Path, flag: &str) -> anyhow::Result<()> {
+        let (Ok(out_c), Ok(root)) = (out.canonicalize(), self.root.canonicalize()) else {
+            return Ok(());
+        };
+        let is_image = out_c.extension().is_some_and(|e| {
+            IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+        });
+        anyhow::ensure!(
+            !(is_image && out_c.starts_with(&root)),
+            "{flag} {}: that is an image of the dataset {}; give another path",
+            out.display(),
+            self.root.display()
+        );
+        Ok(())
+    }
+
     /// Opens `root`, checks that every split present has the same class folders, and reads
     /// `classnames.txt` (`<folder>\t<readable name>` lines) when present.
     pub fn open(root: impl AsRef<Path>) -> Result<Self, DataError> {

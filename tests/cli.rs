@@ -794,6 +794,25 @@ fn outputs_are_checked_before_any_work() {
         .output()
         .unwrap();
     assert_fails_with(&o, "which this command reads");
+    // So would one that is an image of the dataset.
+    let class = std::fs::read_dir(ws.data().join("train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let image = class.join("000.png");
+    let pixels = std::fs::read(&image).unwrap();
+    let o = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--out")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "an image of the dataset");
+    assert_eq!(std::fs::read(&image).unwrap(), pixels);
     let o = fd(&ws.model());
     assert_fails_with(&o, "source model's folder");
     assert_eq!(

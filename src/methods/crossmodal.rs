@@ -883,7 +883,8 @@ pub fn sweep(
     }
     let Some(best) = best else {
         bail!(
-            "no setting trained a head: {} (with --no-sweep, lower --batch or --lr)",
+            "no setting trained a head: {} (with --no-sweep: lower --batch for a skipped \
+             setting, --lr for a diverged one)",
             notes.join("; ")
         );
     };

@@ -310,6 +310,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     let templates = crate::templates::resolve(&a.templates)?;
     let dataset = Dataset::open(&a.data)?;
+    dataset.ensure_not_an_image(&a.out, "--out")?;
     let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet).with_context(|| {
         "cross-modal training sweeps hyperparameters on the val split (clipft never tunes on test)"
     })?;

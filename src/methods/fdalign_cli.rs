@@ -142,6 +142,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "templates": template_set,
         "settings": settings,
         "shots": a.shots.shots,
+        "val_n": val.len(),
         "outcome": outcome,
     });
     fdalign_train::write_checkpoint(&clip, &best, &a.out, meta)?;

@@ -488,8 +488,8 @@ fn load_state(
     ensure!(
         meta["run"].as_str() == Some(run),
         "--resume: {} was written for another run (another model or --dtype, classes, \
-         --templates, or other train/val images: --data, --shots, --seed); rerun with the same \
-         flags, or without --resume to start over",
+         --templates, or other train/val images: --data, --shots, --val-shots, --seed); rerun \
+         with the same flags, or without --resume to start over",
         path.display()
     );
     let mut buffers = Vec::new();

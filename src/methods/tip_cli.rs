@@ -101,6 +101,7 @@ fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
         config.templates = crate::templates::resolve(t)?;
     }
     let dataset = Dataset::open(&a.data)?;
+    dataset.ensure_not_an_image(&a.out, "--out")?;
     dataset.samples(Split::Val).with_context(|| {
         "Tip-Adapter searches α/β on the val split (clipft never tunes on test)"
     })?;
@@ -206,6 +207,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         a.cache.display()
     );
     let dataset = Dataset::open(&a.data)?;
+    dataset.ensure_not_an_image(&a.out, "--out")?;
     let m = &cache.meta;
     let shots = ShotArgs {
         shots: m.shots.map(|k| k as u64),
