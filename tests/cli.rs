@@ -43,57 +43,62 @@ fn demo_runs_end_to_end() {
     assert!(text.contains("test top-1 side by side"), "{text}");
 }
 
-/// Ctrl-C during `clipft demo` (no `--dir`) leaves no generated folder behind.
+/// Runs `clipft demo` with `args` and `env`, checks its first stderr line with `first_line`
+/// (the demo has seconds to go after it), sends SIGINT, and returns the exit status.
 #[cfg(target_os = "linux")]
-#[test]
-fn interrupted_demo_removes_its_temporary_folder() {
+fn interrupt_demo(
+    args: &[&std::ffi::OsStr],
+    env: Option<(&str, &std::path::Path)>,
+    first_line: impl FnOnce(&str),
+) -> std::process::ExitStatus {
     use std::io::BufRead;
-    let tmp = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"))
-        .arg("demo")
-        .env("TMPDIR", tmp.path())
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"));
+    cmd.arg("demo").args(args);
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The first line names the generated folder: it exists, and the demo has seconds to go.
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
-    assert!(line.contains("clipft-demo-"), "{line}");
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    first_line(&line);
     // SAFETY: a plain kill(2) of our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let status = child.wait().unwrap();
+    drop(err);
+    status
+}
+
+/// Ctrl-C during `clipft demo` (no `--dir`) leaves no generated folder behind.
+#[cfg(target_os = "linux")]
+#[test]
+fn interrupted_demo_removes_its_temporary_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let status = interrupt_demo(&[], Some(("TMPDIR", tmp.path())), |line| {
+        // The first line names the generated folder: it exists.
+        assert!(line.contains("clipft-demo-"), "{line}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    });
     assert_eq!(status.code(), Some(130), "{status:?}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
-    drop(err);
 }
 
 /// Ctrl-C in any command exits with 130 after the write in progress: no temporary file of an
 /// atomic write is left, and every file written is whole (here `demo --dir`, whose generated
 /// images and feature cache stay).
+#[cfg(target_os = "linux")]
 #[test]
 fn interrupted_commands_leave_no_temporary_or_partial_files() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"))
-        .arg("demo")
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.contains("generating"), "{line}");
-    // SAFETY: a plain kill(2) of our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = child.wait().unwrap();
+    let status = interrupt_demo(&["--dir".as_ref(), dir.as_os_str()], None, |line| {
+        assert!(line.contains("generating"), "{line}");
+    });
     assert_eq!(status.code(), Some(130), "{status:?}");
     let mut stack = vec![dir];
     while let Some(d) = stack.pop() {
@@ -112,7 +117,6 @@ fn interrupted_commands_leave_no_temporary_or_partial_files() {
             }
         }
     }
-    drop(err);
 }
 
 #[test]
