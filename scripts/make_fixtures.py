@@ -426,6 +426,17 @@ def make_preprocess_reduced():
             "result": "photo3_224_draft.png"}
 
 
+def make_tiff_orientation():
+    """orient6.tif: a 30x20 RGB TIFF with Orientation = 6, and what Pillow 13 loads from it
+    (`TiffImagePlugin.load_end` applies the tag: 20x30), as a PNG."""
+    arr = skimage.data.astronaut()[100:120, 200:230]
+    tif = os.path.join(PRE_DIR, "orient6.tif")
+    pil(arr).save(tif, format="TIFF", tiffinfo={274: 6})
+    loaded = Image.open(tif).convert("RGB")
+    assert loaded.size == (20, 30), loaded.size
+    loaded.save(os.path.join(PRE_DIR, "orient6_pillow.png"), format="PNG")
+
+
 # --------------------------------------------------------------------------------------
 # READMEs (written by the script so they always match the generated files)
 # --------------------------------------------------------------------------------------
@@ -440,6 +451,7 @@ def write_readmes(ver, pre, images):
         "# JPEG decoding (libjpeg-turbo via Pillow) is part of the pipeline: other decoders may differ by a few levels; see reference.json \"preprocess\".",
         "# photo3.jpg: 500x460 crop of skimage hubble_deep_field (JPEG q90); photo3_224_draft.png: Pillow with Image.draft('RGB', (243, 224)) (libjpeg decodes at 1/2 size, 250x230),",
         "# then BICUBIC resize to 243x224 (the full image's resize size) and center crop top=0 left=9: what `clipft --fast-decode` computes.",
+        "# orient6.tif: 30x20 RGB TIFF (skimage astronaut crop) with Orientation 6; orient6_pillow.png: what Pillow 13 loads from it (turned upright, 20x30).",
     ]
     with open(os.path.join(PRE_DIR, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(l[2:] for l in lines) + "\n")
@@ -585,6 +597,7 @@ def main():
 
     pre = make_preprocess()
     make_preprocess_reduced()
+    make_tiff_orientation()
 
     logit_scale = float(model.logit_scale.detach().exp())
     ref = {

@@ -35,7 +35,7 @@ pub struct Cli {
     /// No progress bars or informational messages on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// Worker threads for decoding and the CPU backend (default: all cores).
+    /// Worker threads for decoding and the CPU backend (default, or 0: all cores).
     #[arg(long, global = true, value_name = "N")]
     pub threads: Option<usize>,
     #[command(subcommand)]
@@ -79,7 +79,7 @@ pub struct ModelArgs {
     /// encoder in this dtype (mixed precision; f16 with loss scaling).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: DTypeArg,
-    /// auto, cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    /// auto, cpu, cuda (alias gpu) or cuda:N (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: DeviceArg,
 }
@@ -402,14 +402,35 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
         Some(crate::preprocess::ResizeTo::Exact(h, w)) => format!("resize to {h}x{w}"),
         None => "no resize".to_string(),
     };
+    let crop = if p.do_center_crop {
+        format!("centre crop {}x{}", p.crop.1, p.crop.0)
+    } else {
+        format!(
+            "no centre crop (images must resize to {}x{})",
+            p.crop.1, p.crop.0
+        )
+    };
     writeln!(
         out,
-        "preprocess   {resize}, centre crop {}x{}, {}",
-        p.crop.0,
-        p.crop.1,
+        "preprocess   {resize}, {crop}, {}",
         format!("{:?}", p.resample).to_lowercase()
     )?;
-    writeln!(out, "dtype        {}", clip.precision)?;
+    let rescale = match p.rescale_factor {
+        Some(f) if (f - 1.0 / 255.0).abs() < 1e-12 => "rescale 1/255".to_string(),
+        Some(f) => format!("rescale x{f}"),
+        None => "no rescale".to_string(),
+    };
+    let normalize = match (p.mean, p.std) {
+        (Some(m), Some(s)) => format!("mean {m:?}, std {s:?}"),
+        _ => "no normalisation".to_string(),
+    };
+    writeln!(out, "pixels       {rescale}, {normalize}")?;
+    writeln!(
+        out,
+        "dtype        {} (weights stored as {})",
+        clip.precision,
+        clip.stored_dtypes.join(", ")
+    )?;
     writeln!(
         out,
         "jpeg decode  libjpeg-turbo, {}",
@@ -443,12 +464,18 @@ pub(crate) fn split_samples(
         shots.seed,
         shots.allow_fewer_shots,
     )?;
+    // With --allow-fewer-shots some classes may have given all they had.
+    let per_class = if warnings.is_empty() {
+        format!("{k} per class")
+    } else {
+        format!("up to {k} per class")
+    };
     for w in warnings {
         eprintln!("warning: {w}");
     }
     info(
         format!(
-            "{split}: {} of {} images ({k} per class, seed {})",
+            "{split}: {} of {} images ({per_class}, seed {})",
             picked.len(),
             all.len(),
             shots.seed
@@ -519,26 +546,13 @@ pub(crate) fn val_samples(
     Ok(picked)
 }
 
-fn report_skipped(skipped: &[crate::preprocess::ImageError]) {
-    if skipped.is_empty() {
-        return;
-    }
-    // A warning, so it prints with --quiet too, and with the files it announces.
-    eprintln!("warning: skipped {} unreadable image(s):", skipped.len());
-    for e in skipped.iter().take(20) {
-        eprintln!("  {e}");
-    }
-    if skipped.len() > 20 {
-        eprintln!("  ... and {} more", skipped.len() - 20);
-    }
-}
-
 /// Metadata shared by every file that stores per-image rows.
 fn rows_metadata(
     clip: &Clip,
     dataset: &Dataset,
     split: Split,
     paths: &[PathBuf],
+    decode: Decode,
 ) -> serde_json::Value {
     // Absolute, so the file still says where its rows came from when read from elsewhere.
     let abs = |p: &Path| {
@@ -555,6 +569,8 @@ fn rows_metadata(
         "revision": clip.files.revision,
         "dtype": clip.precision.to_string(),
         "preprocess": clip.preprocess,
+        // `reduced` (--fast-decode): large JPEGs were not decoded to the reference pixels.
+        "decode": decode,
         "data": abs(&dataset.root),
         "split": split.as_str(),
     })
@@ -579,7 +595,7 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     let opts = a.extract.options(quiet);
     let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
     let feats = image_features(&clip, &paths, &view, &opts)?;
-    report_skipped(&feats.skipped);
+    crate::features::warn_skipped(&feats.skipped, "");
     let kept_paths: Vec<PathBuf> = feats.kept.iter().map(|&i| paths[i].clone()).collect();
     let labels: Vec<usize> = feats.kept.iter().map(|&i| samples[i].label).collect();
     // The sample was drawn before any image was read; skipping can leave classes short.
@@ -589,7 +605,7 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
         }
     }
     let normalized = l2_normalize(&feats.features)?.to_dtype(DType::F32)?;
-    let mut meta = rows_metadata(&clip, &dataset, a.split, &kept_paths);
+    let mut meta = rows_metadata(&clip, &dataset, a.split, &kept_paths, opts.decode);
     meta["kind"] = "features".into();
     meta["view"] = serde_json::to_value(view)?;
     meta["shots"] = a.shots.shots.into();
@@ -675,10 +691,10 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
         };
         (clip, run)
     };
-    report_skipped_count(run.report.skipped, quiet);
+    crate::features::warn_skipped(&run.skipped, "");
     if let Some(path) = &a.save_logits {
         crate::io::ensure_not_input(path, "--save-logits", clip.files.inputs())?;
-        save_logits(path, &clip, &dataset, a.split, &run)?;
+        save_logits(path, &clip, &dataset, a.split, &run, opts.decode)?;
         info(format!("wrote {}", path.display()), quiet);
     }
     let mut out = std::io::stdout().lock();
@@ -690,22 +706,19 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn report_skipped_count(n: usize, quiet: bool) {
-    if n > 0 && !quiet {
-        eprintln!("warning: skipped {n} unreadable image(s)");
-    }
-}
-
 fn save_logits(
     path: &Path,
     clip: &Clip,
     dataset: &Dataset,
     split: Split,
     run: &crate::eval::EvalRun,
+    decode: Decode,
 ) -> Result<()> {
-    let mut meta = rows_metadata(clip, dataset, split, &run.paths);
+    let mut meta = rows_metadata(clip, dataset, split, &run.paths, decode);
     meta["kind"] = "logits".into();
     meta["method"] = run.report.method.clone().into();
+    meta["view"] = "center".into();
+    meta["skipped"] = run.skipped.len().into();
     crate::io::save(
         path,
         &[

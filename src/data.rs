@@ -71,8 +71,8 @@ pub enum DataError {
         reference: Split,
         detail: String,
     },
-    #[error("{}: class folder has no images ({})", .0.display(), IMAGE_EXTENSIONS.join(", "))]
-    EmptyClass(PathBuf),
+    #[error("{}: class folder has no images ({}){hint}", .dir.display(), IMAGE_EXTENSIONS.join(", "))]
+    EmptyClass { dir: PathBuf, hint: String },
     #[error("{}:{line}: {msg}", path.display())]
     BadClassNames {
         path: PathBuf,
@@ -166,6 +166,20 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     }
     out.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(out)
+}
+
+/// Names of the visible folders inside `dir` (for a hint; unreadable entries are left out).
+fn subfolders(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
 }
 
 impl Dataset {
@@ -285,7 +299,19 @@ impl Dataset {
             let dir = self.split_dir(split).join(&class.folder);
             let files = list_images(&dir)?;
             if files.is_empty() {
-                return Err(DataError::EmptyClass(dir));
+                // Images one level down are a common layout mistake (torchvision's ImageFolder
+                // walks subfolders; clipft reads only the class folder itself).
+                let nested = subfolders(&dir);
+                let hint = if nested.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; its subfolders ({}) are not read: images must sit directly in the \
+                         class folder",
+                        nested.join(", ")
+                    )
+                };
+                return Err(DataError::EmptyClass { dir, hint });
             }
             out.extend(files.into_iter().map(|path| Sample { path, label }));
         }
@@ -301,8 +327,9 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataEr
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     // The line that named each class, if any.
     let mut named_on: Vec<Option<usize>> = vec![None; classes.len()];
+    // Lines end in \n, \r\n or (old Mac files) a lone \r.
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim_end_matches('\r');
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
@@ -314,6 +341,13 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataEr
         let (folder, name) = line
             .split_once('\t')
             .ok_or_else(|| bad("expected `<folder>\\t<readable name>`".into()))?;
+        // A third column (e.g. a class index) would silently become part of the name.
+        if name.contains('\t') {
+            return Err(bad(format!(
+                "more than two tab-separated fields for `{folder}`; expected \
+                 `<folder>\\t<readable name>`"
+            )));
+        }
         let name = name.trim();
         if name.is_empty() {
             return Err(bad(format!("empty name for `{folder}`")));
@@ -543,11 +577,44 @@ mod tests {
         );
     }
 
+    /// A class whose images sit one folder down is told so (torchvision's ImageFolder would
+    /// have found them).
+    #[test]
+    fn an_empty_class_folder_names_its_subfolders() {
+        let (_dir, root) = dataset(&["cat", "dog"], None);
+        std::fs::write(root.join("train").join("cat").join("a.png"), b"").unwrap();
+        let dog = root.join("train").join("dog");
+        std::fs::create_dir_all(dog.join("nested")).unwrap();
+        std::fs::write(dog.join("nested").join("a.png"), b"").unwrap();
+        let ds = Dataset::open(&root).unwrap();
+        let e = ds.samples(Split::Train).unwrap_err().to_string();
+        assert!(
+            e.contains("class folder has no images") && e.contains("subfolders (nested)"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn classnames_may_start_with_a_byte_order_mark() {
         let (_dir, root) = dataset(&["cat", "dog"], Some("\u{feff}cat\tkitty\ndog\tpuppy\n"));
         let ds = Dataset::open(&root).unwrap();
         assert_eq!(ds.class_names(), ["kitty", "puppy"]);
+    }
+
+    /// Old Mac line ends (a lone CR) end lines too, with the line numbers an editor shows; a
+    /// third column is refused rather than read into the name.
+    #[test]
+    fn classnames_lines_and_columns() {
+        for text in ["cat\tkitty\rdog\tpuppy\r", "cat\tkitty\r\ndog\tpuppy\r\n"] {
+            let (_dir, root) = dataset(&["cat", "dog"], Some(text));
+            let ds = Dataset::open(&root).unwrap();
+            assert_eq!(ds.class_names(), ["kitty", "puppy"], "{text:?}");
+        }
+        let e = open_err(&["cat", "dog"], Some("cat\tkitty\r\ndog\tpuppy\t281\r\n"));
+        assert!(
+            e.contains("classnames.txt:2:") && e.contains("more than two tab-separated fields"),
+            "{e}"
+        );
     }
 
     #[test]

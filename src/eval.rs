@@ -161,6 +161,8 @@ pub struct EvalRun {
     pub logits: Tensor,
     pub labels: Vec<usize>,
     pub paths: Vec<std::path::PathBuf>,
+    /// The images skipped as unreadable, with why.
+    pub skipped: Vec<crate::preprocess::ImageError>,
 }
 
 /// Scores a split with any classifier on CLIP image features: centre-crop features (through the
@@ -197,6 +199,7 @@ pub fn evaluate_split(
         logits,
         labels,
         paths,
+        skipped: feats.skipped,
     })
 }
 

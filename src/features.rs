@@ -409,6 +409,25 @@ impl DeviceNormalizer {
     }
 }
 
+/// Lists images skipped as unreadable (`--skip-bad-images`), `what` naming the split's role
+/// (`""`, `"val "`). A warning, so it prints with `--quiet` too: skipped images change the
+/// scores, and a user needs to know which to fix.
+pub fn warn_skipped(skipped: &[ImageError], what: &str) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!(
+        "warning: skipped {} unreadable {what}image(s) (--skip-bad-images):",
+        skipped.len()
+    );
+    for e in skipped.iter().take(20) {
+        eprintln!("  {e}");
+    }
+    if skipped.len() > 20 {
+        eprintln!("  ... and {} more", skipped.len() - 20);
+    }
+}
+
 /// One decoded batch: a recycled buffer with its good images' values back to back, how many,
 /// and which inputs failed.
 struct Decoded<T> {

@@ -229,7 +229,10 @@ fn fast_decode_reduces_large_jpegs_only_and_is_cached_apart() {
         stderr(&out)
     );
     let (exact, meta) = load_meta(&exact_file);
-    let (fast, _) = load_meta(&fast_file);
+    let (fast, fast_meta) = load_meta(&fast_file);
+    // The file says which pixels its rows came from.
+    assert_eq!(meta["decode"], "exact");
+    assert_eq!(fast_meta["decode"], "reduced");
     let exact = exact["image_features"].to_vec2::<f32>().unwrap();
     let fast = fast["image_features"].to_vec2::<f32>().unwrap();
     let paths: Vec<String> = serde_json::from_value(meta["paths"].clone()).unwrap();
@@ -376,7 +379,10 @@ fn skipped_images_are_listed_with_quiet_and_short_classes_are_named() {
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     // The header comes with its list, --quiet or not; each file says why.
-    assert!(err.contains("unreadable image(s):\n  "), "{err}");
+    assert!(
+        err.contains("unreadable image(s) (--skip-bad-images):\n  "),
+        "{err}"
+    );
     assert!(err.contains("empty file"), "{err}");
     let short = err
         .lines()
@@ -470,8 +476,10 @@ fn bad_images_fail_naming_the_file_or_are_skipped_and_counted() {
     let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(report["n"], 12);
     assert_eq!(report["skipped"], 2);
+    // Listed by name, as `features` lists them.
     assert!(
-        stderr(&out).contains("skipped 2 unreadable image"),
+        stderr(&out).contains("skipped 2 unreadable image")
+            && stderr(&out).contains("zzz_broken.jpg"),
         "{}",
         stderr(&out)
     );

@@ -119,7 +119,8 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
         .arg(ws.cache())
         .output()
         .unwrap();
-    assert_fails_with(&o, "classes differ");
+    // The message names the class whose name differs.
+    assert_fails_with(&o, "`red_vertical_stripes` reads `crimson` here");
 }
 
 /// The generated workspace loaded for library-level training runs.
@@ -202,6 +203,9 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let (resumed, resumed_outcome) = run(&b, true, None).unwrap();
     assert_eq!(full_outcome.val_accs, resumed_outcome.val_accs);
     assert_eq!(full_outcome.best_epoch, resumed_outcome.best_epoch);
+    // --spurious-clusters 3 of the 6 kept (of ensemble7's 7) templates.
+    assert_eq!(full_outcome.prototypes, 3);
+    assert_eq!(resumed_outcome.prototypes, 3);
     for (name, t) in &full {
         let d = (t - &resumed[name])
             .unwrap()

@@ -234,6 +234,56 @@ fn preprocessor_config_is_read_and_checked() {
     );
 }
 
+#[test]
+fn preprocessor_config_without_centre_crop() {
+    use clipft::preprocess::{Decode, View};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    copy_dir(&fixtures().join("tiny-clip"), &d);
+    let config = d.join("preprocessor_config.json");
+    // A fixed resize that is not the tower's size can never fit: refused at load.
+    std::fs::write(
+        &config,
+        r#"{"do_center_crop": false, "size": {"height": 48, "width": 48}}"#,
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("preprocessor_config.json") && e.contains("do_center_crop"),
+        "{e}"
+    );
+
+    // A shortest-edge resize fits square images only: the others are an error naming the
+    // image (it used to panic in the decoding thread).
+    std::fs::write(
+        &config,
+        r#"{"do_center_crop": false, "do_convert_rgb": false}"#,
+    )
+    .unwrap();
+    let clip = Clip::load(&ModelSpec::local(&d)).unwrap();
+    assert!(
+        clip.warnings.iter().any(|w| w.contains("do_convert_rgb")),
+        "{:?}",
+        clip.warnings
+    );
+    assert_eq!(clip.stored_dtypes, ["F32"]);
+    let (square, wide) = (tmp.path().join("square.png"), tmp.path().join("wide.png"));
+    image::RgbImage::new(50, 50).save(&square).unwrap();
+    image::RgbImage::new(60, 40).save(&wide).unwrap();
+    let pre = &clip.preprocess;
+    let px = pre
+        .read_view(&square, &View::Center, Decode::Exact, 0)
+        .unwrap();
+    assert_eq!(px.dimensions(), (32, 32));
+    let e = pre
+        .read_view(&wide, &View::Center, Decode::Exact, 0)
+        .unwrap_err();
+    assert!(
+        e.path == wide && e.msg.contains("48x32") && e.msg.contains("do_center_crop"),
+        "{e:?}"
+    );
+}
+
 /// Lays out `files` as a Hugging Face hub cache entry for `repo` at `revision`.
 fn fake_hub_cache(hub: &Path, repo: &str, revision: &str, files: &Path) {
     let root = hub.join(format!("models--{}", repo.replace('/', "--")));

@@ -308,6 +308,47 @@ fn real_size_photos_resize_and_crop_like_pil() {
 
 /// Normalised pixels of `path` through the extractor's path (load, exact or reduced, then
 /// resize, crop and normalise into a buffer), and the size it was decoded at.
+/// Pillow 13 turns a TIFF upright by its Orientation tag as it loads it (and only TIFFs: JPEG
+/// EXIF orientation stays ignored, as `CLIPImageProcessor` ignores it).
+#[test]
+fn tiffs_are_turned_upright_as_pillow_loads_them() {
+    let dir = fixtures().join("preprocess");
+    let ours = load_rgb(&dir.join("orient6.tif")).unwrap();
+    let pillow = image::open(dir.join("orient6_pillow.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(ours.dimensions(), (20, 30));
+    assert!(
+        ours == pillow,
+        "orientation 6 applied otherwise than Pillow"
+    );
+}
+
+/// Arithmetic-coded JPEGs decode as Pillow decodes them (libjpeg-turbo built with `arith_dec`).
+#[test]
+fn arithmetic_coded_jpegs_decode_like_pillow() {
+    let dir = fixtures().join("preprocess");
+    let ours = load_rgb(&dir.join("arith.jpg")).unwrap();
+    let pillow = image::open(dir.join("arith_pillow.png")).unwrap().to_rgb8();
+    assert!(
+        ours == pillow,
+        "arithmetic-coded JPEG decoded otherwise than Pillow"
+    );
+}
+
+/// A decoder crate that panics on a valid file (the tiff crate on tiled planar TIFFs) fails
+/// that file with an error naming it, which --skip-bad-images can skip: it used to abort the
+/// whole run from the decoding thread.
+#[test]
+fn a_decoder_panic_is_an_error_for_that_file() {
+    let path = fixtures().join("preprocess").join("tiled_planar.tif");
+    match load_rgb(&path) {
+        // A fixed decoder: then it must read what Pillow reads.
+        Ok(rgb) => assert_eq!(rgb.dimensions(), (24, 40)),
+        Err(e) => assert!(e.path == path && e.msg.contains("decoder failed"), "{e}"),
+    }
+}
+
 fn pixels(pre: &PreprocessConfig, path: &Path, decode: Decode) -> (Vec<f32>, (u32, u32)) {
     let mut out = vec![0f32; 3 * 224 * 224];
     pre.read_into(path, &View::Center, decode, 0, &mut out)

@@ -862,8 +862,8 @@ pub fn sweep(
                     )
                 } else {
                     format!(
-                        "skipped lr {} wd {} batch {}: a half batch exceeds the {} text / {} \
-                         image rows",
+                        "skipped lr {} wd {} batch {}: a half batch is not smaller than the {} \
+                         text / {} image rows",
                         h.lr,
                         h.weight_decay,
                         h.batch_size,
@@ -968,6 +968,10 @@ pub struct CrossMeta {
     /// Head used by `eval --adapter` unless `--head-variant` says otherwise: `head` or
     /// `head_wiseft`.
     pub default_head: String,
+    /// Whether some of its images were decoded reduced (`--fast-decode`): not the reference
+    /// pixels. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fast_decode: bool,
 }
 
 /// A trained head: `head` `[C, D]`, the optional WiSE-FT head (same shape) and, for `--head

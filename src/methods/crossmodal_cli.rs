@@ -176,7 +176,7 @@ pub fn train(
     let image = Rows::new(&Mat::new(img_labels.len(), dim, img_rows), img_labels);
     let val_paths: Vec<PathBuf> = val.iter().map(|s| s.path.clone()).collect();
     let vf = image_features(clip, &val_paths, &View::Center, opts)?;
-    super::warn_skipped_val(vf.skipped.len());
+    crate::features::warn_skipped(&vf.skipped, "val ");
     let val_labels: Vec<usize> = vf.kept.iter().map(|&i| val[i].label).collect();
     let val_rows = Rows::new(&Mat::from_tensor(&vf.features)?, val_labels);
     let weight = match o.init {
@@ -248,6 +248,7 @@ pub fn train(
         wise_ft_ratio: o.wise_ft,
         val_acc_wiseft,
         default_head: "head".into(),
+        fast_decode: opts.decode != crate::preprocess::Decode::Exact,
     };
     Ok((
         CrossArtifact {
@@ -395,7 +396,7 @@ pub fn eval_adapter(
         quiet,
     )?;
     let clip = load_model(&args, quiet)?;
-    super::check_compatible(&art.identity(), &clip, dataset, path)?;
+    super::check_compatible(&art.identity(), &clip, dataset, path, model.model.is_some())?;
     // The rows arrive L2-normalised; the head applies its adapter (if any), W and ×100, as
     // trained.
     let run = crate::eval::evaluate_split(&clip, dataset, split, opts, method, |f| {

@@ -269,12 +269,7 @@ pub fn eval_adapter(
         .with_context(|| format!("{}: no class folders", head_path.display()))?;
     let names: Vec<String> =
         serde_json::from_value(meta["class_names"].clone()).unwrap_or_default();
-    ensure!(
-        folders == dataset.class_folders() && names == dataset.class_names(),
-        "--data {}: its classes differ from the ones {} was trained on",
-        dataset.root.display(),
-        dir.display()
-    );
+    super::check_classes(dataset, &folders, &names, dir)?;
     let mut spec = ModelSpec::local(dir);
     spec.dtype = model.dtype;
     spec.device = model.device;

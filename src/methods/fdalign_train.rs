@@ -37,6 +37,10 @@ pub struct FdAlignOutcome {
     /// Optimiser steps skipped by f16 loss scaling (their gradients overflowed).
     #[serde(default)]
     pub skipped_steps: usize,
+    /// Spurious prototypes the KL term used: --spurious-clusters, or fewer when the templates
+    /// (or --spurious-keep) are fewer.
+    #[serde(default)]
+    pub prototypes: usize,
 }
 
 /// How training and validation images are read: the extraction pipeline's, decoding the next
@@ -205,6 +209,14 @@ pub fn train(
             "raise --spurious-keep / --spurious-clusters to 2 or more (--spurious-clusters 0: \
              every template is a prototype)"
         }
+    );
+    crate::cli::info(
+        format!(
+            "spurious prototypes: {n_proto}, from the {} of {} templates kept",
+            settings.spurious_keep.min(template_set.len()),
+            template_set.len()
+        ),
+        !progress,
     );
     let head_w = Var::from_tensor(
         &fdalign::class_head_init(&text, clip.logit_scale)?
@@ -385,6 +397,7 @@ pub fn train(
             best_epoch,
             best_val,
             skipped_steps: state.scaler.skipped,
+            prototypes: n_proto,
         },
     ))
 }

@@ -13,7 +13,7 @@ pub mod tip_cli;
 
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// What an artifact was built for: checked against a loaded model and dataset.
 pub struct ArtifactIdentity<'a> {
@@ -28,17 +28,24 @@ pub struct ArtifactIdentity<'a> {
 
 /// Checks that a loaded model and dataset are the ones an artifact was built for (same model,
 /// feature dimension, class folders and names).
+/// `model_given`: whether the user passed `--model` (else the artifact's own model was loaded,
+/// and the messages must not name a flag the user did not give).
 pub fn check_compatible(
     id: &ArtifactIdentity,
     clip: &crate::model::Clip,
     dataset: &crate::data::Dataset,
     path: &Path,
+    model_given: bool,
 ) -> Result<()> {
     let dim = clip.config().projection_dim;
+    let model = if model_given {
+        format!("--model {}", clip.files.id)
+    } else {
+        format!("the model {} (recorded in the artifact)", clip.files.id)
+    };
     ensure!(
         dim == id.projection_dim,
-        "--model {}: feature dimension {dim}, but {} has {}-dimensional features",
-        clip.files.id,
+        "{model}: feature dimension {dim}, but {} has {}-dimensional features",
         path.display(),
         id.projection_dim
     );
@@ -47,37 +54,53 @@ pub fn check_compatible(
         // checkpoint written to the same folder is not.
         Some(digest) => ensure!(
             clip.weights_digest()? == digest,
-            "--model {}: its weights are not those {} was built with (model `{}` then): the \
+            "{model}: its weights are not those {} was built with (model `{}` then): the \
              checkpoint was changed or replaced, or this is another model",
-            clip.files.id,
             path.display(),
             id.model
         ),
         None => ensure!(
             tip::same_model(&clip.files.id, id.model),
-            "--model {}: {} was built with model `{}`; pass --model {} (or leave --model out)",
-            clip.files.id,
+            "{model}: {} was built with model `{}`; pass --model {} (or leave --model out)",
             path.display(),
             id.model,
             id.model
         ),
     }
-    let folders = dataset.class_folders();
+    check_classes(dataset, id.class_folders, id.class_names, path)
+}
+
+/// The dataset's class folders and names must be those an artifact (at `path`) was built with,
+/// in the same order: its rows and columns are class indices.
+pub fn check_classes(
+    dataset: &crate::data::Dataset,
+    folders: &[String],
+    names: &[String],
+    path: &Path,
+) -> Result<()> {
+    let here = dataset.class_folders();
     ensure!(
-        folders == id.class_folders,
-        "--data {}: class folders {} differ from the {} classes {} was built with ({})",
+        here == folders,
+        "--data {}: its class folders differ from the {} classes {} was built with: {}",
         dataset.root.display(),
-        summarize(&folders),
-        id.class_folders.len(),
+        folders.len(),
         path.display(),
-        summarize(id.class_folders)
+        class_difference(&here, folders)
     );
-    ensure!(
-        dataset.class_names() == id.class_names,
-        "--data {}: class names (classnames.txt) differ from those {} was built with",
-        dataset.root.display(),
-        path.display()
-    );
+    let here_names = dataset.class_names();
+    let n = names.len().max(here_names.len());
+    if let Some(i) = (0..n).find(|&i| here_names.get(i) != names.get(i)) {
+        let name = |v: &[String]| v.get(i).map_or("nothing".to_string(), |x| format!("`{x}`"));
+        bail!(
+            "--data {}: class names (classnames.txt) differ from those {} was built with: \
+             folder `{}` reads {} here, {} there",
+            dataset.root.display(),
+            path.display(),
+            here[i],
+            name(&here_names),
+            name(names)
+        );
+    }
     Ok(())
 }
 
@@ -122,18 +145,64 @@ pub fn model_for(
     Ok(args)
 }
 
-/// Val images skipped as unreadable (`--skip-bad-images`) change what a search on val picks from:
-/// say so, even with `--quiet` (a warning, not information).
-pub(crate) fn warn_skipped_val(n: usize) {
-    if n > 0 {
-        eprintln!("warning: skipped {n} unreadable val image(s) (--skip-bad-images)");
+/// What differs between the dataset's class folders and an artifact's, naming the folders (a
+/// list of the first few of each would hide a difference past them, e.g. in ImageNet's 1,000).
+fn class_difference(data: &[String], built: &[String]) -> String {
+    let list = |v: Vec<&String>| {
+        let mut s: Vec<String> = v.iter().take(10).map(|x| format!("`{x}`")).collect();
+        if v.len() > 10 {
+            s.push(format!("and {} more", v.len() - 10));
+        }
+        s.join(", ")
+    };
+    let missing: Vec<&String> = built.iter().filter(|c| !data.contains(c)).collect();
+    let extra: Vec<&String> = data.iter().filter(|c| !built.contains(c)).collect();
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing here: {}", list(missing)));
     }
+    if !extra.is_empty() {
+        parts.push(format!("not in the artifact: {}", list(extra)));
+    }
+    if parts.is_empty() {
+        // Same folders, another order (class indices would not line up).
+        parts.push("the same folders in another order".to_string());
+    }
+    parts.join("; ")
 }
 
-fn summarize(v: &[String]) -> String {
-    let mut s: Vec<String> = v.iter().take(5).map(|x| format!("`{x}`")).collect();
-    if v.len() > 5 {
-        s.push(format!("... ({} in all)", v.len()));
+#[cfg(test)]
+mod tests {
+    use super::class_difference;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("class_{i:04}")).collect()
     }
-    s.join(", ")
+
+    /// A difference past the first few folders (ImageNet has 1,000) is still named.
+    #[test]
+    fn class_differences_name_the_folders() {
+        let built = names(1000);
+        let mut data = built.clone();
+        data[700] = "class_0700x".into();
+        let d = class_difference(&data, &built);
+        assert!(
+            d.contains("missing here: `class_0700`")
+                && d.contains("not in the artifact: `class_0700x`"),
+            "{d}"
+        );
+        let d = class_difference(&built[..999], &built);
+        assert_eq!(d, "missing here: `class_0999`");
+        let d = class_difference(&names(30), &names(5));
+        assert!(
+            d.starts_with("not in the artifact: `class_0005`") && d.ends_with("and 15 more"),
+            "{d}"
+        );
+        let mut swapped = names(3);
+        swapped.swap(0, 1);
+        assert_eq!(
+            class_difference(&swapped, &names(3)),
+            "the same folders in another order"
+        );
+    }
 }

@@ -29,7 +29,7 @@ use super::optim::{AdamWParams, FusedAdamW};
 use crate::data::{Dataset, Sample, Split};
 use crate::features::{image_features, l2_normalize, text_classifier, ExtractOptions};
 use crate::model::Clip;
-use crate::preprocess::View;
+use crate::preprocess::{ImageError, View};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -135,7 +135,23 @@ impl TipConfig {
         }
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::parse(&text, &path.display().to_string())
+        let origin = path.display().to_string();
+        // A file gives the keys it changes: the rest come from `default`, the name from the
+        // file's stem.
+        let given: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("{origin}: invalid Tip config (expected a JSON object)"))?;
+        let mut merged = serde_json::to_value(Self::resolve("default")?)?;
+        merged["name"] = path
+            .file_stem()
+            .map_or("custom".into(), |s| s.to_string_lossy())
+            .into();
+        for (k, v) in given {
+            merged
+                .as_object_mut()
+                .expect("a config serialises to an object")
+                .insert(k, v);
+        }
+        Self::parse(&merged.to_string(), &origin)
     }
 
     pub fn grid(&self) -> Grid {
@@ -739,6 +755,10 @@ pub struct TipMeta {
     pub val_acc_zeroshot: f64,
     pub val_n: usize,
     pub train: Option<TrainInfo>,
+    /// Whether some of its images were decoded reduced (`--fast-decode`): not the reference
+    /// pixels. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fast_decode: bool,
 }
 
 /// A Tip-Adapter or Tip-Adapter-F artifact.
@@ -941,17 +961,16 @@ pub fn encode_views(
 }
 
 /// L2-normalised centre-crop features and labels of a split (unreadable images skipped only with
-/// `--skip-bad-images`), plus the paths kept.
+/// `--skip-bad-images`), plus the images skipped.
 pub fn split_features(
     clip: &Clip,
     samples: &[Sample],
     opts: &ExtractOptions,
-) -> Result<(Tensor, Vec<usize>, Vec<PathBuf>, usize)> {
+) -> Result<(Tensor, Vec<usize>, Vec<ImageError>)> {
     let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
     let f = image_features(clip, &paths, &View::Center, opts)?;
     let labels = f.kept.iter().map(|&i| samples[i].label).collect();
-    let kept = f.kept.iter().map(|&i| paths[i].clone()).collect();
-    Ok((l2_normalize(&f.features)?, labels, kept, f.skipped.len()))
+    Ok((l2_normalize(&f.features)?, labels, f.skipped))
 }
 
 fn relative(root: &Path, p: &Path) -> String {
@@ -998,8 +1017,8 @@ pub fn build_cache(
     )?;
     let keys = cache_keys_from_views(&views)?;
     let values = one_hot(&labels, class_names.len())?;
-    let (val_f, val_labels, _, val_skipped) = split_features(clip, &val, opts)?;
-    super::warn_skipped_val(val_skipped);
+    let (val_f, val_labels, val_skipped) = split_features(clip, &val, opts)?;
+    crate::features::warn_skipped(&val_skipped, "val ");
     let clip_logits = crate::eval::zero_shot_logits(&val_f, &classifier)?;
     let affinity = val_f.matmul(&keys.t()?)?;
     let zs = top1(&clip_logits, &val_labels)?;
@@ -1041,6 +1060,7 @@ pub fn build_cache(
         val_acc_zeroshot: zs,
         val_n: val_labels.len(),
         train: None,
+        fast_decode: opts.decode != crate::preprocess::Decode::Exact,
     };
     Ok(TipArtifact {
         meta,
@@ -1098,8 +1118,8 @@ pub fn train(
         "cache values do not match the train labels"
     );
     let val = val_samples(dataset)?;
-    let (val_f, val_labels, _, val_skipped) = split_features(clip, &val, opts)?;
-    super::warn_skipped_val(val_skipped);
+    let (val_f, val_labels, val_skipped) = split_features(clip, &val, opts)?;
+    crate::features::warn_skipped(&val_skipped, "val ");
     let quiet_opts = ExtractOptions {
         progress: opts.progress,
         ..opts.clone()
@@ -1158,6 +1178,7 @@ pub fn train(
     )?;
     let mut meta = m.clone();
     meta.kind = Kind::Tipf;
+    meta.fast_decode |= opts.decode != crate::preprocess::Decode::Exact;
     meta.beta = found.beta;
     meta.alpha = found.alpha;
     meta.val_acc = found.acc;
@@ -1218,6 +1239,29 @@ mod tests {
         assert_eq!(pets.templates, vec!["a photo of a {}, a type of pet."]);
         assert_eq!(TipConfig::resolve("imagenet").unwrap().templates.len(), 7);
         assert!(TipConfig::resolve("nope").is_err());
+    }
+
+    /// A config file gives the keys it changes; the rest are `default`'s, the name its stem.
+    #[test]
+    fn config_files_change_only_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mine.json");
+        std::fs::write(&p, r#"{"search_step": [5, 4], "templates": ["a {}."]}"#).unwrap();
+        let c = TipConfig::resolve(p.to_str().unwrap()).unwrap();
+        let d = TipConfig::resolve("default").unwrap();
+        assert_eq!(c.name, "mine");
+        assert_eq!(c.search_step, [5, 4]);
+        assert_eq!(c.templates, ["a {}."]);
+        assert_eq!(
+            (c.search_scale, c.init_alpha, c.lr),
+            (d.search_scale, d.init_alpha, d.lr)
+        );
+        // A misspelt key is an error, not silently the default.
+        std::fs::write(&p, r#"{"serch_step": [5, 4]}"#).unwrap();
+        let e = format!("{:#}", TipConfig::resolve(p.to_str().unwrap()).unwrap_err());
+        assert!(e.contains("mine.json") && e.contains("serch_step"), "{e}");
+        std::fs::write(&p, "[1, 2]").unwrap();
+        assert!(TipConfig::resolve(p.to_str().unwrap()).is_err());
     }
 
     #[test]

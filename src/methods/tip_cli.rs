@@ -189,7 +189,7 @@ fn load_for(
         )?,
         quiet,
     )?;
-    super::check_compatible(&art.identity(), &clip, dataset, path)?;
+    super::check_compatible(&art.identity(), &clip, dataset, path, args.model.is_some())?;
     Ok(clip)
 }
 

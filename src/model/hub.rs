@@ -1,12 +1,14 @@
 //! Locating checkpoint files: a local folder, or a Hugging Face repo id resolved through the
-//! standard HF cache (`HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN`).
+//! standard HF cache, cache first, downloading what is missing ([`super::download`]) unless
+//! offline. Environment as `huggingface_hub`: `HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`,
+//! `TRANSFORMERS_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_ETAG_TIMEOUT`,
+//! `HF_HUB_DOWNLOAD_TIMEOUT`, `HF_HUB_DISABLE_PROGRESS_BARS`.
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{ApiBuilder, ApiError};
-use hf_hub::{Cache, Repo, RepoType};
-
-use super::LoadError;
+pub use super::download::CachedRevision;
+use super::download::{self, env_truthy, env_var, expand_home, Client, HubError, RepoCache};
+use super::{DownloadFailure, LoadError};
 
 /// The default model and the revision used for it when none is given: `openai/clip-vit-base-patch32`
 /// keeps only `pytorch_model.bin` on `main`; its safetensors conversion is the PR ref below (the one
@@ -42,6 +44,9 @@ pub struct ModelFiles {
     pub tokenizer: PathBuf,
     pub preprocessor: Option<PathBuf>,
     pub weights: WeightFiles,
+    /// Warnings about how the files were found (offline without `preprocessor_config.json`),
+    /// for the loader to pass on.
+    pub notes: Vec<String>,
 }
 
 impl ModelFiles {
@@ -64,23 +69,20 @@ impl ModelFiles {
     }
 }
 
-/// The hub cache folder, as `huggingface_hub` computes it.
+/// The hub cache folder, as `huggingface_hub` computes it: `HF_HUB_CACHE`, else the legacy
+/// `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub` (`HF_HOME`: else `$XDG_CACHE_HOME/huggingface`,
+/// else `~/.cache/huggingface`), a leading `~` expanded.
 pub fn hub_cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|s| !s.is_empty()) {
-        return PathBuf::from(p);
-    }
-    Cache::from_env().path().clone()
+    env_var("HF_HUB_CACHE")
+        .or_else(|| env_var("HUGGINGFACE_HUB_CACHE"))
+        .map(|p| expand_home(&p))
+        .unwrap_or_else(|| download::hf_home().join("hub"))
 }
 
-fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
+/// `HF_HUB_OFFLINE`, else `TRANSFORMERS_OFFLINE` (the first one set decides, as in
+/// `huggingface_hub`), truthy: 1, true, yes or on in any case.
+pub fn offline() -> bool {
+    env_truthy(env_var("HF_HUB_OFFLINE").or_else(|| env_var("TRANSFORMERS_OFFLINE")))
 }
 
 fn looks_like_path(s: &str) -> bool {
@@ -115,6 +117,17 @@ pub fn resolve(
         }
         .to_string()
     });
+    // It names files under refs/ in the cache.
+    if revision.is_empty()
+        || revision.starts_with('/')
+        || revision
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(LoadError::Unsupported(format!(
+            "--revision `{revision}` is not a branch, tag, commit hash or ref"
+        )));
+    }
     resolve_hub(model, &revision, progress)
 }
 
@@ -159,6 +172,7 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles, LoadError> {
         tokenizer,
         preprocessor,
         weights,
+        notes: Vec::new(),
     })
 }
 
@@ -190,119 +204,309 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>, LoadError> {
     Ok(names)
 }
 
-/// Whether a revision is a full commit hash (40 hex digits) rather than a branch, tag or ref.
-fn is_commit_hash(revision: &str) -> bool {
-    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+const CONFIG: &str = "config.json";
+const TOKENIZER: &str = "tokenizer.json";
+const PREPROCESSOR: &str = "preprocessor_config.json";
+const SAFETENSORS: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+const PICKLE: &str = "pytorch_model.bin";
+
+/// The "cached revisions" part of hub messages: what else of `repo` the cache holds, and the
+/// `--revision` that takes it. (The default model asks for `refs/pr/15`; `transformers` users
+/// have its `main`.)
+pub fn cached_hint(repo: &str, revision: &str, cached: &[CachedRevision]) -> String {
+    if cached.is_empty() {
+        return format!("\n  No complete revision of `{repo}` is in the cache.");
+    }
+    let list: Vec<String> = cached
+        .iter()
+        .map(|r| match r.name == r.commit {
+            true => format!("commit {}", r.commit),
+            false => format!(
+                "{} (commit {})",
+                r.name,
+                &r.commit[..r.commit.len().min(12)]
+            ),
+        })
+        .collect();
+    let mut s = format!("\n  Cached revisions of `{repo}`: {}.", list.join(", "));
+    if let Some(other) = cached
+        .iter()
+        .find(|r| r.name != revision && r.commit != revision)
+    {
+        s += &format!(" To use one, pass `--revision {}`", other.name);
+        if repo == DEFAULT_MODEL && revision == DEFAULT_MODEL_REVISION {
+            s += &format!(
+                " (without --revision, clipft asks for {DEFAULT_MODEL_REVISION}, the safetensors \
+                 conversion of {DEFAULT_MODEL})"
+            );
+        }
+        s.push('.');
+    }
+    s
+}
+
+/// What the cache holds of one commit.
+enum Cached {
+    Found(ModelFiles),
+    /// The first file (or the weights) absent, for messages.
+    Missing(String),
+}
+
+/// A repo id at a revision, resolved against its folder in the hub cache.
+struct HubModel<'a> {
+    repo_id: &'a str,
+    revision: &'a str,
+    cache_dir: PathBuf,
+    cache: RepoCache,
 }
 
 fn resolve_hub(repo_id: &str, revision: &str, progress: bool) -> Result<ModelFiles, LoadError> {
     let cache_dir = hub_cache_dir();
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let cached = Cache::new(cache_dir.clone()).repo(repo.clone());
+    let m = HubModel {
+        repo_id,
+        revision,
+        cache: RepoCache::new(&cache_dir, repo_id),
+        cache_dir,
+    };
     let offline = offline();
-    let api = if offline {
-        None
-    } else {
-        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
-        let mut builder = ApiBuilder::from_env()
-            .with_cache_dir(cache_dir.clone())
-            .with_progress(progress);
-        if token.is_some() {
-            builder = builder.with_token(token);
+    // Cache first: a complete checkpoint needs no network (nor can a network failure stop it).
+    // A commit hash names its snapshot; `huggingface_hub` writes no ref for one.
+    let commit = match download::is_commit_hash(revision) {
+        true => Some(revision.to_string()),
+        false => m.cache.ref_commit(revision),
+    };
+    let mut missing = format!("every file (revision {revision} was never downloaded)");
+    if let Some(commit) = &commit {
+        match m.cached(commit, offline)? {
+            Cached::Found(files) => return Ok(files),
+            Cached::Missing(what) => missing = what,
         }
-        Some(builder.build().map_err(|e| LoadError::Download {
-            repo: repo_id.into(),
-            revision: revision.into(),
-            cache: cache_dir.clone(),
-            file: "config.json".into(),
-            msg: e.to_string(),
-        })?)
-    };
-    // Ok(None) = the file does not exist in the repo (HTTP 404); errors are real failures.
-    let fetch = |file: &str| -> Result<Option<PathBuf>, LoadError> {
-        if let Some(p) = cached.get(file) {
-            return Ok(Some(p));
-        }
-        // A commit hash names its snapshot folder directly; `huggingface_hub` writes no ref
-        // for it.
-        if is_commit_hash(revision) {
-            let p = cache_dir
-                .join(repo.folder_name())
-                .join("snapshots")
-                .join(revision)
-                .join(file);
-            if p.exists() {
-                return Ok(Some(p));
-            }
-        }
-        let Some(api) = &api else {
-            return Err(LoadError::NotCached {
-                repo: repo_id.into(),
-                revision: revision.into(),
-                cache: cache_dir.clone(),
-                file: file.into(),
-            });
-        };
-        match api.repo(repo.clone()).get(file) {
-            Ok(p) => Ok(Some(p)),
-            // Only the status code says "no such file" (the URL itself may contain "404").
-            Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
-            Err(e) => Err(LoadError::Download {
-                repo: repo_id.into(),
-                revision: revision.into(),
-                cache: cache_dir.clone(),
-                file: file.into(),
-                msg: e.to_string(),
-            }),
-        }
-    };
-    let required = |file: &str| -> Result<PathBuf, LoadError> {
-        fetch(file)?.ok_or_else(|| LoadError::MissingFile {
-            dir: PathBuf::from(format!("{repo_id}@{revision}")),
-            file: file.into(),
-        })
-    };
-    let config = required("config.json")?;
-    let tokenizer = required("tokenizer.json")?;
-    // Optional: the processor defaults follow from the vision config when it is absent.
-    let preprocessor = match fetch("preprocessor_config.json") {
-        Ok(p) => p,
-        Err(LoadError::NotCached { .. }) => None,
-        Err(e) => return Err(e),
-    };
-    // Offline, a weights format that is not cached is just "not this one"; report the first.
-    let try_fetch = |file: &str| match fetch(file) {
-        Err(LoadError::NotCached { .. }) => Ok(None),
-        other => other,
-    };
-    let weights = if let Some(p) = try_fetch("model.safetensors")? {
-        WeightFiles::Safetensors(vec![p])
-    } else if let Some(index) = try_fetch("model.safetensors.index.json")? {
-        let files = shard_names(&index)?
-            .iter()
-            .map(|s| required(s))
-            .collect::<Result<Vec<_>, _>>()?;
-        WeightFiles::Safetensors(files)
-    } else if let Some(p) = try_fetch("pytorch_model.bin")? {
-        WeightFiles::Pth(p)
-    } else if offline {
+    }
+    if offline {
         return Err(LoadError::NotCached {
             repo: repo_id.into(),
             revision: revision.into(),
-            cache: cache_dir,
-            file: "model.safetensors".into(),
+            cache: m.cache_dir.clone(),
+            what: missing,
+            cached: m.complete_revisions(),
         });
-    } else {
-        return Err(LoadError::NoWeights {
-            dir: PathBuf::from(format!("{repo_id}@{revision}")),
-        });
-    };
-    Ok(ModelFiles {
-        id: repo_id.to_string(),
-        revision: Some(revision.to_string()),
-        config,
-        tokenizer,
-        preprocessor,
-        weights,
-    })
+    }
+    m.download(&Client::from_env(progress))
+}
+
+impl HubModel<'_> {
+    /// The resolved files of this repo at this revision.
+    fn files(
+        &self,
+        config: PathBuf,
+        tokenizer: PathBuf,
+        preprocessor: Option<PathBuf>,
+        weights: WeightFiles,
+        notes: Vec<String>,
+    ) -> ModelFiles {
+        ModelFiles {
+            id: self.repo_id.to_string(),
+            revision: Some(self.revision.to_string()),
+            config,
+            tokenizer,
+            preprocessor,
+            weights,
+            notes,
+        }
+    }
+
+    fn id(&self) -> PathBuf {
+        PathBuf::from(format!("{}@{}", self.repo_id, self.revision))
+    }
+
+    /// The revisions of the repo with a whole checkpoint in the cache (what a message may
+    /// suggest instead: not the snapshot a failed download left).
+    fn complete_revisions(&self) -> Vec<CachedRevision> {
+        let mut v = self.cache.revisions();
+        v.retain(|r| matches!(self.cached(&r.commit, true), Ok(Cached::Found(_))));
+        v
+    }
+
+    fn missing(&self, file: &str) -> LoadError {
+        LoadError::MissingFile {
+            dir: self.id(),
+            file: file.into(),
+        }
+    }
+
+    /// The checkpoint at `commit` from the cache alone. A `.no_exist` marker of a required file
+    /// is an error when `offline` (else the hub is asked again: the marker may be of an older
+    /// commit of a branch); offline, a preprocessor config neither cached nor marked missing is
+    /// taken as absent, with a note.
+    fn cached(&self, commit: &str, offline: bool) -> Result<Cached, LoadError> {
+        let c = &self.cache;
+        let need = |file: &str| match c.file(commit, file) {
+            Some(p) => Ok(Some(p)),
+            None if offline && c.known_missing(commit, file) => Err(self.missing(file)),
+            None => Ok(None),
+        };
+        let absent = |file: &str| Ok(Cached::Missing(format!("`{file}`")));
+        let Some(config) = need(CONFIG)? else {
+            return absent(CONFIG);
+        };
+        let Some(tokenizer) = need(TOKENIZER)? else {
+            return absent(TOKENIZER);
+        };
+        let mut notes = Vec::new();
+        let preprocessor = match c.file(commit, PREPROCESSOR) {
+            Some(p) => Some(p),
+            None if c.known_missing(commit, PREPROCESSOR) => None,
+            None if offline => {
+                notes.push(format!(
+                    "`{PREPROCESSOR}` of `{}` (revision {}) is not in the Hugging Face cache and \
+                     downloads are disabled: using the default CLIP preprocessing (bicubic \
+                     resize, centre crop, OpenAI mean and std), which may not be this model's",
+                    self.repo_id, self.revision
+                ));
+                None
+            }
+            None => return absent(PREPROCESSOR),
+        };
+        let Some(weights) = self.cached_weights(commit, offline)? else {
+            return Ok(Cached::Missing(format!(
+                "the weights (none of `{SAFETENSORS}`, `{INDEX}` with its shards, `{PICKLE}` is cached)"
+            )));
+        };
+        Ok(Cached::Found(self.files(
+            config,
+            tokenizer,
+            preprocessor,
+            weights,
+            notes,
+        )))
+    }
+
+    /// The first weights format complete in the snapshot of `commit`, in clipft's order. When
+    /// `definitive` and the hub said none exists, [`LoadError::NoWeights`].
+    fn cached_weights(
+        &self,
+        commit: &str,
+        definitive: bool,
+    ) -> Result<Option<WeightFiles>, LoadError> {
+        let c = &self.cache;
+        if let Some(p) = c.file(commit, SAFETENSORS) {
+            return Ok(Some(WeightFiles::Safetensors(vec![p])));
+        }
+        if let Some(index) = c.file(commit, INDEX) {
+            let shards: Option<Vec<PathBuf>> = shard_names(&index)?
+                .iter()
+                .map(|s| c.file(commit, s))
+                .collect();
+            if let Some(shards) = shards {
+                return Ok(Some(WeightFiles::Safetensors(shards)));
+            }
+        }
+        if let Some(p) = c.file(commit, PICKLE) {
+            return Ok(Some(WeightFiles::Pth(p)));
+        }
+        if definitive
+            && [SAFETENSORS, INDEX, PICKLE]
+                .iter()
+                .all(|f| c.known_missing(commit, f))
+        {
+            return Err(LoadError::NoWeights { dir: self.id() });
+        }
+        Ok(None)
+    }
+
+    /// Online: resolves the revision to a commit (with the metadata of `config.json`), then
+    /// takes each file from that commit's snapshot, or downloads it, asking for it at the commit
+    /// so that every file comes from the same one.
+    fn download(&self, client: &Client) -> Result<ModelFiles, LoadError> {
+        let first = match client.head(self.repo_id, self.revision, CONFIG) {
+            Ok(r) => r,
+            Err(HubError::EntryNotFound { commit: Some(c) }) if download::is_commit_hash(&c) => {
+                self.cache.mark_missing(&c, CONFIG);
+                return Err(self.missing(CONFIG));
+            }
+            Err(e) => return Err(self.hub_error(client, CONFIG, e)),
+        };
+        let commit = first.commit.clone();
+        // Ok(None): the hub says the file does not exist (recorded in `.no_exist`).
+        let fetch = |file: &str| -> Result<Option<PathBuf>, LoadError> {
+            if let Some(p) = self.cache.file(&commit, file) {
+                return Ok(Some(p));
+            }
+            if self.cache.known_missing(&commit, file) {
+                return Ok(None);
+            }
+            let remote = match file {
+                CONFIG => first.clone(),
+                _ => match client.head(self.repo_id, &commit, file) {
+                    Ok(r) => r,
+                    Err(HubError::EntryNotFound { .. }) => {
+                        self.cache.mark_missing(&commit, file);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(self.hub_error(client, file, e)),
+                },
+            };
+            client
+                .download(&self.cache, &remote, file)
+                .map(Some)
+                .map_err(|e| self.hub_error(client, file, e))
+        };
+        let required = |file: &str| fetch(file)?.ok_or_else(|| self.missing(file));
+        let config = required(CONFIG)?;
+        let tokenizer = required(TOKENIZER)?;
+        // Optional, but a network error on it is an error like any: only the hub's "no such
+        // file" means the defaults apply.
+        let preprocessor = fetch(PREPROCESSOR)?;
+        let weights = if let Some(w) = self.cached_weights(&commit, true)? {
+            w
+        } else if let Some(p) = fetch(SAFETENSORS)? {
+            WeightFiles::Safetensors(vec![p])
+        } else if let Some(index) = fetch(INDEX)? {
+            let files = shard_names(&index)?
+                .iter()
+                .map(|s| required(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            WeightFiles::Safetensors(files)
+        } else if let Some(p) = fetch(PICKLE)? {
+            WeightFiles::Pth(p)
+        } else {
+            return Err(LoadError::NoWeights { dir: self.id() });
+        };
+        // Only now that the checkpoint is whole does the revision point at its commit (the
+        // snapshot of a failed run is reused, but no ref claims it). Best effort, as
+        // `huggingface_hub`: a read-only cache that had every file still serves.
+        let _ = self.cache.write_ref(self.revision, &commit);
+        Ok(self.files(config, tokenizer, preprocessor, weights, Vec::new()))
+    }
+
+    fn hub_error(&self, client: &Client, file: &str, e: HubError) -> LoadError {
+        let repo = self.repo_id.to_string();
+        let endpoint = client.endpoint().to_string();
+        match e {
+            HubError::RevisionNotFound => LoadError::RevisionNotFound {
+                repo,
+                revision: self.revision.into(),
+                endpoint,
+                cached: self.complete_revisions(),
+            },
+            HubError::RepoNotFound { status } => LoadError::RepoNotFound {
+                repo,
+                endpoint,
+                status,
+                token: client.has_token(),
+            },
+            HubError::Gated => LoadError::GatedRepo { repo, endpoint },
+            HubError::EntryNotFound { .. } => self.missing(file),
+            HubError::Failed { url, msg } => LoadError::Download(Box::new(DownloadFailure {
+                repo,
+                revision: self.revision.into(),
+                cache: self.cache_dir.clone(),
+                file: file.into(),
+                url,
+                msg,
+                cached: self.complete_revisions(),
+            })),
+        }
+    }
 }

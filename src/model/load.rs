@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::hub::{self, ModelFiles, WeightFiles};
 use super::{ClipConfig, ClipModel, ClipTokenizer, LoadError};
-use crate::preprocess::PreprocessConfig;
+use crate::preprocess::{PreprocessConfig, ResizeTo};
 
 /// `--dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -206,6 +206,9 @@ pub struct Clip {
     pub fingerprint: String,
     /// Warnings produced while loading (e.g. a dtype fallback), for the caller to show.
     pub warnings: Vec<String>,
+    /// The dtypes the checkpoint's weights are stored in (e.g. `["F16"]`), whatever `dtype`
+    /// they are computed in.
+    pub stored_dtypes: Vec<String>,
     /// `logit_scale.exp()`: the checkpoint's learned temperature (100 for the released CLIP
     /// models), or the config's initial value where the checkpoint has none, as `transformers`.
     pub logit_scale: f64,
@@ -226,17 +229,19 @@ impl Clip {
     }
 
     pub fn load(spec: &ModelSpec) -> anyhow::Result<Self> {
-        let files = hub::resolve(&spec.model, spec.revision.as_deref(), spec.progress)?;
+        let mut files = hub::resolve(&spec.model, spec.revision.as_deref(), spec.progress)?;
         let device = spec.device.device()?;
         let (precision, warning) = Precision::resolve(spec.dtype, &device);
-        Self::from_files(files, device, precision, warning.into_iter().collect())
+        let mut warnings = std::mem::take(&mut files.notes);
+        warnings.extend(warning);
+        Self::from_files(files, device, precision, warnings)
     }
 
     pub fn from_files(
         files: ModelFiles,
         device: Device,
         precision: Precision,
-        warnings: Vec<String>,
+        mut warnings: Vec<String>,
     ) -> anyhow::Result<Self> {
         let dtype = precision.dtype;
         let config_text =
@@ -248,7 +253,7 @@ impl Clip {
             path: files.config.clone(),
             msg,
         })?;
-        check_tensors(&files.weights, &config)?;
+        let stored_dtypes = check_tensors(&files.weights, &config)?;
         let vb = weights_var_builder(&files.weights, dtype, &device)?;
         let logit_scale = logit_scale(&vb, &config, &files)?;
         let mut model = ClipModel::new(vb, &config).with_context(|| {
@@ -280,6 +285,14 @@ impl Clip {
                     path: p.clone(),
                     msg: e.to_string(),
                 })?;
+                if PreprocessConfig::declines_rgb_conversion(&text) {
+                    warnings.push(format!(
+                        "{} sets do_convert_rgb false, which clipft does not follow: every image \
+                         is converted to RGB (transformers would refuse grey, palette and \
+                         alpha images)",
+                        p.display()
+                    ));
+                }
                 PreprocessConfig::from_json(&text, config.vision_config.image_size).map_err(
                     |msg| LoadError::BadFile {
                         path: p.clone(),
@@ -305,6 +318,20 @@ impl Clip {
             }
             .into());
         }
+        if let (false, Some(ResizeTo::Exact(h, w))) = (preprocess.do_center_crop, preprocess.resize)
+        {
+            if (h, w) != preprocess.crop {
+                return Err(LoadError::BadFile {
+                    path: files.preprocessor.clone().unwrap_or_default(),
+                    msg: format!(
+                        "do_center_crop is false and `size` resizes to {w}x{h}, but the vision \
+                         tower takes {0}x{0} images",
+                        config.vision_config.image_size
+                    ),
+                }
+                .into());
+            }
+        }
         let fingerprint = fingerprint(&files, precision)?;
         Ok(Self {
             model,
@@ -316,6 +343,7 @@ impl Clip {
             precision,
             fingerprint,
             warnings,
+            stored_dtypes,
             logit_scale,
             digest: std::sync::OnceLock::new(),
         })
@@ -476,8 +504,10 @@ fn is_zip(path: &Path) -> bool {
 
 /// Checks every tensor the config calls for against the files' headers before anything is
 /// loaded, so a mismatch names the file and tensor instead of failing deep inside the model.
-fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadError> {
-    let mut found: HashMap<String, (PathBuf, Vec<usize>)> = HashMap::new();
+/// Checks every tensor `config` expects against the files' headers; returns the dtypes the
+/// expected tensors are stored in (sorted, e.g. `["F16"]`), for `clipft info`.
+fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<String>, LoadError> {
+    let mut found: HashMap<String, (PathBuf, Vec<usize>, String)> = HashMap::new();
     match weights {
         WeightFiles::Safetensors(paths) => {
             for p in paths {
@@ -491,7 +521,8 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
                 let st = safetensors::SafeTensors::deserialize(&mmap)
                     .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
                 for (name, view) in st.tensors() {
-                    found.insert(name, (p.clone(), view.shape().to_vec()));
+                    let dtype = format!("{:?}", view.dtype());
+                    found.insert(name, (p.clone(), view.shape().to_vec(), dtype));
                 }
             }
         }
@@ -513,7 +544,11 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
             for (name, info) in pth.tensor_infos() {
                 found.insert(
                     name.clone(),
-                    (p.clone(), info.layout.shape().dims().to_vec()),
+                    (
+                        p.clone(),
+                        info.layout.shape().dims().to_vec(),
+                        format!("{:?}", info.dtype).to_uppercase(),
+                    ),
                 );
             }
         }
@@ -545,7 +580,11 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
         }
     }
     let first = weights.paths()[0].to_path_buf();
+    let mut dtypes = std::collections::BTreeSet::new();
     for (name, expected) in config.expected_tensors() {
+        if let Some((_, _, dtype)) = found.get(&name) {
+            dtypes.insert(dtype.clone());
+        }
         match found.get(&name) {
             None => {
                 return Err(LoadError::MissingTensor {
@@ -554,7 +593,7 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
                     expected,
                 })
             }
-            Some((file, shape)) if *shape != expected => {
+            Some((file, shape, _)) if *shape != expected => {
                 return Err(LoadError::ShapeMismatch {
                     file: file.clone(),
                     name,
@@ -565,7 +604,7 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<(), LoadE
             Some(_) => {}
         }
     }
-    Ok(())
+    Ok(dtypes.into_iter().collect())
 }
 
 /// SHA-256 over config.json and every weight file, byte for byte (about 0.3 s per GB with the

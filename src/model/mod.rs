@@ -4,6 +4,7 @@ pub mod attention_cpu;
 pub mod clip;
 pub mod config;
 pub mod cuda;
+pub mod download;
 pub mod gemm_bf16;
 pub mod hub;
 pub mod kernels;
@@ -49,31 +50,81 @@ pub enum LoadError {
     #[error("model directory {} does not exist", .0.display())]
     NoSuchDir(PathBuf),
     #[error(
-        "model `{repo}` (revision {revision}) is not in the Hugging Face cache at {} and downloads are \
-         disabled (HF_HUB_OFFLINE is set): missing `{file}`.\n  Download it once with network access \
-         (`clipft info --model {repo} --revision {revision}`, or `huggingface-cli download {repo} --revision {revision}`), or pass a local folder \
-         with config.json, model.safetensors and tokenizer.json to --model",
-        cache.display()
+        "model `{repo}` (revision {revision}) is not in the Hugging Face cache at {} and downloads \
+         are disabled (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set): missing {what}.{}\n  \
+         Download it once with network access (`clipft info --model {repo} --revision {revision}`, \
+         or `hf download {repo} --revision {revision}`), or pass a local folder with config.json, \
+         model.safetensors and tokenizer.json to --model",
+        cache.display(),
+        hub::cached_hint(repo, revision, cached)
     )]
     NotCached {
         repo: String,
         revision: String,
         cache: PathBuf,
-        file: String,
+        /// The first file missing, or the weights.
+        what: String,
+        /// The revisions of the repo the cache does hold.
+        cached: Vec<hub::CachedRevision>,
     },
+    #[error(transparent)]
+    Download(Box<DownloadFailure>),
     #[error(
-        "could not download `{file}` of model `{repo}` (revision {revision}): {msg}\n  If this machine has \
-         no network access, download the model elsewhere into the Hugging Face cache ({}) or pass a \
-         local folder to --model; set HF_HUB_OFFLINE=1 to skip the network",
-        cache.display()
+        "revision `{revision}` does not exist in `{repo}` on {endpoint}{}\n  Pass a branch, tag, \
+         commit hash or `refs/pr/N` of the repo to --revision",
+        hub::cached_hint(repo, revision, cached)
     )]
-    Download {
+    RevisionNotFound {
         repo: String,
         revision: String,
-        cache: PathBuf,
-        file: String,
-        msg: String,
+        endpoint: String,
+        cached: Vec<hub::CachedRevision>,
     },
+    #[error(
+        "repo `{repo}` not found on {endpoint} (HTTP {status}), or it is private or gated: {}\n  \
+         (No folder `{repo}` exists here either, if a local checkpoint was meant.)",
+        if *token {
+            "the token sent (HF_TOKEN or `hf auth login`) has no access to it"
+        } else {
+            "set HF_TOKEN to a token with access (or log in with `hf auth login`)"
+        }
+    )]
+    RepoNotFound {
+        repo: String,
+        endpoint: String,
+        status: u16,
+        /// Whether a token was sent.
+        token: bool,
+    },
+    #[error(
+        "model `{repo}` is gated on {endpoint}: accept its terms at {endpoint}/{repo} with your \
+         account, then set HF_TOKEN to a token of that account (or log in with `hf auth login`)"
+    )]
+    GatedRepo { repo: String, endpoint: String },
     #[error("{0}")]
     Unsupported(String),
+}
+
+/// A hub file that could not be had: network, timeout, HTTP error or a body that did not check
+/// out ([`LoadError::Download`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "could not download `{file}` of model `{repo}` (revision {revision}) from {url}: {msg}{}\n  \
+     Check the network connection (timeouts: HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT, in \
+     seconds), or download the model where there is network (`hf download {repo} --revision \
+     {revision}`) into the Hugging Face cache ({}), or pass a local folder to --model; set \
+     HF_HUB_OFFLINE=1 to use the cache only",
+    hub::cached_hint(repo, revision, cached),
+    cache.display()
+)]
+pub struct DownloadFailure {
+    pub repo: String,
+    pub revision: String,
+    pub cache: PathBuf,
+    pub file: String,
+    /// The hub URL of the file (never a signed CDN URL).
+    pub url: String,
+    pub msg: String,
+    /// The revisions of the repo the cache does hold.
+    pub cached: Vec<hub::CachedRevision>,
 }

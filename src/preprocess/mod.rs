@@ -76,7 +76,9 @@ impl PreprocessConfig {
         }
     }
 
-    /// Parses `preprocessor_config.json`; missing keys take the `CLIPImageProcessor` defaults.
+    /// Parses `preprocessor_config.json`; missing keys take the `CLIPImageProcessor` defaults,
+    /// except that `size` and `crop_size` default to the tower's `image_size` (not 224, which
+    /// only a 224-pixel tower could take).
     pub fn from_json(text: &str, image_size: usize) -> Result<Self, String> {
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let obj = v.as_object().ok_or("expected a JSON object")?;
@@ -161,6 +163,13 @@ impl PreprocessConfig {
             mean,
             std,
         })
+    }
+
+    /// Whether a `preprocessor_config.json` sets `do_convert_rgb` to false, which clipft does
+    /// not follow (it always converts to RGB; the caller warns).
+    pub fn declines_rgb_conversion(text: &str) -> bool {
+        serde_json::from_str::<serde_json::Value>(text)
+            .is_ok_and(|v| v.get("do_convert_rgb") == Some(&serde_json::Value::Bool(false)))
     }
 
     /// A short key that changes whenever the pixels this config produces would change.
@@ -306,7 +315,22 @@ impl PreprocessConfig {
         key: u64,
     ) -> Result<RgbImage, ImageError> {
         let src = self.load(path, view, decode)?;
-        Ok(self.view_pixels(&src.rgb, src.full_size, view, key))
+        let px = self.view_pixels(&src.rgb, src.full_size, view, key);
+        if px.dimensions() != (self.crop.1, self.crop.0) {
+            // Only without a centre crop: the resize alone decides the size, which then depends
+            // on the image's shape (transformers fails on such a batch too).
+            let (w, h) = px.dimensions();
+            return Err(ImageError {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "preprocessed to {w}x{h}, but the model takes {}x{}: the checkpoint's \
+                     preprocessor_config.json has do_center_crop false, so only images that \
+                     resize to exactly that size can be used",
+                    self.crop.1, self.crop.0
+                ),
+            });
+        }
+        Ok(px)
     }
 
     /// Rescale and normalise in f32, operation for operation as `transformers` does (rescale in
@@ -519,7 +543,8 @@ fn check_size(w: u32, h: u32) -> Result<(), String> {
 /// Decodes any supported file to 8-bit RGB as `transformers`' `convert_to_rgb` does: RGB images
 /// as they are; every other mode (grey, palette, alpha, CMYK, 16-bit) through RGBA, alpha-composited
 /// onto white with Pillow's integer arithmetic. The format is taken from the content, not the
-/// extension. EXIF orientation is ignored, as `CLIPImageProcessor` ignores it.
+/// extension. EXIF orientation is ignored, as `CLIPImageProcessor` ignores it, except in TIFFs,
+/// which Pillow 13 itself turns upright when it loads them.
 ///
 /// JPEGs are decoded with libjpeg-turbo's decoder (via mozjpeg, the same code Pillow uses:
 /// accurate integer IDCT, fancy chroma upsampling), CMYK ones converted with Pillow's
@@ -561,9 +586,31 @@ pub fn load_rgb_with(
     }
     let reader = || image::ImageReader::with_format(std::io::Cursor::new(&bytes[..]), format);
     let decode_err = |e: image::ImageError| err(format!("cannot decode image: {e}{libjpeg}"));
-    let (w, h) = reader().into_dimensions().map_err(decode_err)?;
+    let panicked = |msg: Option<String>| {
+        err(format!(
+            "cannot decode image: the {format:?} decoder failed on it ({})",
+            msg.unwrap_or_else(|| "no message".into())
+        ))
+    };
+    let (w, h) = jpeg::quietly(|| reader().into_dimensions())
+        .map_err(panicked)?
+        .map_err(decode_err)?;
     check_size(w, h).map_err(err)?;
-    let img = reader().decode().map_err(decode_err)?;
+    let img = jpeg::quietly(|| -> image::ImageResult<image::DynamicImage> {
+        let mut decoder = reader().into_decoder()?;
+        // Pillow 13 applies a TIFF's Orientation tag when it loads the file
+        // (`TiffImagePlugin.load_end` calls `exif_transpose`); for other formats EXIF
+        // orientation is left alone, as `CLIPImageProcessor` leaves it.
+        let orientation = match format {
+            image::ImageFormat::Tiff => image::ImageDecoder::orientation(&mut decoder)?,
+            _ => image::metadata::Orientation::NoTransforms,
+        };
+        let mut img = image::DynamicImage::from_decoder(decoder)?;
+        img.apply_orientation(orientation);
+        Ok(img)
+    })
+    .map_err(panicked)?
+    .map_err(decode_err)?;
     if img.width() == 0 || img.height() == 0 {
         return Err(err("image has no pixels".into()));
     }
@@ -810,11 +857,8 @@ mod jpeg {
     /// Decodes a JPEG with libjpeg: YCbCr, RGB and grey to RGB (reduced by `reduction(w, h)`),
     /// CMYK and YCCK at full size converted as Pillow converts them.
     pub fn decode(bytes: &[u8], reduction: impl Fn(u32, u32) -> u32) -> Result<Source, Failure> {
-        install_quiet_hook();
-        DECODING.with(|d| d.set(true));
         HIT_EOF.with(|e| e.set(false));
-        // Unwind safe: nothing outside the closure is left half-updated by a libjpeg error.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Source, Failure> {
+        let result = quietly(|| -> Result<Source, Failure> {
             let io = |e: std::io::Error| Failure::Declined(e.to_string());
             let mut d = mozjpeg::Decompress::builder()
                 .with_err(error_mgr())
@@ -850,8 +894,7 @@ mod jpeg {
                 }
                 other => Err(Failure::Declined(format!("colour space {other:?}"))),
             }
-        }));
-        DECODING.with(|d| d.set(false));
+        });
         // Checked first: a cut-off file may still come out as a (grey-filled) image, or as
         // whatever error the fake end-of-image marker led to.
         if HIT_EOF.with(Cell::get) {
@@ -859,16 +902,24 @@ mod jpeg {
                 "truncated JPEG (the file ends before the image data does)".into(),
             ));
         }
-        match result {
-            Ok(r) => r,
-            Err(panic) => Err(Failure::Declined(
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "corrupt JPEG".into()),
-            )),
-        }
+        result.unwrap_or_else(|msg| Err(Failure::Declined(msg.unwrap_or("corrupt JPEG".into()))))
+    }
+
+    /// Runs `f` (a decoder) with panics caught and the panic hook quiet on this thread: libjpeg's
+    /// errors unwind by design, and a decoder crate's assertion on an unusual file must fail
+    /// that file, not the run. `Err` carries the panic's message, if it had one.
+    pub fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, Option<String>> {
+        install_quiet_hook();
+        DECODING.with(|d| d.set(true));
+        // Unwind safe: the decoders' state lives inside `f` and is dropped with the panic.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+        DECODING.with(|d| d.set(false));
+        result.map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        })
     }
 
     /// Pillow's CMYK JPEG to RGB: libjpeg's samples read inverted (`CMYK;I`, Adobe's
