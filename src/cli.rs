@@ -163,12 +163,9 @@ impl ReadArgs {
 }
 
 pub fn default_cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("clipft").join("features")
+    crate::model::download::user_cache_dir()
+        .join("clipft")
+        .join("features")
 }
 
 /// Few-shot sampling of the train split.
@@ -396,35 +393,9 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     )?;
-    let p = &clip.preprocess;
-    let resize = match p.resize {
-        Some(crate::preprocess::ResizeTo::ShortestEdge(n)) => format!("shortest edge to {n}"),
-        Some(crate::preprocess::ResizeTo::Exact(h, w)) => format!("resize to {h}x{w}"),
-        None => "no resize".to_string(),
-    };
-    let crop = if p.do_center_crop {
-        format!("centre crop {}x{}", p.crop.1, p.crop.0)
-    } else {
-        format!(
-            "no centre crop (images must resize to {}x{})",
-            p.crop.1, p.crop.0
-        )
-    };
-    writeln!(
-        out,
-        "preprocess   {resize}, {crop}, {}",
-        format!("{:?}", p.resample).to_lowercase()
-    )?;
-    let rescale = match p.rescale_factor {
-        Some(f) if (f - 1.0 / 255.0).abs() < 1e-12 => "rescale 1/255".to_string(),
-        Some(f) => format!("rescale x{f}"),
-        None => "no rescale".to_string(),
-    };
-    let normalize = match (p.mean, p.std) {
-        (Some(m), Some(s)) => format!("mean {m:?}, std {s:?}"),
-        _ => "no normalisation".to_string(),
-    };
-    writeln!(out, "pixels       {rescale}, {normalize}")?;
+    let (steps, pixels) = clip.preprocess.describe();
+    writeln!(out, "preprocess   {steps}")?;
+    writeln!(out, "pixels       {pixels}")?;
     writeln!(
         out,
         "dtype        {} (weights stored as {})",

@@ -498,6 +498,16 @@ fn a_cached_pytorch_checkpoint_loads_without_the_network() {
     std::fs::remove_dir_all(repo_dir(tmp.path(), REPO).join(".no_exist")).unwrap();
     let out = info(tmp.path(), &closed_endpoint(), REPO).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    // Without the preprocessor config the hub must be asked; the failure names what the cache
+    // lacks, not just the revision lookup's request.
+    let snap = repo_dir(tmp.path(), REPO).join("snapshots").join(COMMIT);
+    std::fs::remove_file(snap.join("preprocessor_config.json")).unwrap();
+    let out = info(tmp.path(), &closed_endpoint(), REPO).output().unwrap();
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("without `preprocessor_config.json`"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -140,18 +140,27 @@ impl TipConfig {
         // file's stem.
         let given: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
             .with_context(|| format!("{origin}: invalid Tip config (expected a JSON object)"))?;
-        let mut merged = serde_json::to_value(Self::resolve("default")?)?;
-        merged["name"] = path
-            .file_stem()
-            .map_or("custom".into(), |s| s.to_string_lossy())
-            .into();
-        for (k, v) in given {
-            merged
-                .as_object_mut()
-                .expect("a config serialises to an object")
-                .insert(k, v);
+        let mut missing = serde_json::to_value(Self::resolve("default")?)?
+            .as_object()
+            .expect("a config serialises to an object")
+            .clone();
+        missing.insert(
+            "name".into(),
+            path.file_stem()
+                .map_or("custom".into(), |s| s.to_string_lossy())
+                .into(),
+        );
+        missing.retain(|k, _| !given.contains_key(k));
+        // The missing keys go textually before the closing brace, so a parse error's line and
+        // column still point into the user's file (the appended keys are valid).
+        let close = text.rfind('}').expect("a JSON object ends with `}`");
+        let mut merged = text[..close].to_string();
+        for (i, (k, v)) in missing.iter().enumerate() {
+            let sep = if i == 0 && given.is_empty() { "" } else { "," };
+            merged.push_str(&format!("{sep}{}:{v}", serde_json::Value::from(k.as_str())));
         }
-        Self::parse(&merged.to_string(), &origin)
+        merged.push_str(&text[close..]);
+        Self::parse(&merged, &origin)
     }
 
     pub fn grid(&self) -> Grid {
@@ -1260,6 +1269,12 @@ mod tests {
         std::fs::write(&p, r#"{"serch_step": [5, 4]}"#).unwrap();
         let e = format!("{:#}", TipConfig::resolve(p.to_str().unwrap()).unwrap_err());
         assert!(e.contains("mine.json") && e.contains("serch_step"), "{e}");
+        // A type error points into the user's file, not into the merged config.
+        std::fs::write(&p, "{\n  \"lr\": 0.001,\n  \"search_step\": \"x\"\n}\n").unwrap();
+        let e = format!("{:#}", TipConfig::resolve(p.to_str().unwrap()).unwrap_err());
+        assert!(e.contains("line 3 column"), "{e}");
+        std::fs::write(&p, "{ }").unwrap();
+        assert_eq!(TipConfig::resolve(p.to_str().unwrap()).unwrap().lr, d.lr);
         std::fs::write(&p, "[1, 2]").unwrap();
         assert!(TipConfig::resolve(p.to_str().unwrap()).is_err());
     }

@@ -108,15 +108,23 @@ pub fn expand_home(p: &str) -> PathBuf {
     }
 }
 
+/// `$XDG_CACHE_HOME`, else `~/.cache` (the temporary folder without a home): the base of both
+/// the Hugging Face cache and clipft's feature cache.
+pub fn user_cache_dir() -> PathBuf {
+    match env_var("XDG_CACHE_HOME") {
+        Some(x) => expand_home(&x),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cache"))
+            .unwrap_or_else(std::env::temp_dir),
+    }
+}
+
 /// `HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
 pub fn hf_home() -> PathBuf {
-    if let Some(h) = env_var("HF_HOME") {
-        return expand_home(&h);
+    match env_var("HF_HOME") {
+        Some(h) => expand_home(&h),
+        None => user_cache_dir().join("huggingface"),
     }
-    let cache = env_var("XDG_CACHE_HOME")
-        .map(|x| expand_home(&x))
-        .unwrap_or_else(|| expand_home("~/.cache"));
-    cache.join("huggingface")
 }
 
 /// `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`), else the file at `HF_TOKEN_PATH`, else

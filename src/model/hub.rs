@@ -276,11 +276,11 @@ fn resolve_hub(repo_id: &str, revision: &str, progress: bool) -> Result<ModelFil
         true => Some(revision.to_string()),
         false => m.cache.ref_commit(revision),
     };
-    let mut missing = format!("every file (revision {revision} was never downloaded)");
-    if let Some(commit) = &commit {
-        match m.cached(commit, offline)? {
+    let mut lacks = None;
+    if let Some(commit) = commit {
+        match m.cached(&commit, offline)? {
             Cached::Found(files) => return Ok(files),
-            Cached::Missing(what) => missing = what,
+            Cached::Missing(what) => lacks = Some((commit, what)),
         }
     }
     if offline {
@@ -288,11 +288,14 @@ fn resolve_hub(repo_id: &str, revision: &str, progress: bool) -> Result<ModelFil
             repo: repo_id.into(),
             revision: revision.into(),
             cache: m.cache_dir.clone(),
-            what: missing,
+            what: lacks.map_or_else(
+                || format!("every file (revision {revision} was never downloaded)"),
+                |(_, what)| what,
+            ),
             cached: m.complete_revisions(),
         });
     }
-    m.download(&Client::from_env(progress))
+    m.download(&Client::from_env(progress), lacks)
 }
 
 impl HubModel<'_> {
@@ -418,14 +421,27 @@ impl HubModel<'_> {
     /// Online: resolves the revision to a commit (with the metadata of `config.json`), then
     /// takes each file from that commit's snapshot, or downloads it, asking for it at the commit
     /// so that every file comes from the same one.
-    fn download(&self, client: &Client) -> Result<ModelFiles, LoadError> {
+    /// `lacks`: what the cache holds of the revision's commit but not (for messages).
+    fn download(
+        &self,
+        client: &Client,
+        lacks: Option<(String, String)>,
+    ) -> Result<ModelFiles, LoadError> {
         let first = match client.head(self.repo_id, self.revision, CONFIG) {
             Ok(r) => r,
             Err(HubError::EntryNotFound { commit: Some(c) }) if download::is_commit_hash(&c) => {
                 self.cache.mark_missing(&c, CONFIG);
                 return Err(self.missing(CONFIG));
             }
-            Err(e) => return Err(self.hub_error(client, CONFIG, e)),
+            Err(e) => {
+                return Err(match self.hub_error(client, CONFIG, e) {
+                    LoadError::Download(mut f) => {
+                        f.cache_lacks = lacks;
+                        LoadError::Download(f)
+                    }
+                    other => other,
+                })
+            }
         };
         let commit = first.commit.clone();
         // Ok(None): the hub says the file does not exist (recorded in `.no_exist`).
@@ -506,6 +522,7 @@ impl HubModel<'_> {
                 url,
                 msg,
                 cached: self.complete_revisions(),
+                cache_lacks: None,
             })),
         }
     }

@@ -285,7 +285,12 @@ impl Clip {
                     path: p.clone(),
                     msg: e.to_string(),
                 })?;
-                if PreprocessConfig::declines_rgb_conversion(&text) {
+                let pre = PreprocessConfig::from_json(&text, config.vision_config.image_size)
+                    .map_err(|msg| LoadError::BadFile {
+                        path: p.clone(),
+                        msg,
+                    })?;
+                if pre.declines_rgb {
                     warnings.push(format!(
                         "{} sets do_convert_rgb false, which clipft does not follow: every image \
                          is converted to RGB (transformers would refuse grey, palette and \
@@ -293,12 +298,7 @@ impl Clip {
                         p.display()
                     ));
                 }
-                PreprocessConfig::from_json(&text, config.vision_config.image_size).map_err(
-                    |msg| LoadError::BadFile {
-                        path: p.clone(),
-                        msg,
-                    },
-                )?
+                pre
             }
             None => PreprocessConfig::openai(config.vision_config.image_size as u32),
         };

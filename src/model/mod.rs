@@ -109,11 +109,16 @@ pub enum LoadError {
 /// out ([`LoadError::Download`]).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "could not download `{file}` of model `{repo}` (revision {revision}) from {url}: {msg}{}\n  \
+    "could not download `{file}` of model `{repo}` (revision {revision}) from {url}: {msg}{}{}\n  \
      Check the network connection (timeouts: HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT, in \
      seconds), or download the model where there is network (`hf download {repo} --revision \
      {revision}`) into the Hugging Face cache ({}), or pass a local folder to --model; set \
      HF_HUB_OFFLINE=1 to use the cache only",
+    cache_lacks.as_ref().map_or(String::new(), |(commit, what)| format!(
+        "\n  The cache has revision {revision} (commit {}) without {what}, which was to be \
+         downloaded (the request above is the revision lookup that comes first)",
+        &commit[..commit.len().min(12)]
+    )),
     hub::cached_hint(repo, revision, cached),
     cache.display()
 )]
@@ -127,4 +132,7 @@ pub struct DownloadFailure {
     pub msg: String,
     /// The revisions of the repo the cache does hold.
     pub cached: Vec<hub::CachedRevision>,
+    /// When the cache has the revision's commit but not all of it: the commit and what is
+    /// missing (the failed request, the revision lookup, names another file).
+    pub cache_lacks: Option<(String, String)>,
 }

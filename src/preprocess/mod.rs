@@ -60,6 +60,10 @@ pub struct PreprocessConfig {
     pub rescale_factor: Option<f64>,
     pub mean: Option<[f32; 3]>,
     pub std: Option<[f32; 3]>,
+    /// The file set `do_convert_rgb` to false, which clipft does not follow (it always converts
+    /// to RGB; the loader warns). Not part of [`Self::cache_key`]: the pixels are the same.
+    #[serde(skip)]
+    pub declines_rgb: bool,
 }
 
 impl PreprocessConfig {
@@ -73,6 +77,7 @@ impl PreprocessConfig {
             rescale_factor: Some(1.0 / 255.0),
             mean: Some(OPENAI_MEAN),
             std: Some(OPENAI_STD),
+            declines_rgb: false,
         }
     }
 
@@ -162,14 +167,38 @@ impl PreprocessConfig {
             rescale_factor,
             mean,
             std,
+            declines_rgb: obj.get("do_convert_rgb") == Some(&serde_json::Value::Bool(false)),
         })
     }
 
-    /// Whether a `preprocessor_config.json` sets `do_convert_rgb` to false, which clipft does
-    /// not follow (it always converts to RGB; the caller warns).
-    pub fn declines_rgb_conversion(text: &str) -> bool {
-        serde_json::from_str::<serde_json::Value>(text)
-            .is_ok_and(|v| v.get("do_convert_rgb") == Some(&serde_json::Value::Bool(false)))
+    /// The two lines `clipft info` prints: the geometric steps, then the pixel arithmetic.
+    pub fn describe(&self) -> (String, String) {
+        let resize = match self.resize {
+            Some(ResizeTo::ShortestEdge(n)) => format!("shortest edge to {n}"),
+            Some(ResizeTo::Exact(h, w)) => format!("resize to {h}x{w}"),
+            None => "no resize".to_string(),
+        };
+        let (h, w) = self.crop;
+        let crop = match (self.do_center_crop, self.resize.is_some()) {
+            (true, _) => format!("centre crop {w}x{h}"),
+            // Without a crop the tower's input size is what images become, or already are.
+            (false, true) => format!("no centre crop (images must resize to {w}x{h})"),
+            (false, false) => format!("no centre crop (images must be {w}x{h})"),
+        };
+        let resample = format!("{:?}", self.resample).to_lowercase();
+        let rescale = match self.rescale_factor {
+            Some(f) if (f - 1.0 / 255.0).abs() < 1e-12 => "rescale 1/255".to_string(),
+            Some(f) => format!("rescale x{f}"),
+            None => "no rescale".to_string(),
+        };
+        let normalize = match (self.mean, self.std) {
+            (Some(m), Some(s)) => format!("mean {m:?}, std {s:?}"),
+            _ => "no normalisation".to_string(),
+        };
+        (
+            format!("{resize}, {crop}, {resample}"),
+            format!("{rescale}, {normalize}"),
+        )
     }
 
     /// A short key that changes whenever the pixels this config produces would change.
@@ -1259,6 +1288,36 @@ mod tests {
             ..PreprocessConfig::openai(224)
         };
         assert_eq!(no_resize.jpeg_reduction(4000, 3000, &c), 1);
+    }
+
+    /// `clipft info`'s description follows the config, including the no-resize, no-crop case.
+    #[test]
+    fn describe_names_each_step() {
+        let d = PreprocessConfig::openai(224).describe();
+        assert_eq!(d.0, "shortest edge to 224, centre crop 224x224, bicubic");
+        assert!(
+            d.1.starts_with("rescale 1/255, mean [0.48145467"),
+            "{}",
+            d.1
+        );
+        let p = |json: &str| PreprocessConfig::from_json(json, 32).unwrap();
+        let d = p(r#"{"do_center_crop": false}"#).describe();
+        assert_eq!(
+            d.0,
+            "shortest edge to 32, no centre crop (images must resize to 32x32), bicubic"
+        );
+        let q = p(r#"{"do_center_crop": false, "do_resize": false, "do_normalize": false}"#);
+        assert_eq!(
+            q.describe().0,
+            "no resize, no centre crop (images must be 32x32), bicubic"
+        );
+        assert_eq!(q.describe().1, "rescale 1/255, no normalisation");
+        assert!(!q.declines_rgb && p(r#"{"do_convert_rgb": false}"#).declines_rgb);
+        // The recorded flag does not change the pixels' cache key.
+        assert_eq!(
+            p(r#"{"do_convert_rgb": false}"#).cache_key(),
+            p("{}").cache_key()
+        );
     }
 
     #[test]
