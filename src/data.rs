@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use unicode_normalization::UnicodeNormalization;
 
 /// File extensions (lower case) read as images: Pillow's for these formats (it also opens
 /// `.jif` JPEGs, by their content).
@@ -352,9 +353,13 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataEr
         if name.is_empty() {
             return Err(bad(format!("empty name for `{folder}`")));
         }
+        // Exact first; else the same text in another Unicode normal form (macOS stores file
+        // names decomposed, editors write composed text).
+        let nfc = |s: &str| s.nfc().collect::<String>();
         let k = classes
             .iter()
             .position(|c| c.folder == folder)
+            .or_else(|| classes.iter().position(|c| nfc(&c.folder) == nfc(folder)))
             .ok_or_else(|| bad(format!("`{folder}` is not a class folder of this dataset")))?;
         if let Some(first) = named_on[k] {
             return Err(bad(format!("`{folder}` is already named on line {first}")));
@@ -599,6 +604,22 @@ mod tests {
         let (_dir, root) = dataset(&["cat", "dog"], Some("\u{feff}cat\tkitty\ndog\tpuppy\n"));
         let ds = Dataset::open(&root).unwrap();
         assert_eq!(ds.class_names(), ["kitty", "puppy"]);
+    }
+
+    /// A folder stored decomposed (as macOS does) is found by its composed name and back.
+    #[test]
+    fn classnames_match_folders_in_another_normal_form() {
+        let (nfd, nfc) = ("cafe\u{301}", "caf\u{e9}");
+        let (_dir, root) = dataset(&[nfd, "dog"], Some(&format!("{nfc}\tcoffee\ndog\tpuppy\n")));
+        assert_eq!(
+            Dataset::open(&root).unwrap().class_names(),
+            ["coffee", "puppy"]
+        );
+        let (_dir, root) = dataset(&[nfc, "dog"], Some(&format!("{nfd}\tcoffee\n")));
+        assert_eq!(
+            Dataset::open(&root).unwrap().class_names(),
+            ["coffee", "dog"]
+        );
     }
 
     /// Old Mac line ends (a lone CR) end lines too, with the line numbers an editor shows; a

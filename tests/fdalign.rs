@@ -267,7 +267,40 @@ fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
         .output()
         .unwrap();
     assert_fails_with(&o, "the loss became");
-    assert!(!out.join("model.safetensors").exists());
+    // Failed in the first epoch, before any state was saved: the folder it made is gone.
+    assert!(!out.exists());
+}
+
+/// A source without `preprocessor_config.json` gives an output whose file is in the
+/// `CLIPImageProcessor` format, with the defaults the source ran with.
+#[test]
+fn a_source_without_preprocessor_config_gives_a_loadable_output() {
+    let ws = Workspace::new();
+    let model = ws.path().join("bare-model");
+    common::copy_dir(&ws.model(), &model);
+    std::fs::remove_file(model.join("preprocessor_config.json")).unwrap();
+    let out = ws.path().join("fd");
+    let o = ws
+        .bare("fdalign")
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--shots", "2", "--epochs", "1", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(out.join("preprocessor_config.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["image_processor_type"], "CLIPImageProcessor");
+    assert_eq!(json["resample"], 3);
+    let clip = Clip::load(&clipft::model::ModelSpec::local(&out)).unwrap();
+    let size = clip.config().vision_config.image_size as u32;
+    assert_eq!(
+        clip.preprocess,
+        clipft::preprocess::PreprocessConfig::openai(size)
+    );
 }
 
 /// The last step of a run can diverge after the last loss was checked: the val check after the

@@ -41,6 +41,8 @@ enum Mode {
     CutNoLength,
     /// The weights are on a "CDN": a redirect to `localhost` (another host than 127.0.0.1).
     RedirectWeights,
+    /// The first two metadata requests are rate-limited (429, Retry-After: 0).
+    RateLimitedTwice,
 }
 
 /// One request as the fake hub saw it.
@@ -74,11 +76,15 @@ impl FakeHub {
         let files = Arc::new(files);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stalled_once = Arc::new(Mutex::new(false));
+        let limited = Arc::new(Mutex::new(0));
         let log = seen.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (files, log, once) = (files.clone(), log.clone(), stalled_once.clone());
-                std::thread::spawn(move || serve(stream, mode, port, &files, &log, &once));
+                let limited = limited.clone();
+                std::thread::spawn(move || {
+                    serve(stream, mode, port, &files, &log, &once, &limited)
+                });
             }
         });
         Self { port, seen }
@@ -100,6 +106,7 @@ fn serve(
     files: &HashMap<String, Vec<u8>>,
     log: &Mutex<Vec<Seen>>,
     stalled_once: &Mutex<bool>,
+    limited: &Mutex<usize>,
 ) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
@@ -154,6 +161,17 @@ fn serve(
         ];
         send(out, status, &hdrs, b"");
     };
+    if head && mode == Mode::RateLimitedTwice {
+        let mut n = limited.lock().unwrap();
+        if *n < 2 {
+            *n += 1;
+            let hdrs = [
+                ("Retry-After", "0".to_string()),
+                ("Content-Length", "0".to_string()),
+            ];
+            return send(&mut out, "429 Too Many Requests", &hdrs, b"");
+        }
+    }
     // The "CDN": just the bytes.
     let path = path.split('?').next().unwrap_or("").to_string();
     let (cdn, path) = match path.strip_prefix("/cdn") {
@@ -368,6 +386,19 @@ fn a_download_into_an_empty_cache_has_the_huggingface_layout() {
     // Now cached: no request at all, even with the hub gone.
     let out = info(&cache, &closed_endpoint(), REPO).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_rate_limited_metadata_request_is_retried() {
+    let hub = FakeHub::start(Mode::RateLimitedTwice);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = info(tmp.path(), &hub.endpoint(), REPO).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("HTTP 429") && stderr(&out).contains("retrying in 1 s (2/5)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

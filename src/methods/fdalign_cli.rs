@@ -121,6 +121,15 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         ),
         quiet,
     );
+    // A run that fails before it wrote anything takes back the folder it made (one holding a
+    // resume state stays, for --resume).
+    let made_out = !a.out.exists();
+    let remove_if_empty = |e: anyhow::Error| {
+        if made_out {
+            let _ = std::fs::remove_dir(&a.out);
+        }
+        e
+    };
     let (best, outcome) = fdalign_train::train(
         &clip,
         &dataset.class_names(),
@@ -132,7 +141,8 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         a.resume,
         !quiet,
         None,
-    )?;
+    )
+    .map_err(remove_if_empty)?;
     let meta = serde_json::json!({
         "kind": "fdalign",
         "source_model": clip.files.id,
@@ -145,7 +155,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "val_n": val.len(),
         "outcome": outcome,
     });
-    fdalign_train::write_checkpoint(&clip, &best, &a.out, meta)?;
+    fdalign_train::write_checkpoint(&clip, &best, &a.out, meta).map_err(remove_if_empty)?;
     if outcome.skipped_steps > 0 {
         info(
             format!(

@@ -602,9 +602,8 @@ pub fn write_checkpoint(
     )?;
     let pre = match &clip.files.preprocessor {
         Some(p) => std::fs::read(p)?,
-        None => serde_json::to_vec_pretty(&crate::preprocess::PreprocessConfig::openai(
-            clip.config().vision_config.image_size as u32,
-        ))?,
+        // The defaults the model ran with, in the file format (not clipft's own struct).
+        None => serde_json::to_vec_pretty(&clip.preprocess.to_hf_json())?,
     };
     crate::io::write_atomic(&out.join("preprocessor_config.json"), &pre)?;
     let w = tuned

@@ -27,6 +27,10 @@ use crate::interrupt;
 
 /// Redirects followed before giving up (httpx's default, as `huggingface_hub`).
 const MAX_REDIRECTS: usize = 20;
+/// Retries of a metadata request answered with one of [`RETRY_STATUS`].
+const RETRIES: usize = 5;
+/// `huggingface_hub`'s `_DEFAULT_RETRY_ON_STATUS_CODES`.
+const RETRY_STATUS: [u16; 6] = [408, 429, 500, 502, 503, 504];
 /// Body attempts after the first that brought no new bytes (`huggingface_hub` allows 5 with a
 /// 10 s timeout; 3 keeps a dead server's cost near 4 timeouts). An attempt that got further than
 /// any before resets the count, so a slow but moving download is never cut.
@@ -262,9 +266,24 @@ impl Client {
     pub fn head(&self, repo_id: &str, revision: &str, file: &str) -> Result<Remote, HubError> {
         let start = self.file_url(repo_id, revision, file);
         let mut url = start.clone();
-        for _ in 0..MAX_REDIRECTS {
+        let mut retries = 0;
+        for _ in 0..MAX_REDIRECTS + RETRIES {
             let resp = match self.request(&self.meta, "HEAD", &url, true).call() {
                 Ok(r) => r,
+                // "Try again later" (rate limit, overload): retried as `huggingface_hub`'s
+                // `http_backoff` does, waiting 1, 2, 4, 8, 8 s or what Retry-After asks.
+                Err(ureq::Error::Status(status, r))
+                    if RETRY_STATUS.contains(&status) && retries < RETRIES =>
+                {
+                    let wait = retry_after(&r).map_or(1 << retries.min(3), |s| s + 1);
+                    retries += 1;
+                    eprintln!(
+                        "the hub answered HTTP {status} for {url}; retrying in {wait} s \
+                         ({retries}/{RETRIES})"
+                    );
+                    std::thread::sleep(std::time::Duration::from_secs(wait));
+                    continue;
+                }
                 Err(ureq::Error::Status(status, r)) => {
                     return Err(status_error(status, &r, &start))
                 }
@@ -652,6 +671,13 @@ fn remote(
         location,
         auth,
     })
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is ignored, as `huggingface_hub` does), at most
+/// a minute.
+fn retry_after(resp: &ureq::Response) -> Option<u64> {
+    let s: u64 = resp.header("Retry-After")?.trim().parse().ok()?;
+    Some(s.min(60))
 }
 
 /// `hf_raise_for_status`, for the errors clipft tells apart.

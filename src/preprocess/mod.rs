@@ -37,6 +37,18 @@ impl Resample {
             _ => return None,
         })
     }
+
+    /// The PIL filter number (`resample` in `preprocessor_config.json`).
+    pub fn to_pil(self) -> u64 {
+        match self {
+            Self::Nearest => 0,
+            Self::Lanczos => 1,
+            Self::Bilinear => 2,
+            Self::Bicubic => 3,
+            Self::Box => 4,
+            Self::Hamming => 5,
+        }
+    }
 }
 
 /// How the first resize is sized (`size` in `preprocessor_config.json`).
@@ -169,6 +181,34 @@ impl PreprocessConfig {
             std,
             declines_rgb: obj.get("do_convert_rgb") == Some(&serde_json::Value::Bool(false)),
         })
+    }
+
+    /// This config as a `CLIPImageProcessor`'s `preprocessor_config.json`, which
+    /// [`Self::from_json`] and `transformers` both read back to the same settings.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let size = |r: ResizeTo| match r {
+            ResizeTo::ShortestEdge(n) => serde_json::json!({ "shortest_edge": n }),
+            ResizeTo::Exact(h, w) => serde_json::json!({ "height": h, "width": w }),
+        };
+        // An f32 widened to f64 would print as 0.48145467042922974: write its shortest form.
+        let short = |v: [f32; 3]| v.map(|x| x.to_string().parse::<f64>().expect("a number"));
+        let mut v = serde_json::json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": self.resize.is_some(),
+            "resample": self.resample.to_pil(),
+            "do_center_crop": self.do_center_crop,
+            "crop_size": size(ResizeTo::Exact(self.crop.0, self.crop.1)),
+            "do_rescale": self.rescale_factor.is_some(),
+            "rescale_factor": self.rescale_factor.unwrap_or(1.0 / 255.0),
+            "do_normalize": self.mean.is_some(),
+            "image_mean": short(self.mean.unwrap_or(OPENAI_MEAN)),
+            "image_std": short(self.std.unwrap_or(OPENAI_STD)),
+            "do_convert_rgb": !self.declines_rgb,
+        });
+        if let Some(r) = self.resize {
+            v["size"] = size(r);
+        }
+        v
     }
 
     /// The two lines `clipft info` prints: the geometric steps, then the pixel arithmetic.
@@ -1288,6 +1328,29 @@ mod tests {
             ..PreprocessConfig::openai(224)
         };
         assert_eq!(no_resize.jpeg_reduction(4000, 3000, &c), 1);
+    }
+
+    /// What FD-Align writes for a source without `preprocessor_config.json` reads back the same.
+    #[test]
+    fn hf_json_round_trips() {
+        let p = |json: &str| PreprocessConfig::from_json(json, 32).unwrap();
+        for c in [
+            PreprocessConfig::openai(224),
+            p(r#"{"do_center_crop": false, "do_resize": false, "do_normalize": false}"#),
+            p(
+                r#"{"size": {"height": 40, "width": 36}, "crop_size": {"height": 32, "width": 30},
+                  "resample": 2, "do_rescale": false, "image_mean": [0.5], "image_std": [0.25],
+                  "do_convert_rgb": false}"#,
+            ),
+        ] {
+            let text = c.to_hf_json().to_string();
+            let image_size = c.crop.0 as usize;
+            assert_eq!(
+                PreprocessConfig::from_json(&text, image_size).unwrap(),
+                c,
+                "{text}"
+            );
+        }
     }
 
     /// `clipft info`'s description follows the config, including the no-resize, no-crop case.
