@@ -689,30 +689,31 @@ pub fn text_classifier(
         !class_names.is_empty() && !template_set.is_empty(),
         "a zero-shot classifier needs at least one class name and one prompt template"
     );
-    // Names the tokenizer cannot tell apart (case, spacing, accent forms) would give two classes
-    // the same prompts, and the later one could never be predicted.
-    let first: Vec<String> = class_names
-        .iter()
-        .map(|n| templates::fill(&template_set[0], n))
-        .collect();
-    let ids = clip.tokenizer.encode_batch(&first)?;
-    let mut seen: HashMap<&[u32], usize> = HashMap::new();
-    for (k, id) in ids.iter().enumerate() {
-        if let Some(&j) = seen.get(id.as_slice()) {
-            anyhow::bail!(
-                "classes \"{}\" and \"{}\" tokenize to the same prompts (the tokenizer ignores \
-                 case, spacing and accent forms), so zero-shot could never tell them apart; give \
-                 them distinct names (classnames.txt)",
-                class_names[j],
-                class_names[k]
-            );
-        }
-        seen.insert(id, k);
-    }
     let prompts: Vec<String> = class_names
         .iter()
         .flat_map(|name| template_set.iter().map(|t| templates::fill(t, name)))
         .collect();
+    // Names the tokenizer cannot tell apart under every template would give two classes the same
+    // prompts, and the later one could never be predicted.
+    let ids = clip.tokenizer.encode_batch(&prompts)?;
+    let mut seen: HashMap<&[Vec<u32>], usize> = HashMap::new();
+    for (k, class_ids) in ids.chunks(template_set.len()).enumerate() {
+        if let Some(&j) = seen.get(class_ids) {
+            let (a, b) = (&class_names[j], &class_names[k]);
+            let names = clip.tokenizer.encode_batch(&[a.clone(), b.clone()])?;
+            let why = if names[0] == names[1] {
+                "the tokenizer ignores case, spacing and accent forms"
+            } else {
+                "every prompt is cut at the text tower's context length before the words that \
+                 differ: shorten the templates or the names"
+            };
+            anyhow::bail!(
+                "classes \"{a}\" and \"{b}\" tokenize to the same prompts ({why}), so zero-shot \
+                 could never tell them apart; give them distinct names (classnames.txt)"
+            );
+        }
+        seen.insert(class_ids, k);
+    }
     let pb = crate::progress::bar(prompts.len() as u64, "prompts", progress);
     let f = encode_prompts(clip, &prompts, batch_size, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();

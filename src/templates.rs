@@ -27,6 +27,8 @@ pub const BUILTIN: &[(&str, &str, &str)] = &[
 /// lines and `#` comments are skipped.
 pub fn parse(text: &str, origin: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
+    // Lines end in \n, \r\n or (old Mac files) a lone \r, as in classnames.txt.
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -101,6 +103,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.txt");
         std::fs::write(&p, "\u{feff}a photo of a {}.\r\nart of a {}.\n").unwrap();
+        assert_eq!(
+            resolve(p.to_str().unwrap()).unwrap(),
+            vec!["a photo of a {}.", "art of a {}."]
+        );
+        // Old Mac line ends, blank lines and comments.
+        std::fs::write(&p, "a photo of a {}.\r\r# mine\rart of a {}.\r").unwrap();
         assert_eq!(
             resolve(p.to_str().unwrap()).unwrap(),
             vec!["a photo of a {}.", "art of a {}."]

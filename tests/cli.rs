@@ -881,6 +881,28 @@ fn indistinguishable_class_names_and_cut_prompts_are_reported() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("were cut to fit"), "{}", stderr(&out));
+    // A template that cuts the class name away makes every class alike under it: refused only
+    // when no template tells them apart, and the message names the cut, in either order.
+    let early = |first: &str, second: &str| {
+        std::fs::write(&long, format!("{first}\n{second}\n")).unwrap();
+        ws.cmd("eval")
+            .arg("--data")
+            .arg(ws.data())
+            .arg("--templates")
+            .arg(&long)
+            .output()
+            .unwrap()
+    };
+    let cut = format!("{} {{}}", "a long prefix".repeat(40));
+    for order in [
+        (cut.as_str(), "a photo of a {}."),
+        ("a photo of a {}.", &cut),
+    ] {
+        let out = early(order.0, order.1);
+        assert!(out.status.success(), "{order:?}: {}", stderr(&out));
+    }
+    let out = early(&cut, &format!("{} and {{}}", "words".repeat(80)));
+    assert_fails_with(&out, "cut at the text tower's context length");
 }
 
 /// A feature cache that cannot be written costs a warning, not the run; a split with no
