@@ -261,6 +261,15 @@ impl Dataset {
                 }
             })?;
         }
+        // A folder such as `_` reads as blank: its prompts would name nothing.
+        if let Some(c) = classes.iter().find(|c| c.name.trim().is_empty()) {
+            return Err(DataError::Io {
+                path: root.join(first.as_str()).join(&c.folder),
+                msg: "the class name read from this folder's name is blank ('_' reads as a \
+                      space); give it a name in classnames.txt"
+                    .into(),
+            });
+        }
         Ok(Self {
             root,
             classes,
@@ -604,6 +613,18 @@ mod tests {
         let (_dir, root) = dataset(&["cat", "dog"], Some("\u{feff}cat\tkitty\ndog\tpuppy\n"));
         let ds = Dataset::open(&root).unwrap();
         assert_eq!(ds.class_names(), ["kitty", "puppy"]);
+    }
+
+    /// A folder whose name reads as blank needs a name from classnames.txt.
+    #[test]
+    fn a_blank_class_name_is_refused_unless_named() {
+        let e = open_err(&["_", "dog"], None);
+        assert!(e.contains("/_:") && e.contains("blank"), "{e}");
+        let (_dir, root) = dataset(&["_", "dog"], Some("_\tunderscore\n"));
+        assert_eq!(
+            Dataset::open(&root).unwrap().class_names(),
+            ["underscore", "dog"]
+        );
     }
 
     /// A folder stored decomposed (as macOS does) is found by its composed name and back.

@@ -858,14 +858,16 @@ pub fn sweep(
                     format!(
                         "lr {} wd {} batch {} diverged (non-finite weights at the first \
                          validation): not used",
-                        h.lr, h.weight_decay, h.batch_size
+                        num(h.lr),
+                        num(h.weight_decay),
+                        h.batch_size
                     )
                 } else {
                     format!(
                         "skipped lr {} wd {} batch {}: a half batch is not smaller than the {} \
                          text / {} image rows",
-                        h.lr,
-                        h.weight_decay,
+                        num(h.lr),
+                        num(h.weight_decay),
                         h.batch_size,
                         text.labels.len(),
                         image.labels.len()
@@ -1145,9 +1147,26 @@ impl CrossArtifact {
     }
 }
 
+/// A setting as Python's `repr` prints it: `0.001`, but `1e-30` rather than thirty zeros.
+pub(crate) fn num(x: f64) -> String {
+    if x != 0.0 && x.is_finite() && !(1e-4..1e16).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_print_as_python_does() {
+        assert_eq!(num(0.001), "0.001");
+        assert_eq!(num(1e-30), "1e-30");
+        assert_eq!(num(0.0), "0");
+        assert_eq!(num(5e-5), "5e-5");
+    }
 
     #[test]
     fn schedule_warms_up_then_cosine() {

@@ -281,8 +281,8 @@ pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Resu
     writeln!(
         out,
         "  chosen: lr {} weight decay {} batch {} ({}), best iteration {}",
-        m.hyper.lr,
-        m.hyper.weight_decay,
+        super::crossmodal::num(m.hyper.lr),
+        super::crossmodal::num(m.hyper.weight_decay),
         m.hyper.batch_size,
         if m.swept { "swept on val" } else { "as given" },
         m.best_iter
