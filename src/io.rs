@@ -135,16 +135,50 @@ pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)>
     Ok((tensors, meta))
 }
 
-/// The tensor `name` of a loaded file, or an error naming the file.
+/// The tensor `name` of a loaded file, or an error naming the file. A NaN or infinity in it is
+/// refused here, naming the tensor, rather than surfacing later as meaningless logits.
 pub fn take(tensors: &mut HashMap<String, Tensor>, name: &str, path: &Path) -> Result<Tensor> {
-    tensors
+    let t = tensors
         .remove(name)
-        .with_context(|| format!("{}: no tensor `{name}`", path.display()))
+        .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+    if t.dtype().is_float() {
+        // (The sum of |x| of finite values stays finite for any weights a model could hold.)
+        let sum = t.to_dtype(candle_core::DType::F32)?.abs()?.sum_all()?;
+        anyhow::ensure!(
+            sum.to_scalar::<f32>()?.is_finite(),
+            "{}: tensor `{name}` holds NaN or infinite values: the file is damaged, or was \
+             written by a run that diverged",
+            path.display()
+        );
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_refuses_missing_and_non_finite_tensors() {
+        let p = Path::new("a.safetensors");
+        let mut m = HashMap::new();
+        m.insert(
+            "ok".to_string(),
+            Tensor::new(&[1f32, -2.0], &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "nan".to_string(),
+            Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "ids".to_string(),
+            Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(),
+        );
+        assert!(take(&mut m, "ok", p).is_ok() && take(&mut m, "ids", p).is_ok());
+        let e = take(&mut m, "nan", p).unwrap_err().to_string();
+        assert!(e.contains("a.safetensors") && e.contains("`nan`"), "{e}");
+        assert!(take(&mut m, "gone", p).is_err());
+    }
 
     /// Outputs get the mode of any file the user creates (0666 less the umask), not the
     /// temporary file's private 0600, also when they replace an existing file.
