@@ -638,24 +638,23 @@ pub const TEXT_BATCH: usize = 256;
 
 /// Raw text features (`get_text_features`) of prompts, `[N, D]` f32 on the CPU.
 pub fn text_features(clip: &Clip, prompts: &[String], batch_size: usize) -> Result<Tensor> {
-    encode_prompts(clip, prompts, batch_size, |_| {})
+    let tokens = clip.tokenizer.encode_batch_noting_cuts(prompts)?;
+    encode_tokens(clip, tokens, batch_size, |_| {})
 }
 
-/// [`text_features`], calling `done(n)` after each batch of `n` prompts.
-fn encode_prompts(
+/// The text features of tokenized prompts (`(ids, how many were cut)`, as
+/// `encode_batch_noting_cuts` returns them), calling `done(n)` after each batch of `n`.
+fn encode_tokens(
     clip: &Clip,
-    prompts: &[String],
+    (ids, cut): (Vec<Vec<u32>>, usize),
     batch_size: usize,
     mut done: impl FnMut(usize),
 ) -> Result<Tensor> {
-    let mut rows = Vec::with_capacity(prompts.len());
-    let mut cut = 0;
-    for chunk in prompts.chunks(batch_size.max(1)) {
-        let (ids, n) = clip.tokenizer.encode_batch_noting_cuts(chunk)?;
-        cut += n;
+    let mut rows = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(batch_size.max(1)) {
         let f = clip
             .model
-            .text_features(&ids, &clip.device)?
+            .text_features(chunk, &clip.device)?
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?;
         rows.push(f);
@@ -667,7 +666,7 @@ fn encode_prompts(
         eprintln!(
             "warning: {cut} of {} prompts were longer than the text tower's {} tokens and were \
              cut to fit",
-            prompts.len(),
+            ids.len(),
             clip.tokenizer.context_length()
         );
     }
@@ -695,7 +694,8 @@ pub fn text_classifier(
         .collect();
     // Names the tokenizer cannot tell apart under every template would give two classes the same
     // prompts, and the later one could never be predicted.
-    let ids = clip.tokenizer.encode_batch(&prompts)?;
+    let tokens = clip.tokenizer.encode_batch_noting_cuts(&prompts)?;
+    let ids = &tokens.0;
     let mut seen: HashMap<&[Vec<u32>], usize> = HashMap::new();
     for (k, class_ids) in ids.chunks(template_set.len()).enumerate() {
         if let Some(&j) = seen.get(class_ids) {
@@ -715,7 +715,7 @@ pub fn text_classifier(
         seen.insert(class_ids, k);
     }
     let pb = crate::progress::bar(prompts.len() as u64, "prompts", progress);
-    let f = encode_prompts(clip, &prompts, batch_size, |n| pb.inc(n as u64))?;
+    let f = encode_tokens(clip, tokens, batch_size, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     let f = l2_normalize(&f)?.reshape((class_names.len(), template_set.len(), ()))?;
     l2_normalize(&f.mean(1)?)

@@ -26,28 +26,25 @@ pub enum Resample {
 }
 
 impl Resample {
+    /// The filters at their PIL numbers (`resample` in `preprocessor_config.json`).
+    const BY_PIL: [Self; 6] = [
+        Self::Nearest,
+        Self::Lanczos,
+        Self::Bilinear,
+        Self::Bicubic,
+        Self::Box,
+        Self::Hamming,
+    ];
+
     pub fn from_pil(n: u64) -> Option<Self> {
-        Some(match n {
-            0 => Self::Nearest,
-            1 => Self::Lanczos,
-            2 => Self::Bilinear,
-            3 => Self::Bicubic,
-            4 => Self::Box,
-            5 => Self::Hamming,
-            _ => return None,
-        })
+        let i = usize::try_from(n).ok()?;
+        Self::BY_PIL.get(i).copied()
     }
 
-    /// The PIL filter number (`resample` in `preprocessor_config.json`).
+    /// The PIL filter number.
     pub fn to_pil(self) -> u64 {
-        match self {
-            Self::Nearest => 0,
-            Self::Lanczos => 1,
-            Self::Bilinear => 2,
-            Self::Bicubic => 3,
-            Self::Box => 4,
-            Self::Hamming => 5,
-        }
+        let i = Self::BY_PIL.iter().position(|&r| r == self);
+        i.expect("every filter has a PIL number") as u64
     }
 }
 
@@ -1333,6 +1330,10 @@ mod tests {
     /// What FD-Align writes for a source without `preprocessor_config.json` reads back the same.
     #[test]
     fn hf_json_round_trips() {
+        for n in 0..6 {
+            assert_eq!(Resample::from_pil(n).unwrap().to_pil(), n);
+        }
+        assert_eq!(Resample::from_pil(6), None);
         let p = |json: &str| PreprocessConfig::from_json(json, 32).unwrap();
         for c in [
             PreprocessConfig::openai(224),
