@@ -142,7 +142,12 @@ impl FeatureCache {
                 .and_then(|t| t.to_vec2::<f32>().ok());
             if let (Some(entries), Some(feats)) = (entries, feats) {
                 if entries.len() == feats.len() && feats.iter().all(|r| r.len() == dim) {
-                    rows = entries.into_iter().zip(feats).collect();
+                    // A row with NaN or infinity (a damaged file) is re-encoded, not served.
+                    rows = entries
+                        .into_iter()
+                        .zip(feats)
+                        .filter(|(_, r)| r.iter().all(|x| x.is_finite()))
+                        .collect();
                 }
             }
         }

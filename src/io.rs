@@ -30,6 +30,24 @@ pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
     temp_builder().tempfile_in(dir).map(drop)
 }
 
+/// Makes folder `dir` and its missing parents; a part of the path that is a file is named as such
+/// (the OS says only "File exists").
+pub fn create_folder(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        let file = dir
+            .ancestors()
+            .find(|a| !a.as_os_str().is_empty() && a.exists() && !a.is_dir());
+        match file {
+            Some(f) => anyhow::anyhow!(
+                "creating folder {}: {} is a file, not a folder",
+                dir.display(),
+                f.display()
+            ),
+            None => anyhow::Error::new(e).context(format!("creating folder {}", dir.display())),
+        }
+    })
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers
 /// see the old file or the complete new one, never a partial write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -39,8 +57,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("creating folder {}", parent.display()))?;
+    create_folder(parent)?;
     let mut builder = temp_builder();
     // Temporary files are private (0600); the output is an ordinary file, so ask for 0666 and
     // let the umask decide, as any other file the user creates.
@@ -58,31 +75,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Checks, before any work, that `flag`'s output file `path` can be written: it is not a folder
-/// and its folder exists (or can be made) and takes new files. Saves a long run from failing
-/// only at its end.
+/// Checks, before any work, that `flag`'s output file `path` can be written: it is not a folder,
+/// and its nearest existing folder takes new files (the missing ones are made only when the
+/// output is written, so a run that fails leaves no empty folders behind). Saves a long run from
+/// failing only at its end.
 pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
     anyhow::ensure!(
         !path.is_dir(),
         "{flag} {}: that is a folder; give a file path",
         path.display()
     );
-    let parent = match path.parent() {
+    let mut dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(parent).with_context(|| {
-        format!(
-            "{flag} {}: creating folder {}",
-            path.display(),
-            parent.display()
-        )
-    })?;
-    probe_writable(parent).with_context(|| {
+    // Walk up to the first part of the path that exists; it must be a folder.
+    while std::fs::symlink_metadata(dir).is_err() {
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => dir = p,
+            _ => {
+                dir = Path::new(".");
+                break;
+            }
+        }
+    }
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{flag} {}: {} is a file, not a folder",
+        path.display(),
+        dir.display()
+    );
+    probe_writable(dir).with_context(|| {
         format!(
             "{flag} {}: cannot write in {}",
             path.display(),
-            parent.display()
+            dir.display()
         )
     })?;
     Ok(())
@@ -124,7 +151,8 @@ pub fn save(path: &Path, tensors: &[(&str, &Tensor)], meta: &serde_json::Value) 
 pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+        // (As text: the error's source repeats its message, and a chain would print it twice.)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
         Some(text) => serde_json::from_str(text)
             .with_context(|| format!("{}: malformed clipft metadata", path.display()))?,
@@ -135,23 +163,45 @@ pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)>
     Ok((tensors, meta))
 }
 
-/// The tensor `name` of a loaded file, or an error naming the file. A NaN or infinity in it is
-/// refused here, naming the tensor, rather than surfacing later as meaningless logits.
+/// The tensor `name` of a loaded file, or an error naming the file. Every tensor clipft writes
+/// is floating point: an integer one (a file from elsewhere) is refused rather than cast, and a
+/// NaN or infinity is refused here, naming the tensor, rather than surfacing later as
+/// meaningless logits.
 pub fn take(tensors: &mut HashMap<String, Tensor>, name: &str, path: &Path) -> Result<Tensor> {
     let t = tensors
         .remove(name)
         .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
-    if t.dtype().is_float() {
-        // (The sum of |x| of finite values stays finite for any weights a model could hold.)
-        let sum = t.to_dtype(candle_core::DType::F32)?.abs()?.sum_all()?;
-        anyhow::ensure!(
-            sum.to_scalar::<f32>()?.is_finite(),
-            "{}: tensor `{name}` holds NaN or infinite values: the file is damaged, or was \
-             written by a run that diverged",
-            path.display()
-        );
-    }
+    anyhow::ensure!(
+        t.dtype().is_float(),
+        "{}: tensor `{name}` is {:?}, not floating point: not a file clipft wrote",
+        path.display(),
+        t.dtype()
+    );
+    // (The sum of |x| of finite values stays finite for any weights a model could hold.)
+    let sum = t.to_dtype(candle_core::DType::F32)?.abs()?.sum_all()?;
+    anyhow::ensure!(
+        sum.to_scalar::<f32>()?.is_finite(),
+        "{}: tensor `{name}` holds NaN or infinite values: the file is damaged, or was \
+         written by a run that diverged",
+        path.display()
+    );
     Ok(t)
+}
+
+/// [`take`] for a matrix, returned as f32.
+pub fn take_matrix(
+    tensors: &mut HashMap<String, Tensor>,
+    name: &str,
+    path: &Path,
+) -> Result<Tensor> {
+    let t = take(tensors, name, path)?;
+    anyhow::ensure!(
+        t.rank() == 2,
+        "{}: tensor `{name}` has shape {:?}; a matrix was expected",
+        path.display(),
+        t.dims()
+    );
+    Ok(t.to_dtype(candle_core::DType::F32)?)
 }
 
 #[cfg(test)]
@@ -174,10 +224,51 @@ mod tests {
             "ids".to_string(),
             Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(),
         );
-        assert!(take(&mut m, "ok", p).is_ok() && take(&mut m, "ids", p).is_ok());
+        assert!(take(&mut m, "ok", p).is_ok());
+        let e = take(&mut m, "ids", p).unwrap_err().to_string();
+        assert!(e.contains("`ids` is U32, not floating point"), "{e}");
         let e = take(&mut m, "nan", p).unwrap_err().to_string();
         assert!(e.contains("a.safetensors") && e.contains("`nan`"), "{e}");
         assert!(take(&mut m, "gone", p).is_err());
+    }
+
+    /// A malformed header is reported once, naming the file.
+    #[test]
+    fn a_bad_header_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.safetensors");
+        let header = br#"{"head": 5}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        std::fs::write(&p, bytes).unwrap();
+        let e = format!("{:#}", load(&p).unwrap_err());
+        assert!(
+            e.contains("x.safetensors: not a valid safetensors file"),
+            "{e}"
+        );
+        assert_eq!(e.matches("expected struct TensorInfo").count(), 1, "{e}");
+    }
+
+    /// The check makes nothing (a run that fails later leaves no empty folders); a file in the
+    /// path is named as such, by the check and by the write.
+    #[test]
+    fn checking_an_output_path_makes_no_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a/b/out.bin");
+        check_writable(&out, "--out").unwrap();
+        assert!(!dir.path().join("a").exists());
+        write_atomic(&out, b"x").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"x");
+
+        let file = dir.path().join("afile");
+        std::fs::write(&file, b"x").unwrap();
+        let under = file.join("sub/out.bin");
+        let e = check_writable(&under, "--out").unwrap_err().to_string();
+        assert!(e.contains("afile is a file, not a folder"), "{e}");
+        let e = format!("{:#}", write_atomic(&under, b"x").unwrap_err());
+        assert!(e.contains("afile is a file, not a folder"), "{e}");
+        let e = check_writable(dir.path(), "--out").unwrap_err().to_string();
+        assert!(e.contains("that is a folder"), "{e}");
     }
 
     /// Outputs get the mode of any file the user creates (0666 less the umask), not the

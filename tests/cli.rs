@@ -286,6 +286,40 @@ fn cache_matches_fresh_encoding_and_corrupt_cache_is_rebuilt() {
     let fa = load_meta(&a).0["image_features"].to_vec2::<f32>().unwrap();
     let fb = load_meta(&b).0["image_features"].to_vec2::<f32>().unwrap();
     assert_eq!(fa, fb);
+    // A row damaged into NaN is encoded again, not served.
+    let mut poisoned = 0;
+    for e in std::fs::read_dir(ws.cache()).unwrap() {
+        let p = e.unwrap().path();
+        let (t, meta) = clipft::io::load(&p).unwrap();
+        let shape = t["features"].shape().clone();
+        let mut flat = t["features"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        flat[0] = f32::NAN;
+        let t = candle_core::Tensor::from_vec(flat, shape, &candle_core::Device::Cpu).unwrap();
+        clipft::io::save(&p, &[("features", &t)], &meta).unwrap();
+        poisoned += 1;
+    }
+    let out = ws
+        .cmd("features")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--split", "val", "--out"])
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = format!("{poisoned} encoded, {} from cache", 9 - poisoned);
+    assert!(stderr(&out).contains(&want), "{want}: {}", stderr(&out));
+    let fb = load_meta(&b).0["image_features"].to_vec2::<f32>().unwrap();
+    // (A row encoded alone may differ from one encoded in a batch in the last bits.)
+    for (ra, rb) in fa.iter().zip(&fb) {
+        for (x, y) in ra.iter().zip(rb) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
     // No temporary files are left behind.
     for e in std::fs::read_dir(ws.cache()).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
@@ -754,12 +788,12 @@ fn outputs_are_checked_before_any_work() {
         (
             vec!["features", "--split", "val"],
             blocker.join("f.safetensors"),
-            "creating folder",
+            "is a file, not a folder",
         ),
         (
             vec!["tip", "build-cache"],
             blocker.join("t.safetensors"),
-            "creating folder",
+            "is a file, not a folder",
         ),
         (
             vec!["crossmodal", "train"],

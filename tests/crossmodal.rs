@@ -684,6 +684,17 @@ fn artifacts_old_linear_and_adapter_load() {
     broken.save(&p).unwrap();
     let e = cm::CrossArtifact::load(&p).unwrap_err();
     assert!(format!("{e:#}").contains("adapter.fc1"), "{e:#}");
+    // A head that is not a float matrix is refused naming the file and tensor, not cast.
+    let bad = dir.path().join("bad.safetensors");
+    let w = w0.to_tensor().unwrap();
+    for (t, want) in [
+        (w.unsqueeze(0).unwrap(), "`head` has shape [1, "),
+        (w.to_dtype(candle_core::DType::U8).unwrap(), "`head` is U8"),
+    ] {
+        clipft::io::save(&bad, &[("head", &t)], &meta).unwrap();
+        let e = format!("{:#}", cm::CrossArtifact::load(&bad).unwrap_err());
+        assert!(e.contains("bad.safetensors") && e.contains(want), "{e}");
+    }
 }
 
 mod cli {

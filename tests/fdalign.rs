@@ -103,6 +103,42 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(report["n"], 12);
     assert_eq!(report["method"], "fd-align");
+    let eval = || {
+        ws.bare("eval")
+            .arg("--adapter")
+            .arg(&out)
+            .arg("--data")
+            .arg(ws.data())
+            .arg("--cache-dir")
+            .arg(ws.cache())
+            .output()
+            .unwrap()
+    };
+    // The head belongs to the folder's weights and preprocessing: replaced weights (here the
+    // source's own) or an edited preprocessor_config.json are refused.
+    let weights = out.join("model.safetensors");
+    let tuned = std::fs::read(&weights).unwrap();
+    std::fs::copy(ws.model().join("model.safetensors"), &weights).unwrap();
+    assert_fails_with(&eval(), "model.safetensors or config.json is not what");
+    std::fs::write(&weights, &tuned).unwrap();
+    let pre = out.join("preprocessor_config.json");
+    let pre_bytes = std::fs::read(&pre).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_slice(&pre_bytes).unwrap();
+    edited["resample"] = 2.into();
+    std::fs::write(&pre, edited.to_string()).unwrap();
+    assert_fails_with(&eval(), "preprocessor_config.json is not what");
+    std::fs::write(&pre, &pre_bytes).unwrap();
+    // A head of the wrong shape is refused naming its file.
+    let head = out.join("fdalign_head.safetensors");
+    let head_bytes = std::fs::read(&head).unwrap();
+    let (mut t, meta) = clipft::io::load(&head).unwrap();
+    let w = t["weight"].narrow(1, 0, 3).unwrap();
+    t.insert("weight".into(), w);
+    let refs: Vec<(&str, &Tensor)> = t.iter().map(|(n, x)| (n.as_str(), x)).collect();
+    clipft::io::save(&head, &refs, &meta).unwrap();
+    assert_fails_with(&eval(), "fdalign_head.safetensors: a head of");
+    std::fs::write(&head, &head_bytes).unwrap();
+    assert!(eval().status.success());
     // A dataset with other classes is refused.
     std::fs::write(
         ws.data().join("classnames.txt"),
@@ -232,6 +268,42 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("another run"), "{err}");
+    // A damaged state is refused, naming what is wrong, rather than resumed from.
+    let state = b.join(fdalign_train::STATE_FILE);
+    let (tensors, meta) = clipft::io::load(&state).unwrap();
+    let name = |prefix: &str| {
+        tensors
+            .keys()
+            .find(|k| k.starts_with(prefix))
+            .unwrap()
+            .clone()
+    };
+    let damage = |edit: &dyn Fn(&mut HashMap<String, Tensor>, &mut serde_json::Value)| {
+        let (mut t, mut m) = (tensors.clone(), meta.clone());
+        edit(&mut t, &mut m);
+        let refs: Vec<(&str, &Tensor)> = t.iter().map(|(n, x)| (n.as_str(), x)).collect();
+        clipft::io::save(&state, &refs, &m).unwrap();
+        format!("{:#}", fx.train(&s, &b, true, None).unwrap_err())
+    };
+    let momentum = name("momentum.");
+    let e = damage(&|t, _| {
+        t.remove(&momentum);
+    });
+    assert!(e.contains(&format!("no tensor `{momentum}`")), "{e}");
+    let best = name("best.");
+    let e = damage(&|t, _| {
+        let x = t[&best].flatten_all().unwrap().narrow(0, 0, 1).unwrap();
+        t.insert(best.clone(), x);
+    });
+    assert!(e.contains(&best) && e.contains("has shape"), "{e}");
+    let e = damage(&|_, m| m["epoch_done"] = 99.into());
+    assert!(e.contains("`epoch_done`") && e.contains("damaged"), "{e}");
+    let e = damage(&|_, m| m["losses"] = serde_json::json!([1.0]));
+    assert!(e.contains("`losses`"), "{e}");
+    let e = damage(&|_, m| m["best_epoch"] = serde_json::Value::Null);
+    assert!(e.contains("`best_epoch`"), "{e}");
+    let e = damage(&|_, m| m["kind"] = "tip".into());
+    assert!(e.contains("not an FD-Align training state"), "{e}");
 }
 
 #[test]

@@ -178,6 +178,27 @@ fn broken_checkpoints_name_the_file_and_tensor() {
         "{e}"
     );
 
+    // An id beyond the embedding table (a vocabulary with a gap: its count still fits).
+    let d = tmp.path().join("id-beyond-vocab");
+    copy_dir(&base, &d);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let n = cfg["text_config"]["vocab_size"].as_u64().unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (token, _) = vocab.iter().find(|(_, id)| id.as_u64() == Some(3)).unwrap();
+    let token = token.clone();
+    vocab.insert(token.clone(), (n + 5).into());
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("tokenizer.json")
+            && e.contains(&format!("token id {}", n + 5))
+            && e.contains(&format!("{n} embeddings")),
+        "{e}"
+    );
+
     let d = tmp.path().join("garbage-weights");
     copy_dir(&base, &d);
     std::fs::write(

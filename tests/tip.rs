@@ -587,6 +587,38 @@ mod cli {
             .failure()
             .stderr(contains("changed since the cache was built"));
         std::fs::write(&first, &original).unwrap();
+        // Metadata a method would take on trust is checked at load, naming the file.
+        let (tensors, meta) = clipft::io::load(&tipc).unwrap();
+        let damaged = ws.p("damaged.safetensors");
+        for (key, value, want) in [
+            (
+                "augment_epochs",
+                serde_json::json!(0),
+                "augment_epochs must be at least 1",
+            ),
+            (
+                "augment",
+                serde_json::json!({"scale_min": 0.9, "scale_max": 0.5, "flip_p": 0.5}),
+                "scale_min <= scale_max",
+            ),
+            (
+                "alpha",
+                serde_json::json!(null),
+                "malformed Tip-Adapter metadata",
+            ),
+        ] {
+            let mut m = meta.clone();
+            m[key] = value;
+            let refs: Vec<(&str, &candle_core::Tensor)> =
+                tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            clipft::io::save(&damaged, &refs, &m).unwrap();
+            ws.cmd()
+                .args(["tip", "train", "--cache", s(&damaged), "--data", s(&data)])
+                .args(["--out", s(&ws.p("w.safetensors"))])
+                .assert()
+                .failure()
+                .stderr(contains(want).and(contains("damaged.safetensors")));
+        }
         // A Tip-Adapter-F artifact is not a cache to train from.
         ws.cmd()
             .args(["tip", "train", "--cache", s(&tipf), "--data", s(&data)])
@@ -654,6 +686,28 @@ mod cli {
             .stderr(contains("weights are not those"));
         std::fs::remove_dir_all(&model).unwrap();
         std::fs::rename(ws.p("moved"), &model).unwrap();
+        // The same weights behind other preprocessing give other features than the cache's.
+        let pre = model.join("preprocessor_config.json");
+        let pre_bytes = std::fs::read(&pre).unwrap();
+        let mut edited: serde_json::Value = serde_json::from_slice(&pre_bytes).unwrap();
+        edited["resample"] = 2.into();
+        std::fs::write(&pre, edited.to_string()).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
+            .assert()
+            .failure()
+            .stderr(contains("image preprocessing").and(contains(": bicubic then, bilinear now")));
+        edited["image_mean"] = serde_json::json!([0.5, 0.5, 0.5]);
+        std::fs::write(&pre, edited.to_string()).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
+            .assert()
+            .failure()
+            .stderr(
+                contains("bicubic, mean [0.48145467, 0.4578275, 0.40821072] then")
+                    .and(contains("bilinear, mean [0.5, 0.5, 0.5] now")),
+            );
+        std::fs::write(&pre, &pre_bytes).unwrap();
         // A dataset with other classes is an error naming --data.
         synth::write_dataset(
             &ws.p("data3"),

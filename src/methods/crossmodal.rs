@@ -939,6 +939,10 @@ pub struct CrossMeta {
     /// [`crate::model::Clip::weights_digest`] of the model (absent before 2026-11-28).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_digest: Option<String>,
+    /// The model's image preprocessing (absent before 2026-11-29): evaluation refuses a model
+    /// whose `preprocessor_config.json` changed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<crate::preprocess::PreprocessConfig>,
     pub projection_dim: usize,
     pub class_folders: Vec<String>,
     pub class_names: Vec<String>,
@@ -1028,11 +1032,14 @@ impl CrossArtifact {
         }
         let meta: CrossMeta = serde_json::from_value(meta)
             .with_context(|| format!("{}: malformed cross-modal metadata", path.display()))?;
-        let head = Mat::from_tensor(&crate::io::take(&mut t, "head", path)?)?;
-        let head_wiseft = t
-            .remove("head_wiseft")
-            .map(|x| Mat::from_tensor(&x))
-            .transpose()?;
+        let has_wiseft = t.contains_key("head_wiseft");
+        let mut mat = |name: &str| Mat::from_tensor(&crate::io::take_matrix(&mut t, name, path)?);
+        let head = mat("head")?;
+        let head_wiseft = if has_wiseft {
+            Some(mat("head_wiseft")?)
+        } else {
+            None
+        };
         let adapter = match meta.head {
             HeadKind::Linear => {
                 ensure!(
@@ -1047,8 +1054,8 @@ impl CrossArtifact {
                     format!("{}: adapter head without `adapter_ratio`", path.display())
                 })?;
                 let a = Adapter {
-                    fc1: Mat::from_tensor(&crate::io::take(&mut t, "adapter.fc1", path)?)?,
-                    fc2: Mat::from_tensor(&crate::io::take(&mut t, "adapter.fc2", path)?)?,
+                    fc1: mat("adapter.fc1")?,
+                    fc2: mat("adapter.fc2")?,
                     ratio: ratio as f32,
                 };
                 a.validate(meta.projection_dim)
@@ -1140,6 +1147,7 @@ impl CrossArtifact {
         super::ArtifactIdentity {
             model: &self.meta.model,
             model_digest: self.meta.model_digest.as_deref(),
+            preprocess: self.meta.preprocess.as_ref(),
             projection_dim: self.meta.projection_dim,
             class_folders: &self.meta.class_folders,
             class_names: &self.meta.class_names,

@@ -222,6 +222,7 @@ pub fn train(
         model: clip.files.id.clone(),
         revision: clip.files.revision.clone(),
         model_digest: Some(clip.weights_digest()?.to_string()),
+        preprocess: Some(clip.preprocess.clone()),
         projection_dim: dim,
         class_folders: dataset.class_folders(),
         class_names,

@@ -284,6 +284,34 @@ pub fn eval_adapter(
     spec.dtype = model.dtype;
     spec.device = model.device;
     let clip = Clip::load(&spec)?;
+    let (c, d) = (folders.len(), clip.config().projection_dim);
+    ensure!(
+        w.dims() == [c, d] && b.dims() == [c],
+        "{}: a head of {c} classes on {d}-dimensional features has weight [{c}, {d}] and bias \
+         [{c}], not {:?} and {:?}",
+        head_path.display(),
+        w.dims(),
+        b.dims()
+    );
+    // (Folders written before 2026-11-29 record neither.)
+    if let Some(digest) = meta["model_digest"].as_str() {
+        ensure!(
+            clip.weights_digest()? == digest,
+            "--adapter {}: model.safetensors or config.json is not what {HEAD_FILE} was trained \
+             with (changed or replaced since)",
+            dir.display()
+        );
+    }
+    if let Some(p) = meta.get("preprocess").filter(|p| !p.is_null()) {
+        let then: crate::preprocess::PreprocessConfig = serde_json::from_value(p.clone())
+            .with_context(|| format!("{}: malformed `preprocess`", head_path.display()))?;
+        ensure!(
+            then.cache_key() == clip.preprocess.cache_key(),
+            "--adapter {}: preprocessor_config.json is not what {HEAD_FILE} was trained with \
+             (changed since)",
+            dir.display()
+        );
+    }
     info(
         format!("evaluating the FD-Align model in {}", dir.display()),
         quiet,

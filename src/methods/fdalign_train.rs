@@ -505,42 +505,82 @@ fn load_state(
          with the same flags, or without --resume to start over",
         path.display()
     );
+    ensure!(
+        meta["kind"].as_str() == Some("fdalign-state"),
+        "--resume: {} is not an FD-Align training state",
+        path.display()
+    );
+    let damaged = |what: &str| {
+        anyhow::anyhow!(
+            "--resume: {}: {what}; the file is damaged. Train without --resume to start over",
+            path.display()
+        )
+    };
+    let epoch_done = meta["epoch_done"]
+        .as_u64()
+        .map(|e| e as usize)
+        .filter(|e| (1..=settings.epochs).contains(e))
+        .ok_or_else(|| damaged("`epoch_done` is missing or out of range"))?;
+    let list = |key: &str| -> Result<Vec<f64>> {
+        serde_json::from_value::<Vec<f64>>(meta[key].clone())
+            .ok()
+            .filter(|v| v.len() == epoch_done)
+            .ok_or_else(|| damaged(&format!("`{key}` is not one number per epoch done")))
+    };
+    let (losses, val_accs) = (list("losses")?, list("val_accs")?);
+    let best_epoch = meta["best_epoch"]
+        .as_u64()
+        .map(|e| e as usize)
+        .filter(|&e| e < epoch_done)
+        .ok_or_else(|| damaged("`best_epoch` is missing or out of range"))?;
+    let best_val = meta["best_val"]
+        .as_f64()
+        .filter(|v| *v == val_accs[best_epoch])
+        .ok_or_else(|| damaged("`best_val` is not the accuracy of `best_epoch`"))?;
+    let scaler = match meta.get("loss_scaler") {
+        // (States written before the scaler existed were f32 runs, which need none.)
+        None | Some(serde_json::Value::Null) => scaler,
+        Some(v) => {
+            serde_json::from_value(v.clone()).map_err(|_| damaged("`loss_scaler` is malformed"))?
+        }
+    };
+    // A tensor of the state, of its variable's shape and finite, in its dtype and device.
+    let tensor = |t: &mut HashMap<String, Tensor>, key: String, var: &Var| -> Result<Tensor> {
+        let x = crate::io::take(t, &key, path)
+            .map_err(|e| anyhow::anyhow!("--resume: {e}. Train without --resume to start over"))?;
+        if x.dims() != var.dims() {
+            return Err(damaged(&format!(
+                "tensor `{key}` has shape {:?}, its parameter {:?}",
+                x.dims(),
+                var.dims()
+            )));
+        }
+        Ok(x.to_dtype(var.dtype())?.to_device(var.device())?)
+    };
     let mut buffers = Vec::new();
     for (name, var) in vars {
-        let cur = crate::io::take(&mut t, &format!("current.{name}"), path)?;
-        var.set(&cur.to_dtype(var.dtype())?.to_device(var.device())?)?;
-        buffers.push(
-            t.remove(&format!("momentum.{name}"))
-                .map(|b| {
-                    b.to_dtype(var.dtype())
-                        .and_then(|b| b.to_device(var.device()))
-                })
-                .transpose()?,
-        );
+        var.set(&tensor(&mut t, format!("current.{name}"), var)?)?;
+        let key = format!("momentum.{name}");
+        // Every step that was taken made every buffer; only skipped (overflowed) f16 steps
+        // leave them unmade.
+        let buffer = if t.contains_key(&key) || scaler.skipped == 0 {
+            Some(tensor(&mut t, key, var)?)
+        } else {
+            None
+        };
+        buffers.push(buffer);
     }
     opt.set_buffers(buffers);
-    let best_epoch = meta["best_epoch"].as_u64().map(|e| e as usize);
-    let best = match best_epoch {
-        Some(e) => {
-            let mut m = HashMap::new();
-            for (name, var) in vars {
-                let b = crate::io::take(&mut t, &format!("best.{name}"), path)?;
-                m.insert(
-                    name.clone(),
-                    b.to_dtype(var.dtype())?.to_device(var.device())?,
-                );
-            }
-            Some((e, meta["best_val"].as_f64().unwrap_or(0.0), m))
-        }
-        None => None,
-    };
+    let mut best = HashMap::new();
+    for (name, var) in vars {
+        best.insert(name.clone(), tensor(&mut t, format!("best.{name}"), var)?);
+    }
     Ok(State {
-        epoch_done: meta["epoch_done"].as_u64().unwrap_or(0) as usize,
-        losses: serde_json::from_value(meta["losses"].clone()).unwrap_or_default(),
-        val_accs: serde_json::from_value(meta["val_accs"].clone()).unwrap_or_default(),
-        best,
-        // (States written before the scaler existed were f32 runs, which need none.)
-        scaler: serde_json::from_value(meta["loss_scaler"].clone()).unwrap_or(scaler),
+        epoch_done,
+        losses,
+        val_accs,
+        best: Some((best_epoch, best_val, best)),
+        scaler,
     })
 }
 
@@ -606,6 +646,14 @@ pub fn write_checkpoint(
         None => serde_json::to_vec_pretty(&clip.preprocess.to_hf_json())?,
     };
     crate::io::write_atomic(&out.join("preprocessor_config.json"), &pre)?;
+    // The head belongs to these weights and this preprocessing: `eval --adapter` checks both.
+    let mut head_meta = head_meta;
+    head_meta["model_digest"] = crate::model::load::digest_files(&[
+        &out.join("config.json"),
+        &out.join("model.safetensors"),
+    ])?
+    .into();
+    head_meta["preprocess"] = serde_json::to_value(&clip.preprocess)?;
     let w = tuned
         .get("head.weight")
         .context("no head weight")?

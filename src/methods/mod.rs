@@ -21,13 +21,15 @@ pub struct ArtifactIdentity<'a> {
     /// [`crate::model::Clip::weights_digest`] of that model (absent in artifacts written before
     /// 2026-11-28, which are matched by `model` alone).
     pub model_digest: Option<&'a str>,
+    /// The image preprocessing its features were made with (absent before 2026-11-29).
+    pub preprocess: Option<&'a crate::preprocess::PreprocessConfig>,
     pub projection_dim: usize,
     pub class_folders: &'a [String],
     pub class_names: &'a [String],
 }
 
 /// Checks that a loaded model and dataset are the ones an artifact was built for (same model,
-/// feature dimension, class folders and names).
+/// feature dimension, image preprocessing, class folders and names).
 /// `model_given`: whether the user passed `--model` (else the artifact's own model was loaded,
 /// and the messages must not name a flag the user did not give).
 pub fn check_compatible(
@@ -66,6 +68,45 @@ pub fn check_compatible(
             id.model,
             id.model
         ),
+    }
+    if let Some(then) = id.preprocess {
+        // Features of other pixels are not those the cache or head was fitted to.
+        let now = &clip.preprocess;
+        if then.cache_key() != now.cache_key() {
+            // Name the steps that differ (all of them when the steps themselves differ).
+            let steps = |p: &crate::preprocess::PreprocessConfig| -> Vec<String> {
+                let (a, b) = p.describe();
+                let mut out = vec![String::new()];
+                let mut depth = 0;
+                // ", " between steps, not inside a mean's or std's brackets.
+                for c in format!("{a}, {b}").chars() {
+                    match c {
+                        '[' | '(' => depth += 1,
+                        ']' | ')' => depth -= 1,
+                        ',' if depth == 0 => {
+                            out.push(String::new());
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    out.last_mut().expect("one").push(c);
+                }
+                out.iter().map(|x| x.trim().to_string()).collect()
+            };
+            let (a, b) = (steps(then), steps(now));
+            let (a, b): (Vec<String>, Vec<String>) = if a.len() == b.len() {
+                a.into_iter().zip(b).filter(|(x, y)| x != y).unzip()
+            } else {
+                (a, b)
+            };
+            bail!(
+                "{model}: its image preprocessing (preprocessor_config.json) is not the one {} \
+                 was built with: {} then, {} now",
+                path.display(),
+                a.join(", "),
+                b.join(", ")
+            );
+        }
     }
     check_classes(dataset, id.class_folders, id.class_names, path)
 }

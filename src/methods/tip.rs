@@ -101,8 +101,15 @@ impl TipConfig {
             "search_step must be at least [1, 1]"
         );
         ensure!(
-            self.search_scale.iter().all(|s| s.is_finite()),
-            "search_scale must be finite"
+            self.search_scale.iter().all(|s| s.is_finite() && *s > 0.0),
+            "search_scale must be positive"
+        );
+        // β sharpens the affinities and α weighs the cache: a negative one inverts the method.
+        ensure!(
+            [self.init_beta, self.init_alpha]
+                .iter()
+                .all(|v| v.is_finite() && *v >= 0.0),
+            "init_beta and init_alpha must be at least 0"
         );
         ensure!(
             self.augment_epochs >= 1,
@@ -704,6 +711,22 @@ pub const OFFICIAL_AUGMENT: Augment = Augment {
 };
 
 impl Augment {
+    /// The ranges torchvision's `RandomResizedCrop(scale)` and `RandomHorizontalFlip(p)` take.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            0.0 < self.scale_min && self.scale_min <= self.scale_max && self.scale_max.is_finite(),
+            "augment scale must satisfy 0 < scale_min <= scale_max (it is {}..{})",
+            self.scale_min,
+            self.scale_max
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.flip_p),
+            "augment flip_p must be in 0..1 (it is {})",
+            self.flip_p
+        );
+        Ok(())
+    }
+
     pub fn view(&self, seed: u64, epoch: u64) -> View {
         View::Augment {
             seed,
@@ -736,6 +759,10 @@ pub struct TipMeta {
     /// [`crate::model::Clip::weights_digest`] of the model (absent before 2026-11-28).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_digest: Option<String>,
+    /// The model's image preprocessing (absent before 2026-11-29): evaluation refuses a model
+    /// whose `preprocessor_config.json` changed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<crate::preprocess::PreprocessConfig>,
     pub projection_dim: usize,
     pub dtype: String,
     pub class_folders: Vec<String>,
@@ -768,6 +795,36 @@ pub struct TipMeta {
     /// pixels. Absent (false) otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fast_decode: bool,
+}
+
+impl TipMeta {
+    /// What the methods take on trust from the file: the settings they rerun with (`tip train`
+    /// re-encodes the cache's views) and the blend they evaluate with.
+    fn validate(&self) -> Result<()> {
+        self.config.validate()?;
+        ensure!(
+            self.augment_epochs >= 1,
+            "augment_epochs must be at least 1"
+        );
+        self.augment.validate()?;
+        ensure!(
+            [self.alpha, self.beta]
+                .iter()
+                .all(|v| v.is_finite() && *v >= 0.0),
+            "alpha and beta must be at least 0 (they are {} and {})",
+            self.alpha,
+            self.beta
+        );
+        ensure!(
+            self.train_paths.len()
+                == self
+                    .train_digests
+                    .as_ref()
+                    .map_or(self.train_paths.len(), Vec::len),
+            "train_paths and train_digests differ in length"
+        );
+        Ok(())
+    }
 }
 
 /// A Tip-Adapter or Tip-Adapter-F artifact.
@@ -835,13 +892,13 @@ impl TipArtifact {
         ensure!(kind == "tip" || kind == "tipf", "{}", wrong_kind(kind));
         let meta: TipMeta = serde_json::from_value(meta)
             .with_context(|| format!("{}: malformed Tip-Adapter metadata", path.display()))?;
-        let cache_keys = crate::io::take(&mut t, "cache_keys", path)?.to_dtype(DType::F32)?;
-        let cache_values = crate::io::take(&mut t, "cache_values", path)?.to_dtype(DType::F32)?;
-        let classifier = crate::io::take(&mut t, "text_classifier", path)?.to_dtype(DType::F32)?;
+        meta.validate()
+            .with_context(|| format!("{}: invalid Tip-Adapter metadata", path.display()))?;
+        let cache_keys = crate::io::take_matrix(&mut t, "cache_keys", path)?;
+        let cache_values = crate::io::take_matrix(&mut t, "cache_values", path)?;
+        let classifier = crate::io::take_matrix(&mut t, "text_classifier", path)?;
         let adapter = match meta.kind {
-            Kind::Tipf => {
-                Some(crate::io::take(&mut t, "adapter_weight", path)?.to_dtype(DType::F32)?)
-            }
+            Kind::Tipf => Some(crate::io::take_matrix(&mut t, "adapter_weight", path)?),
             Kind::Tip => None,
         };
         let (nk, d) = cache_keys
@@ -866,9 +923,11 @@ impl TipArtifact {
                 && cache_values.dims() == [nk, c]
                 && classifier.dims() == [c, d]
                 && adapter.as_ref().is_none_or(|a| a.dims() == [nk, d])
-                && meta.class_folders.len() == c,
-            "{}: inconsistent tensor shapes ({shapes})",
-            path.display()
+                && meta.class_folders.len() == c
+                && meta.train_paths.len() == nk,
+            "{}: inconsistent tensor shapes ({shapes}, {} train_paths)",
+            path.display(),
+            meta.train_paths.len()
         );
         labels_of_one_hot(&cache_values).with_context(|| path.display().to_string())?;
         Ok(Self {
@@ -903,6 +962,7 @@ impl TipArtifact {
         super::ArtifactIdentity {
             model: &self.meta.model,
             model_digest: self.meta.model_digest.as_deref(),
+            preprocess: self.meta.preprocess.as_ref(),
             projection_dim: self.meta.projection_dim,
             class_folders: &self.meta.class_folders,
             class_names: &self.meta.class_names,
@@ -1045,6 +1105,7 @@ pub fn build_cache(
         model: clip.files.id.clone(),
         revision: clip.files.revision.clone(),
         model_digest: Some(clip.weights_digest()?.to_string()),
+        preprocess: Some(clip.preprocess.clone()),
         projection_dim: clip.config().projection_dim,
         dtype: clip.precision.to_string(),
         class_folders: dataset.class_folders(),
@@ -1115,7 +1176,9 @@ pub fn train(
         let got = file_digests(&paths)?;
         if let Some(i) = (0..got.len()).find(|&i| got.get(i) != want.get(i)) {
             bail!(
-                "--data {}: {} changed since the cache was built from it; build the cache again",
+                "--data {}: {} changed since the cache was built from it; build the cache again \
+                 with --no-cache (the feature cache may hold the old image's features if its \
+                 size and modification time were kept)",
                 dataset.root.display(),
                 paths[i].display()
             );

@@ -267,12 +267,15 @@ impl Clip {
         }
         let tokenizer =
             ClipTokenizer::from_file(&files.tokenizer, config.text_config.max_position_embeddings)?;
-        if tokenizer.vocab_size() > config.text_config.vocab_size {
+        if let Some((id, token)) = tokenizer
+            .max_id()
+            .filter(|(id, _)| *id as usize >= config.text_config.vocab_size)
+        {
             return Err(LoadError::BadFile {
                 path: files.tokenizer.clone(),
                 msg: format!(
-                    "vocabulary of {} tokens does not fit the text tower's {} embeddings (config.json)",
-                    tokenizer.vocab_size(),
+                    "token id {id} (`{token}`) does not fit the text tower's {} embeddings \
+                     (config.json)",
                     config.text_config.vocab_size
                 ),
             }
@@ -610,10 +613,16 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<Strin
 /// SHA-256 over config.json and every weight file, byte for byte (about 0.3 s per GB with the
 /// CPU's SHA instructions; the files are in the page cache once the model is loaded).
 pub fn weights_digest(files: &ModelFiles) -> anyhow::Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
     let mut paths: Vec<&Path> = vec![&files.config];
     paths.extend(files.weights.paths());
+    digest_files(&paths)
+}
+
+/// SHA-256 over the files in order, each as its length and bytes: [`weights_digest`] of a model
+/// whose config and weight files these are.
+pub fn digest_files(paths: &[&Path]) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
     for p in paths {
         let file = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
         // SAFETY: read-only map of a file clipft does not modify.

@@ -72,4 +72,14 @@ impl ClipTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The largest token id it can produce (added tokens included), with its token: what must
+    /// fit the text tower's embedding table. A vocabulary with gaps has ids beyond its size.
+    pub fn max_id(&self) -> Option<(u32, String)> {
+        self.inner
+            .get_vocab(true)
+            .into_iter()
+            .map(|(t, id)| (id, t))
+            .max()
+    }
 }

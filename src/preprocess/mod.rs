@@ -650,6 +650,12 @@ pub fn load_rgb_with(
         image::ImageFormat::Gif => return gif::first_frame(&bytes).map(Source::full).map_err(err),
         _ => {}
     }
+    if format == image::ImageFormat::Tiff {
+        // The `image` crate has no 32-bit grey; Pillow reads it as mode I or F.
+        if let Some(grey) = tiff32::grey(&bytes, check_size) {
+            return grey.map(Source::full).map_err(err);
+        }
+    }
     let reader = || image::ImageReader::with_format(std::io::Cursor::new(&bytes[..]), format);
     let decode_err = |e: image::ImageError| err(format!("cannot decode image: {e}{libjpeg}"));
     let panicked = |msg: Option<String>| {
@@ -722,6 +728,62 @@ impl HasEightBit for image::Rgba<u16> {
 }
 impl HasEightBit for image::LumaA<u16> {
     type Eight = image::LumaA<u8>;
+}
+
+mod tiff32 {
+    use image::RgbImage;
+    use tiff::decoder::{Decoder, DecodingResult};
+    use tiff::tags::Tag;
+
+    /// A one-channel 32-bit TIFF (integer or float samples, black is zero), as Pillow reads it
+    /// (mode I or F) and `convert("RGB")` makes it 8-bit: values clipped to 0..255, floats
+    /// truncated, NaN black. `None` for any other TIFF, which the `image` crate decodes or
+    /// refuses.
+    pub fn grey(
+        bytes: &[u8],
+        check_size: impl Fn(u32, u32) -> Result<(), String>,
+    ) -> Option<Result<RgbImage, String>> {
+        let mut d = Decoder::new(std::io::Cursor::new(bytes)).ok()?;
+        let black_is_zero = d.find_tag_unsigned::<u16>(Tag::PhotometricInterpretation);
+        if d.colortype().ok()? != tiff::ColorType::Gray(32) || black_is_zero.ok()? != Some(1) {
+            return None;
+        }
+        let orientation = d
+            .find_tag_unsigned::<u8>(Tag::Orientation)
+            .ok()
+            .flatten()
+            .and_then(image::metadata::Orientation::from_exif);
+        Some((|| {
+            let (w, h) = d.dimensions().map_err(|e| e.to_string())?;
+            check_size(w, h)?;
+            let data = d
+                .read_image()
+                .map_err(|e| format!("cannot decode image: {e}"))?;
+            // (An unsigned sample Pillow holds in a signed 32-bit int: from 2^31 it is negative.)
+            let px: Vec<u8> = match data {
+                DecodingResult::U32(v) => {
+                    v.iter().map(|&x| (x as i32).clamp(0, 255) as u8).collect()
+                }
+                DecodingResult::I32(v) => v.iter().map(|&x| x.clamp(0, 255) as u8).collect(),
+                DecodingResult::F32(v) => v
+                    .iter()
+                    .map(|&x| match x {
+                        x if x >= 255.0 => 255,
+                        x if x > 0.0 => x as u8,
+                        _ => 0,
+                    })
+                    .collect(),
+                _ => return Err("cannot decode image: unexpected 32-bit sample type".into()),
+            };
+            let grey = image::GrayImage::from_raw(w, h, px)
+                .ok_or("cannot decode image: truncated pixel data")?;
+            let mut img = image::DynamicImage::ImageLuma8(grey);
+            if let Some(o) = orientation {
+                img.apply_orientation(o);
+            }
+            Ok(img.to_rgb8())
+        })())
+    }
 }
 
 mod bmp {
@@ -1035,6 +1097,34 @@ fn blend_white(src: u8, alpha: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 32-bit grey TIFFs read as Pillow 13 reads them and `convert("RGB")` makes them 8-bit
+    /// (the expected values are Pillow's, for these samples).
+    #[test]
+    fn thirty_two_bit_grey_tiffs_read_as_pillow_reads_them() {
+        use tiff::encoder::{colortype, TiffEncoder};
+        let dir = tempfile::tempdir().unwrap();
+        let f = [-5.5f32, 0.4, 100.7, 254.6, 254.99, 255.0, 300.0, f32::NAN];
+        let i = [-5i32, 0, 100, 254, 255, 256, 300, 70000];
+        let float = dir.path().join("f.tiff");
+        let mut e = TiffEncoder::new(std::fs::File::create(&float).unwrap()).unwrap();
+        e.write_image::<colortype::Gray32Float>(4, 2, &f).unwrap();
+        let int = dir.path().join("i.tiff");
+        let mut e = TiffEncoder::new(std::fs::File::create(&int).unwrap()).unwrap();
+        e.write_image::<colortype::GrayI32>(4, 2, &i).unwrap();
+        let grey = |p: &Path| -> Vec<u8> {
+            let rgb = load_rgb(p).unwrap();
+            assert_eq!(rgb.dimensions(), (4, 2));
+            rgb.pixels()
+                .map(|px| {
+                    assert!(px[0] == px[1] && px[1] == px[2]);
+                    px[0]
+                })
+                .collect()
+        };
+        assert_eq!(grey(&float), [0, 0, 100, 254, 254, 255, 255, 0]);
+        assert_eq!(grey(&int), [0, 0, 100, 254, 255, 255, 255, 255]);
+    }
 
     #[test]
     fn opaque_composite_is_identity_and_transparent_is_white() {
