@@ -43,6 +43,8 @@ enum Mode {
     RedirectWeights,
     /// The first two metadata requests are rate-limited (429, Retry-After: 0).
     RateLimitedTwice,
+    /// Every metadata request is redirected to the same host again.
+    RedirectLoop,
 }
 
 /// One request as the fake hub saw it.
@@ -171,6 +173,15 @@ fn serve(
             ];
             return send(&mut out, "429 Too Many Requests", &hdrs, b"");
         }
+    }
+    if head && mode == Mode::RedirectLoop {
+        let next = if path.contains('?') {
+            format!("{path}x")
+        } else {
+            format!("{path}?x")
+        };
+        let hdrs = [("Location", next), ("Content-Length", "0".to_string())];
+        return send(&mut out, "302 Found", &hdrs, b"");
     }
     // The "CDN": just the bytes.
     let path = path.split('?').next().unwrap_or("").to_string();
@@ -399,6 +410,18 @@ fn a_rate_limited_metadata_request_is_retried() {
         "{}",
         stderr(&out)
     );
+}
+
+/// A redirect loop ends after `huggingface_hub`'s limit of redirects, not before.
+#[test]
+fn a_redirect_loop_is_cut_after_twenty_redirects() {
+    let hub = FakeHub::start(Mode::RedirectLoop);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = info(tmp.path(), &hub.endpoint(), REPO).output().unwrap();
+    let e = stderr(&out);
+    assert!(!out.status.success() && e.contains("more than 20 redirects"), "{e}");
+    let heads = hub.seen().iter().filter(|r| r.method == "HEAD").count();
+    assert_eq!(heads, 21, "{e}");
 }
 
 #[test]

@@ -266,8 +266,8 @@ impl Client {
     pub fn head(&self, repo_id: &str, revision: &str, file: &str) -> Result<Remote, HubError> {
         let start = self.file_url(repo_id, revision, file);
         let mut url = start.clone();
-        let mut retries = 0;
-        for _ in 0..MAX_REDIRECTS + RETRIES {
+        let (mut redirects, mut retries) = (0, 0);
+        loop {
             let resp = match self.request(&self.meta, "HEAD", &url, true).call() {
                 Ok(r) => r,
                 // "Try again later" (rate limit, overload): retried as `huggingface_hub`'s
@@ -296,15 +296,20 @@ impl Client {
             };
             let target = redirect_target(&resp, &url);
             match target {
-                Some(t) if self.is_hub_origin(&t, &url) => url = t,
+                Some(_) if redirects == MAX_REDIRECTS => {
+                    return Err(HubError::Failed {
+                        url: start,
+                        msg: format!("more than {MAX_REDIRECTS} redirects"),
+                    })
+                }
+                Some(t) if self.is_hub_origin(&t, &url) => {
+                    redirects += 1;
+                    url = t;
+                }
                 Some(t) => return remote(&resp, &start, t, false),
                 None => return remote(&resp, &start, url, true),
             }
         }
-        Err(HubError::Failed {
-            url: start,
-            msg: format!("more than {MAX_REDIRECTS} redirects"),
-        })
     }
 
     /// `_is_same_or_hub_host`: `target` has `from`'s origin (scheme, host, port) or a hub's.
