@@ -419,7 +419,10 @@ fn a_redirect_loop_is_cut_after_twenty_redirects() {
     let tmp = tempfile::tempdir().unwrap();
     let out = info(tmp.path(), &hub.endpoint(), REPO).output().unwrap();
     let e = stderr(&out);
-    assert!(!out.status.success() && e.contains("more than 20 redirects"), "{e}");
+    assert!(
+        !out.status.success() && e.contains("more than 20 redirects"),
+        "{e}"
+    );
     let heads = hub.seen().iter().filter(|r| r.method == "HEAD").count();
     assert_eq!(heads, 21, "{e}");
 }

@@ -696,7 +696,7 @@ mod cli {
             .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
             .assert()
             .failure()
-            .stderr(contains("image preprocessing").and(contains(": bicubic then, bilinear now")));
+            .stderr(contains("image preprocessing").and(contains("(then bicubic; now bilinear)")));
         edited["image_mean"] = serde_json::json!([0.5, 0.5, 0.5]);
         std::fs::write(&pre, edited.to_string()).unwrap();
         ws.cmd()
@@ -704,8 +704,8 @@ mod cli {
             .assert()
             .failure()
             .stderr(
-                contains("bicubic, mean [0.48145467, 0.4578275, 0.40821072] then")
-                    .and(contains("bilinear, mean [0.5, 0.5, 0.5] now")),
+                contains("(then bicubic, mean [0.48145467, 0.4578275, 0.40821072], std")
+                    .and(contains("; now bilinear, mean [0.5, 0.5, 0.5], std")),
             );
         std::fs::write(&pre, &pre_bytes).unwrap();
         // A dataset with other classes is an error naming --data.

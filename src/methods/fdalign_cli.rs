@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::fdalign::{self, FdAlignSettings};
@@ -305,12 +305,13 @@ pub fn eval_adapter(
     if let Some(p) = meta.get("preprocess").filter(|p| !p.is_null()) {
         let then: crate::preprocess::PreprocessConfig = serde_json::from_value(p.clone())
             .with_context(|| format!("{}: malformed `preprocess`", head_path.display()))?;
-        ensure!(
-            then.cache_key() == clip.preprocess.cache_key(),
-            "--adapter {}: preprocessor_config.json is not what {HEAD_FILE} was trained with \
-             (changed since)",
-            dir.display()
-        );
+        if let Some(change) = then.change_to(&clip.preprocess) {
+            bail!(
+                "--adapter {}: preprocessor_config.json is not what {HEAD_FILE} was trained with \
+                 ({change})",
+                dir.display()
+            );
+        }
     }
     info(
         format!("evaluating the FD-Align model in {}", dir.display()),

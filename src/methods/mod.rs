@@ -69,44 +69,16 @@ pub fn check_compatible(
             id.model
         ),
     }
-    if let Some(then) = id.preprocess {
-        // Features of other pixels are not those the cache or head was fitted to.
-        let now = &clip.preprocess;
-        if then.cache_key() != now.cache_key() {
-            // Name the steps that differ (all of them when the steps themselves differ).
-            let steps = |p: &crate::preprocess::PreprocessConfig| -> Vec<String> {
-                let (a, b) = p.describe();
-                let mut out = vec![String::new()];
-                let mut depth = 0;
-                // ", " between steps, not inside a mean's or std's brackets.
-                for c in format!("{a}, {b}").chars() {
-                    match c {
-                        '[' | '(' => depth += 1,
-                        ']' | ')' => depth -= 1,
-                        ',' if depth == 0 => {
-                            out.push(String::new());
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    out.last_mut().expect("one").push(c);
-                }
-                out.iter().map(|x| x.trim().to_string()).collect()
-            };
-            let (a, b) = (steps(then), steps(now));
-            let (a, b): (Vec<String>, Vec<String>) = if a.len() == b.len() {
-                a.into_iter().zip(b).filter(|(x, y)| x != y).unzip()
-            } else {
-                (a, b)
-            };
-            bail!(
-                "{model}: its image preprocessing (preprocessor_config.json) is not the one {} \
-                 was built with: {} then, {} now",
-                path.display(),
-                a.join(", "),
-                b.join(", ")
-            );
-        }
+    // Features of other pixels are not those the cache or head was fitted to.
+    if let Some(change) = id
+        .preprocess
+        .and_then(|then| then.change_to(&clip.preprocess))
+    {
+        bail!(
+            "{model}: its image preprocessing (preprocessor_config.json) is not the one {} was \
+             built with ({change})",
+            path.display()
+        );
     }
     check_classes(dataset, id.class_folders, id.class_names, path)
 }

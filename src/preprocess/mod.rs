@@ -210,6 +210,16 @@ impl PreprocessConfig {
 
     /// The two lines `clipft info` prints: the geometric steps, then the pixel arithmetic.
     pub fn describe(&self) -> (String, String) {
+        let [resize, crop, resample, rescale, normalize] = self.steps();
+        (
+            format!("{resize}, {crop}, {resample}"),
+            format!("{rescale}, {normalize}"),
+        )
+    }
+
+    /// The steps, each in words: resize, centre crop, resampling filter, rescale, and
+    /// normalisation (mean and std).
+    pub fn steps(&self) -> [String; 5] {
         let resize = match self.resize {
             Some(ResizeTo::ShortestEdge(n)) => format!("shortest edge to {n}"),
             Some(ResizeTo::Exact(h, w)) => format!("resize to {h}x{w}"),
@@ -232,10 +242,27 @@ impl PreprocessConfig {
             (Some(m), Some(s)) => format!("mean {m:?}, std {s:?}"),
             _ => "no normalisation".to_string(),
         };
-        (
-            format!("{resize}, {crop}, {resample}"),
-            format!("{rescale}, {normalize}"),
-        )
+        [resize, crop, resample, rescale, normalize]
+    }
+
+    /// `None` if `now` gives the same pixels, else the steps that differ, as "then …; now …"
+    /// (all the settings where they read alike in words, as a rescale factor within 1e-12 of
+    /// 1/255 does).
+    pub fn change_to(&self, now: &Self) -> Option<String> {
+        if self.cache_key() == now.cache_key() {
+            return None;
+        }
+        let (a, b) = (self.steps(), now.steps());
+        let differ: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+        let show = |p: &Self, s: &[String]| match &differ[..] {
+            [] => p.cache_key(),
+            d => d
+                .iter()
+                .map(|&i| s[i].as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        Some(format!("then {}; now {}", show(self, &a), show(now, &b)))
     }
 
     /// A short key that changes whenever the pixels this config produces would change.
@@ -1097,6 +1124,29 @@ fn blend_white(src: u8, alpha: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change of preprocessing names the steps that differ, or every setting where the words
+    /// read alike.
+    #[test]
+    fn preprocessing_changes_name_what_differs() {
+        let a = PreprocessConfig::openai(224);
+        assert_eq!(a.change_to(&a.clone()), None);
+        let b = PreprocessConfig {
+            resample: Resample::Bilinear,
+            crop: (200, 200),
+            ..a.clone()
+        };
+        assert_eq!(
+            a.change_to(&b).unwrap(),
+            "then centre crop 224x224, bicubic; now centre crop 200x200, bilinear"
+        );
+        let c = PreprocessConfig {
+            rescale_factor: Some(1.0 / 255.0 + 1e-15),
+            ..a.clone()
+        };
+        let e = a.change_to(&c).unwrap();
+        assert!(e.starts_with("then {") && e.contains("; now {"), "{e}");
+    }
 
     /// 32-bit grey TIFFs read as Pillow 13 reads them and `convert("RGB")` makes them 8-bit
     /// (the expected values are Pillow's, for these samples).
