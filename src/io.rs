@@ -85,34 +85,39 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
         "{flag} {}: that is a folder; give a file path",
         path.display()
     );
-    let mut dir = match path.parent() {
+    let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    // Walk up to the first part of the path that exists; it must be a folder.
-    while std::fs::symlink_metadata(dir).is_err() {
-        match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => dir = p,
+    check_can_make(parent, path, flag)
+}
+
+/// Checks that folder `dir` exists and takes new files, or can be made: its nearest existing
+/// ancestor is a folder that takes new files. Makes nothing. Errors name `flag` and `shown`.
+pub fn check_can_make(dir: &Path, shown: &Path, flag: &str) -> Result<()> {
+    let mut at = dir;
+    while std::fs::symlink_metadata(at).is_err() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
             _ => {
-                dir = Path::new(".");
+                at = Path::new(".");
                 break;
             }
         }
     }
     anyhow::ensure!(
-        dir.is_dir(),
+        at.is_dir(),
         "{flag} {}: {} is a file, not a folder",
-        path.display(),
-        dir.display()
+        shown.display(),
+        at.display()
     );
-    probe_writable(dir).with_context(|| {
+    probe_writable(at).with_context(|| {
         format!(
             "{flag} {}: cannot write in {}",
-            path.display(),
-            dir.display()
+            shown.display(),
+            at.display()
         )
-    })?;
-    Ok(())
+    })
 }
 
 /// Refuses an output path that names one of the command's input files (`(path, what)` pairs):

@@ -229,24 +229,7 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
     }
     // Writable? (Probed in the folder, or in the one it will be made in, so that a run refused
     // later leaves no empty folder behind.)
-    let mut at = out;
-    while !at.exists() {
-        match at.parent() {
-            Some(p) if !p.as_os_str().is_empty() => at = p,
-            _ => {
-                at = Path::new(".");
-                break;
-            }
-        }
-    }
-    ensure!(
-        at.is_dir(),
-        "--out {}: {} is not a folder",
-        out.display(),
-        at.display()
-    );
-    crate::io::probe_writable(at)
-        .with_context(|| format!("--out {}: cannot write in {}", out.display(), at.display()))?;
+    crate::io::check_can_make(out, out, "--out")?;
     Ok(())
 }
 
