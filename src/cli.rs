@@ -67,7 +67,7 @@ pub struct ModelArgs {
     /// openai/clip-vit-base-patch32; for `eval --adapter` and `tip train --cache`: the artifact's
     /// model]. Hub files go to the standard cache (HF_HOME, HF_HUB_CACHE); HF_HUB_OFFLINE=1 uses
     /// the cache only.
-    #[arg(long, value_name = "ID|DIR")]
+    #[arg(long, value_name = "ID|DIR", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub model: Option<String>,
     /// Hub revision (branch, tag, commit or PR ref). Default: `main`, except
     /// openai/clip-vit-base-patch32, whose safetensors weights are on `refs/pr/15`.
@@ -226,10 +226,13 @@ pub struct EvalArgs {
     /// Split to evaluate.
     #[arg(long, default_value = "test", value_name = "SPLIT")]
     pub split: Split,
-    #[arg(long, value_enum, default_value_t = Method::Zeroshot)]
-    pub method: Method,
+    /// How to classify without --adapter: `zeroshot`, CLIP's text classifier (the only such
+    /// method; the adapted ones are evaluated with --adapter) [default: zeroshot].
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
     /// Prompt templates: a built-in set (clip, ensemble7, imagenet80) or a file with one template
-    /// per line, `{}` standing for the class name [default: clip; with --adapter: the artifact's].
+    /// per line, `{}` standing for the class name [default: clip; not with --adapter, whose
+    /// artifact holds its own].
     #[arg(long, value_name = "NAME|FILE")]
     pub templates: Option<String>,
     /// Print one JSON object (top1, top5, n, per_class, ...) instead of the table.
@@ -267,9 +270,25 @@ pub struct InfoArgs {
     pub model: ModelArgs,
 }
 
+/// The command line as clap's derive reads it, except that a value may be a negative number
+/// (`--lr -1` reaches the flag's own check, which names the flag and says what it takes,
+/// instead of clap's "unexpected argument '-1'").
+pub fn command() -> clap::Command {
+    fn negatives(c: clap::Command) -> clap::Command {
+        c.mut_args(|a| a.allow_negative_numbers(true))
+            .mut_subcommands(negatives)
+    }
+    negatives(<Cli as clap::CommandFactory>::command())
+}
+
+fn parse_args() -> Cli {
+    let matches = command().get_matches();
+    <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Entry point of the binary: parses arguments, runs, prints errors with their causes.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_args();
     crate::interrupt::install();
     let result = run(cli);
     crate::interrupt::finish();
@@ -617,6 +636,20 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     }
     // Fail on a missing split before the (possibly slow) model load.
     dataset.samples(a.split)?;
+    if let Some(p) = &a.adapter {
+        anyhow::ensure!(
+            p.exists(),
+            "--adapter {}: no such file or folder",
+            p.display()
+        );
+        if let Some(m) = a.method {
+            anyhow::bail!(
+                "--method {} cannot be combined with --adapter, which evaluates the adapter's \
+                 own method",
+                m.to_possible_value().expect("not skipped").get_name()
+            );
+        }
+    }
     if a.adapter.is_some() && a.templates.is_some() {
         anyhow::bail!("--templates cannot be combined with --adapter: the artifact's classifier was built from its own templates");
     }
@@ -655,7 +688,7 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
         crate::methods::tip_cli::eval_adapter(adapter, &a.model, &dataset, a.split, &opts, quiet)?
     } else {
         let clip = load_model(&a.model, quiet)?;
-        let run = match a.method {
+        let run = match a.method.unwrap_or(Method::Zeroshot) {
             Method::Zeroshot => {
                 crate::eval::zero_shot(&clip, &dataset, a.split, &template_set, &opts)?
             }

@@ -56,6 +56,8 @@ impl FromStr for Split {
 pub enum DataError {
     #[error("dataset folder {} does not exist", .0.display())]
     NoSuchDir(PathBuf),
+    #[error("{}: a file, not a dataset folder (DIR/<split>/<class>/<image>)", .0.display())]
+    NotADir(PathBuf),
     #[error("{}: no train/, val/ or test/ folder; expected DIR/<split>/<class>/<image>", .0.display())]
     NoSplits(PathBuf),
     #[error("{}: split `{split}` does not exist (found: {found})", root.display())]
@@ -206,6 +208,9 @@ impl Dataset {
     /// `classnames.txt` (`<folder>\t<readable name>` lines) when present.
     pub fn open(root: impl AsRef<Path>) -> Result<Self, DataError> {
         let root = root.as_ref().to_path_buf();
+        if root.is_file() {
+            return Err(DataError::NotADir(root));
+        }
         if !root.is_dir() {
             return Err(DataError::NoSuchDir(root));
         }

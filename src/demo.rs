@@ -4,11 +4,38 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::data::{Dataset, Split};
 use crate::features::ExtractOptions;
 use crate::model::{synth, Clip, ModelSpec};
+
+/// Marks a folder the demo wrote, which a later demo may write again.
+const MARKER: &str = ".clipft_demo";
+
+/// `--dir` must be new, empty, or an earlier demo's: the demo writes `model/` and `data/` in it
+/// and must not mix its files into a user's dataset or overwrite a user's model.
+fn check_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        dir.is_dir(),
+        "--dir {}: a file, not a folder",
+        dir.display()
+    );
+    let empty = std::fs::read_dir(dir)
+        .with_context(|| format!("--dir {}", dir.display()))?
+        .next()
+        .is_none();
+    anyhow::ensure!(
+        empty || dir.join(MARKER).is_file(),
+        "--dir {}: the folder holds files that are not an earlier demo's; give a new or empty \
+         folder",
+        dir.display()
+    );
+    Ok(())
+}
 
 pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     let tmp;
@@ -21,6 +48,10 @@ pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> 
             tmp.path().to_path_buf()
         }
     };
+    if dir.is_some() {
+        check_dir(&root)?;
+        crate::io::write_atomic(&root.join(MARKER), b"a folder of `clipft demo --dir`\n")?;
+    }
     let model_dir = root.join("model");
     let data_dir = root.join("data");
     crate::cli::info(

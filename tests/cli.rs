@@ -757,16 +757,15 @@ fn help_teaches_the_layout() {
 #[test]
 fn adapter_and_templates_do_not_mix() {
     let ws = Workspace::new();
+    let adapter = ws.path().join("whatever.safetensors");
+    std::fs::write(&adapter, b"x").unwrap();
     let out = ws
         .cmd("eval")
         .arg("--data")
         .arg(ws.data())
-        .args([
-            "--adapter",
-            "whatever.safetensors",
-            "--templates",
-            "ensemble7",
-        ])
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--templates", "ensemble7"])
         .output()
         .unwrap();
     assert_fails_with(&out, "--templates cannot be combined with --adapter");
@@ -1071,6 +1070,75 @@ fn flags_that_would_be_ignored_are_refused() {
         assert_fails_with(&out, "--weight-decay must be a non-negative number");
         assert!(!head.exists());
     }
+    // Written as a separate word, a negative number still reaches the flag's own check.
+    let out = ws
+        .bare("crossmodal")
+        .arg("train")
+        .arg("--model")
+        .arg(ws.model())
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--no-sweep", "--weight-decay", "-0.5", "--out"])
+        .arg(ws.path().join("head.safetensors"))
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "--weight-decay must be a non-negative number");
+    // --method chooses among methods without --adapter.
+    let tip = ws.path().join("tip.safetensors");
+    std::fs::write(&tip, b"x").unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--method", "zeroshot", "--adapter"])
+        .arg(&tip)
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "--method zeroshot cannot be combined with --adapter");
+}
+
+/// Inputs that are missing, or of the wrong kind, are named with their flag.
+#[test]
+fn wrong_kinds_of_input_paths_name_their_flag() {
+    let ws = Workspace::new();
+    let eval = |adapter: &Path, data: &Path| {
+        ws.cmd("eval")
+            .arg("--data")
+            .arg(data)
+            .arg("--adapter")
+            .arg(adapter)
+            .output()
+            .unwrap()
+    };
+    let nothing = ws.path().join("nothing.safetensors");
+    assert_fails_with(&eval(&nothing, &ws.data()), "--adapter");
+    assert_fails_with(&eval(&nothing, &ws.data()), "no such file or folder");
+    let file = ws.path().join("f.txt");
+    std::fs::write(&file, b"x").unwrap();
+    assert_fails_with(&eval(&nothing, &file), "a file, not a dataset folder");
+    let out = ws
+        .bare("tip")
+        .arg("train")
+        .arg("--model")
+        .arg(ws.model())
+        .arg("--cache")
+        .arg(ws.data())
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--out")
+        .arg(ws.path().join("t.safetensors"))
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "--cache");
+    assert_fails_with(&out, "a folder, not a file");
+    let out = ws.bare("info").args(["--model", ""]).output().unwrap();
+    assert_fails_with(&out, "--model");
+    // The demo writes only into a new, empty or earlier demo's folder.
+    let mine = ws.path().join("mine");
+    std::fs::create_dir_all(mine.join("data/train/cats")).unwrap();
+    let out = ws.bare("demo").arg("--dir").arg(&mine).output().unwrap();
+    assert_fails_with(&out, "not an earlier demo's");
+    assert!(!mine.join("model").exists());
 }
 
 #[test]

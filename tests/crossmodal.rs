@@ -679,6 +679,20 @@ fn artifacts_old_linear_and_adapter_load() {
     let (h, method) = back.pick("learned").unwrap();
     assert_eq!(method, "crossmodal-adapter");
     assert_eq!(h.adapter, ad.adapter);
+    // A blend ratio outside [0, 1], or a default head the file lacks, is refused.
+    let mut bad = ad.clone();
+    bad.meta.adapter_ratio = Some(2.0);
+    bad.save(&p).unwrap();
+    let e = format!("{:#}", cm::CrossArtifact::load(&p).unwrap_err());
+    assert!(
+        e.contains("`adapter_ratio` 2 is not between 0 and 1"),
+        "{e}"
+    );
+    let mut bad = ad.clone();
+    bad.meta.default_head = "head_wiseft".into();
+    bad.save(&p).unwrap();
+    let e = format!("{:#}", cm::CrossArtifact::load(&p).unwrap_err());
+    assert!(e.contains("`default_head` `head_wiseft`"), "{e}");
     let mut broken = ad.clone();
     broken.adapter = None;
     broken.save(&p).unwrap();

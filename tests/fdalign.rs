@@ -236,7 +236,23 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let b = ws.path().join("b");
     let err = run(&b, false, Some(1)).unwrap_err().to_string();
     assert!(err.contains("stopped after 1 epoch"), "{err}");
-    let (resumed, resumed_outcome) = run(&b, true, None).unwrap();
+    // The same images spelled another way (`--data ./d`) are the same run.
+    let respelled: Vec<Sample> = fx
+        .train
+        .iter()
+        .map(|x| Sample {
+            path: x
+                .path
+                .parent()
+                .unwrap()
+                .join(".")
+                .join(x.path.file_name().unwrap()),
+            ..x.clone()
+        })
+        .collect();
+    let (resumed, resumed_outcome) = fx
+        .train_on(&fx.clip, &respelled, &s, &b, true, None)
+        .unwrap();
     assert_eq!(full_outcome.val_accs, resumed_outcome.val_accs);
     assert_eq!(full_outcome.best_epoch, resumed_outcome.best_epoch);
     // --spurious-clusters 3 of the 6 kept (of ensemble7's 7) templates.
@@ -304,12 +320,15 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     assert!(e.contains("`best_epoch`"), "{e}");
     let e = damage(&|_, m| m["kind"] = "tip".into());
     assert!(e.contains("not an FD-Align training state"), "{e}");
+    // A loss scale an f32 run does not take (it would scale the loss and never unscale it).
+    let e = damage(&|_, m| m["loss_scaler"]["scale"] = 0.0.into());
+    assert!(e.contains("`loss_scaler`"), "{e}");
 }
 
 #[test]
 fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
     let ws = Workspace::new();
-    let out = ws.path().join("fd");
+    let out = ws.path().join("new/a/fd");
     let o = ws
         .bare("fdalign")
         .args(["train", "--model"])
@@ -339,8 +358,8 @@ fn a_diverging_run_stops_with_a_clear_message_and_writes_no_model() {
         .output()
         .unwrap();
     assert_fails_with(&o, "the loss became");
-    // Failed in the first epoch, before any state was saved: the folder it made is gone.
-    assert!(!out.exists());
+    // Failed in the first epoch, before any state was saved: the folders it made are gone.
+    assert!(!ws.path().join("new").exists());
 }
 
 /// A source without `preprocessor_config.json` gives an output whose file is in the

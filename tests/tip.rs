@@ -659,7 +659,7 @@ mod cli {
             .args(["--data", s(&data)])
             .assert()
             .failure()
-            .stderr(contains("--model").and(contains("weights are not those")));
+            .stderr(contains("--model").and(contains("weights or config.json are not those")));
         // A moved model is still the model (its weights are), once --model says where it went.
         std::fs::rename(&model, ws.p("moved")).unwrap();
         ws.cmd()
@@ -683,7 +683,7 @@ mod cli {
             .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
             .assert()
             .failure()
-            .stderr(contains("weights are not those"));
+            .stderr(contains("weights or config.json are not those"));
         std::fs::remove_dir_all(&model).unwrap();
         std::fs::rename(ws.p("moved"), &model).unwrap();
         // The same weights behind other preprocessing give other features than the cache's.

@@ -1032,6 +1032,12 @@ impl CrossArtifact {
         }
         let meta: CrossMeta = serde_json::from_value(meta)
             .with_context(|| format!("{}: malformed cross-modal metadata", path.display()))?;
+        ensure!(
+            meta.version == 1,
+            "{}: version {} (this clipft reads version 1: the file is from a newer clipft)",
+            path.display(),
+            meta.version
+        );
         let has_wiseft = t.contains_key("head_wiseft");
         let mut mat = |name: &str| Mat::from_tensor(&crate::io::take_matrix(&mut t, name, path)?);
         let head = mat("head")?;
@@ -1053,6 +1059,12 @@ impl CrossArtifact {
                 let ratio = meta.adapter_ratio.with_context(|| {
                     format!("{}: adapter head without `adapter_ratio`", path.display())
                 })?;
+                // CLIP-Adapter's residual blend: a share of the adapted features.
+                ensure!(
+                    (0.0..=1.0).contains(&ratio),
+                    "{}: `adapter_ratio` {ratio} is not between 0 and 1",
+                    path.display()
+                );
                 let a = Adapter {
                     fc1: mat("adapter.fc1")?,
                     fc2: mat("adapter.fc2")?,
@@ -1072,6 +1084,13 @@ impl CrossArtifact {
                 Some(a)
             }
         };
+        ensure!(
+            matches!(meta.default_head.as_str(), "head" | "head_wiseft")
+                && (meta.default_head == "head" || head_wiseft.is_some()),
+            "{}: `default_head` `{}` is not a head the file holds",
+            path.display(),
+            meta.default_head
+        );
         let c = meta.class_names.len();
         ensure!(
             head.rows == c
@@ -1129,9 +1148,12 @@ impl CrossArtifact {
                         "crossmodal-wiseft"
                     },
                 ),
-                None => bail!("this head has no WiSE-FT variant; train with --wise-ft"),
+                None => bail!(
+                    "--head-variant wiseft: this head has no WiSE-FT variant; train it with \
+                     --wise-ft"
+                ),
             },
-            other => bail!("unknown head variant `{other}` (default, learned, wiseft)"),
+            other => bail!("--head-variant {other}: unknown (default, learned or wiseft)"),
         };
         Ok((
             Head {

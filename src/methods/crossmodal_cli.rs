@@ -34,7 +34,7 @@ pub enum CrossmodalCommand {
 pub enum ImageViews {
     /// The centre crop only.
     Center,
-    /// The centre crop and the same crop flipped (the official default).
+    /// The centre crop and the same crop flipped (what the official scripts run with).
     Flip,
 }
 

@@ -123,10 +123,18 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     // A run that fails before it wrote anything takes back the folder it made (one holding a
     // resume state stays, for --resume).
-    let made_out = !a.out.exists();
+    // The folders of --out that do not exist yet, deepest first: a failed run removes those it
+    // made (when empty) and leaves nothing behind.
+    let made: Vec<&Path> = a
+        .out
+        .ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err())
+        .collect();
     let remove_if_empty = |e: anyhow::Error| {
-        if made_out {
-            let _ = std::fs::remove_dir(&a.out);
+        for dir in &made {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
         }
         e
     };
@@ -256,8 +264,14 @@ pub fn eval_adapter(
         );
     }
     let (mut t, meta) = crate::io::load(&head_path)?;
-    let w = crate::io::take(&mut t, "weight", &head_path)?;
-    let b = crate::io::take(&mut t, "bias", &head_path)?;
+    ensure!(
+        meta["kind"] == "fdalign",
+        "{}: not an FD-Align head (kind {})",
+        head_path.display(),
+        meta["kind"]
+    );
+    let w = crate::io::take(&mut t, "weight", &head_path)?.to_dtype(candle_core::DType::F32)?;
+    let b = crate::io::take(&mut t, "bias", &head_path)?.to_dtype(candle_core::DType::F32)?;
     let folders: Vec<String> = serde_json::from_value(meta["class_folders"].clone())
         .with_context(|| format!("{}: no class folders", head_path.display()))?;
     let names: Vec<String> =
@@ -277,11 +291,17 @@ pub fn eval_adapter(
         b.dims()
     );
     // (Folders written before 2026-11-29 record neither.)
-    if let Some(digest) = meta["model_digest"].as_str() {
+    let digest = &meta["model_digest"];
+    ensure!(
+        digest.is_null() || digest.is_string(),
+        "{}: malformed `model_digest`",
+        head_path.display()
+    );
+    if let Some(digest) = digest.as_str() {
         ensure!(
             clip.weights_digest()? == digest,
             "--adapter {}: model.safetensors or config.json is not what {HEAD_FILE} was trained \
-             with (changed or replaced since)",
+             with (compared byte for byte: changed, re-saved or replaced since)",
             dir.display()
         );
     }

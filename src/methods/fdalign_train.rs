@@ -247,9 +247,10 @@ pub fn train(
         scaler: fdalign::LossScaler::for_dtype(compute),
     };
     let state_path = out.join(STATE_FILE);
-    let run = run_key(clip, class_names, template_set, train_set, val)?;
+    let (run, legacy_run) = run_key(clip, class_names, template_set, train_set, val)?;
     if resume {
-        state = load_state(&state_path, &vars, &mut opt, settings, &run, state.scaler)?;
+        let runs = [run.as_str(), legacy_run.as_str()];
+        state = load_state(&state_path, &vars, &mut opt, settings, &runs, state.scaler)?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let pb = crate::progress::bar(settings.epochs as u64, "FD-Align", progress);
@@ -403,31 +404,53 @@ pub fn train(
 }
 
 /// What a resumed run must share with the interrupted one beyond the settings: the model and
-/// its precision (the fingerprint holds `--dtype`, which is also the compute dtype), the
-/// classes, the templates and the exact train and val images (other --shots, --seed or --data
-/// give other images, and the batch size and learning rate follow the train set's size).
+/// its precision (the fingerprint holds `--dtype`, which is also the compute dtype), its image
+/// preprocessing and tokenizer, the classes, the templates and the exact train and val images
+/// (other --shots, --seed or --data give other images, and the batch size and learning rate
+/// follow the train set's size), each image by its resolved path (`--data d` and `--data ./d`
+/// are one dataset). Returns the key and, to resume states written before 2026-11-29, the key
+/// those had (paths as given; no preprocessing or tokenizer).
 fn run_key(
     clip: &Clip,
     class_names: &[String],
     template_set: &[String],
     train_set: &[Sample],
     val: &[Sample],
-) -> Result<String> {
+) -> Result<(String, String)> {
     use sha2::{Digest, Sha256};
-    let images = |s: &[Sample]| -> Vec<(String, usize)> {
+    let images = |s: &[Sample], resolve: bool| -> Vec<(String, usize)> {
         s.iter()
-            .map(|s| (s.path.to_string_lossy().into_owned(), s.label))
+            .map(|s| {
+                let p = match resolve {
+                    true => s.path.canonicalize().unwrap_or_else(|_| s.path.clone()),
+                    false => s.path.clone(),
+                };
+                (p.to_string_lossy().into_owned(), s.label)
+            })
             .collect()
     };
+    let hex = |v: &serde_json::Value| -> Result<String> {
+        let digest = Sha256::digest(serde_json::to_vec(v)?);
+        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    };
+    let tokenizer = crate::model::load::digest_files(&[&clip.files.tokenizer])?;
     let key = serde_json::json!({
+        "model": clip.fingerprint,
+        "preprocess": clip.preprocess.cache_key(),
+        "tokenizer": tokenizer,
+        "classes": class_names,
+        "templates": template_set,
+        "train": images(train_set, true),
+        "val": images(val, true),
+    });
+    let legacy = serde_json::json!({
         "model": clip.fingerprint,
         "classes": class_names,
         "templates": template_set,
-        "train": images(train_set),
-        "val": images(val),
+        "train": images(train_set, false),
+        "val": images(val, false),
     });
-    let digest = Sha256::digest(serde_json::to_vec(&key)?);
-    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    Ok((hex(&key)?, hex(&legacy)?))
 }
 
 fn save_state(
@@ -468,7 +491,7 @@ fn load_state(
     vars: &[(String, Var)],
     opt: &mut Sgd,
     settings: &FdAlignSettings,
-    run: &str,
+    runs: &[&str],
     scaler: fdalign::LossScaler,
 ) -> Result<State> {
     ensure!(
@@ -499,7 +522,7 @@ fn load_state(
         );
     }
     ensure!(
-        meta["run"].as_str() == Some(run),
+        meta["run"].as_str().is_some_and(|r| runs.contains(&r)),
         "--resume: {} was written for another run (another model or --dtype, classes, \
          --templates, or other train/val images: --data, --shots, --val-shots, --seed); rerun \
          with the same flags, or without --resume to start over",
@@ -537,11 +560,23 @@ fn load_state(
         .as_f64()
         .filter(|v| *v == val_accs[best_epoch])
         .ok_or_else(|| damaged("`best_val` is not the accuracy of `best_epoch`"))?;
+    // `scaler` is a fresh one for the run's dtype: a fixed scale of 1 unless f16.
     let scaler = match meta.get("loss_scaler") {
         // (States written before the scaler existed were f32 runs, which need none.)
-        None | Some(serde_json::Value::Null) => scaler,
+        None | Some(serde_json::Value::Null) if !scaler.dynamic => scaler,
+        None | Some(serde_json::Value::Null) => return Err(damaged("`loss_scaler` is missing")),
         Some(v) => {
-            serde_json::from_value(v.clone()).map_err(|_| damaged("`loss_scaler` is malformed"))?
+            let saved: fdalign::LossScaler = serde_json::from_value(v.clone())
+                .map_err(|_| damaged("`loss_scaler` is malformed"))?;
+            let valid = match scaler.dynamic {
+                true => saved.dynamic && saved.scale.is_finite() && saved.scale > 0.0,
+                false => saved == scaler,
+            };
+            ensure!(
+                valid,
+                damaged("`loss_scaler` is not one this run's dtype takes")
+            );
+            saved
         }
     };
     // A tensor of the state, of its variable's shape and finite, in its dtype and device.

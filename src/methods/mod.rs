@@ -56,8 +56,9 @@ pub fn check_compatible(
         // checkpoint written to the same folder is not.
         Some(digest) => ensure!(
             clip.weights_digest()? == digest,
-            "{model}: its weights are not those {} was built with (model `{}` then): the \
-             checkpoint was changed or replaced, or this is another model",
+            "{model}: its weights or config.json are not those {} was built with (model `{}` \
+             then; compared byte for byte): the checkpoint was changed, re-saved or replaced, or \
+             this is another model",
             path.display(),
             id.model
         ),

@@ -87,6 +87,9 @@ pub const BUILTIN_CONFIGS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The largest `search_step` per axis a config may ask for.
+pub const MAX_SEARCH_STEPS: usize = 10_000;
+
 impl TipConfig {
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let cfg: TipConfig =
@@ -96,10 +99,15 @@ impl TipConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        // (The official grids are 200 × 20 at most; the search holds n_β·n_α scores per val
+        // image batch.)
         ensure!(
-            self.search_step[0] >= 1 && self.search_step[1] >= 1,
-            "search_step must be at least [1, 1]"
+            self.search_step
+                .iter()
+                .all(|&n| (1..=MAX_SEARCH_STEPS).contains(&n)),
+            "search_step must be between [1, 1] and [{MAX_SEARCH_STEPS}, {MAX_SEARCH_STEPS}]"
         );
+        ensure!(self.train_epochs >= 1, "train_epochs must be at least 1");
         ensure!(
             self.search_scale.iter().all(|s| s.is_finite() && *s > 0.0),
             "search_scale must be positive"
@@ -140,13 +148,30 @@ impl TipConfig {
                 names.join(", ")
             );
         }
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            anyhow::anyhow!(
+                "--config {}: not UTF-8 text (save it as UTF-8)",
+                path.display()
+            )
+        })?;
+        // A byte-order mark (some Windows editors) is not part of the JSON.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text).to_string();
         let origin = path.display().to_string();
         // A file gives the keys it changes: the rest come from `default`, the name from the
         // file's stem.
         let given: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .with_context(|| format!("{origin}: invalid Tip config (expected a JSON object)"))?;
+            .with_context(|| {
+                let object = text.trim_start().starts_with('{');
+                format!(
+                    "{origin}: invalid Tip config{}",
+                    if object {
+                        ""
+                    } else {
+                        " (expected a JSON object)"
+                    }
+                )
+            })?;
         let mut missing = serde_json::to_value(Self::resolve("default")?)?
             .as_object()
             .expect("a config serialises to an object")
@@ -801,6 +826,11 @@ impl TipMeta {
     /// What the methods take on trust from the file: the settings they rerun with (`tip train`
     /// re-encodes the cache's views) and the blend they evaluate with.
     fn validate(&self) -> Result<()> {
+        ensure!(
+            self.version == 1,
+            "version {} (this clipft reads version 1: the file is from a newer clipft)",
+            self.version
+        );
         self.config.validate()?;
         ensure!(
             self.augment_epochs >= 1,
@@ -924,7 +954,8 @@ impl TipArtifact {
                 && classifier.dims() == [c, d]
                 && adapter.as_ref().is_none_or(|a| a.dims() == [nk, d])
                 && meta.class_folders.len() == c
-                && meta.train_paths.len() == nk,
+                && meta.train_paths.len() == nk
+                && nk > 0,
             "{}: inconsistent tensor shapes ({shapes}, {} train_paths)",
             path.display(),
             meta.train_paths.len()
@@ -1187,7 +1218,8 @@ pub fn train(
     let labels: Vec<usize> = train.iter().map(|s| s.label).collect();
     ensure!(
         labels_of_one_hot(&cache.cache_values)? == labels,
-        "cache values do not match the train labels"
+        "--cache: its cache values do not match the labels of its train images (the file is \
+         damaged)"
     );
     let val = val_samples(dataset)?;
     let (val_f, val_labels, val_skipped) = split_features(clip, &val, opts)?;
@@ -1204,7 +1236,8 @@ pub fn train(
             &paths,
             &m.augment,
             m.seed,
-            0..m.augment_epochs as u64,
+            // Epoch e trains on view e mod E: views past the last epoch are never used.
+            0..m.augment_epochs.min(train_opts.settings.epochs) as u64,
             &quiet_opts,
         )?
         .iter()
@@ -1340,6 +1373,22 @@ mod tests {
         assert_eq!(TipConfig::resolve(p.to_str().unwrap()).unwrap().lr, d.lr);
         std::fs::write(&p, "[1, 2]").unwrap();
         assert!(TipConfig::resolve(p.to_str().unwrap()).is_err());
+        // A byte-order mark is not part of the JSON.
+        std::fs::write(&p, "\u{feff}{\"lr\": 0.5}").unwrap();
+        assert_eq!(TipConfig::resolve(p.to_str().unwrap()).unwrap().lr, 0.5);
+        // Values the methods cannot run with are refused naming the file.
+        for (text, want) in [
+            (
+                r#"{"search_step": [18446744073709551615, 2]}"#,
+                "search_step must be between",
+            ),
+            (r#"{"train_epochs": 0}"#, "train_epochs must be at least 1"),
+            (r#"{"init_alpha": -1}"#, "init_beta and init_alpha"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = format!("{:#}", TipConfig::resolve(p.to_str().unwrap()).unwrap_err());
+            assert!(e.contains("mine.json") && e.contains(want), "{e}");
+        }
     }
 
     #[test]

@@ -109,11 +109,12 @@ fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
     let clip = load_model(&a.model, quiet)?;
     crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
     let opts = a.extract.options(quiet);
+    // The recorded config says what ran.
+    if let Some(e) = a.augment_epochs {
+        config.augment_epochs = e as usize;
+    }
     let build = tip::BuildOptions {
-        augment_epochs: a
-            .augment_epochs
-            .map(|e| e as usize)
-            .unwrap_or(config.augment_epochs),
+        augment_epochs: config.augment_epochs,
         config,
         shots: a.shots.shots.map(|k| k as usize),
         seed: a.shots.seed,
@@ -200,6 +201,16 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "--out",
         [(a.cache.as_path(), "the --cache artifact")],
     )?;
+    ensure!(
+        a.cache.is_file(),
+        "--cache {}: {}; pass the file from `clipft tip build-cache`",
+        a.cache.display(),
+        if a.cache.is_dir() {
+            "a folder, not a file"
+        } else {
+            "no such file"
+        }
+    );
     let cache = TipArtifact::load_cache(&a.cache)?;
     ensure!(
         cache.meta.kind == tip::Kind::Tip,
