@@ -659,7 +659,9 @@ mod cli {
             .args(["--data", s(&data)])
             .assert()
             .failure()
-            .stderr(contains("--model").and(contains("weights or config.json are not those")));
+            .stderr(
+                contains("--model").and(contains("weights or config.json settings are not those")),
+            );
         // A moved model is still the model (its weights are), once --model says where it went.
         std::fs::rename(&model, ws.p("moved")).unwrap();
         ws.cmd()
@@ -677,15 +679,71 @@ mod cli {
             s(&data),
         ]);
         assert_eq!(moved["top1"], tip["top1"]);
+        // Tip-F trained with the moved model records where it is now.
+        let tipf2 = ws.p("tipf2.safetensors");
+        ws.cmd()
+            .args(["tip", "train", "--cache", s(&tipc), "--data", s(&data)])
+            .args([
+                "--model",
+                s(&ws.p("moved")),
+                "--epochs",
+                "2",
+                "--out",
+                s(&tipf2),
+            ])
+            .assert()
+            .success();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&tipf2), "--data", s(&data)])
+            .assert()
+            .success();
         // Another checkpoint of the same shape written where the model was is not it.
         synth::write_checkpoint(&model, &synth::tiny_config(), 7).unwrap();
         ws.cmd()
             .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
             .assert()
             .failure()
-            .stderr(contains("weights or config.json are not those"));
+            .stderr(contains("weights or config.json settings are not those"));
         std::fs::remove_dir_all(&model).unwrap();
         std::fs::rename(ws.p("moved"), &model).unwrap();
+        // A re-saved copy is the same model: tensors in another order with header metadata,
+        // config.json reformatted with a key clipft does not read.
+        let weights = model.join("model.safetensors");
+        let config = model.join("config.json");
+        let (weights_bytes, config_bytes) = (
+            std::fs::read(&weights).unwrap(),
+            std::fs::read(&config).unwrap(),
+        );
+        let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        names.reverse();
+        let views: Vec<(&str, &candle_core::Tensor)> =
+            names.iter().map(|n| (n.as_str(), &tensors[*n])).collect();
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        std::fs::write(&weights, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+        assert_ne!(std::fs::read(&weights).unwrap(), weights_bytes);
+        let mut cfg: Value = serde_json::from_slice(&config_bytes).unwrap();
+        cfg["transformers_version"] = "9.9.9".into();
+        std::fs::write(&config, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&tipc), "--data", s(&data)])
+            .assert()
+            .success();
+        std::fs::write(&weights, &weights_bytes).unwrap();
+        std::fs::write(&config, &config_bytes).unwrap();
+        // An artifact with the byte-for-byte digest of earlier versions is still recognised.
+        let (t, mut m) = clipft::io::load(&tipc).unwrap();
+        let files = clipft::model::hub::resolve(s(&model), None, false).unwrap();
+        m["model_digest"] = clipft::model::load::weights_digest(&files).unwrap().into();
+        let old = ws.p("old-digest.safetensors");
+        let refs: Vec<(&str, &candle_core::Tensor)> =
+            t.iter().map(|(n, x)| (n.as_str(), x)).collect();
+        clipft::io::save(&old, &refs, &m).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&old), "--data", s(&data)])
+            .assert()
+            .success();
         // The same weights behind other preprocessing give other features than the cache's.
         let pre = model.join("preprocessor_config.json");
         let pre_bytes = std::fs::read(&pre).unwrap();

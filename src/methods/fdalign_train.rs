@@ -683,11 +683,9 @@ pub fn write_checkpoint(
     crate::io::write_atomic(&out.join("preprocessor_config.json"), &pre)?;
     // The head belongs to these weights and this preprocessing: `eval --adapter` checks both.
     let mut head_meta = head_meta;
-    head_meta["model_digest"] = crate::model::load::digest_files(&[
-        &out.join("config.json"),
-        &out.join("model.safetensors"),
-    ])?
-    .into();
+    // (config.json is the source's, so its parsed settings are `clip`'s.)
+    let weights = crate::model::hub::WeightFiles::Safetensors(vec![out.join("model.safetensors")]);
+    head_meta["model_digest"] = crate::model::load::content_digest(clip.config(), &weights)?.into();
     head_meta["preprocess"] = serde_json::to_value(&clip.preprocess)?;
     let w = tuned
         .get("head.weight")

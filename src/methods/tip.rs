@@ -1283,6 +1283,12 @@ pub fn train(
     )?;
     let mut meta = m.clone();
     meta.kind = Kind::Tipf;
+    // The model where it is now: a moved copy was recognised by its digest, and the new
+    // artifact should not send `eval` to the old place.
+    if meta.model_digest.is_some() {
+        meta.model = clip.files.id.clone();
+        meta.revision = clip.files.revision.clone();
+    }
     meta.fast_decode |= opts.decode != crate::preprocess::Decode::Exact;
     meta.beta = found.beta;
     meta.alpha = found.alpha;

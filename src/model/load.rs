@@ -212,20 +212,26 @@ pub struct Clip {
     /// `logit_scale.exp()`: the checkpoint's learned temperature (100 for the released CLIP
     /// models), or the config's initial value where the checkpoint has none, as `transformers`.
     pub logit_scale: f64,
-    /// [`weights_digest`], computed on first use.
+    /// [`content_digest`], computed on first use.
     digest: std::sync::OnceLock<String>,
 }
 
 impl Clip {
-    /// The identity of this checkpoint's content ([`weights_digest`]): what artifacts record of
-    /// their model, so that a moved model is still recognised and another one at the same path
-    /// is not taken for it.
+    /// The identity of this checkpoint's content ([`content_digest`]): what artifacts record of
+    /// their model, so that a moved or re-saved model is still recognised and another one at
+    /// the same path is not taken for it.
     pub fn weights_digest(&self) -> anyhow::Result<&str> {
         if let Some(d) = self.digest.get() {
             return Ok(d);
         }
-        let d = weights_digest(&self.files)?;
+        let d = content_digest(self.config(), &self.files.weights)?;
         Ok(self.digest.get_or_init(|| d))
+    }
+
+    /// Whether an artifact's recorded `digest` is this model: its [`content_digest`], or the
+    /// byte-for-byte [`weights_digest`] artifacts recorded before 2026-11-29.
+    pub fn has_digest(&self, digest: &str) -> anyhow::Result<bool> {
+        Ok(self.weights_digest()? == digest || weights_digest(&self.files)? == digest)
     }
 
     pub fn load(spec: &ModelSpec) -> anyhow::Result<Self> {
@@ -611,11 +617,62 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<Strin
 }
 
 /// SHA-256 over config.json and every weight file, byte for byte (about 0.3 s per GB with the
-/// CPU's SHA instructions; the files are in the page cache once the model is loaded).
+/// CPU's SHA instructions; the files are in the page cache once the model is loaded): the
+/// digest artifacts recorded before [`content_digest`].
 pub fn weights_digest(files: &ModelFiles) -> anyhow::Result<String> {
     let mut paths: Vec<&Path> = vec![&files.config];
     paths.extend(files.weights.paths());
     digest_files(&paths)
+}
+
+/// SHA-256 of what a checkpoint computes with: the settings clipft reads from config.json (the
+/// parsed [`ClipConfig`], so formatting and keys clipft does not read do not count) and every
+/// weight tensor by name, dtype, shape and bytes, in name order (so a re-save with the tensors in
+/// another order or other header metadata is the same model). A PyTorch `.bin` counts byte for
+/// byte.
+pub fn content_digest(config: &ClipConfig, weights: &WeightFiles) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let field = |h: &mut Sha256, bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(&mut h, b"clipft content digest 1");
+    field(&mut h, &serde_json::to_vec(config)?);
+    match weights {
+        WeightFiles::Safetensors(paths) => {
+            let maps = paths
+                .iter()
+                .map(|p| {
+                    let file = std::fs::File::open(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    // SAFETY: read-only map of a file clipft does not modify.
+                    unsafe { memmap2::Mmap::map(&file) }
+                        .with_context(|| format!("reading {}", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut tensors = Vec::new();
+            for (map, p) in maps.iter().zip(paths) {
+                let st = safetensors::SafeTensors::deserialize(map).map_err(|e| {
+                    anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display())
+                })?;
+                tensors.extend(st.tensors());
+            }
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, view) in tensors {
+                field(&mut h, name.as_bytes());
+                field(
+                    &mut h,
+                    format!("{:?} {:?}", view.dtype(), view.shape()).as_bytes(),
+                );
+                field(&mut h, view.data());
+            }
+        }
+        WeightFiles::Pth(p) => {
+            field(&mut h, digest_files(&[p])?.as_bytes());
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// SHA-256 over the files in order, each as its length and bytes: [`weights_digest`] of a model
