@@ -275,8 +275,12 @@ pub struct InfoArgs {
 /// instead of clap's "unexpected argument '-1'").
 pub fn command() -> clap::Command {
     fn negatives(c: clap::Command) -> clap::Command {
-        c.mut_args(|a| a.allow_negative_numbers(true))
-            .mut_subcommands(negatives)
+        // (Only on arguments that take a value: clap asserts that in debug builds.)
+        c.mut_args(|a| match a.get_action().takes_values() {
+            true => a.allow_negative_numbers(true),
+            false => a,
+        })
+        .mut_subcommands(negatives)
     }
     negatives(<Cli as clap::CommandFactory>::command())
 }
