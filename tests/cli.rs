@@ -255,28 +255,23 @@ fn cache_matches_fresh_encoding_and_corrupt_cache_is_rebuilt() {
     let ws = Workspace::new();
     let a = ws.path().join("a.safetensors");
     let b = ws.path().join("b.safetensors");
-    let ok = ws
-        .cmd("features")
-        .arg("--data")
-        .arg(ws.data())
-        .args(["--split", "val", "--out"])
-        .arg(&a)
-        .output()
-        .unwrap();
+    let features = |out: &Path| {
+        ws.cmd("features")
+            .arg("--data")
+            .arg(ws.data())
+            .args(["--split", "val", "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let ok = features(&a);
     assert!(ok.status.success());
     // Truncate every cache file: the next run must ignore them and rewrite.
     for e in std::fs::read_dir(ws.cache()).unwrap() {
         let p = e.unwrap().path();
         std::fs::write(&p, b"garbage").unwrap();
     }
-    let out = ws
-        .cmd("features")
-        .arg("--data")
-        .arg(ws.data())
-        .args(["--split", "val", "--out"])
-        .arg(&b)
-        .output()
-        .unwrap();
+    let out = features(&b);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("9 encoded, 0 from cache"),
@@ -302,14 +297,7 @@ fn cache_matches_fresh_encoding_and_corrupt_cache_is_rebuilt() {
         clipft::io::save(&p, &[("features", &t)], &meta).unwrap();
         poisoned += 1;
     }
-    let out = ws
-        .cmd("features")
-        .arg("--data")
-        .arg(ws.data())
-        .args(["--split", "val", "--out"])
-        .arg(&b)
-        .output()
-        .unwrap();
+    let out = features(&b);
     assert!(out.status.success(), "{}", stderr(&out));
     let want = format!("{poisoned} encoded, {} from cache", 9 - poisoned);
     assert!(stderr(&out).contains(&want), "{want}: {}", stderr(&out));

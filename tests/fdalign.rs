@@ -145,18 +145,8 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
         "red_vertical_stripes\tcrimson\n",
     )
     .unwrap();
-    let o = ws
-        .bare("eval")
-        .arg("--adapter")
-        .arg(&out)
-        .arg("--data")
-        .arg(ws.data())
-        .arg("--cache-dir")
-        .arg(ws.cache())
-        .output()
-        .unwrap();
     // The message names the class whose name differs.
-    assert_fails_with(&o, "`red_vertical_stripes` reads `crimson` here");
+    assert_fails_with(&eval(), "`red_vertical_stripes` reads `crimson` here");
 }
 
 /// The generated workspace loaded for library-level training runs.
