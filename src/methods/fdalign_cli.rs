@@ -121,10 +121,8 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         ),
         quiet,
     );
-    // A run that fails before it wrote anything takes back the folder it made (one holding a
-    // resume state stays, for --resume).
-    // The folders of --out that do not exist yet, deepest first: a failed run removes those it
-    // made (when empty) and leaves nothing behind.
+    // A run that fails before it wrote anything takes back the folders of --out it made,
+    // deepest first, while they are empty (one holding a resume state stays, for --resume).
     let made: Vec<&Path> = a
         .out
         .ancestors()
