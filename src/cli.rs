@@ -670,35 +670,16 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     }
     let template_set = crate::templates::resolve(a.templates.as_deref().unwrap_or("clip"))?;
     let opts = a.extract.options(quiet);
-    let (clip, run) = if let Some(adapter) = a.adapter.as_ref().filter(|p| p.is_dir()) {
-        crate::methods::fdalign_cli::eval_adapter(
-            adapter, &a.model, &dataset, a.split, &opts, quiet,
-        )?
-    } else if let Some(adapter) = a
-        .adapter
-        .as_ref()
-        .filter(|p| crate::methods::crossmodal_cli::is_crossmodal(p))
-    {
-        crate::methods::crossmodal_cli::eval_adapter(
-            adapter,
-            a.head_variant.as_deref().unwrap_or("default"),
-            &a.model,
-            &dataset,
-            a.split,
-            &opts,
-            quiet,
-        )?
-    } else if let Some(adapter) = &a.adapter {
-        crate::methods::tip_cli::eval_adapter(adapter, &a.model, &dataset, a.split, &opts, quiet)?
-    } else {
-        let clip = load_model(&a.model, quiet)?;
-        let run = match a.method.unwrap_or(Method::Zeroshot) {
-            Method::Zeroshot => {
-                crate::eval::zero_shot(&clip, &dataset, a.split, &template_set, &opts)?
+    let (clip, run) =
+        adapter_or_zero_shot(&a, &dataset, &template_set, &opts, quiet).map_err(|e| {
+            match &a.adapter {
+                // The logits were the adapter's: say which file made them.
+                Some(p) if e.is::<crate::eval::NonFiniteLogits>() => {
+                    e.context(format!("--adapter {}", p.display()))
+                }
+                _ => e,
             }
-        };
-        (clip, run)
-    };
+        })?;
     crate::features::warn_skipped(&run.skipped, "");
     if let Some(path) = &a.save_logits {
         crate::io::ensure_not_input(path, "--save-logits", clip.files.inputs())?;
@@ -712,6 +693,35 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
         crate::eval::write_table(&run.report, &mut out)?;
     }
     Ok(())
+}
+
+/// `eval`'s logits: the adapter's (FD-Align folder, cross-modal head or Tip artifact) with
+/// --adapter, else zero-shot CLIP's.
+fn adapter_or_zero_shot(
+    a: &EvalArgs,
+    dataset: &Dataset,
+    template_set: &[String],
+    opts: &crate::features::ExtractOptions,
+    quiet: bool,
+) -> Result<(Clip, crate::eval::EvalRun)> {
+    use crate::methods::{crossmodal_cli, fdalign_cli, tip_cli};
+    let Some(adapter) = &a.adapter else {
+        let clip = load_model(&a.model, quiet)?;
+        let run = match a.method.unwrap_or(Method::Zeroshot) {
+            Method::Zeroshot => {
+                crate::eval::zero_shot(&clip, dataset, a.split, template_set, opts)?
+            }
+        };
+        return Ok((clip, run));
+    };
+    if adapter.is_dir() {
+        fdalign_cli::eval_adapter(adapter, &a.model, dataset, a.split, opts, quiet)
+    } else if crossmodal_cli::is_crossmodal(adapter) {
+        let variant = a.head_variant.as_deref().unwrap_or("default");
+        crossmodal_cli::eval_adapter(adapter, variant, &a.model, dataset, a.split, opts, quiet)
+    } else {
+        tip_cli::eval_adapter(adapter, &a.model, dataset, a.split, opts, quiet)
+    }
 }
 
 fn save_logits(

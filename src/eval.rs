@@ -42,6 +42,30 @@ fn rank(row: &[f32], label: usize) -> usize {
         .count()
 }
 
+/// NaN or infinite logits: the model or adapter is broken. Typed so that `eval` can name the
+/// adapter file the numbers came from.
+#[derive(Debug)]
+pub struct NonFiniteLogits {
+    pub method: String,
+    /// Images whose logits are not all finite, of `n`.
+    pub bad: usize,
+    pub n: usize,
+    pub split: String,
+}
+
+impl std::fmt::Display for NonFiniteLogits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} gives non-finite logits (NaN or infinite) for {} of {} {} images: the model or \
+             adapter is broken (a fine-tune whose training diverged? retrain it with a lower --lr)",
+            self.method, self.bad, self.n, self.split
+        )
+    }
+}
+
+impl std::error::Error for NonFiniteLogits {}
+
 /// Top-1/top-5 and per-class accuracy of `logits` (`[N, C]`) against `labels`.
 pub fn evaluate(
     logits: &Tensor,
@@ -68,13 +92,15 @@ pub fn evaluate(
         .iter()
         .filter(|r| r.iter().any(|x| !x.is_finite()))
         .count();
-    anyhow::ensure!(
-        bad == 0,
-        "{method} gives non-finite logits (NaN or infinite) for {bad} of {} {split} images: \
-         the model or adapter is broken (a fine-tune whose training diverged? retrain it with a \
-         lower --lr)",
-        rows.len()
-    );
+    if bad > 0 {
+        return Err(NonFiniteLogits {
+            method: method.to_string(),
+            bad,
+            n: rows.len(),
+            split: split.to_string(),
+        }
+        .into());
+    }
     let c = class_names.len();
     let mut hits1 = 0usize;
     let mut hits5 = 0usize;

@@ -150,6 +150,22 @@ fn broken_checkpoints_name_the_file_and_tensor() {
         "{e}"
     );
 
+    // Integer weights are refused by name, before candle would cast or reject them.
+    let d = tmp.path().join("integer-tensor");
+    copy_dir(&base, &d);
+    edit_weights(&d, |t| {
+        let i = t
+            .iter()
+            .position(|(n, _)| n == "text_projection.weight")
+            .unwrap();
+        t[i].1 = Tensor::zeros((24, 32), candle_core::DType::U8, &Device::Cpu).unwrap();
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors: tensor `text_projection.weight` is stored as U8"),
+        "{e}"
+    );
+
     let d = tmp.path().join("bad-config");
     copy_dir(&base, &d);
     std::fs::write(d.join("config.json"), "{\"text_config\": ").unwrap();

@@ -619,6 +619,44 @@ mod cli {
                 .failure()
                 .stderr(contains(want).and(contains("damaged.safetensors")));
         }
+        // Value rows moved against the keys (and the train images) would vote for other
+        // classes: the rows' classes are checked against the images' class folders.
+        let mut rotated = tensors.clone();
+        let values = &tensors["cache_values"];
+        let n = values.dim(0).unwrap();
+        rotated.insert(
+            "cache_values".into(),
+            candle_core::Tensor::cat(
+                &[
+                    values.narrow(0, 1, n - 1).unwrap(),
+                    values.narrow(0, 0, 1).unwrap(),
+                ],
+                0,
+            )
+            .unwrap(),
+        );
+        let refs: Vec<(&str, &candle_core::Tensor)> =
+            rotated.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        clipft::io::save(&damaged, &refs, &meta).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&damaged), "--data", s(&data)])
+            .assert()
+            .failure()
+            .stderr(contains("not in that class's folder").and(contains("damaged.safetensors")));
+        // An α too large for f32 passes the load checks, but its logits overflow: the error
+        // names the artifact they came from.
+        let mut m = meta.clone();
+        m["alpha"] = serde_json::json!(1e308);
+        let refs: Vec<(&str, &candle_core::Tensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        clipft::io::save(&damaged, &refs, &m).unwrap();
+        ws.cmd()
+            .args(["eval", "--adapter", s(&damaged), "--data", s(&data)])
+            .assert()
+            .failure()
+            .stderr(contains("--adapter").and(contains(
+                "damaged.safetensors: tip-adapter gives non-finite logits",
+            )));
         // A Tip-Adapter-F artifact is not a cache to train from.
         ws.cmd()
             .args(["tip", "train", "--cache", s(&tipf), "--data", s(&data)])

@@ -45,7 +45,8 @@ pub struct TrainArgs {
     /// Images per optimiser step [default: min(256, train size)].
     #[arg(long, value_name = "N")]
     pub batch_size: Option<usize>,
-    /// Split each step into this many micro-batches (gradients summed) to save memory.
+    /// Split each step into this many micro-batches (gradients summed) to save memory; at most
+    /// one image per micro-batch, so values above the batch size act as the batch size.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub accum_steps: usize,
     /// Weight β of the spurious-feature KL term.
@@ -54,10 +55,12 @@ pub struct TrainArgs {
     /// Prompt templates for the class head and the spurious prototypes.
     #[arg(long, default_value = "imagenet80", value_name = "NAME|FILE")]
     pub templates: String,
-    /// Most typical templates kept by the isolation forest.
+    /// Most typical templates kept by the isolation forest (all of them when the set has
+    /// fewer).
     #[arg(long, default_value_t = 60)]
     pub spurious_keep: usize,
-    /// k-means prototypes made from the kept templates; 0 = one prototype per template.
+    /// k-means prototypes made from the kept templates (at most one per kept template);
+    /// 0 = one prototype per template.
     #[arg(long, default_value_t = 20)]
     pub spurious_clusters: usize,
     /// Continue an interrupted run in --out from its last finished epoch (same flags).

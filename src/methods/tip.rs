@@ -960,7 +960,22 @@ impl TipArtifact {
             path.display(),
             meta.train_paths.len()
         );
-        labels_of_one_hot(&cache_values).with_context(|| path.display().to_string())?;
+        let labels =
+            labels_of_one_hot(&cache_values).with_context(|| path.display().to_string())?;
+        // Each row's class is also recorded by its image's class folder: rows of the values
+        // moved against the keys would otherwise vote for the wrong classes unnoticed.
+        for (i, (&y, rel)) in labels.iter().zip(&meta.train_paths).enumerate() {
+            // (Written on Windows, the separator is a backslash; on Unix it may be part of a name.)
+            let in_folder =
+                |seps: &[char]| rel.rsplit(seps).nth(1) == Some(meta.class_folders[y].as_str());
+            ensure!(
+                in_folder(&['/']) || in_folder(&['/', '\\']),
+                "{}: cache value row {i} says class `{}`, but its train image {rel} is not in \
+                 that class's folder (the file is damaged)",
+                path.display(),
+                meta.class_folders[y]
+            );
+        }
         Ok(Self {
             meta,
             cache_keys,

@@ -610,6 +610,16 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<Strin
                     found: shape.clone(),
                 })
             }
+            // (candle's own error names neither the tensor nor what it should be.)
+            Some((file, _, dtype)) if !matches!(dtype.as_str(), "F16" | "BF16" | "F32" | "F64") => {
+                return Err(LoadError::BadFile {
+                    path: file.clone(),
+                    msg: format!(
+                        "tensor `{name}` is stored as {dtype}; CLIP weights are floating point \
+                         (F16, BF16, F32 or F64)"
+                    ),
+                })
+            }
             Some(_) => {}
         }
     }
