@@ -385,23 +385,23 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
     };
     writeln!(
         out,
-        "vision       {}x{} px, patch {}, hidden {}, {} layers, {} heads, {}",
+        "vision       {}x{} px, patch {}, hidden {}, {}, {}, {}",
         v.image_size,
         v.image_size,
         v.patch_size,
         v.hidden_size,
-        v.num_hidden_layers,
-        v.num_attention_heads,
+        count(v.num_hidden_layers, "layer"),
+        count(v.num_attention_heads, "head"),
         act(v.hidden_act)
     )?;
     writeln!(
         out,
-        "text         context {}, vocab {}, hidden {}, {} layers, {} heads, {}",
+        "text         context {}, vocab {}, hidden {}, {}, {}, {}",
         t.max_position_embeddings,
         t.vocab_size,
         t.hidden_size,
-        t.num_hidden_layers,
-        t.num_attention_heads,
+        count(t.num_hidden_layers, "layer"),
+        count(t.num_attention_heads, "head"),
         act(t.hidden_act)
     )?;
     writeln!(out, "embedding    {}", c.projection_dim)?;
@@ -578,7 +578,7 @@ fn labels_tensor(labels: &[usize]) -> Result<Tensor> {
 fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     crate::io::check_writable(&a.out, "--out")?;
     let dataset = Dataset::open(&a.data)?;
-    dataset.ensure_not_an_image(&a.out, "--out")?;
+    dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     let samples = split_samples(&dataset, a.split, &a.shots, quiet)?;
     let clip = load_model(&a.model, quiet)?;
     crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
@@ -628,15 +628,34 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// "1 layer", "12 layers".
+fn count(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
 fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     if let Some(p) = &a.save_logits {
         crate::io::check_writable(p, "--save-logits")?;
         let adapter = a.adapter.as_deref().map(|f| (f, "the --adapter artifact"));
-        crate::io::ensure_not_input(p, "--save-logits", adapter)?;
+        let templates = (a.templates.as_deref())
+            .and_then(crate::templates::file)
+            .map(|f| (f, "the --templates file"));
+        crate::io::ensure_not_input(p, "--save-logits", adapter.into_iter().chain(templates))?;
+        // An FD-Align adapter is a folder of inputs (weights, head, config, tokenizer).
+        if let Some(dir) = a.adapter.as_deref().filter(|d| d.is_dir()) {
+            let inside = (crate::io::resolved(p), dir.canonicalize().ok());
+            anyhow::ensure!(
+                !(p.exists() && matches!(inside, (Some(o), Some(d)) if o.starts_with(&d))),
+                "--save-logits {}: that is a file of the --adapter folder {}, which this command \
+                 reads; give another path",
+                p.display(),
+                dir.display()
+            );
+        }
     }
     let dataset = Dataset::open(&a.data)?;
     if let Some(p) = &a.save_logits {
-        dataset.ensure_not_an_image(p, "--save-logits")?;
+        dataset.ensure_not_a_dataset_file(p, "--save-logits")?;
     }
     // Fail on a missing split before the (possibly slow) model load.
     dataset.samples(a.split)?;

@@ -186,20 +186,31 @@ fn subfolders(dir: &Path) -> Vec<String> {
 }
 
 impl Dataset {
-    /// Refuses an output path that is an image file of this dataset (writing it would replace
-    /// the image).
-    pub fn ensure_not_an_image(&self, out: &Path, flag: &str) -> anyhow::Result<()> {
-        let (Ok(out_c), Ok(root)) = (out.canonicalize(), self.root.canonicalize()) else {
+    /// Refuses an output path that is a file this dataset is read from: an image (also one not
+    /// there yet: an image-named file inside the dataset would be read as one on the next run,
+    /// or stop it) or its `classnames.txt`.
+    pub fn ensure_not_a_dataset_file(&self, out: &Path, flag: &str) -> anyhow::Result<()> {
+        let (Some(out_c), Ok(root)) = (crate::io::resolved(out), self.root.canonicalize()) else {
             return Ok(());
         };
+        if !out_c.starts_with(&root) {
+            return Ok(());
+        }
         let is_image = out_c.extension().is_some_and(|e| {
             IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
         });
         anyhow::ensure!(
-            !(is_image && out_c.starts_with(&root)),
-            "{flag} {}: that is an image of the dataset {}; give another path",
+            !is_image,
+            "{flag} {}: that is an image of the dataset {}, or would be read as one; give \
+             another path",
             out.display(),
             self.root.display()
+        );
+        anyhow::ensure!(
+            out_c != root.join("classnames.txt"),
+            "{flag} {}: that is the dataset's classnames.txt, which this command reads; give \
+             another path",
+            out.display()
         );
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -48,12 +48,68 @@ pub fn create_folder(dir: &Path) -> Result<()> {
     })
 }
 
+/// The file an output path stands for: symbolic links are followed (a dangling one to where it
+/// points), so that a link stays a link and its target is replaced, as with `cp` or a shell
+/// redirection.
+fn output_target(path: &Path) -> Result<PathBuf> {
+    let mut at = path.to_path_buf();
+    // (The OS's own limit on a chain of links.)
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&at)
+                    .with_context(|| format!("reading the link {}", at.display()))?;
+                // (`join` keeps an absolute target as it is.)
+                at = at.parent().map_or(to.clone(), |p| p.join(&to));
+            }
+            _ => return Ok(at),
+        }
+    }
+    anyhow::bail!("{}: too many levels of symbolic links", path.display())
+}
+
+/// Refuses to replace what is not a regular file: renaming a new file over a device (as root,
+/// `/dev/null` itself), a named pipe or a socket would destroy it.
+fn ensure_not_special(shown: &Path, target: &Path, flag: &str) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(target) else {
+        return Ok(());
+    };
+    let ft = meta.file_type();
+    if ft.is_file() || ft.is_dir() {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    let what = {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_fifo() {
+            "a named pipe (FIFO)"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        }
+    };
+    #[cfg(not(unix))]
+    let what = "not a regular file";
+    anyhow::bail!(
+        "{flag}{}{}: that is {what}; clipft writes each output as a whole new file renamed into \
+         place, which would replace it: give a file path",
+        if flag.is_empty() { "" } else { " " },
+        shown.display()
+    )
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers
-/// see the old file or the complete new one, never a partial write.
+/// see the old file or the complete new one, never a partial write. A file replaced keeps its
+/// permissions; a symbolic link keeps pointing at the (new) file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // The folder may be one that Ctrl-C removes (the demo's feature cache).
     let _writing = crate::interrupt::writing();
-    let parent = match path.parent() {
+    let target = output_target(path)?;
+    ensure_not_special(path, &target, "")?;
+    let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
@@ -66,26 +122,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = builder
         .tempfile_in(parent)
         .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
+    if let Ok(old) = std::fs::metadata(&target) {
+        tmp.as_file()
+            .set_permissions(old.permissions())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
+    tmp.persist(&target)
         .map_err(|e| e.error)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
-/// Checks, before any work, that `flag`'s output file `path` can be written: it is not a folder,
-/// and its nearest existing folder takes new files (the missing ones are made only when the
-/// output is written, so a run that fails leaves no empty folders behind). Saves a long run from
-/// failing only at its end.
+/// Checks, before any work, that `flag`'s output file `path` can be written: it is not a folder
+/// or a special file (device, named pipe, socket), and its nearest existing folder takes new
+/// files (the missing ones are made only when the output is written, so a run that fails leaves
+/// no empty folders behind). Saves a long run from failing only at its end.
 pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
+    let target = output_target(path)?;
     anyhow::ensure!(
-        !path.is_dir(),
+        !target.is_dir(),
         "{flag} {}: that is a folder; give a file path",
         path.display()
     );
-    let parent = match path.parent() {
+    ensure_not_special(path, &target, flag)?;
+    let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
@@ -118,6 +181,25 @@ pub fn check_can_make(dir: &Path, shown: &Path, flag: &str) -> Result<()> {
             at.display()
         )
     })
+}
+
+/// Where `path` is or would be: its nearest existing ancestor resolved (links followed, `..`
+/// removed), with the rest of the path after it. `None` when nothing of it can be resolved.
+pub fn resolved(path: &Path) -> Option<PathBuf> {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        let here = if at.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            at
+        };
+        if let Ok(c) = here.canonicalize() {
+            return Some(rest.iter().rev().fold(c, |p: PathBuf, n| p.join(n)));
+        }
+        rest.push(at.file_name()?.to_os_string());
+        at = at.parent()?;
+    }
 }
 
 /// Refuses an output path that names one of the command's input files (`(path, what)` pairs):
@@ -274,6 +356,58 @@ mod tests {
         assert!(e.contains("afile is a file, not a folder"), "{e}");
         let e = check_writable(dir.path(), "--out").unwrap_err().to_string();
         assert!(e.contains("that is a folder"), "{e}");
+    }
+
+    /// A symbolic link given as an output stays a link, and the file it points at (made, if the
+    /// link dangles) gets the bytes; a named pipe is refused, not replaced by a file.
+    #[cfg(unix)]
+    #[test]
+    fn links_are_written_through_and_special_files_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target.bin");
+        let link = dir.path().join("link.bin");
+        std::os::unix::fs::symlink("target.bin", &link).unwrap();
+        check_writable(&link, "--out").unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        write_atomic(&link, b"newer").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"newer");
+
+        let fifo = dir.path().join("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            return; // (no mkfifo here)
+        }
+        let e = check_writable(&fifo, "--out").unwrap_err().to_string();
+        assert!(e.contains("--out") && e.contains("a named pipe"), "{e}");
+        let e = write_atomic(&fifo, b"x").unwrap_err().to_string();
+        assert!(e.contains("a named pipe"), "{e}");
+        let via = dir.path().join("via");
+        std::os::unix::fs::symlink(&fifo, &via).unwrap();
+        assert!(check_writable(&via, "--out").is_err());
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+    }
+
+    /// A replaced file keeps its permissions.
+    #[cfg(unix)]
+    #[test]
+    fn a_replaced_file_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.bin");
+        std::fs::write(&out, b"old").unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&out, b"new").unwrap();
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{mode:o}");
     }
 
     /// Outputs get the mode of any file the user creates (0666 less the umask), not the

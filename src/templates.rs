@@ -68,6 +68,13 @@ pub fn resolve(spec: &str) -> Result<Vec<String>> {
     parse(text, &path.display().to_string())
 }
 
+/// The file a `--templates` value reads, if it names one (not a built-in set): an input that
+/// no output may overwrite.
+pub fn file(spec: &str) -> Option<&Path> {
+    let builtin = BUILTIN.iter().any(|(n, _, _)| *n == spec);
+    (!builtin).then(|| Path::new(spec)).filter(|p| p.is_file())
+}
+
 /// `template` with the class name filled in.
 pub fn fill(template: &str, class: &str) -> String {
     template.replacen("{}", class, 1)

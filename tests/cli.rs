@@ -846,6 +846,41 @@ fn outputs_are_checked_before_any_work() {
         .unwrap();
     assert_fails_with(&o, "an image of the dataset");
     assert_eq!(std::fs::read(&image).unwrap(), pixels);
+    // An image-named output inside the dataset would be read as an image next time, and
+    // classnames.txt names the classes: neither is an output.
+    for (out, want) in [
+        (class.join("new.png"), "or would be read as one"),
+        (
+            ws.data().join("classnames.txt"),
+            "the dataset's classnames.txt",
+        ),
+    ] {
+        let o = ws
+            .cmd("features")
+            .arg("--data")
+            .arg(ws.data())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_fails_with(&o, want);
+        assert!(!out.exists());
+    }
+    // Nor is a --templates file.
+    let templates = ws.path().join("templates.txt");
+    std::fs::write(&templates, "a photo of a {}.\n").unwrap();
+    let o = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--templates")
+        .arg(&templates)
+        .arg("--save-logits")
+        .arg(&templates)
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "the --templates file");
+    assert_eq!(std::fs::read(&templates).unwrap(), b"a photo of a {}.\n");
     let o = fd(&ws.model());
     assert_fails_with(&o, "source model's folder");
     assert_eq!(

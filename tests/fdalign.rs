@@ -131,6 +131,19 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     // A head of the wrong shape is refused naming its file.
     let head = out.join("fdalign_head.safetensors");
     let head_bytes = std::fs::read(&head).unwrap();
+    // The folder's files are inputs: logits are not saved over them.
+    let o = ws
+        .bare("eval")
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--data")
+        .arg(ws.data())
+        .arg("--save-logits")
+        .arg(&head)
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "a file of the --adapter folder");
+    assert_eq!(std::fs::read(&head).unwrap(), head_bytes);
     let (mut t, meta) = clipft::io::load(&head).unwrap();
     let w = t["weight"].narrow(1, 0, 3).unwrap();
     t.insert("weight".into(), w);

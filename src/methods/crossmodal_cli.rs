@@ -311,8 +311,10 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         a.weight_decay
     );
     let templates = crate::templates::resolve(&a.templates)?;
+    let templates_file = crate::templates::file(&a.templates).map(|p| (p, "the --templates file"));
+    crate::io::ensure_not_input(&a.out, "--out", templates_file)?;
     let dataset = Dataset::open(&a.data)?;
-    dataset.ensure_not_an_image(&a.out, "--out")?;
+    dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet).with_context(|| {
         "cross-modal training sweeps hyperparameters on the val split (clipft never tunes on test)"
     })?;

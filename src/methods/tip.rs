@@ -135,6 +135,12 @@ impl TipConfig {
         Ok(())
     }
 
+    /// The file a `--config` value reads, if it names one (not a built-in config).
+    pub fn file(spec: &str) -> Option<&Path> {
+        let builtin = BUILTIN_CONFIGS.iter().any(|(n, _)| *n == spec);
+        (!builtin).then(|| Path::new(spec)).filter(|p| p.is_file())
+    }
+
     /// `--config NAME|FILE`: a built-in name or a JSON file.
     pub fn resolve(spec: &str) -> Result<Self> {
         if let Some((name, text)) = BUILTIN_CONFIGS.iter().find(|(n, _)| *n == spec) {

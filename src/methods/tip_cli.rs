@@ -96,12 +96,21 @@ pub fn run(args: TipArgs, quiet: bool) -> Result<()> {
 
 fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
     crate::io::check_writable(&a.out, "--out")?;
+    let config_file = TipConfig::file(&a.config).map(|p| (p, "the --config file"));
+    let templates_file = (a.templates.as_deref())
+        .and_then(crate::templates::file)
+        .map(|p| (p, "the --templates file"));
+    crate::io::ensure_not_input(
+        &a.out,
+        "--out",
+        config_file.into_iter().chain(templates_file),
+    )?;
     let mut config = TipConfig::resolve(&a.config)?;
     if let Some(t) = &a.templates {
         config.templates = crate::templates::resolve(t)?;
     }
     let dataset = Dataset::open(&a.data)?;
-    dataset.ensure_not_an_image(&a.out, "--out")?;
+    dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     dataset.samples(Split::Val).with_context(|| {
         "Tip-Adapter searches α/β on the val split (clipft never tunes on test)"
     })?;
@@ -218,7 +227,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         a.cache.display()
     );
     let dataset = Dataset::open(&a.data)?;
-    dataset.ensure_not_an_image(&a.out, "--out")?;
+    dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     let m = &cache.meta;
     let shots = ShotArgs {
         shots: m.shots.map(|k| k as u64),

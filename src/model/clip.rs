@@ -1029,7 +1029,14 @@ impl ClipVisionTransformer {
         }
         let g = s / p;
         let hidden = self.cfg.hidden_size;
-        let pixels = pixels.to_dtype(self.patch.weight.dtype())?;
+        let mut pixels = pixels.to_dtype(self.patch.weight.dtype())?;
+        if g * p < s {
+            // The strided convolution leaves out the last `s mod p` rows and columns.
+            pixels = pixels
+                .narrow(2, 0, g * p)?
+                .narrow(3, 0, g * p)?
+                .contiguous()?;
+        }
         // [B, C, g, P, g, P] -> [B, g, g, C, P, P] -> [B*g*g, C*P*P]
         let patches = pixels
             .reshape((b, c, g, p, g, p))?
@@ -1131,6 +1138,36 @@ mod tests {
             grads.get(w.as_tensor()).is_some(),
             "layer norm weight received no gradient"
         );
+    }
+
+    /// An image size that is not a multiple of the patch (valid in `transformers`): the
+    /// patch convolution's stride leaves out the last rows and columns, so the features are
+    /// those of the image cropped to whole patches.
+    #[test]
+    fn leftover_pixels_past_the_last_patch_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::model::synth::tiny_config();
+        crate::model::synth::write_checkpoint(dir.path(), &config, 5).unwrap();
+        let files = [dir.path().join("model.safetensors")];
+        let model = |config: &ClipConfig| {
+            // SAFETY: the file was just written and is not modified while mapped.
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu).unwrap()
+            };
+            ClipModel::new(vb, config).unwrap()
+        };
+        let (s, p) = (
+            config.vision_config.image_size,
+            config.vision_config.patch_size,
+        );
+        let mut wider = config.clone();
+        wider.vision_config.image_size = s + p - 1;
+        assert!(wider.validate().is_ok());
+        let x = Tensor::randn(0f32, 1.0, (2, 3, s + p - 1, s + p - 1), &Device::Cpu).unwrap();
+        let cropped = x.narrow(2, 0, s).unwrap().narrow(3, 0, s).unwrap();
+        let got = model(&wider).image_features(&x).unwrap();
+        let want = model(&config).image_features(&cropped).unwrap();
+        assert_eq!(crate::testutil::max_abs_diff(&got, &want), 0.0);
     }
 
     /// The GPU's folded MLP (SiLU between rescaled layers) computes the same features as the

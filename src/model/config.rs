@@ -12,9 +12,15 @@ pub enum Activation {
     /// `x * sigmoid(1.702 x)`, used by the OpenAI checkpoints.
     QuickGelu,
     /// Exact (erf) GELU, used by most LAION/OpenCLIP conversions.
+    #[serde(alias = "gelu_python")]
     Gelu,
-    /// Tanh approximation of GELU.
-    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    /// Tanh approximation of GELU (`transformers` has five names for the one formula).
+    #[serde(
+        alias = "gelu_pytorch_tanh",
+        alias = "gelu_fast",
+        alias = "gelu_accurate",
+        alias = "gelu_python_tanh"
+    )]
     GeluNew,
 }
 
@@ -177,8 +183,8 @@ impl ClipConfig {
                 "vision_config.hidden_size must be divisible by num_attention_heads",
             ),
             (
-                v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
-                "vision_config.image_size must be a multiple of patch_size",
+                v.patch_size > 0 && v.image_size >= v.patch_size,
+                "vision_config.image_size must be at least patch_size (and patch_size positive)",
             ),
             (
                 t.max_position_embeddings >= 2,
@@ -359,6 +365,20 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.text_config.hidden_act, Activation::Gelu);
         assert_eq!(cfg.vision_config.hidden_act, Activation::GeluNew);
+        // `transformers`' other names for the same two formulas.
+        for (name, act) in [
+            ("gelu_python", Activation::Gelu),
+            ("gelu_fast", Activation::GeluNew),
+            ("gelu_accurate", Activation::GeluNew),
+            ("gelu_python_tanh", Activation::GeluNew),
+        ] {
+            let json =
+                format!(r#"{{"text_config": {{"hidden_act": "{name}"}}, "vision_config": {{}}}}"#);
+            assert_eq!(
+                ClipConfig::from_json(&json).unwrap().text_config.hidden_act,
+                act
+            );
+        }
     }
 
     #[test]
