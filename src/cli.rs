@@ -309,7 +309,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::say!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -326,7 +326,7 @@ pub fn run(cli: Cli) -> Result<()> {
         );
         if n > 4 * cores && !cli.quiet {
             // Idle pool threads spin before sleeping: thousands of them starve the workers.
-            eprintln!(
+            crate::say!(
                 "warning: --threads {n} is more than 4× the {cores} core(s) here; expect the run \
                  to be much slower than with --threads {cores}"
             );
@@ -342,7 +342,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Features(a) => features_cmd(a, quiet),
         Command::Eval(a) => eval_cmd(a, quiet),
-        Command::Demo(a) => crate::demo::run(a.dir.as_deref(), quiet, &mut std::io::stdout()),
+        Command::Demo(a) => crate::demo::run(a.dir.as_deref(), quiet, &mut stdout()),
         Command::Info(a) => info_cmd(a, quiet),
         Command::Tip(a) => crate::methods::tip_cli::run(a, quiet),
         Command::Fdalign(a) => crate::methods::fdalign_cli::run(a, quiet),
@@ -350,9 +350,38 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Standard output whose write errors say so: a full disk behind `> file` would otherwise be
+/// reported as a bare "No space left on device". (The error keeps its kind: a reader that went
+/// away is still `BrokenPipe`.)
+pub fn stdout() -> impl Write {
+    struct Named<W>(W);
+    fn name(e: std::io::Error) -> std::io::Error {
+        std::io::Error::new(e.kind(), format!("writing to standard output: {e}"))
+    }
+    impl<W: Write> Write for Named<W> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write(b).map_err(name)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush().map_err(name)
+        }
+    }
+    Named(std::io::stdout().lock())
+}
+
+/// `eprintln!` that ignores a failed write: a closed or full stderr (`2>&1 | head -1`) must not
+/// stop a run, which `eprintln!` would, by panicking.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub fn info(msg: impl AsRef<str>, quiet: bool) {
     if !quiet {
-        eprintln!("{}", msg.as_ref());
+        crate::say!("{}", msg.as_ref());
     }
 }
 
@@ -360,7 +389,7 @@ pub(crate) fn load_model(args: &ModelArgs, quiet: bool) -> Result<Clip> {
     let clip =
         Clip::load(&args.spec(quiet)).with_context(|| format!("loading model `{}`", args.id()))?;
     for w in &clip.warnings {
-        eprintln!("warning: {w}");
+        crate::say!("warning: {w}");
     }
     Ok(clip)
 }
@@ -368,7 +397,7 @@ pub(crate) fn load_model(args: &ModelArgs, quiet: bool) -> Result<Clip> {
 fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
     let clip = load_model(&args.model, quiet)?;
     let c = clip.config();
-    let mut out = std::io::stdout().lock();
+    let mut out = stdout();
     writeln!(out, "model        {}", clip.files.id)?;
     if let Some(rev) = &clip.files.revision {
         writeln!(out, "revision     {rev}")?;
@@ -465,7 +494,7 @@ pub(crate) fn split_samples(
         format!("up to {k} per class")
     };
     for w in warnings {
-        eprintln!("warning: {w}");
+        crate::say!("warning: {w}");
     }
     info(
         format!(
@@ -595,7 +624,7 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     // The sample was drawn before any image was read; skipping can leave classes short.
     if let Some(k) = a.shots.shots.filter(|_| !feats.skipped.is_empty()) {
         if let Some(w) = crate::data::shots_left_warning(&dataset, &labels, k as usize) {
-            eprintln!("warning: {w}");
+            crate::say!("warning: {w}");
         }
     }
     let normalized = l2_normalize(&feats.features)?.to_dtype(DType::F32)?;
@@ -705,7 +734,7 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
         save_logits(path, &clip, &dataset, a.split, &run, opts.decode)?;
         info(format!("wrote {}", path.display()), quiet);
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = stdout();
     if a.json {
         writeln!(out, "{}", serde_json::to_string(&run.report)?)?;
     } else {

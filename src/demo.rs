@@ -38,6 +38,32 @@ fn check_dir(dir: &Path) -> Result<()> {
 }
 
 pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
+    let Some(dir) = dir else {
+        return run_in(None, quiet, out);
+    };
+    check_dir(dir)?;
+    let made = crate::io::missing_folders(dir);
+    // A run that fails (a full disk, say) takes back a folder that was new or empty: all in it
+    // is its own. An earlier demo's folder stays, for the next demo to write again.
+    let fresh = !made.is_empty() || std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    let result = run_in(Some(dir), quiet, out);
+    if result.is_err() && fresh {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+        crate::io::remove_empty_folders(&made);
+    }
+    result
+}
+
+fn run_in(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     let tmp;
     let root = match dir {
         Some(d) => d.to_path_buf(),
@@ -49,7 +75,6 @@ pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> 
         }
     };
     if dir.is_some() {
-        check_dir(&root)?;
         crate::io::write_atomic(&root.join(MARKER), b"a folder of `clipft demo --dir`\n")?;
     }
     let model_dir = root.join("model");

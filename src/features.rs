@@ -238,7 +238,7 @@ fn save_cache(cache: &FeatureCache, broken: &mut bool) {
         return;
     }
     if let Err(e) = cache.save() {
-        eprintln!(
+        crate::say!(
             "warning: could not write the feature cache {} ({e:#}); going on without it",
             cache.path.display()
         );
@@ -421,15 +421,15 @@ pub fn warn_skipped(skipped: &[ImageError], what: &str) {
     if skipped.is_empty() {
         return;
     }
-    eprintln!(
+    crate::say!(
         "warning: skipped {} unreadable {what}image(s) (--skip-bad-images):",
         skipped.len()
     );
     for e in skipped.iter().take(20) {
-        eprintln!("  {e}");
+        crate::say!("  {e}");
     }
     if skipped.len() > 20 {
-        eprintln!("  ... and {} more", skipped.len() - 20);
+        crate::say!("  ... and {} more", skipped.len() - 20);
     }
 }
 
@@ -668,7 +668,7 @@ fn encode_tokens(
     if cut > 0 {
         // As `transformers` with truncation (and open_clip): the end token is kept, the text's
         // tail is lost. Worth knowing, since it can be the class name.
-        eprintln!(
+        crate::say!(
             "warning: {cut} of {} prompts were longer than the text tower's {} tokens and were \
              cut to fit",
             ids.len(),

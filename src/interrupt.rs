@@ -57,6 +57,7 @@ pub fn writing() -> Writing {
 /// Installs the Ctrl-C / SIGTERM handler described in the module docs. One handler per process:
 /// where one is already set (a library caller's, or this one), it stays.
 pub fn install() {
+    let ignored = ignored_signals();
     let _ = ctrlc::set_handler(|| {
         REQUESTED.store(true, Ordering::SeqCst);
         let _held = GATE.lock();
@@ -66,6 +67,35 @@ pub fn install() {
         }
         std::process::exit(130);
     });
+    // A signal the parent set to be ignored stays ignored (`nohup`, a shell's background job):
+    // ctrlc handles all three whatever they were.
+    #[cfg(unix)]
+    for sig in ignored {
+        // SAFETY: setting a signal's disposition to SIG_IGN, no handler code involved.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    #[cfg(not(unix))]
+    let _ = ignored;
+}
+
+/// Those of SIGINT, SIGTERM and SIGHUP (the signals ctrlc takes) that this process ignores.
+fn ignored_signals() -> Vec<i32> {
+    #[cfg(unix)]
+    {
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+            .into_iter()
+            .filter(|&sig| {
+                // SAFETY: a query (no new action) into a zeroed struct of the right type.
+                unsafe {
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                        && old.sa_sigaction == libc::SIG_IGN
+                }
+            })
+            .collect()
+    }
+    #[cfg(not(unix))]
+    Vec::new()
 }
 
 /// On Ctrl-C or SIGTERM: removes `dir` (after any write in progress under [`writing`]), then

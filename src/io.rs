@@ -155,6 +155,24 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
     check_can_make(parent, path, flag)
 }
 
+/// The folders of `dir` that do not exist yet, `dir` first: what a run that writes in it would
+/// make, and should take back ([`remove_empty_folders`]) if it fails.
+pub fn missing_folders(dir: &Path) -> Vec<PathBuf> {
+    dir.ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err())
+        .map(Path::to_path_buf)
+        .collect()
+}
+
+/// Removes folders of [`missing_folders`], deepest first, while they are empty.
+pub fn remove_empty_folders(made: &[PathBuf]) {
+    for dir in made {
+        if std::fs::remove_dir(dir).is_err() {
+            break;
+        }
+    }
+}
+
 /// Checks that folder `dir` exists and takes new files, or can be made: its nearest existing
 /// ancestor is a folder that takes new files. Makes nothing. Errors name `flag` and `shown`.
 pub fn check_can_make(dir: &Path, shown: &Path, flag: &str) -> Result<()> {

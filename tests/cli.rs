@@ -73,6 +73,60 @@ fn interrupt_demo(
     status
 }
 
+/// A signal that the parent ignores stays ignored (`nohup clipft ...`, a shell's background
+/// job): SIGHUP in the middle of the demo does not stop it.
+#[cfg(target_os = "linux")]
+#[test]
+fn signals_the_parent_ignores_stay_ignored() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"));
+    cmd.arg("demo").arg("--dir").arg(tmp.path().join("demo"));
+    // SAFETY: one async-signal-safe call between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("generating"), "{line}");
+    // SAFETY: a plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    // (Drain stderr so that the demo never blocks on a full pipe.)
+    let rest = std::io::read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {rest}");
+}
+
+/// A demo that fails (here on a file-size limit, as on a full disk) takes back the `--dir`
+/// folders it made.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_failed_demo_leaves_no_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/demo");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 64; exec \"$0\" demo --quiet --dir \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_clipft"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("File too large"), "{}", stderr(&o));
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Ctrl-C during `clipft demo` (no `--dir`) leaves no generated folder behind.
 #[cfg(target_os = "linux")]
 #[test]

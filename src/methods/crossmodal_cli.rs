@@ -358,7 +358,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         info(format!("note: {n}"), quiet);
     }
     art.save(&a.out)?;
-    write_summary(&art, &mut std::io::stdout().lock())?;
+    write_summary(&art, &mut crate::cli::stdout())?;
     info(format!("wrote {}", a.out.display()), quiet);
     Ok(())
 }

@@ -126,17 +126,9 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     // A run that fails before it wrote anything takes back the folders of --out it made,
     // deepest first, while they are empty (one holding a resume state stays, for --resume).
-    let made: Vec<&Path> = a
-        .out
-        .ancestors()
-        .take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err())
-        .collect();
+    let made = crate::io::missing_folders(&a.out);
     let remove_if_empty = |e: anyhow::Error| {
-        for dir in &made {
-            if std::fs::remove_dir(dir).is_err() {
-                break;
-            }
-        }
+        crate::io::remove_empty_folders(&made);
         e
     };
     let (best, outcome) = fdalign_train::train(

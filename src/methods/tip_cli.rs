@@ -140,7 +140,7 @@ fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
     );
     let art = tip::build_cache(&clip, &dataset, &train, &build, &opts)?;
     art.save(&a.out)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::cli::stdout();
     write_summary(&art, &mut out)?;
     info(format!("wrote {}", a.out.display()), quiet);
     Ok(())
@@ -255,7 +255,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     };
     let art = tip::train(&clip, &dataset, &cache, &train, &train_opts, &opts)?;
     art.save(&a.out)?;
-    write_summary(&art, &mut std::io::stdout().lock())?;
+    write_summary(&art, &mut crate::cli::stdout())?;
     info(format!("wrote {}", a.out.display()), quiet);
     Ok(())
 }

@@ -277,7 +277,7 @@ impl Client {
                 {
                     let wait = retry_after(&r).map_or(1 << retries.min(3), |s| s + 1);
                     retries += 1;
-                    eprintln!(
+                    crate::say!(
                         "the hub answered HTTP {status} for {url}; retrying in {wait} s \
                          ({retries}/{RETRIES})"
                     );
@@ -357,7 +357,7 @@ impl Client {
             .filter(|f| match f.try_lock() {
                 Ok(()) => true,
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    eprintln!(
+                    crate::say!(
                         "waiting for another process downloading {file} ({})",
                         lock_path.display()
                     );

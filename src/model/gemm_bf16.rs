@@ -76,7 +76,7 @@ pub fn kernel() -> Kernel {
         } else if tiles_match_portable::<amx::Amx>() {
             Kernel::Amx
         } else {
-            eprintln!(
+            crate::say!(
                 "warning: this CPU's AMX products did not match the reference; bf16 layers use \
                  AVX512-BF16 instead"
             );
