@@ -411,10 +411,12 @@ fn check_unique_names(
     classes: &[ClassInfo],
     named_on: impl Fn(usize) -> Option<usize>,
 ) -> Result<(), (Option<usize>, String)> {
-    let mut first_with: std::collections::HashMap<&str, usize> = Default::default();
+    // (Keyed by composed form: `café` composed and decomposed is one name to the tokenizer.)
+    let mut first_with: std::collections::HashMap<String, usize> = Default::default();
     for (k, class) in classes.iter().enumerate() {
-        let Some(&j) = first_with.get(class.name.as_str()) else {
-            first_with.insert(&class.name, k);
+        let key: String = class.name.nfc().collect();
+        let Some(&j) = first_with.get(&key) else {
+            first_with.insert(key, k);
             continue;
         };
         let (a, b) = (&classes[j].folder, &class.folder);
@@ -423,7 +425,17 @@ fn check_unique_names(
             Some(line) => format!("line {line}"),
             None => "its folder name".to_string(),
         };
-        let msg = if named_on(j).is_none() && named_on(k).is_none() {
+        let msg = if classes[j].name != *name {
+            format!(
+                "class folders `{a}` ({}) and `{b}` ({}) get names that differ only in Unicode \
+                 form (`{}` and `{}`: accents composed or decomposed), which read as one; \
+                 rename one, or give them different names in classnames.txt",
+                from(j),
+                from(k),
+                classes[j].name.escape_unicode(),
+                name.escape_unicode()
+            )
+        } else if named_on(j).is_none() && named_on(k).is_none() {
             format!(
                 "class folders `{a}` and `{b}` both read as \"{name}\" ('_' becomes a space); \
                  rename one, or give them different names in classnames.txt"
@@ -657,6 +669,12 @@ mod tests {
             Dataset::open(&root).unwrap().class_names(),
             ["coffee", "dog"]
         );
+        // Two folders that are one name in two forms read as one class name. (Linux keeps
+        // both; macOS's file systems take them for one folder.)
+        if cfg!(target_os = "linux") {
+            let e = open_err(&[nfc, nfd], None);
+            assert!(e.contains("differ only in Unicode form"), "{e}");
+        }
     }
 
     /// Old Mac line ends (a lone CR) end lines too, with the line numbers an editor shows; a

@@ -34,11 +34,8 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<String>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if line.matches("{}").count() != 1 {
-            bail!(
-                "{origin}:{}: template `{line}` must contain `{{}}` exactly once",
-                i + 1
-            );
+        if let Err(e) = split(line) {
+            bail!("{origin}:{}: template `{line}` {e}", i + 1);
         }
         out.push(line.to_string());
     }
@@ -77,7 +74,46 @@ pub fn file(spec: &str) -> Option<&Path> {
 
 /// `template` with the class name filled in.
 pub fn fill(template: &str, class: &str) -> String {
-    template.replacen("{}", class, 1)
+    match split(template) {
+        Ok((before, after)) => format!("{before}{class}{after}"),
+        // (Templates are checked when read; an unchecked one is filled as it reads.)
+        Err(_) => template.replacen("{}", class, 1),
+    }
+}
+
+/// Checks a template as Python's `template.format(classname)` reads it (the reference
+/// repositories fill their templates so): exactly one `{}`, and `{{` / `}}` for literal braces.
+pub fn check(template: &str) -> Result<(), String> {
+    split(template).map(drop)
+}
+
+/// The text before and after a template's `{}`, its `{{` and `}}` unescaped.
+fn split(template: &str) -> Result<(String, String), String> {
+    let (mut parts, mut current) = (Vec::new(), String::new());
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('{', Some('{')) | ('}', Some('}')) => {
+                chars.next();
+                current.push(c);
+            }
+            ('{', Some('}')) => {
+                chars.next();
+                parts.push(std::mem::take(&mut current));
+            }
+            ('{' | '}', _) => {
+                return Err(format!(
+                    "has a lone `{c}`: the class name goes in `{{}}`, and a brace of the prompt \
+                     is written twice (`{{{{`, `}}}}`)"
+                ))
+            }
+            _ => current.push(c),
+        }
+    }
+    match parts.len() {
+        1 => Ok((parts.remove(0), current)),
+        _ => Err("must contain `{}` exactly once".to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -103,6 +139,14 @@ mod tests {
             .to_string()
             .contains("ensemble7"));
         assert_eq!(fill("a photo of a {}.", "dog"), "a photo of a dog.");
+        // As Python's str.format: doubled braces are literal ones.
+        assert_eq!(fill("a {{{}}} photo", "dog"), "a {dog} photo");
+        assert_eq!(fill("{{}} {}", "dog"), "{} dog");
+        assert!(check("a photo of a {{}}.").is_err());
+        assert!(check("a {0} photo").is_err());
+        assert!(check("a {} photo {x}").unwrap_err().contains("lone `{`"));
+        assert!(check("a {} photo }").is_err());
+        assert!(check("{}{}").is_err());
     }
 
     #[test]

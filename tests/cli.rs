@@ -1013,6 +1013,20 @@ fn indistinguishable_class_names_and_cut_prompts_are_reported() {
     }
     let out = early(&cut, &format!("{} and {{}}", "words".repeat(80)));
     assert_fails_with(&out, "cut at the text tower's context length");
+    // Names that differ only past the cut are blamed on the cut, not on case or spacing.
+    let prefix = "word ".repeat(90);
+    std::fs::write(
+        ws.data().join("classnames.txt"),
+        format!("{}\t{prefix}one\n{}\t{prefix}two\n", folders[0], folders[1]),
+    )
+    .unwrap();
+    let out = ws
+        .cmd("eval")
+        .arg("--data")
+        .arg(ws.data())
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "cut at the text tower's context length");
 }
 
 /// A feature cache that cannot be written costs a warning, not the run; a split with no

@@ -161,7 +161,7 @@ pub fn model_for(
 /// What differs between the dataset's class folders and an artifact's, naming the folders (a
 /// list of the first few of each would hide a difference past them, e.g. in ImageNet's 1,000).
 fn class_difference(data: &[String], built: &[String]) -> String {
-    let list = |v: Vec<&String>| {
+    let list = |v: &[&String]| {
         let mut s: Vec<String> = v.iter().take(10).map(|x| format!("`{x}`")).collect();
         if v.len() > 10 {
             s.push(format!("and {} more", v.len() - 10));
@@ -172,14 +172,29 @@ fn class_difference(data: &[String], built: &[String]) -> String {
     let extra: Vec<&String> = data.iter().filter(|c| !built.contains(c)).collect();
     let mut parts = Vec::new();
     if !missing.is_empty() {
-        parts.push(format!("missing here: {}", list(missing)));
+        parts.push(format!("missing here: {}", list(&missing)));
     }
     if !extra.is_empty() {
-        parts.push(format!("not in the artifact: {}", list(extra)));
+        parts.push(format!("not in the artifact: {}", list(&extra)));
     }
     if parts.is_empty() {
         // Same folders, another order (class indices would not line up).
         parts.push("the same folders in another order".to_string());
+    }
+    // Names that print alike: macOS stores accented names decomposed, most other systems
+    // composed, so a dataset copied between them changes its folders' bytes.
+    use unicode_normalization::UnicodeNormalization;
+    let nfc = |s: &str| s.nfc().collect::<String>();
+    if let Some(x) = missing
+        .iter()
+        .find(|m| extra.iter().any(|e| nfc(e) == nfc(m)))
+    {
+        parts.push(format!(
+            "`{x}` here and in the artifact differ only in Unicode form (accents composed or \
+             decomposed, as when a dataset is copied between macOS and another system): rename \
+             the folders as the artifact has them (`{}`)",
+            x.escape_unicode()
+        ));
     }
     parts.join("; ")
 }
@@ -211,6 +226,13 @@ mod tests {
             d.starts_with("not in the artifact: `class_0005`") && d.ends_with("and 15 more"),
             "{d}"
         );
+        let (nfc, nfd) = (
+            vec!["caf\u{e9}".to_string()],
+            vec!["cafe\u{301}".to_string()],
+        );
+        let d = class_difference(&nfc, &nfd);
+        assert!(d.contains("differ only in Unicode form"), "{d}");
+        assert!(d.contains("\\u{301}"), "{d}");
         let mut swapped = names(3);
         swapped.swap(0, 1);
         assert_eq!(

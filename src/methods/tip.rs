@@ -127,10 +127,9 @@ impl TipConfig {
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "lr must be positive");
         ensure!(!self.templates.is_empty(), "templates must not be empty");
         for t in &self.templates {
-            ensure!(
-                t.matches("{}").count() == 1,
-                "template `{t}` must contain `{{}}` exactly once"
-            );
+            if let Err(e) = crate::templates::check(t) {
+                bail!("template `{t}` {e}");
+            }
         }
         Ok(())
     }

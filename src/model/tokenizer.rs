@@ -69,6 +69,22 @@ impl ClipTokenizer {
         ))
     }
 
+    /// Whether two texts give the same tokens, those past the context length included.
+    pub fn same_tokens(&self, a: &str, b: &str) -> anyhow::Result<bool> {
+        let all = |text: &str| -> anyhow::Result<Vec<u32>> {
+            let e = self
+                .inner
+                .encode(text, true)
+                .map_err(|e| anyhow::anyhow!("tokenizing `{text}`: {e}"))?;
+            let mut ids = e.get_ids().to_vec();
+            for part in e.get_overflowing() {
+                ids.extend_from_slice(part.get_ids());
+            }
+            Ok(ids)
+        };
+        Ok(all(a)? == all(b)?)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
