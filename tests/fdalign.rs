@@ -29,33 +29,43 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     // The temporary file of a state write killed by Ctrl-C does not block the folder.
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join(".clipft-Ab12.tmp"), b"partial").unwrap();
-    let o = ws
-        .bare("fdalign")
-        .args(["train", "--model"])
-        .arg(ws.model())
-        .arg("--data")
-        .arg(ws.data())
-        .args([
-            "--shots",
-            "4",
-            "--epochs",
-            "2",
-            "--lr",
-            "0.02",
-            "--templates",
-            "ensemble7",
-            "--spurious-keep",
-            "6",
-            "--spurious-clusters",
-            "3",
-            "--out",
-        ])
-        .arg(&out)
-        .arg("--quiet")
-        .output()
-        .unwrap();
+    let train = || {
+        ws.bare("fdalign")
+            .args(["train", "--model"])
+            .arg(ws.model())
+            .arg("--data")
+            .arg(ws.data())
+            .args([
+                "--shots",
+                "4",
+                "--epochs",
+                "2",
+                "--lr",
+                "0.02",
+                "--templates",
+                "ensemble7",
+                "--spurious-keep",
+                "6",
+                "--spurious-clusters",
+                "3",
+                "--out",
+            ])
+            .arg(&out)
+            .arg("--quiet")
+            .output()
+            .unwrap()
+    };
+    // A folder another run is writing (its lock held, here by this test) is refused, and that
+    // run's temporary files are left alone.
+    let lock = std::fs::File::create(out.join(".clipft-lock")).unwrap();
+    lock.try_lock().unwrap();
+    assert_fails_with(&train(), "another clipft run is writing this folder");
+    assert!(out.join(".clipft-Ab12.tmp").exists());
+    drop(lock);
+    let o = train();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!out.join(".clipft-Ab12.tmp").exists());
+    assert!(!out.join(".clipft-lock").exists());
     for f in [
         "config.json",
         "model.safetensors",

@@ -91,7 +91,8 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     };
     // Bad flags fail before the dataset is scanned and the model loaded.
     settings.validate()?;
-    check_out_folder(&a.out, a.model.model.as_deref())?;
+    let made = crate::io::missing_folders(&a.out);
+    let lock = check_out_folder(&a.out, a.model.model.as_deref())?;
     let dataset = Dataset::open(&a.data)?;
     let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
     let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet)
@@ -126,8 +127,15 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     // A run that fails before it wrote anything takes back the folders of --out it made,
     // deepest first, while they are empty (one holding a resume state stays, for --resume).
-    let made = crate::io::missing_folders(&a.out);
+    let lock = match lock {
+        Some(lock) => lock,
+        None => {
+            crate::io::create_folder(&a.out)?;
+            OutLock::take(&a.out)?
+        }
+    };
     let remove_if_empty = |e: anyhow::Error| {
+        lock.release();
         crate::io::remove_empty_folders(&made);
         e
     };
@@ -167,6 +175,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
             quiet,
         );
     }
+    lock.release();
     info(
         format!(
             "wrote {} (best val epoch {} of {}: {:.2}%); use it with --model {} or --adapter {}",
@@ -182,9 +191,55 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Marks an FD-Align output folder as being written: a second run into it would remove the
+/// first one's temporary files (as a killed run's) and mix their outputs.
+struct OutLock {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+/// The lock file in `--out` (present only while a run holds it, or after a killed run).
+const LOCK_FILE: &str = ".clipft-lock";
+
+impl OutLock {
+    fn take(out: &Path) -> Result<Self> {
+        let path = out.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("--out {}: creating {LOCK_FILE}", out.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { file, path }),
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "--out {}: another clipft run is writing this folder; wait for it to end, or \
+                 give another --out",
+                out.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("--out {}: locking {LOCK_FILE}", out.display()))
+            }
+        }
+    }
+
+    /// Ends the run's hold: the file goes (it is no output), then the lock with it.
+    fn release(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
+impl Drop for OutLock {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// `--out` must be a new or empty folder, or an earlier FD-Align output (which is replaced), and
-/// never the source model's own folder: the run writes a whole checkpoint there.
-fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
+/// never the source model's own folder: the run writes a whole checkpoint there. An existing
+/// folder is locked for the run ([`OutLock`]) before a killed run's leftovers are removed.
+fn check_out_folder(out: &Path, model: Option<&str>) -> Result<Option<OutLock>> {
     if let Some(m) = model {
         let same = Path::new(m).canonicalize().ok();
         ensure!(
@@ -194,10 +249,27 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
             out.display()
         );
     }
+    let mut lock = None;
     if out.is_dir() {
-        // Temporary files of a write that was killed (Ctrl-C during an epoch's state write)
-        // are not anybody's output.
-        for entry in std::fs::read_dir(out).with_context(|| format!("--out {}", out.display()))? {
+        let listing = || std::fs::read_dir(out).with_context(|| format!("--out {}", out.display()));
+        // Left by a killed run: the lock file, and temporary files of a write (Ctrl-C during
+        // an epoch's state write). Neither is anybody's output.
+        let leftover = |p: &Path| crate::io::is_temporary(p) || p.ends_with(LOCK_FILE);
+        let earlier = out.join(fdalign_train::STATE_FILE).is_file()
+            || std::fs::read(out.join("manifest.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|m| m["kind"] == "fdalign");
+        let empty = listing()?.all(|e| e.is_ok_and(|e| leftover(&e.path())));
+        ensure!(
+            earlier || empty,
+            "--out {}: the folder holds files that are not an FD-Align output; give a new or \
+             empty folder",
+            out.display()
+        );
+        crate::io::check_can_make(out, out, "--out")?;
+        let held = OutLock::take(out)?;
+        for entry in listing()? {
             let path = entry
                 .with_context(|| format!("--out {}", out.display()))?
                 .path();
@@ -206,32 +278,18 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<()> {
                     .with_context(|| format!("removing {}", path.display()))?;
             }
         }
-        let earlier = out.join(fdalign_train::STATE_FILE).is_file()
-            || std::fs::read(out.join("manifest.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .is_some_and(|m| m["kind"] == "fdalign");
-        let empty = std::fs::read_dir(out)
-            .with_context(|| format!("--out {}", out.display()))?
-            .next()
-            .is_none();
-        ensure!(
-            earlier || empty,
-            "--out {}: the folder holds files that are not an FD-Align output; give a new or \
-             empty folder",
-            out.display()
-        );
+        lock = Some(held);
     } else {
         ensure!(
             !out.exists(),
             "--out {}: not a folder; FD-Align writes a checkpoint folder",
             out.display()
         );
+        // Writable? (Probed in the folder it will be made in, so that a run refused later
+        // leaves no empty folder behind.)
+        crate::io::check_can_make(out, out, "--out")?;
     }
-    // Writable? (Probed in the folder, or in the one it will be made in, so that a run refused
-    // later leaves no empty folder behind.)
-    crate::io::check_can_make(out, out, "--out")?;
-    Ok(())
+    Ok(lock)
 }
 
 /// `clipft eval --adapter DIR` for an FD-Align output folder: its own model and class head.
