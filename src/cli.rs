@@ -294,6 +294,7 @@ fn parse_args() -> Cli {
 pub fn main() -> ExitCode {
     let cli = parse_args();
     crate::interrupt::install();
+    crate::interrupt::explain_bus_errors();
     let result = run(cli);
     crate::interrupt::finish();
     match result {

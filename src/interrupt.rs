@@ -20,6 +20,8 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 static GATE: Mutex<()> = Mutex::new(());
 /// The folder an interrupt removes.
 static REMOVE: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// What an interrupt says before the exit (how to continue).
+static HINT: Mutex<Option<&'static str>> = Mutex::new(None);
 
 thread_local! {
     /// How many [`Writing`]s this thread holds: nested writes (a generator that writes through
@@ -65,6 +67,9 @@ pub fn install() {
         if let Some(dir) = dir {
             let _ = std::fs::remove_dir_all(&dir);
         }
+        if let Some(hint) = *HINT.lock().unwrap_or_else(|e| e.into_inner()) {
+            crate::say!("{hint}");
+        }
         std::process::exit(130);
     });
     // A signal the parent set to be ignored stays ignored (`nohup`, a shell's background job):
@@ -102,6 +107,38 @@ fn ignored_signals() -> Vec<i32> {
 /// exits with status 130 (installing the handler if it is not yet).
 pub fn remove_on_interrupt(dir: &Path) {
     *REMOVE.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
+    install();
+}
+
+/// Turns a bus error into a message. Model weights are read through a memory map (as Python's
+/// safetensors reads them): a weight file truncated or rewritten while mapped raises SIGBUS on
+/// the next read of it, which would otherwise end the process with only "Bus error".
+pub fn explain_bus_errors() {
+    #[cfg(unix)]
+    {
+        extern "C" fn on_bus_error(_: libc::c_int) {
+            const MSG: &[u8] = b"error: a file clipft was reading through a memory map (a \
+model's weights) was truncated or rewritten while in use (bus error); do not replace a model's \
+files while clipft runs on them\n";
+            // SAFETY: write(2) and _exit(2) are async-signal-safe.
+            unsafe {
+                libc::write(2, MSG.as_ptr().cast(), MSG.len());
+                libc::_exit(135);
+            }
+        }
+        // SAFETY: installs a handler that makes only async-signal-safe calls.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_bus_error as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// On Ctrl-C or SIGTERM, says `hint` (how to continue) before exiting.
+pub fn say_on_interrupt(hint: &'static str) {
+    *HINT.lock().unwrap_or_else(|e| e.into_inner()) = Some(hint);
     install();
 }
 

@@ -139,6 +139,9 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         crate::io::remove_empty_folders(&made);
         e
     };
+    crate::interrupt::say_on_interrupt(
+        "interrupted: the same command with --resume continues from the last finished epoch",
+    );
     let (best, outcome) = fdalign_train::train(
         &clip,
         &dataset.class_names(),
@@ -164,7 +167,12 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "val_n": val.len(),
         "outcome": outcome,
     });
-    fdalign_train::write_checkpoint(&clip, &best, &a.out, meta).map_err(remove_if_empty)?;
+    fdalign_train::write_checkpoint(&clip, &best, &a.out, meta)
+        .context(
+            "training finished, but its outputs were not all written: once the cause is fixed, \
+             the same command with --resume writes them without training again",
+        )
+        .map_err(remove_if_empty)?;
     if outcome.skipped_steps > 0 {
         info(
             format!(
