@@ -129,7 +129,7 @@ impl FeatureCache {
         }
         let key = short_hash(&parts.iter().map(String::as_str).collect::<Vec<_>>());
         let path = dir.join(format!("{key}.safetensors"));
-        remove_stale_temporaries(dir);
+        crate::io::remove_stale_temporaries(dir);
         let dim = clip.config().projection_dim;
         let mut rows = HashMap::new();
         // A cache that cannot be read is treated as empty and rewritten; never an error.
@@ -185,27 +185,6 @@ impl FeatureCache {
             &[("features", &t)],
             &serde_json::json!({ "entries": entries, "version": 1 }),
         )
-    }
-}
-
-/// Removes temporary files that a killed run left in the cache folder (an interrupted atomic
-/// write; a cache file can be hundreds of MB). Only those a day old: a younger one may belong to
-/// a run writing right now. Best effort.
-fn remove_stale_temporaries(dir: &Path) {
-    const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let stale = entry
-            .metadata()
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STALE);
-        if stale && crate::io::is_temporary(&entry.path()) {
-            let _ = std::fs::remove_file(entry.path());
-        }
     }
 }
 
@@ -748,7 +727,7 @@ mod tests {
         let fresh = make(".clipft-BBBB.tmp", false);
         let cache = make("0123abcd.safetensors", true);
         let other = make("notes.tmp", true);
-        remove_stale_temporaries(dir.path());
+        crate::io::remove_stale_temporaries(dir.path());
         assert!(!stale.exists());
         assert!(fresh.exists() && cache.exists() && other.exists());
     }

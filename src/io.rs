@@ -136,6 +136,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Removes temporary files that a killed run left in folder `dir` (an interrupted atomic write;
+/// an output or a feature cache can be hundreds of MB). Only those a day old: a younger one may belong to
+/// a run writing right now. Best effort.
+pub fn remove_stale_temporaries(dir: &Path) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        if stale && crate::io::is_temporary(&entry.path()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Checks, before any work, that `flag`'s output file `path` can be written: it is not a folder
 /// or a special file (device, named pipe, socket), and its nearest existing folder takes new
 /// files (the missing ones are made only when the output is written, so a run that fails leaves
@@ -152,7 +173,9 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    check_can_make(parent, path, flag)
+    check_can_make(parent, path, flag)?;
+    remove_stale_temporaries(parent);
+    Ok(())
 }
 
 /// The folders of `dir` that do not exist yet, `dir` first: what a run that writes in it would
