@@ -37,6 +37,31 @@ fn check_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes the folders of demos that were killed (SIGKILL leaves no chance to clean up) from
+/// the temporary folder: only those a day old, as no demo runs that long. Best effort.
+fn remove_stale_demos(tmp: &Path) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let ours = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("clipft-demo-");
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_dir())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        if ours && stale && entry.path().join("model").is_dir() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     let Some(dir) = dir else {
         return run_in(None, quiet, out);
@@ -68,6 +93,7 @@ fn run_in(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     let root = match dir {
         Some(d) => d.to_path_buf(),
         None => {
+            remove_stale_demos(&std::env::temp_dir());
             tmp = tempfile::Builder::new().prefix("clipft-demo-").tempdir()?;
             // Ctrl-C ends the process without running `TempDir`'s drop.
             crate::interrupt::remove_on_interrupt(tmp.path());
@@ -127,4 +153,31 @@ fn run_in(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
         writeln!(out, "  {:<14} {:6.2}%", r.method, r.top1)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a day-old demo folder (of a killed demo) is removed; a young one may be running.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn stale_demo_folders_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 3600);
+        let make = |name: &str, aged: bool| {
+            let p = tmp.path().join(name);
+            std::fs::create_dir_all(p.join("model")).unwrap();
+            if aged {
+                std::fs::File::open(&p).unwrap().set_modified(old).unwrap();
+            }
+            p
+        };
+        let stale = make("clipft-demo-AAAA", true);
+        let fresh = make("clipft-demo-BBBB", false);
+        let other = make("not-a-demo", true);
+        remove_stale_demos(tmp.path());
+        assert!(!stale.exists());
+        assert!(fresh.exists() && other.exists());
+    }
 }
