@@ -606,7 +606,7 @@ fn labels_tensor(labels: &[usize]) -> Result<Tensor> {
 }
 
 fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
-    crate::io::check_writable(&a.out, "--out")?;
+    let out = crate::io::check_writable(&a.out, "--out")?;
     let dataset = Dataset::open(&a.data)?;
     dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     let samples = split_samples(&dataset, a.split, &a.shots, quiet)?;
@@ -636,7 +636,7 @@ fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     meta["seed"] = a.shots.seed.into();
     meta["skipped"] = feats.skipped.len().into();
     crate::io::save(
-        &a.out,
+        &out,
         &[
             ("image_features", &normalized),
             ("labels", &labels_tensor(&labels)?),
@@ -664,8 +664,9 @@ fn count(n: usize, noun: &str) -> String {
 }
 
 fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
+    let mut save_to = None;
     if let Some(p) = &a.save_logits {
-        crate::io::check_writable(p, "--save-logits")?;
+        save_to = Some(crate::io::check_writable(p, "--save-logits")?);
         let adapter = a.adapter.as_deref().map(|f| (f, "the --adapter artifact"));
         let templates = (a.templates.as_deref())
             .and_then(crate::templates::file)
@@ -732,7 +733,8 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     crate::features::warn_skipped(&run.skipped, "");
     if let Some(path) = &a.save_logits {
         crate::io::ensure_not_input(path, "--save-logits", clip.files.inputs())?;
-        save_logits(path, &clip, &dataset, a.split, &run, opts.decode)?;
+        let to = save_to.as_deref().unwrap_or(path);
+        save_logits(to, &clip, &dataset, a.split, &run, opts.decode)?;
         info(format!("wrote {}", path.display()), quiet);
     }
     let mut out = stdout();

@@ -190,7 +190,10 @@ impl Dataset {
     /// there yet: an image-named file inside the dataset would be read as one on the next run,
     /// or stop it) or its `classnames.txt`.
     pub fn ensure_not_a_dataset_file(&self, out: &Path, flag: &str) -> anyhow::Result<()> {
-        let (Some(out_c), Ok(root)) = (crate::io::resolved(out), self.root.canonicalize()) else {
+        // (Where a symbolic link leads: the output is written there.)
+        let target = crate::io::output_target(out).unwrap_or_else(|_| out.to_path_buf());
+        let (Some(out_c), Ok(root)) = (crate::io::resolved(&target), self.root.canonicalize())
+        else {
             return Ok(());
         };
         if !out_c.starts_with(&root) {

@@ -20,6 +20,8 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 static GATE: Mutex<()> = Mutex::new(());
 /// The folder an interrupt removes.
 static REMOVE: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// A file an interrupt removes (a lock file).
+static REMOVE_FILE: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// What an interrupt says before the exit (how to continue).
 static HINT: Mutex<Option<&'static str>> = Mutex::new(None);
 
@@ -66,6 +68,9 @@ pub fn install() {
         let dir = REMOVE.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(dir) = dir {
             let _ = std::fs::remove_dir_all(&dir);
+        }
+        if let Some(file) = REMOVE_FILE.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = std::fs::remove_file(file);
         }
         if let Some(hint) = *HINT.lock().unwrap_or_else(|e| e.into_inner()) {
             crate::say!("{hint}");
@@ -134,6 +139,12 @@ files while clipft runs on them\n";
             libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
         }
     }
+}
+
+/// On Ctrl-C or SIGTERM: removes `file` (a lock file) before exiting.
+pub fn remove_on_interrupt_file(file: &Path) {
+    *REMOVE_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(file.to_path_buf());
+    install();
 }
 
 /// On Ctrl-C or SIGTERM, says `hint` (how to continue) before exiting.

@@ -51,7 +51,7 @@ pub fn create_folder(dir: &Path) -> Result<()> {
 /// The file an output path stands for: symbolic links are followed (a dangling one to where it
 /// points), so that a link stays a link and its target is replaced, as with `cp` or a shell
 /// redirection.
-fn output_target(path: &Path) -> Result<PathBuf> {
+pub fn output_target(path: &Path) -> Result<PathBuf> {
     let mut at = path.to_path_buf();
     // (The OS's own limit on a chain of links.)
     for _ in 0..40 {
@@ -71,11 +71,12 @@ fn output_target(path: &Path) -> Result<PathBuf> {
 /// Refuses to replace what is not a regular file: renaming a new file over a device (as root,
 /// `/dev/null` itself), a named pipe or a socket would destroy it.
 fn ensure_not_special(shown: &Path, target: &Path, flag: &str) -> Result<()> {
-    let Ok(meta) = std::fs::metadata(target) else {
+    // (Not following a link: a link is replaced, never what it points at.)
+    let Ok(meta) = std::fs::symlink_metadata(target) else {
         return Ok(());
     };
     let ft = meta.file_type();
-    if ft.is_file() || ft.is_dir() {
+    if ft.is_file() || ft.is_dir() || ft.is_symlink() {
         return Ok(());
     }
     #[cfg(unix)]
@@ -103,12 +104,14 @@ fn ensure_not_special(shown: &Path, target: &Path, flag: &str) -> Result<()> {
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers
 /// see the old file or the complete new one, never a partial write. A file replaced keeps its
-/// permissions; a symbolic link keeps pointing at the (new) file.
+/// permissions. A symbolic link at `path` is replaced, not written through: files inside
+/// clipft's own folders (an FD-Align output, a feature cache) never reach elsewhere; a
+/// user-named output is resolved first ([`check_writable`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // The folder may be one that Ctrl-C removes (the demo's feature cache).
     let _writing = crate::interrupt::writing();
-    let target = output_target(path)?;
-    ensure_not_special(path, &target, "")?;
+    let target = path;
+    ensure_not_special(path, target, "")?;
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -122,15 +125,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = builder
         .tempfile_in(parent)
         .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
-    if let Ok(old) = std::fs::metadata(&target) {
+    if let Some(old) = std::fs::symlink_metadata(target)
+        .ok()
+        .filter(|m| m.is_file())
+    {
+        let mut keep = old.permissions();
+        // (Access bits only: a setuid bit is not for a new file's contents, as with `cp`.)
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = keep.mode() & 0o777;
+            keep.set_mode(mode);
+        }
         tmp.as_file()
-            .set_permissions(old.permissions())
+            .set_permissions(keep)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(&target)
+    tmp.persist(target)
         .map_err(|e| e.error)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -160,8 +174,9 @@ pub fn remove_stale_temporaries(dir: &Path) {
 /// Checks, before any work, that `flag`'s output file `path` can be written: it is not a folder
 /// or a special file (device, named pipe, socket), and its nearest existing folder takes new
 /// files (the missing ones are made only when the output is written, so a run that fails leaves
-/// no empty folders behind). Saves a long run from failing only at its end.
-pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
+/// no empty folders behind). Saves a long run from failing only at its end. Returns the path to
+/// write: `path` with its symbolic links followed ([`output_target`]).
+pub fn check_writable(path: &Path, flag: &str) -> Result<PathBuf> {
     let target = output_target(path)?;
     anyhow::ensure!(
         !target.is_dir(),
@@ -175,7 +190,7 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
     };
     check_can_make(parent, path, flag)?;
     remove_stale_temporaries(parent);
-    Ok(())
+    Ok(target)
 }
 
 /// The folders of `dir` that do not exist yet, `dir` first: what a run that writes in it would
@@ -408,15 +423,17 @@ mod tests {
         let target = dir.path().join("target.bin");
         let link = dir.path().join("link.bin");
         std::os::unix::fs::symlink("target.bin", &link).unwrap();
-        check_writable(&link, "--out").unwrap();
-        write_atomic(&link, b"new").unwrap();
+        let out = check_writable(&link, "--out").unwrap();
+        write_atomic(&out, b"new").unwrap();
         assert!(std::fs::symlink_metadata(&link)
             .unwrap()
             .file_type()
             .is_symlink());
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        // Inside clipft's own folders a link is replaced, and what it pointed at is left alone.
         write_atomic(&link, b"newer").unwrap();
-        assert_eq!(std::fs::read(&target).unwrap(), b"newer");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
 
         let fifo = dir.path().join("pipe");
         let made = std::process::Command::new("mkfifo").arg(&fifo).status();
@@ -447,8 +464,13 @@ mod tests {
         std::fs::write(&out, b"old").unwrap();
         std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
         write_atomic(&out, b"new").unwrap();
-        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o640, "{mode:o}");
+        // A setuid bit is not kept (as with `cp`).
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o4750)).unwrap();
+        write_atomic(&out, b"newer").unwrap();
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o750, "{mode:o}");
     }
 
     /// Outputs get the mode of any file the user creates (0666 less the umask), not the

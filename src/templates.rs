@@ -82,24 +82,32 @@ pub fn fill(template: &str, class: &str) -> String {
 }
 
 /// Checks a template as Python's `template.format(classname)` reads it (the reference
-/// repositories fill their templates so): exactly one `{}`, and `{{` / `}}` for literal braces.
+/// repositories fill their templates so): exactly one `{}` (or `{0}`), and `{{` / `}}` for
+/// literal braces.
 pub fn check(template: &str) -> Result<(), String> {
     split(template).map(drop)
 }
 
-/// The text before and after a template's `{}`, its `{{` and `}}` unescaped.
+/// The text before and after a template's `{}` (or `{0}`), its `{{` and `}}` unescaped.
 fn split(template: &str) -> Result<(String, String), String> {
     let (mut parts, mut current) = (Vec::new(), String::new());
-    let mut chars = template.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, chars.peek()) {
+    let chars: Vec<char> = template.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let (c, next) = (chars[i], chars.get(i + 1).copied());
+        i += match (c, next) {
             ('{', Some('{')) | ('}', Some('}')) => {
-                chars.next();
                 current.push(c);
+                2
             }
             ('{', Some('}')) => {
-                chars.next();
                 parts.push(std::mem::take(&mut current));
+                2
+            }
+            // `{0}`: Python's numbered form of the one argument.
+            ('{', Some('0')) if chars.get(i + 2) == Some(&'}') => {
+                parts.push(std::mem::take(&mut current));
+                3
             }
             ('{' | '}', _) => {
                 return Err(format!(
@@ -107,8 +115,11 @@ fn split(template: &str) -> Result<(String, String), String> {
                      is written twice (`{{{{`, `}}}}`)"
                 ))
             }
-            _ => current.push(c),
-        }
+            _ => {
+                current.push(c);
+                1
+            }
+        };
     }
     match parts.len() {
         1 => Ok((parts.remove(0), current)),
@@ -143,7 +154,8 @@ mod tests {
         assert_eq!(fill("a {{{}}} photo", "dog"), "a {dog} photo");
         assert_eq!(fill("{{}} {}", "dog"), "{} dog");
         assert!(check("a photo of a {{}}.").is_err());
-        assert!(check("a {0} photo").is_err());
+        assert_eq!(fill("a {0} photo", "dog"), "a dog photo");
+        assert!(check("a {1} photo").is_err());
         assert!(check("a {} photo {x}").unwrap_err().contains("lone `{`"));
         assert!(check("a {} photo }").is_err());
         assert!(check("{}{}").is_err());

@@ -902,12 +902,18 @@ fn outputs_are_checked_before_any_work() {
     assert_eq!(std::fs::read(&image).unwrap(), pixels);
     // An image-named output inside the dataset would be read as an image next time, and
     // classnames.txt names the classes: neither is an output.
+    // (Also through a symbolic link, which is written through.)
+    let link = ws.path().join("link.png");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(class.join("new2.png"), &link).unwrap();
     for (out, want) in [
         (class.join("new.png"), "or would be read as one"),
         (
             ws.data().join("classnames.txt"),
             "the dataset's classnames.txt",
         ),
+        #[cfg(unix)]
+        (link, "or would be read as one"),
     ] {
         let o = ws
             .cmd("features")
@@ -920,6 +926,7 @@ fn outputs_are_checked_before_any_work() {
         assert_fails_with(&o, want);
         assert!(!out.exists());
     }
+    assert!(!class.join("new2.png").exists());
     // Nor is a --templates file.
     let templates = ws.path().join("templates.txt");
     std::fs::write(&templates, "a photo of a {}.\n").unwrap();

@@ -300,7 +300,7 @@ pub fn write_summary(art: &CrossArtifact, out: &mut impl Write) -> std::io::Resu
 }
 
 fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
-    crate::io::check_writable(&a.out, "--out")?;
+    let out = crate::io::check_writable(&a.out, "--out")?;
     if let Some(w) = a.wise_ft {
         ensure!((0.0..=1.0).contains(&w), "--wise-ft must be in [0, 1]");
     }
@@ -357,7 +357,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     for n in notes {
         info(format!("note: {n}"), quiet);
     }
-    art.save(&a.out)?;
+    art.save(&out)?;
     write_summary(&art, &mut crate::cli::stdout())?;
     info(format!("wrote {}", a.out.display()), quiet);
     Ok(())

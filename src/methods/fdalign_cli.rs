@@ -204,6 +204,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
 struct OutLock {
     file: std::fs::File,
     path: std::path::PathBuf,
+    released: std::cell::Cell<bool>,
 }
 
 /// The lock file in `--out` (present only while a run holds it, or after a killed run).
@@ -219,7 +220,15 @@ impl OutLock {
             .open(&path)
             .with_context(|| format!("--out {}: creating {LOCK_FILE}", out.display()))?;
         match file.try_lock() {
-            Ok(()) => Ok(Self { file, path }),
+            Ok(()) => {
+                // An interrupt ends the process without running `Drop`.
+                crate::interrupt::remove_on_interrupt_file(&path);
+                Ok(Self {
+                    file,
+                    path,
+                    released: false.into(),
+                })
+            }
             Err(std::fs::TryLockError::WouldBlock) => bail!(
                 "--out {}: another clipft run is writing this folder; wait for it to end, or \
                  give another --out",
@@ -231,10 +240,13 @@ impl OutLock {
         }
     }
 
-    /// Ends the run's hold: the file goes (it is no output), then the lock with it.
+    /// Ends the run's hold: the file goes (it is no output), then the lock with it. Once: a
+    /// second removal could take the file of a run that started since.
     fn release(&self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = self.file.unlock();
+        if !self.released.replace(true) {
+            let _ = std::fs::remove_file(&self.path);
+            let _ = self.file.unlock();
+        }
     }
 }
 

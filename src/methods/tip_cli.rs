@@ -95,7 +95,7 @@ pub fn run(args: TipArgs, quiet: bool) -> Result<()> {
 }
 
 fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
-    crate::io::check_writable(&a.out, "--out")?;
+    let out = crate::io::check_writable(&a.out, "--out")?;
     let config_file = TipConfig::file(&a.config).map(|p| (p, "the --config file"));
     let templates_file = (a.templates.as_deref())
         .and_then(crate::templates::file)
@@ -139,7 +139,7 @@ fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
         quiet,
     );
     let art = tip::build_cache(&clip, &dataset, &train, &build, &opts)?;
-    art.save(&a.out)?;
+    art.save(&out)?;
     let mut out = crate::cli::stdout();
     write_summary(&art, &mut out)?;
     info(format!("wrote {}", a.out.display()), quiet);
@@ -204,7 +204,7 @@ fn load_for(
 }
 
 fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
-    crate::io::check_writable(&a.out, "--out")?;
+    let out = crate::io::check_writable(&a.out, "--out")?;
     crate::io::ensure_not_input(
         &a.out,
         "--out",
@@ -254,7 +254,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         fresh_views: a.fresh_views,
     };
     let art = tip::train(&clip, &dataset, &cache, &train, &train_opts, &opts)?;
-    art.save(&a.out)?;
+    art.save(&out)?;
     write_summary(&art, &mut crate::cli::stdout())?;
     info(format!("wrote {}", a.out.display()), quiet);
     Ok(())
