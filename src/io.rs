@@ -110,9 +110,8 @@ fn ensure_not_special(shown: &Path, target: &Path, flag: &str) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // The folder may be one that Ctrl-C removes (the demo's feature cache).
     let _writing = crate::interrupt::writing();
-    let target = path;
-    ensure_not_special(path, target, "")?;
-    let parent = match target.parent() {
+    ensure_not_special(path, path, "")?;
+    let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
@@ -125,10 +124,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = builder
         .tempfile_in(parent)
         .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
-    if let Some(old) = std::fs::symlink_metadata(target)
-        .ok()
-        .filter(|m| m.is_file())
-    {
+    if let Some(old) = std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()) {
         let mut keep = old.permissions();
         // (Access bits only: a setuid bit is not for a new file's contents, as with `cp`.)
         #[cfg(unix)]
@@ -144,15 +140,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(target)
+    tmp.persist(path)
         .map_err(|e| e.error)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// Removes temporary files that a killed run left in folder `dir` (an interrupted atomic write;
-/// an output or a feature cache can be hundreds of MB). Only those a day old: a younger one may belong to
-/// a run writing right now. Best effort.
+/// an output or a feature cache can be hundreds of MB). Only those a day old: a younger one may
+/// belong to a run writing right now. Best effort.
 pub fn remove_stale_temporaries(dir: &Path) {
     const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -165,7 +161,7 @@ pub fn remove_stale_temporaries(dir: &Path) {
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > STALE);
-        if stale && crate::io::is_temporary(&entry.path()) {
+        if stale && is_temporary(&entry.path()) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
