@@ -731,9 +731,9 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
             }
         })?;
     crate::features::warn_skipped(&run.skipped, "");
-    if let Some(path) = &a.save_logits {
+    // (`save_to`: --save-logits with its links followed.)
+    if let (Some(path), Some(to)) = (&a.save_logits, &save_to) {
         crate::io::ensure_not_input(path, "--save-logits", clip.files.inputs())?;
-        let to = save_to.as_deref().unwrap_or(path);
         save_logits(to, &clip, &dataset, a.split, &run, opts.decode)?;
         info(format!("wrote {}", path.display()), quiet);
     }

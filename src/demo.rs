@@ -38,28 +38,13 @@ fn check_dir(dir: &Path) -> Result<()> {
 }
 
 /// Removes the folders of demos that were killed (SIGKILL leaves no chance to clean up) from
-/// the temporary folder: only those a day old, as no demo runs that long. Best effort.
+/// the temporary folder, once a day old: no demo runs that long.
 fn remove_stale_demos(tmp: &Path) {
-    const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let ours = entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("clipft-demo-");
-        let stale = entry
-            .metadata()
-            .ok()
-            .filter(|m| m.is_dir())
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STALE);
-        if ours && stale && entry.path().join("model").is_dir() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+    crate::io::remove_stale(tmp, |p| {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        let folder = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+        name.starts_with("clipft-demo-") && folder && p.join("model").is_dir()
+    });
 }
 
 pub fn run(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {

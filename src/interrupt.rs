@@ -141,9 +141,10 @@ files while clipft runs on them\n";
     }
 }
 
-/// On Ctrl-C or SIGTERM: removes `file` (a lock file) before exiting.
-pub fn remove_on_interrupt_file(file: &Path) {
-    *REMOVE_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(file.to_path_buf());
+/// On Ctrl-C or SIGTERM: removes `file` (a lock file) before exiting; `None` forgets it (the
+/// run removed it itself, and the path may be another run's by now).
+pub fn remove_on_interrupt_file(file: Option<&Path>) {
+    *REMOVE_FILE.lock().unwrap_or_else(|e| e.into_inner()) = file.map(Path::to_path_buf);
     install();
 }
 

@@ -147,22 +147,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Removes temporary files that a killed run left in folder `dir` (an interrupted atomic write;
-/// an output or a feature cache can be hundreds of MB). Only those a day old: a younger one may
-/// belong to a run writing right now. Best effort.
+/// an output or a feature cache can be hundreds of MB). Best effort.
 pub fn remove_stale_temporaries(dir: &Path) {
+    remove_stale(dir, is_temporary);
+}
+
+/// Removes what a killed run left in folder `dir`: the entries `left_by_clipft` recognises that
+/// are a day old (a younger one may belong to a run working right now), folders with their
+/// contents. Best effort.
+pub fn remove_stale(dir: &Path, left_by_clipft: impl Fn(&Path) -> bool) {
     const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        let stale = entry
-            .metadata()
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STALE);
-        if stale && is_temporary(&entry.path()) {
-            let _ = std::fs::remove_file(entry.path());
+        let Some(meta) = entry.metadata().ok().filter(|m| {
+            m.modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE)
+        }) else {
+            continue;
+        };
+        let path = entry.path();
+        if left_by_clipft(&path) {
+            let _ = if meta.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
         }
     }
 }

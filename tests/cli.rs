@@ -969,12 +969,14 @@ fn indistinguishable_class_names_and_cut_prompts_are_reported() {
         format!("{}\tSea Lion\n{}\tsea lion\n", folders[0], folders[1]),
     )
     .unwrap();
-    let out = ws
-        .cmd("eval")
-        .arg("--data")
-        .arg(ws.data())
-        .output()
-        .unwrap();
+    let eval = || {
+        ws.cmd("eval")
+            .arg("--data")
+            .arg(ws.data())
+            .output()
+            .unwrap()
+    };
+    let out = eval();
     assert!(!out.status.success());
     let e = stderr(&out);
     assert!(
@@ -1027,12 +1029,7 @@ fn indistinguishable_class_names_and_cut_prompts_are_reported() {
         format!("{}\t{prefix}one\n{}\t{prefix}two\n", folders[0], folders[1]),
     )
     .unwrap();
-    let out = ws
-        .cmd("eval")
-        .arg("--data")
-        .arg(ws.data())
-        .output()
-        .unwrap();
+    let out = eval();
     assert_fails_with(&out, "cut at the text tower's context length");
 }
 

@@ -135,32 +135,33 @@ fn broken_checkpoints_name_the_file_and_tensor() {
         "{e}"
     );
 
-    let d = tmp.path().join("bad-shape");
-    copy_dir(&base, &d);
-    edit_weights(&d, |t| {
-        let i = t
-            .iter()
-            .position(|(n, _)| n == "text_projection.weight")
-            .unwrap();
-        t[i].1 = Tensor::zeros((24, 31), candle_core::DType::F32, &Device::Cpu).unwrap();
-    });
-    let e = load_err(&d);
+    // The load error of a copy whose `text_projection.weight` is `t`.
+    let with_projection = |name: &str, t: Tensor| {
+        let d = tmp.path().join(name);
+        copy_dir(&base, &d);
+        edit_weights(&d, |ts| {
+            let i = ts
+                .iter()
+                .position(|(n, _)| n == "text_projection.weight")
+                .unwrap();
+            ts[i].1 = t;
+        });
+        load_err(&d)
+    };
+    let e = with_projection(
+        "bad-shape",
+        Tensor::zeros((24, 31), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     assert!(
         e.contains("`text_projection.weight` has shape [24, 31] but config.json expects [24, 32]"),
         "{e}"
     );
 
     // Integer weights are refused by name, before candle would cast or reject them.
-    let d = tmp.path().join("integer-tensor");
-    copy_dir(&base, &d);
-    edit_weights(&d, |t| {
-        let i = t
-            .iter()
-            .position(|(n, _)| n == "text_projection.weight")
-            .unwrap();
-        t[i].1 = Tensor::zeros((24, 32), candle_core::DType::U8, &Device::Cpu).unwrap();
-    });
-    let e = load_err(&d);
+    let e = with_projection(
+        "integer-tensor",
+        Tensor::zeros((24, 32), candle_core::DType::U8, &Device::Cpu).unwrap(),
+    );
     assert!(
         e.contains("model.safetensors: tensor `text_projection.weight` is stored as U8"),
         "{e}"

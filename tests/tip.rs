@@ -590,6 +590,12 @@ mod cli {
         // Metadata a method would take on trust is checked at load, naming the file.
         let (tensors, meta) = clipft::io::load(&tipc).unwrap();
         let damaged = ws.p("damaged.safetensors");
+        let save_damaged = |t: &std::collections::HashMap<String, candle_core::Tensor>,
+                            m: &serde_json::Value| {
+            let refs: Vec<(&str, &candle_core::Tensor)> =
+                t.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            clipft::io::save(&damaged, &refs, m).unwrap();
+        };
         for (key, value, want) in [
             (
                 "augment_epochs",
@@ -609,9 +615,7 @@ mod cli {
         ] {
             let mut m = meta.clone();
             m[key] = value;
-            let refs: Vec<(&str, &candle_core::Tensor)> =
-                tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            clipft::io::save(&damaged, &refs, &m).unwrap();
+            save_damaged(&tensors, &m);
             ws.cmd()
                 .args(["tip", "train", "--cache", s(&damaged), "--data", s(&data)])
                 .args(["--out", s(&ws.p("w.safetensors"))])
@@ -635,9 +639,7 @@ mod cli {
             )
             .unwrap(),
         );
-        let refs: Vec<(&str, &candle_core::Tensor)> =
-            rotated.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        clipft::io::save(&damaged, &refs, &meta).unwrap();
+        save_damaged(&rotated, &meta);
         ws.cmd()
             .args(["eval", "--adapter", s(&damaged), "--data", s(&data)])
             .assert()
@@ -647,9 +649,7 @@ mod cli {
         // names the artifact they came from.
         let mut m = meta.clone();
         m["alpha"] = serde_json::json!(1e308);
-        let refs: Vec<(&str, &candle_core::Tensor)> =
-            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        clipft::io::save(&damaged, &refs, &m).unwrap();
+        save_damaged(&tensors, &m);
         ws.cmd()
             .args(["eval", "--adapter", s(&damaged), "--data", s(&data)])
             .assert()

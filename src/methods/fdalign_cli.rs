@@ -183,7 +183,6 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
             quiet,
         );
     }
-    lock.release();
     info(
         format!(
             "wrote {} (best val epoch {} of {}: {:.2}%); use it with --model {} or --adapter {}",
@@ -200,7 +199,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
 }
 
 /// Marks an FD-Align output folder as being written: a second run into it would remove the
-/// first one's temporary files (as a killed run's) and mix their outputs.
+/// first one's temporary files (as a killed run's) and mix their outputs. Released when dropped.
 struct OutLock {
     file: std::fs::File,
     path: std::path::PathBuf,
@@ -222,7 +221,7 @@ impl OutLock {
         match file.try_lock() {
             Ok(()) => {
                 // An interrupt ends the process without running `Drop`.
-                crate::interrupt::remove_on_interrupt_file(&path);
+                crate::interrupt::remove_on_interrupt_file(Some(&path));
                 Ok(Self {
                     file,
                     path,
@@ -244,6 +243,7 @@ impl OutLock {
     /// second removal could take the file of a run that started since.
     fn release(&self) {
         if !self.released.replace(true) {
+            crate::interrupt::remove_on_interrupt_file(None);
             let _ = std::fs::remove_file(&self.path);
             let _ = self.file.unlock();
         }
