@@ -464,6 +464,16 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
             "no SIMD (build with `nasm` installed for about twice the decoding speed)"
         }
     )?;
+    if clip.device.is_cpu() && !clip.precision.bf16_matmul {
+        writeln!(
+            out,
+            "cpu gemm     {}",
+            match crate::model::blas::get() {
+                Some(blas) => format!("{} ({})", blas.path().display(), crate::model::blas::ENV),
+                None => "built-in (gemm crate)".into(),
+            }
+        )?;
+    }
     writeln!(
         out,
         "device       {}",

@@ -1,8 +1,9 @@
-//! Ctrl-C and SIGTERM. Every output is written through [`crate::io::write_atomic`] (a temporary
+//! Ctrl-C, SIGTERM and SIGHUP. Every output is written through [`crate::io::write_atomic`] (a temporary
 //! file renamed into place) while holding [`writing`]; the handler takes the same lock, so it
 //! waits for a write in progress to finish and no temporary file is left behind: each output is
 //! whole or absent. Then it removes the folder given to [`remove_on_interrupt`] (`clipft demo`
-//! without `--dir`), if any, and exits with the interrupt's status, 130.
+//! without `--dir`), if any, and exits with the signal's status: 128 + its number (130 for
+//! Ctrl-C, 143 for SIGTERM).
 //!
 //! The handler runs on its own thread while the command's threads keep going, so removing the
 //! folder races with files they are creating in it (`create_dir_all` of a subfolder recreates
@@ -58,58 +59,74 @@ pub fn writing() -> Writing {
     }
 }
 
-/// Installs the Ctrl-C / SIGTERM handler described in the module docs. One handler per process:
-/// where one is already set (a library caller's, or this one), it stays.
+/// Installs the Ctrl-C / SIGTERM / SIGHUP handler described in the module docs, once per
+/// process (later calls do nothing). A handler a library caller set before stays called.
 pub fn install() {
-    let ignored = ignored_signals();
-    let _ = ctrlc::set_handler(|| {
-        REQUESTED.store(true, Ordering::SeqCst);
-        let _held = GATE.lock();
-        let dir = REMOVE.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(dir) = dir {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        if let Some(file) = REMOVE_FILE.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = std::fs::remove_file(file);
-        }
-        if let Some(hint) = *HINT.lock().unwrap_or_else(|e| e.into_inner()) {
-            crate::say!("{hint}");
-        }
-        std::process::exit(130);
-    });
-    // A signal the parent set to be ignored stays ignored (`nohup`, a shell's background job):
-    // ctrlc handles all three whatever they were.
-    #[cfg(unix)]
-    for sig in ignored {
-        // SAFETY: setting a signal's disposition to SIG_IGN, no handler code involved.
-        unsafe { libc::signal(sig, libc::SIG_IGN) };
-    }
-    #[cfg(not(unix))]
-    let _ = ignored;
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(listen);
 }
 
-/// Those of SIGINT, SIGTERM and SIGHUP (the signals ctrlc takes) that this process ignores.
-fn ignored_signals() -> Vec<i32> {
-    #[cfg(unix)]
-    {
-        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
-            .into_iter()
-            .filter(|&sig| {
-                // SAFETY: a query (no new action) into a zeroed struct of the right type.
-                unsafe {
-                    let mut old: libc::sigaction = std::mem::zeroed();
-                    libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                        && old.sa_sigaction == libc::SIG_IGN
-                }
-            })
-            .collect()
+/// What the handler does, on its own thread, once the first signal arrives: waits for a write
+/// in progress, removes what it was given, says the hint, and exits with `128 + signal` (130
+/// for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP: what a shell reports for a process the signal
+/// ended, so scripts can tell an interrupt from a failure).
+fn on_signal(status: i32) -> ! {
+    REQUESTED.store(true, Ordering::SeqCst);
+    let _held = GATE.lock();
+    let dir = REMOVE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    #[cfg(not(unix))]
-    Vec::new()
+    if let Some(file) = REMOVE_FILE.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = std::fs::remove_file(file);
+    }
+    if let Some(hint) = *HINT.lock().unwrap_or_else(|e| e.into_inner()) {
+        crate::say!("{hint}");
+    }
+    std::process::exit(status);
+}
+
+#[cfg(unix)]
+fn listen() {
+    // A signal the parent set to be ignored stays ignored (`nohup`, a shell's background job).
+    let signals: Vec<i32> = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+        .into_iter()
+        .filter(|&sig| !ignored(sig))
+        .collect();
+    if signals.is_empty() {
+        return;
+    }
+    // signal-hook's handler only writes the signal's number to a pipe; this thread reads it.
+    let Ok(mut signals) = signal_hook::iterator::Signals::new(&signals) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("clipft-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                on_signal(128 + sig);
+            }
+        });
+}
+
+/// ctrlc's handler does not say which signal came: every interrupt exits 130.
+#[cfg(not(unix))]
+fn listen() {
+    let _ = ctrlc::set_handler(|| on_signal(130));
+}
+
+/// Whether this process ignores `sig` (set by its parent).
+#[cfg(unix)]
+fn ignored(sig: i32) -> bool {
+    // SAFETY: a query (no new action) into a zeroed struct of the right type.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// On Ctrl-C or SIGTERM: removes `dir` (after any write in progress under [`writing`]), then
-/// exits with status 130 (installing the handler if it is not yet).
+/// exits with the signal's status (installing the handler if it is not yet).
 pub fn remove_on_interrupt(dir: &Path) {
     *REMOVE.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
     install();

@@ -133,6 +133,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             let mode = keep.mode() & 0o777;
             keep.set_mode(mode);
         }
+        // The owner and group too, where this user may give them (root; a group it is in), as
+        // an editor's save keeps them. Before the mode: a change of owner may clear mode bits.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{fchown, MetadataExt};
+            let file = tmp.as_file();
+            if fchown(file, Some(old.uid()), Some(old.gid())).is_err() {
+                let _ = fchown(file, None, Some(old.gid()));
+            }
+        }
         tmp.as_file()
             .set_permissions(keep)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -480,6 +490,25 @@ mod tests {
         write_atomic(&out, b"newer").unwrap();
         let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o750, "{mode:o}");
+    }
+
+    /// A replaced file keeps its owner and group where the writer may give them (root here;
+    /// elsewhere the test has nothing to check).
+    #[cfg(unix)]
+    #[test]
+    fn a_replaced_file_keeps_its_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.bin");
+        std::fs::write(&out, b"old").unwrap();
+        // (nobody:nogroup on most systems; any ids do.)
+        if std::os::unix::fs::chown(&out, Some(65534), Some(65534)).is_err() {
+            return; // not root
+        }
+        write_atomic(&out, b"new").unwrap();
+        let meta = std::fs::metadata(&out).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
     }
 
     /// Outputs get the mode of any file the user creates (0666 less the umask), not the

@@ -44,9 +44,10 @@ fn demo_runs_end_to_end() {
 }
 
 /// Runs `clipft demo` with `args` and `env`, checks its first stderr line with `first_line`
-/// (the demo has seconds to go after it), sends SIGINT, and returns the exit status.
+/// (the demo has seconds to go after it), sends `signal`, and returns the exit status.
 #[cfg(target_os = "linux")]
 fn interrupt_demo(
+    signal: i32,
     args: &[&std::ffi::OsStr],
     env: Option<(&str, &std::path::Path)>,
     first_line: impl FnOnce(&str),
@@ -67,7 +68,7 @@ fn interrupt_demo(
     err.read_line(&mut line).unwrap();
     first_line(&line);
     // SAFETY: a plain kill(2) of our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     let status = child.wait().unwrap();
     drop(err);
     status
@@ -127,17 +128,18 @@ fn a_failed_demo_leaves_no_folders() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// Ctrl-C during `clipft demo` (no `--dir`) leaves no generated folder behind.
+/// SIGTERM during `clipft demo` (no `--dir`) leaves no generated folder behind, and exits with
+/// SIGTERM's status, 143.
 #[cfg(target_os = "linux")]
 #[test]
 fn interrupted_demo_removes_its_temporary_folder() {
     let tmp = tempfile::tempdir().unwrap();
-    let status = interrupt_demo(&[], Some(("TMPDIR", tmp.path())), |line| {
+    let status = interrupt_demo(libc::SIGTERM, &[], Some(("TMPDIR", tmp.path())), |line| {
         // The first line names the generated folder: it exists.
         assert!(line.contains("clipft-demo-"), "{line}");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     });
-    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert_eq!(status.code(), Some(143), "{status:?}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
@@ -150,9 +152,14 @@ fn interrupted_demo_removes_its_temporary_folder() {
 fn interrupted_commands_leave_no_temporary_or_partial_files() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let status = interrupt_demo(&["--dir".as_ref(), dir.as_os_str()], None, |line| {
-        assert!(line.contains("generating"), "{line}");
-    });
+    let status = interrupt_demo(
+        libc::SIGINT,
+        &["--dir".as_ref(), dir.as_os_str()],
+        None,
+        |line| {
+            assert!(line.contains("generating"), "{line}");
+        },
+    );
     assert_eq!(status.code(), Some(130), "{status:?}");
     let mut stack = vec![dir];
     while let Some(d) = stack.pop() {
@@ -696,6 +703,29 @@ fn info_says_whether_jpeg_decoding_uses_simd() {
         } else {
             "jpeg decode  libjpeg-turbo, no SIMD"
         }),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// `CLIPFT_BLAS` naming something that is not a BLAS is a warning naming it, and the run
+/// goes on with the built-in GEMM (which `info` names).
+#[test]
+fn an_unusable_blas_library_is_named_and_skipped() {
+    let ws = Workspace::new();
+    let bad = ws.dir.path().join("libnotblas.so");
+    std::fs::write(&bad, "not a shared library").unwrap();
+    let out = ws.cmd("info").env("CLIPFT_BLAS", &bad).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("CLIPFT_BLAS=")
+            && err.contains("libnotblas.so")
+            && err.contains("cannot load"),
+        "{err}"
+    );
+    assert!(
+        stdout(&out).contains("cpu gemm     built-in (gemm crate)"),
         "{}",
         stdout(&out)
     );

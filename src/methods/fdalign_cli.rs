@@ -57,11 +57,11 @@ pub struct TrainArgs {
     pub templates: String,
     /// Most typical templates kept by the isolation forest (all of them when the set has
     /// fewer).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_name = "N")]
     pub spurious_keep: usize,
     /// k-means prototypes made from the kept templates (at most one per kept template);
     /// 0 = one prototype per template.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_name = "N")]
     pub spurious_clusters: usize,
     /// Continue an interrupted run in --out from its last finished epoch (same flags).
     #[arg(long)]

@@ -125,6 +125,10 @@ impl CustomOp3 for DenseBias {
                 }
             }
         }
+        if let Some(blas) = super::blas::get() {
+            blas.dense(x, m, k, w, n, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+        }
         // SAFETY: `out` is m×n row-major, `x` m×k row-major, and Wᵀ is read from the n×k
         // row-major `w` through strides (column stride k, row stride 1); all in bounds.
         unsafe {
@@ -168,14 +172,61 @@ impl CustomOp3 for DenseBias {
             Some(db) => db?,
             None => g.sum(0)?,
         };
-        let dx = g.matmul(w)?;
+        let dx = product(g, false, w)?;
         if !self.gelu_input {
-            return Ok((Some(dx), Some(g.t()?.matmul(x)?), Some(db)));
+            return Ok((Some(dx), Some(product(g, true, x)?), Some(db)));
         }
         let x = x.detach().contiguous()?;
         let a = x.apply_op1_no_bwd(&QuickGelu)?;
         let dx = x.apply_op2_no_bwd(&dx.contiguous()?, &QuickGeluGrad)?;
-        Ok((Some(dx), Some(g.t()?.matmul(&a)?), Some(db)))
+        Ok((Some(dx), Some(product(g, true, &a)?), Some(db)))
+    }
+}
+
+/// `a·b`, or `aᵀ·b` with `a_t`, for 2-D f32 CPU tensors: through the external BLAS where one is
+/// loaded ([`super::blas`]), else candle's matmul.
+fn product(a: &Tensor, a_t: bool, b: &Tensor) -> Result<Tensor> {
+    if super::blas::get().is_some() && cpu_f32(&[a, b]) {
+        return a
+            .contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &BlasProduct { a_t });
+    }
+    match a_t {
+        true => a.t()?.matmul(b),
+        false => a.matmul(b),
+    }
+}
+
+/// [`product`] on the external BLAS.
+struct BlasProduct {
+    a_t: bool,
+}
+
+impl CustomOp2 for BlasProduct {
+    fn name(&self) -> &'static str {
+        "blas-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (r1, c1) = l1.shape().dims2()?;
+        let (k, n) = l2.shape().dims2()?;
+        let (m, k1) = if self.a_t { (c1, r1) } else { (r1, c1) };
+        let (Some(a), Some(b), Some(blas)) =
+            (f32_slice(s1, l1), f32_slice(s2, l2), super::blas::get())
+        else {
+            candle_core::bail!("blas-product: contiguous f32 operands and a BLAS expected")
+        };
+        if k != k1 {
+            candle_core::bail!("blas-product: shapes {:?} {:?}", l1.dims(), l2.dims())
+        }
+        let c = blas.matmul(a, self.a_t, b, m, k, n);
+        Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
 }
 

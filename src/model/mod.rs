@@ -1,6 +1,7 @@
 //! Model loading: CLIP checkpoints in the Hugging Face layout, from a folder or the hub.
 
 pub mod attention_cpu;
+pub mod blas;
 pub mod clip;
 pub mod config;
 pub mod cuda;
