@@ -5,7 +5,7 @@
 #     scripts/fetch_mkl.sh DIR [VERSION]
 #
 # Only the libraries `cblas_sgemm` needs are kept (the runtime dispatcher, the LP64 interface,
-# the core, the sequential layer and the per-CPU kernels): about 420 MB. A missing one is a
+# the core, the sequential layer and the per-CPU kernels): about 440 MB. A missing one is a
 # fatal error inside MKL, which ends the process.
 set -euo pipefail
 dir=${1:?usage: scripts/fetch_mkl.sh DIR [VERSION]}

@@ -464,7 +464,11 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
             "no SIMD (build with `nasm` installed for about twice the decoding speed)"
         }
     )?;
-    if clip.device.is_cpu() && !clip.precision.bf16_matmul {
+    // (The external BLAS multiplies f32 only; `--dtype bf16` on the CPU is f32 in between.)
+    if clip.device.is_cpu()
+        && clip.precision.dtype == candle_core::DType::F32
+        && !clip.precision.bf16_matmul
+    {
         writeln!(
             out,
             "cpu gemm     {}",

@@ -23,8 +23,11 @@ static GATE: Mutex<()> = Mutex::new(());
 static REMOVE: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// A file an interrupt removes (a lock file).
 static REMOVE_FILE: Mutex<Option<PathBuf>> = Mutex::new(None);
-/// What an interrupt says before the exit (how to continue).
-static HINT: Mutex<Option<&'static str>> = Mutex::new(None);
+/// What an interrupt says before the exit (how to continue), and the file that must exist for
+/// it to hold.
+static HINT: Mutex<Option<(&'static str, PathBuf)>> = Mutex::new(None);
+/// Folders this run made, removed by an interrupt while empty (deepest first).
+static MADE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 thread_local! {
     /// How many [`Writing`]s this thread holds: nested writes (a generator that writes through
@@ -80,8 +83,11 @@ fn on_signal(status: i32) -> ! {
     if let Some(file) = REMOVE_FILE.lock().unwrap_or_else(|e| e.into_inner()).take() {
         let _ = std::fs::remove_file(file);
     }
-    if let Some(hint) = *HINT.lock().unwrap_or_else(|e| e.into_inner()) {
-        crate::say!("{hint}");
+    crate::io::remove_empty_folders(&MADE.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some((hint, needs)) = &*HINT.lock().unwrap_or_else(|e| e.into_inner()) {
+        if needs.exists() {
+            crate::say!("{hint}");
+        }
     }
     std::process::exit(status);
 }
@@ -165,9 +171,18 @@ pub fn remove_on_interrupt_file(file: Option<&Path>) {
     install();
 }
 
-/// On Ctrl-C or SIGTERM, says `hint` (how to continue) before exiting.
-pub fn say_on_interrupt(hint: &'static str) {
-    *HINT.lock().unwrap_or_else(|e| e.into_inner()) = Some(hint);
+/// On Ctrl-C or SIGTERM, says `hint` (how to continue) before exiting, if file `needs` exists
+/// by then (a resume state: an interrupt before the first one is written has nothing to
+/// continue from).
+pub fn say_on_interrupt(hint: &'static str, needs: &Path) {
+    *HINT.lock().unwrap_or_else(|e| e.into_inner()) = Some((hint, needs.to_path_buf()));
+    install();
+}
+
+/// On Ctrl-C or SIGTERM, removes the folders `made` (those this run created, as
+/// [`crate::io::missing_folders`] lists them) where they are still empty, after any lock file.
+pub fn remove_empty_on_interrupt(made: &[PathBuf]) {
+    *MADE.lock().unwrap_or_else(|e| e.into_inner()) = made.to_vec();
     install();
 }
 

@@ -50,28 +50,18 @@ fn interrupt_demo(
     signal: i32,
     args: &[&std::ffi::OsStr],
     env: Option<(&str, &std::path::Path)>,
-    first_line: impl FnOnce(&str),
+    first_line: impl Fn(&str),
 ) -> std::process::ExitStatus {
-    use std::io::BufRead;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"));
     cmd.arg("demo").args(args);
     if let Some((k, v)) = env {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    first_line(&line);
-    // SAFETY: a plain kill(2) of our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
-    let status = child.wait().unwrap();
-    drop(err);
-    status
+    let until = |line: &str| {
+        first_line(line);
+        true
+    };
+    common::signal_on_line(cmd, until, signal).0
 }
 
 /// A signal that the parent ignores stays ignored (`nohup clipft ...`, a shell's background
@@ -79,7 +69,6 @@ fn interrupt_demo(
 #[cfg(target_os = "linux")]
 #[test]
 fn signals_the_parent_ignores_stay_ignored() {
-    use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     let tmp = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"));
@@ -91,20 +80,11 @@ fn signals_the_parent_ignores_stay_ignored() {
             Ok(())
         });
     }
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.contains("generating"), "{line}");
-    // SAFETY: a plain kill(2) of our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
-    // (Drain stderr so that the demo never blocks on a full pipe.)
-    let rest = std::io::read_to_string(&mut err).unwrap();
-    let status = child.wait().unwrap();
+    let first = |line: &str| {
+        assert!(line.contains("generating"), "{line}");
+        true
+    };
+    let (status, _, rest) = common::signal_on_line(cmd, first, libc::SIGHUP);
     assert!(status.success(), "{status:?}: {rest}");
 }
 

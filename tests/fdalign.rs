@@ -594,3 +594,33 @@ fn a_mixed_precision_run_trains_f32_weights_and_resumes_to_the_same_result() {
         assert!(d < 1e-6, "{n}: {d}");
     }
 }
+
+/// An interrupt before the first epoch's state is written says no `--resume` hint (there is
+/// nothing to resume) and takes back the `--out` folders the run made; once a state exists it
+/// says the hint and keeps the folder.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_interrupt_before_any_state_leaves_no_folder_and_no_resume_hint() {
+    let ws = Workspace::new();
+    let out = ws.path().join("a/fd");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"));
+    cmd.args(["--threads", "1", "fdalign", "train", "--model"])
+        .arg(ws.model())
+        .arg("--data")
+        .arg(ws.data())
+        .args(["--shots", "4", "--epochs", "50", "--spurious-keep", "6"])
+        .args(["--spurious-clusters", "3", "--out"])
+        .arg(&out);
+    let at_start = |line: &str| line.starts_with("FD-Align:");
+    let (status, _, rest) = common::signal_on_line(cmd, at_start, libc::SIGTERM);
+    assert_eq!(status.code(), Some(143), "{rest}");
+    let hinted = rest.contains("--resume continues");
+    if out.join(fdalign_train::STATE_FILE).exists() {
+        // (The first epoch finished before the signal came.)
+        assert!(hinted, "{rest}");
+        assert!(!out.join(".clipft-lock").exists());
+    } else {
+        assert!(!hinted, "{rest}");
+        assert!(!ws.path().join("a").exists(), "{rest}");
+    }
+}

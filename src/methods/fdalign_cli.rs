@@ -127,9 +127,14 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     );
     // A run that fails before it wrote anything takes back the folders of --out it made,
     // deepest first, while they are empty (one holding a resume state stays, for --resume).
+    // An interrupt from here on takes back the folders made, while empty.
+    crate::interrupt::remove_empty_on_interrupt(&made);
     let lock = match lock {
         Some(lock) => lock,
         None => {
+            // Under the interrupt gate: an interrupt waits until the folder and its lock both
+            // exist, then removes both.
+            let _writing = crate::interrupt::writing();
             crate::io::create_folder(&a.out)?;
             OutLock::take(&a.out)?
         }
@@ -141,6 +146,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     };
     crate::interrupt::say_on_interrupt(
         "interrupted: the same command with --resume continues from the last finished epoch",
+        &a.out.join(fdalign_train::STATE_FILE),
     );
     let (best, outcome) = fdalign_train::train(
         &clip,
@@ -211,6 +217,9 @@ const LOCK_FILE: &str = ".clipft-lock";
 
 impl OutLock {
     fn take(out: &Path) -> Result<Self> {
+        // (Under the interrupt gate: an interrupt waits until the lock is made and registered
+        // for removal.)
+        let _writing = crate::interrupt::writing();
         let path = out.join(LOCK_FILE);
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -74,6 +74,13 @@ impl Blas {
     /// Loads `path` and checks `cblas_sgemm` on a small product before it is trusted.
     pub fn load(path: PathBuf) -> anyhow::Result<Self> {
         use anyhow::Context;
+        // A path is loaded only if it is a file: opening a named pipe would wait forever (for a
+        // writer), with signals caught. A bare name is looked up in the system's library
+        // folders, as the dynamic loader does.
+        if path.components().count() > 1 || path.is_absolute() {
+            let meta = std::fs::metadata(&path).context("cannot load it")?;
+            anyhow::ensure!(meta.is_file(), "cannot load it: not a file");
+        }
         // SAFETY: loading a shared library runs its initialisers; the user named it as a BLAS.
         let lib = unsafe { libloading::Library::new(&path) }.context("cannot load it")?;
         // SAFETY: the CBLAS signature of `cblas_sgemm`, which every CBLAS exports.
@@ -106,18 +113,65 @@ impl Blas {
         &self.path
     }
 
-    /// A product whose every entry is exact in f32, against the plain loop (an ILP64 library,
-    /// whose integers are 64-bit, reads garbage here).
+    /// Products whose every entry is exact in f32, against the plain loops: a small one
+    /// straight through `cblas_sgemm` into a buffer with guard space on both sides (a library
+    /// that ignores the row-major layout or the leading dimensions writes outside the output),
+    /// then an odd-sized one through [`Blas::dense`]'s blocks. An ILP64 library, whose integers
+    /// are 64-bit, fails here too.
     fn check(&self) -> anyhow::Result<()> {
+        const GUARD: usize = 4096;
+        let value = |i: usize, m: usize| (i % m) as f32 - (m / 2) as f32;
+        let want = |a: &[f32], w: &[f32], k: usize, i: usize, j: usize| {
+            1.0 + (0..k).map(|t| a[i * k + t] * w[j * k + t]).sum::<f32>()
+        };
         let (m, n, k) = (5, 7, 3);
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 - 2.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 3) as f32 - 1.0).collect();
+        let a: Vec<f32> = (0..m * k).map(|i| value(i, 5)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| value(i, 3)).collect();
+        let mut c = vec![1f32; GUARD + m * n + GUARD];
+        // SAFETY: the operands are as declared; a wrong library may write anywhere in `c`,
+        // whose guard space is 4,096 floats on each side of the output.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                NO_TRANS,
+                TRANS,
+                dim(m),
+                dim(n),
+                dim(k),
+                1.0,
+                a.as_ptr(),
+                dim(k),
+                w.as_ptr(),
+                dim(k),
+                1.0,
+                c.as_mut_ptr().add(GUARD),
+                dim(n),
+            )
+        };
+        let (before, rest) = c.split_at(GUARD);
+        let (out, after) = rest.split_at(m * n);
+        anyhow::ensure!(
+            before.iter().chain(after).all(|&v| v == 1.0),
+            "it wrote outside the output"
+        );
+        for i in 0..m {
+            for j in 0..n {
+                anyhow::ensure!(out[i * n + j] == want(&a, &w, k, i, j), "entry ({i}, {j})");
+            }
+        }
+        // Odd sizes past one block of any thread split; sums of 131 products of integers of at
+        // most 3 and 2 in size stay exact.
+        let (m, n, k) = (37, 150, 131);
+        let a: Vec<f32> = (0..m * k).map(|i| value(i * 31 + i / 7, 7)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| value(i * 17 + i / 5, 5)).collect();
         let mut c = vec![1f32; m * n];
         self.dense(&a, m, k, &w, n, &mut c);
         for i in 0..m {
             for j in 0..n {
-                let want = 1.0 + (0..k).map(|t| a[i * k + t] * w[j * k + t]).sum::<f32>();
-                anyhow::ensure!(c[i * n + j] == want, "entry ({i}, {j})");
+                anyhow::ensure!(
+                    c[i * n + j] == want(&a, &w, k, i, j),
+                    "entry ({i}, {j}) of {m}×{n}"
+                );
             }
         }
         Ok(())
@@ -254,6 +308,17 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{e:#}").contains("cannot load it"), "{e:#}");
+        // A named pipe is refused, not opened (opening one waits for a writer, forever).
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("libblas.so");
+        if std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            let e = Blas::load(fifo).err().unwrap();
+            assert!(format!("{e:#}").contains("not a file"), "{e:#}");
+        }
         // libc is a shared library without `cblas_sgemm`.
         if let Some(libc) = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib64/libc.so.6"]
             .iter()

@@ -96,3 +96,33 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Starts `cmd` with stderr piped, reads stderr until a line satisfies `until` (which may
+/// assert on it), sends `signal`, and returns the exit status, that line and the rest of stderr.
+#[cfg(target_os = "linux")]
+pub fn signal_on_line(
+    mut cmd: std::process::Command,
+    until: impl Fn(&str) -> bool,
+    signal: i32,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "stderr ended");
+        if until(&line) {
+            break;
+        }
+    }
+    // SAFETY: a plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    // (Drained, so that the child never blocks on a full pipe.)
+    let rest = std::io::read_to_string(&mut err).unwrap();
+    (child.wait().unwrap(), line, rest)
+}
