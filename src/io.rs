@@ -126,18 +126,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
     if let Some(old) = std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()) {
         let mut keep = old.permissions();
-        // (Access bits only: a setuid bit is not for a new file's contents, as with `cp`.)
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::fs::{fchown, MetadataExt, PermissionsExt};
+            // (Access bits only: a setuid bit is not for a new file's contents, as with `cp`.)
             let mode = keep.mode() & 0o777;
             keep.set_mode(mode);
-        }
-        // The owner and group too, where this user may give them (root; a group it is in), as
-        // an editor's save keeps them. Before the mode: a change of owner may clear mode bits.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::{fchown, MetadataExt};
+            // The owner and group too, where this user may give them (root; a group it is
+            // in), as an editor's save keeps them. Before the mode: a change of owner may
+            // clear mode bits.
             let file = tmp.as_file();
             if fchown(file, Some(old.uid()), Some(old.gid())).is_err() {
                 let _ = fchown(file, None, Some(old.gid()));

@@ -125,9 +125,9 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         ),
         quiet,
     );
-    // A run that fails before it wrote anything takes back the folders of --out it made,
-    // deepest first, while they are empty (one holding a resume state stays, for --resume).
-    // An interrupt from here on takes back the folders made, while empty.
+    // A run that fails or is interrupted before it wrote anything takes back the folders of
+    // --out it made, deepest first, while they are empty (one holding a resume state stays,
+    // for --resume).
     crate::interrupt::remove_empty_on_interrupt(&made);
     let lock = match lock {
         Some(lock) => lock,

@@ -41,7 +41,7 @@ const TRANS: c_int = 112;
 
 /// A loaded BLAS.
 pub struct Blas {
-    sgemm: Sgemm,
+    cblas_sgemm: Sgemm,
     path: PathBuf,
     // Kept loaded for the process's life (`sgemm` points into it).
     _lib: libloading::Library,
@@ -84,7 +84,7 @@ impl Blas {
         // SAFETY: loading a shared library runs its initialisers; the user named it as a BLAS.
         let lib = unsafe { libloading::Library::new(&path) }.context("cannot load it")?;
         // SAFETY: the CBLAS signature of `cblas_sgemm`, which every CBLAS exports.
-        let sgemm = *unsafe { lib.get::<Sgemm>(b"cblas_sgemm\0") }
+        let cblas_sgemm = *unsafe { lib.get::<Sgemm>(b"cblas_sgemm\0") }
             .context("it has no `cblas_sgemm` (not a CBLAS library)")?;
         // One thread per call: clipft runs the calls on its own threads.
         // SAFETY: these MKL / OpenBLAS calls take and return plain integers.
@@ -100,7 +100,7 @@ impl Blas {
             }
         }
         let blas = Self {
-            sgemm,
+            cblas_sgemm,
             path,
             _lib: lib,
         };
@@ -131,21 +131,13 @@ impl Blas {
         // SAFETY: the operands are as declared; a wrong library may write anywhere in `c`,
         // whose guard space is 4,096 floats on each side of the output.
         unsafe {
-            (self.sgemm)(
-                ROW_MAJOR,
-                NO_TRANS,
-                TRANS,
-                dim(m),
-                dim(n),
-                dim(k),
-                1.0,
-                a.as_ptr(),
-                dim(k),
-                w.as_ptr(),
-                dim(k),
+            self.sgemm(
+                (m, n, k),
+                Operand::rows(a.as_ptr(), k),
+                Operand::transposed(w.as_ptr(), k),
                 1.0,
                 c.as_mut_ptr().add(GUARD),
-                dim(n),
+                n,
             )
         };
         let (before, rest) = c.split_at(GUARD);
@@ -182,22 +174,14 @@ impl Blas {
     pub fn dense(&self, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32]) {
         assert!(x.len() == m * k && w.len() == n * k && c.len() == m * n);
         // SAFETY: each block's operands lie in `x`, `w` and its columns of `c`.
-        self.blocks(m, n, c, |rows, cols, c| unsafe {
-            (self.sgemm)(
-                ROW_MAJOR,
-                NO_TRANS,
-                TRANS,
-                dim(rows.len()),
-                dim(cols.len()),
-                dim(k),
-                1.0,
-                x.as_ptr().add(rows.start * k),
-                dim(k.max(1)),
-                w.as_ptr().add(cols.start * k),
-                dim(k.max(1)),
+        blocks(m, n, c, |rows, cols, c| unsafe {
+            self.sgemm(
+                (rows.len(), cols.len(), k),
+                Operand::rows(x.as_ptr().add(rows.start * k), k),
+                Operand::transposed(w.as_ptr().add(cols.start * k), k),
                 1.0,
                 c,
-                dim(n.max(1)),
+                n,
             )
         });
     }
@@ -216,65 +200,111 @@ impl Blas {
         assert!(a.len() == m * k && b.len() == k * n);
         let mut c = vec![0f32; m * n];
         // SAFETY: each block's operands lie in `a`, `b` and its columns of `c`.
-        self.blocks(m, n, &mut c, |rows, cols, c| unsafe {
-            let (a_at, lda, trans) = if a_t {
-                (rows.start, m, TRANS)
+        blocks(m, n, &mut c, |rows, cols, c| unsafe {
+            let a = if a_t {
+                Operand::transposed(a.as_ptr().add(rows.start), m)
             } else {
-                (rows.start * k, k, NO_TRANS)
+                Operand::rows(a.as_ptr().add(rows.start * k), k)
             };
-            (self.sgemm)(
-                ROW_MAJOR,
-                trans,
-                NO_TRANS,
-                dim(rows.len()),
-                dim(cols.len()),
-                dim(k),
-                1.0,
-                a.as_ptr().add(a_at),
-                dim(lda.max(1)),
-                b.as_ptr().add(cols.start),
-                dim(n.max(1)),
-                0.0,
-                c,
-                dim(n.max(1)),
-            )
+            let b = Operand::rows(b.as_ptr().add(cols.start), n);
+            self.sgemm((rows.len(), cols.len(), k), a, b, 0.0, c, n)
         });
         c
     }
 
-    /// Runs `f(rows, cols, c_block)` over blocks of the `[m, n]` output `c` on the rayon
-    /// threads: column blocks (each thread multiplies its own part of the weights), or row
-    /// blocks when there are too few columns to share.
-    fn blocks(
+    /// `c = a·b + beta·c` for an `[m, n]` block at `c` (rows `ldc` apart), `a` `[m, k]` and `b`
+    /// `[k, n]` as their operands describe them: the one call into the library.
+    ///
+    /// # Safety
+    /// The operands and `c` hold every element these sizes and strides reach.
+    unsafe fn sgemm(
         &self,
-        m: usize,
-        n: usize,
-        c: &mut [f32],
-        f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, *mut f32) + Sync,
+        (m, n, k): (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
     ) {
-        if m == 0 || n == 0 {
-            return;
-        }
-        let threads = rayon::current_num_threads();
-        let out = Out(c.as_mut_ptr());
-        // Column blocks of a multiple of 64 (whole cache lines and micro-panels).
-        let by_cols = n.div_ceil(64) >= threads;
-        let parts = if by_cols {
-            threads.min(n.div_ceil(64))
-        } else {
-            threads.min(m)
-        };
-        (0..parts).into_par_iter().for_each(|p| {
-            if by_cols {
-                let units = n.div_ceil(64);
-                let cols = (units * p / parts * 64).min(n)..(units * (p + 1) / parts * 64).min(n);
-                f(0..m, cols.clone(), out.at(cols.start));
-            } else {
-                let rows = m * p / parts..m * (p + 1) / parts;
-                f(rows.clone(), 0..n, out.at(rows.start * n));
-            }
-        });
+        (self.cblas_sgemm)(
+            ROW_MAJOR,
+            a.trans,
+            b.trans,
+            dim(m),
+            dim(n),
+            dim(k),
+            1.0,
+            a.at,
+            dim(a.ld.max(1)),
+            b.at,
+            dim(b.ld.max(1)),
+            beta,
+            c,
+            dim(ldc.max(1)),
+        )
     }
+}
+
+/// A row-major operand of `cblas_sgemm`: its first element, its row stride, and whether the
+/// product reads it transposed.
+#[derive(Clone, Copy)]
+struct Operand {
+    at: *const f32,
+    ld: usize,
+    trans: c_int,
+}
+
+impl Operand {
+    /// The matrix as stored, rows `ld` apart.
+    fn rows(at: *const f32, ld: usize) -> Self {
+        Self {
+            at,
+            ld,
+            trans: NO_TRANS,
+        }
+    }
+
+    /// The transpose of the matrix stored with rows `ld` apart.
+    fn transposed(at: *const f32, ld: usize) -> Self {
+        Self {
+            at,
+            ld,
+            trans: TRANS,
+        }
+    }
+}
+
+/// Runs `f(rows, cols, c_block)` over blocks of the `[m, n]` output `c` on the rayon
+/// threads: column blocks (each thread multiplies its own part of the weights), or row
+/// blocks when there are too few columns to share.
+fn blocks(
+    m: usize,
+    n: usize,
+    c: &mut [f32],
+    f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, *mut f32) + Sync,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let out = Out(c.as_mut_ptr());
+    // Column blocks of a multiple of 64 (whole cache lines and micro-panels).
+    let by_cols = n.div_ceil(64) >= threads;
+    let parts = if by_cols {
+        threads.min(n.div_ceil(64))
+    } else {
+        threads.min(m)
+    };
+    (0..parts).into_par_iter().for_each(|p| {
+        if by_cols {
+            let units = n.div_ceil(64);
+            let cols = (units * p / parts * 64).min(n)..(units * (p + 1) / parts * 64).min(n);
+            f(0..m, cols.clone(), out.at(cols.start));
+        } else {
+            let rows = m * p / parts..m * (p + 1) / parts;
+            f(rows.clone(), 0..n, out.at(rows.start * n));
+        }
+    });
 }
 
 /// The output, shared by threads that write disjoint blocks of it.
