@@ -711,6 +711,42 @@ fn an_unusable_blas_library_is_named_and_skipped() {
     );
 }
 
+/// OpenBLAS made to run its SSE3 kernels (`OPENBLAS_CORETYPE=Prescott`, what an OpenBLAS older
+/// than the CPU picks) on an AVX2 CPU is refused, naming the kernels and the way out; with its
+/// AVX2 kernels it is used. Skipped where the system has no OpenBLAS or the CPU no AVX2.
+#[test]
+fn openblas_on_kernels_older_than_the_cpu_is_refused() {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    let lib = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0";
+    if !avx2 || !Path::new(lib).exists() {
+        eprintln!("skipped: no {lib} or no AVX2");
+        return;
+    }
+    let ws = Workspace::new();
+    let run = |core: &str| {
+        let out = ws
+            .cmd("info")
+            .env("CLIPFT_BLAS", lib)
+            .env("OPENBLAS_CORETYPE", core)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        (stdout(&out), stderr(&out))
+    };
+    let (out, err) = run("Prescott");
+    assert!(
+        err.contains("`Prescott` kernels") && err.contains("OPENBLAS_CORETYPE"),
+        "{err}"
+    );
+    assert!(out.contains("cpu gemm     built-in (gemm crate)"), "{out}");
+    let (out, err) = run("Haswell");
+    assert!(!err.contains("warning"), "{err}");
+    assert!(out.contains(&format!("cpu gemm     {lib}")), "{out}");
+}
+
 #[test]
 fn device_and_dtype_problems_are_reported_plainly() {
     let ws = Workspace::new();

@@ -99,6 +99,24 @@ impl Blas {
                 set(1);
             }
         }
+        // SAFETY: OpenBLAS's `openblas_get_corename` returns a static C string.
+        let core = unsafe {
+            lib.get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(b"openblas_get_corename\0")
+                .ok()
+                .map(|f| f())
+                .filter(|p| !p.is_null())
+                .map(|p| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+        };
+        if let Some(core) = core {
+            let avx2 = cpu_has_avx2_fma();
+            anyhow::ensure!(
+                !pre_avx2_openblas_core(&core, avx2),
+                "OpenBLAS runs its `{core}` kernels on this CPU (an OpenBLAS older than the CPU \
+                 model falls back to pre-AVX2 code, about 4× slower than the built-in GEMM); \
+                 set OPENBLAS_CORETYPE to the CPU's family (SkylakeX for AVX-512, Haswell for \
+                 AVX2) to choose its kernels"
+            );
+        }
         let blas = Self {
             cblas_sgemm,
             path,
@@ -245,6 +263,35 @@ impl Blas {
     }
 }
 
+/// Whether the CPU runs AVX2 and FMA, the least the built-in GEMM's fast kernels need.
+fn cpu_has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether OpenBLAS's kernels `core` (its `openblas_get_corename`) predate AVX2 on a CPU that has
+/// it. OpenBLAS picks its kernels by CPU model, and a release older than the CPU falls back to
+/// SSE3 ones (`Prescott`): Debian 12's 0.3.21 does so on current Xeons, at 30 GFLOP/s a core
+/// where its `SkylakeX` kernels reach 130–150 and the built-in GEMM 110–140.
+fn pre_avx2_openblas_core(core: &str, cpu_avx2: bool) -> bool {
+    // OpenBLAS's x86-64 kernel sets that use AVX2 and FMA.
+    const AVX2: [&str; 6] = [
+        "haswell",
+        "zen",
+        "skylakex",
+        "cooperlake",
+        "sapphirerapids",
+        "excavator",
+    ];
+    cpu_avx2 && !AVX2.contains(&core.trim().to_ascii_lowercase().as_str())
+}
+
 /// A row-major operand of `cblas_sgemm`: its first element, its row stride, and whether the
 /// product reads it transposed.
 #[derive(Clone, Copy)]
@@ -356,6 +403,33 @@ mod tests {
         {
             let e = Blas::load(PathBuf::from(libc)).err().unwrap();
             assert!(format!("{e:#}").contains("no `cblas_sgemm`"), "{e:#}");
+        }
+    }
+
+    /// OpenBLAS's SSE-era kernels on an AVX2 CPU are refused; its AVX2 and AVX-512 ones, and
+    /// any kernels on a CPU without AVX2, are used.
+    #[test]
+    fn openblas_kernels_older_than_the_cpu_are_refused() {
+        for core in [
+            "Prescott",
+            "Core2",
+            "Nehalem",
+            "Sandybridge",
+            "Katmai",
+            "Barcelona",
+        ] {
+            assert!(pre_avx2_openblas_core(core, true), "{core}");
+            assert!(!pre_avx2_openblas_core(core, false), "{core}");
+        }
+        for core in [
+            "Haswell",
+            "SkylakeX",
+            "Cooperlake",
+            "SapphireRapids",
+            "Zen",
+            "EXCAVATOR",
+        ] {
+            assert!(!pre_avx2_openblas_core(core, true), "{core}");
         }
     }
 
