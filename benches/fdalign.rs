@@ -7,6 +7,8 @@
 //! `CLIPFT_BENCH_MODEL` selects a checkpoint folder (default: a random ViT-B/32 in a temp dir),
 //! `CLIPFT_BENCH_BATCH` the batch (32), `CLIPFT_BENCH_STEPS` the timed steps (3),
 //! `CLIPFT_BENCH_DEVICE` the device (cpu; `cuda`: timed after a synchronise),
+//! `CLIPFT_BENCH_UNFUSED=1` trains the encoder layers through candle's graph of their ops
+//! instead of as single nodes (the CPU's f32 default; `src/model/fused_layer.rs`),
 //! `CLIPFT_BENCH_DTYPE` the compute dtype (f32; `bf16`/`f16`: mixed precision as `clipft fdalign
 //! train --dtype` runs it: f32 weights cast once per step, f16 with loss scaling).
 //! `scripts/bench_fdalign_vs_pytorch.py` runs the same step in PyTorch next to it.
@@ -63,7 +65,10 @@ fn main() {
         .unwrap();
     let clip = Clip::load(&spec).unwrap();
     let dev: Device = clip.device.clone();
-    let tv = TrainableVision::from_files(&clip.files, clip.config(), &dev, DType::F32).unwrap();
+    let mut tv = TrainableVision::from_files(&clip.files, clip.config(), &dev, DType::F32).unwrap();
+    if std::env::var("CLIPFT_BENCH_UNFUSED").is_ok_and(|v| v == "1") {
+        tv = tv.without_fused_layers();
+    }
     let d = clip.config().projection_dim;
     let classes = 100;
     let s = clip.config().vision_config.image_size;
@@ -124,7 +129,7 @@ fn main() {
         )
         .unwrap();
         lap(&mut phases[1]);
-        let mut grads = (total * scaler.scale).unwrap().backward().unwrap();
+        let mut grads = tv.backward(&(total * scaler.scale).unwrap()).unwrap();
         lap(&mut phases[2]);
         if scaler.unscale(&mut grads, opt.vars()).unwrap() {
             opt.step(&grads).unwrap();

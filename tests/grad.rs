@@ -119,7 +119,7 @@ fn fused_f32_gradients_equal_the_f64_ones() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let g = loss(&tv, &pixels(dtype), &r).backward().unwrap();
+        let g = tv.backward(&loss(&tv, &pixels(dtype), &r)).unwrap();
         tv.vars()
             .into_iter()
             .map(|(name, v)| {
@@ -140,6 +140,65 @@ fn fused_f32_gradients_equal_the_f64_ones() {
             "`{name}`: f32 and f64 gradients differ by {diff} (scale {scale})"
         );
     }
+}
+
+/// On the CPU in f32 the encoder layers train as single autograd nodes
+/// (`src/model/fused_layer.rs`): the features and every gradient equal those of the same layers
+/// trained through candle's graph of their ops, and the layers' gradients come from the fused
+/// nodes (`loss.backward()` alone does not see them).
+#[test]
+fn fused_layers_train_as_the_graph_of_their_ops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = synth::tiny_config();
+    config.vision_config.num_hidden_layers = 3;
+    synth::write_checkpoint(tmp.path(), &config, 5).unwrap();
+    let files = hub::resolve(&tmp.path().display().to_string(), None, false).unwrap();
+    let r = Tensor::from_vec(
+        (0..2 * config.projection_dim)
+            .map(|i| ((i * 7 % 11) as f32) - 5.0)
+            .collect::<Vec<_>>(),
+        (2, config.projection_dim),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = pixels(DType::F32);
+    let tv = || TrainableVision::from_files(&files, &config, &Device::Cpu, DType::F32).unwrap();
+    let (fused, graph) = (tv(), tv().without_fused_layers());
+    let diff = common::max_abs_diff(
+        &fused.tower.forward(&x).unwrap(),
+        &graph.tower.forward(&x).unwrap(),
+    );
+    assert!(diff < 1e-5, "features differ by {diff}");
+    let ga = fused.backward(&loss(&fused, &x, &r)).unwrap();
+    let gb = graph.backward(&loss(&graph, &x, &r)).unwrap();
+    let partial = loss(&fused, &x, &r).backward().unwrap();
+    let vars = fused.vars().into_iter().zip(graph.vars());
+    let mut from_fused_nodes = 0;
+    for ((name, a), (_, b)) in vars {
+        let (a, b) = (ga.get(a.as_tensor()), gb.get(b.as_tensor()));
+        let (a, b) = (flat(a.unwrap()), flat(b.unwrap()));
+        // The key bias's true gradient is zero (see above): f32 rounding alone is left there.
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-2);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-4 * scale, "`{name}`: {diff} (scale {scale})");
+        let in_fused_layer = name.contains("encoder.layers.0.") || name.contains("layers.1.");
+        if in_fused_layer {
+            from_fused_nodes += 1;
+            let var = fused
+                .vars()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1;
+            assert!(partial.get(var.as_tensor()).is_none(), "`{name}`");
+        }
+    }
+    // Two of the three layers (the last one pools a single token through the graph), 16
+    // parameters each.
+    assert_eq!(from_fused_nodes, 32);
 }
 
 #[test]
@@ -222,7 +281,7 @@ fn fdalign_steps_lower_the_loss_and_the_kl_starts_at_zero() {
             assert!(kl0.abs() < 1e-6, "KL at step 0 is {kl0}");
         }
         totals.push(total.to_scalar::<f32>().unwrap());
-        opt.step(&total.backward().unwrap()).unwrap();
+        opt.step(&tv.backward(&total).unwrap()).unwrap();
     }
     eprintln!("FD-Align loss per step: {totals:?}");
     assert!(
@@ -282,7 +341,7 @@ fn mixed_precision_computes_in_16_bits_and_updates_the_f32_weights() {
         assert_eq!(f.dtype(), compute);
         let f = f.to_dtype(DType::F32).unwrap();
         let loss = (l2_normalize(&f).unwrap() * &r).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = tv.backward(&loss).unwrap();
         let vars = tv.vars();
         let g: Vec<Vec<f64>> = vars
             .iter()

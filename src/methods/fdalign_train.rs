@@ -333,7 +333,7 @@ pub fn train(
             }
             loss_sum += value * part.len() as f64 / step_len as f64;
             let weight = part.len() as f64 / step_len as f64;
-            let g = (total * (weight * state.scaler.scale))?.backward()?;
+            let g = tv.backward(&(total * (weight * state.scaler.scale))?)?;
             grads = Some(match grads.take() {
                 None => g,
                 Some(mut acc) => {

@@ -126,6 +126,18 @@ impl CustomOp1 for Attention {
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        self.grad(qkv, g).map(Some)
+    }
+}
+
+/// The gradient `[B, T, 3H]` of [`attention`]'s `qkv` (f32 on the CPU, no mask) given its
+/// output's `g` `[B, T, H]`, the scores recomputed.
+pub(crate) fn attention_grad(qkv: &Tensor, heads: usize, g: &Tensor) -> Result<Tensor> {
+    Attention { heads, mask: None }.grad(qkv, g)
+}
+
+impl Attention {
+    fn grad(&self, qkv: &Tensor, g: &Tensor) -> Result<Tensor> {
         let g = g.contiguous()?;
         let (gs, gl) = g.storage_and_layout();
         let candle_core::Storage::Cpu(CpuStorage::F32(gv)) = &*gs else {
@@ -136,9 +148,9 @@ impl CustomOp1 for Attention {
         };
         let gv = gv[start..end].to_vec();
         drop(gs);
-        Ok(Some(
-            qkv.detach().apply_op1_no_bwd(&Grad { op: self, g: gv })?,
-        ))
+        qkv.detach()
+            .contiguous()?
+            .apply_op1_no_bwd(&Grad { op: self, g: gv })
     }
 }
 

@@ -6,10 +6,13 @@
 //! (candle's fused layer-norm and softmax kernels have no backward pass, so [`LayerNorm`] and
 //! [`softmax`] switch to composed ops whenever the graph is being tracked).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
+use super::fused_layer::GradSink;
 use super::gemm_bf16::{PackedView, PackedWeight};
 
 /// How the model's graph is built; the function it computes is the same either way.
@@ -621,6 +624,9 @@ struct EncoderLayer {
     /// `fc1` and `fc2` hold QuickGELU's constant; the activation is SiLU
     /// ([`BuildOptions::fold_quick_gelu`]).
     silu_folded: bool,
+    /// Where the layer, trained on the CPU in f32, runs as one autograd node
+    /// ([`super::fused_layer`]) and sends its parameters' gradients.
+    grad_sink: Option<Arc<GradSink>>,
 }
 
 impl EncoderLayer {
@@ -655,6 +661,7 @@ impl EncoderLayer {
             layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), hidden, eps)?,
             act,
             silu_folded,
+            grad_sink: None,
         })
     }
 
@@ -666,6 +673,9 @@ impl EncoderLayer {
         mask: Option<&Tensor>,
         seqs: Option<&CudaSeqs>,
     ) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(xs, rows, mask) {
+            return y;
+        }
         let xs = match self.qkv_bf16(xs) {
             Some(qkv) => self.self_attn.forward_qkv(&qkv?, rows, mask, seqs, xs)?,
             None => {
@@ -674,6 +684,52 @@ impl EncoderLayer {
             }
         };
         self.mlp_block(&xs)
+    }
+
+    /// The layer as one autograd node ([`super::fused_layer`]) when it is being trained (a
+    /// gradient sink is set and `xs` is tracked) on the CPU in f32 with QuickGELU, whole
+    /// sequences and no mask (the vision tower); `None` otherwise.
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        rows: &Rows,
+        mask: Option<&Tensor>,
+    ) -> Option<Result<Tensor>> {
+        let sink = self.grad_sink.as_ref()?;
+        let Qkv::Separate { q, k, v, scale } = &self.self_attn.qkv else {
+            return None;
+        };
+        let dense = |l: &Linear| Some((l.weight.clone(), l.bias.clone()?));
+        let norm = |l: &LayerNorm| (l.weight.clone(), l.bias.clone());
+        let w = super::fused_layer::LayerWeights {
+            ln1: norm(&self.layer_norm1),
+            eps1: self.layer_norm1.eps,
+            q: dense(q)?,
+            k: dense(k)?,
+            v: dense(v)?,
+            scale: *scale,
+            out: dense(&self.self_attn.out_proj)?,
+            ln2: norm(&self.layer_norm2),
+            eps2: self.layer_norm2.eps,
+            fc1: dense(&self.fc1)?,
+            fc2: dense(&self.fc2)?,
+            heads: self.self_attn.num_heads,
+        };
+        let params = [&w.ln1, &w.q, &w.k, &w.v, &w.out, &w.ln2, &w.fc1, &w.fc2];
+        let applies = mask.is_none()
+            && matches!(rows, Rows::Grid { .. })
+            && self.act == Activation::QuickGelu
+            && !self.silu_folded
+            && xs.track_op()
+            && super::vmath::isa().is_some()
+            && super::kernels::cpu_f32(
+                &params
+                    .iter()
+                    .flat_map(|(a, b)| [a, b])
+                    .chain([xs])
+                    .collect::<Vec<_>>(),
+            );
+        applies.then(|| super::fused_layer::forward(xs, rows.grid(), w, sink.clone()))
     }
 
     /// The fused QKV layer's output for `LN1(xs)` as one op, when the layer is packed and nothing
@@ -792,6 +848,12 @@ impl Encoder {
 
     fn pack_bf16(&mut self) -> Result<()> {
         self.layers.iter_mut().try_for_each(EncoderLayer::pack_bf16)
+    }
+
+    fn set_grad_sink(&mut self, sink: Option<Arc<GradSink>>) {
+        for l in &mut self.layers {
+            l.grad_sink = sink.clone();
+        }
     }
 
     /// The last layer's output at row `pos[i]` of each sequence, `[B, H]`, for input rows `xs`
@@ -978,6 +1040,13 @@ pub struct ClipVisionTransformer {
 }
 
 impl ClipVisionTransformer {
+    /// Trains the encoder layers (but the last, which pools one token) as single autograd
+    /// nodes on the CPU in f32, their parameters' gradients sent to `sink`
+    /// ([`super::fused_layer`]); `None` returns them to candle's graph of their ops.
+    pub fn set_grad_sink(&mut self, sink: Option<Arc<GradSink>>) {
+        self.encoder.set_grad_sink(sink);
+    }
+
     pub fn new(
         vb: VarBuilder,
         cfg: &ClipVisionConfig,

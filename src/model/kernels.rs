@@ -168,19 +168,31 @@ impl CustomOp3 for DenseBias {
         if self.residual.is_some() {
             candle_core::bail!("dense-bias: the residual form is built for inference only")
         }
-        let db = match cpu_f32_grad(&[g], |t| t[0].apply_op1_no_bwd(&ColumnSum)) {
-            Some(db) => db?,
-            None => g.sum(0)?,
-        };
-        let dx = product(g, false, w)?;
-        if !self.gelu_input {
-            return Ok((Some(dx), Some(product(g, true, x)?), Some(db)));
-        }
-        let x = x.detach().contiguous()?;
-        let a = x.apply_op1_no_bwd(&QuickGelu)?;
-        let dx = x.apply_op2_no_bwd(&dx.contiguous()?, &QuickGeluGrad)?;
-        Ok((Some(dx), Some(product(g, true, &a)?), Some(db)))
+        let (dx, dw, db) = dense_bias_grads(x, w, g, self.gelu_input)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The gradients `(dx, dW, db)` of a dense layer `x·Wᵀ + b` (of `QuickGELU(x)·Wᵀ + b` with
+/// `gelu_input`) for `x` `[M, K]`, `W` `[N, K]`, given the output's gradient `g` `[M, N]`.
+pub(crate) fn dense_bias_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    gelu_input: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let db = match cpu_f32_grad(&[g], |t| t[0].apply_op1_no_bwd(&ColumnSum)) {
+        Some(db) => db?,
+        None => g.sum(0)?,
+    };
+    let dx = product(g, false, w)?;
+    if !gelu_input {
+        return Ok((dx, product(g, true, x)?, db));
+    }
+    let x = x.detach().contiguous()?;
+    let a = x.apply_op1_no_bwd(&QuickGelu)?;
+    let dx = x.apply_op2_no_bwd(&dx.contiguous()?, &QuickGeluGrad)?;
+    Ok((dx, product(g, true, &a)?, db))
 }
 
 /// `a·b`, or `aᵀ·b` with `a_t`, for 2-D f32 CPU tensors: through the external BLAS where one is
@@ -313,6 +325,24 @@ pub fn dense_bias_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> Result<
     } else {
         r + dense_bias(x, w, b)?
     }
+}
+
+/// `r + QuickGELU(x)·Wᵀ + b` for a 2-D `x` `[M, K]` and `r` `[M, N]`, all f32 on the CPU and
+/// untracked: one op (the activation inside the GEMM's input, the residual its initial output).
+pub(crate) fn quick_gelu_dense_bias_add(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    r: &Tensor,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        &DenseBias {
+            gelu_input: true,
+            residual: Some(r.contiguous()?),
+        },
+    )
 }
 
 /// `x·Wᵀ + b` with bf16 products ([`super::gemm_bf16`]), QuickGELU applied if `gelu`;
@@ -627,18 +657,9 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // x̂ = (x − μ)·r; dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = g·w.
         let h = w.dim(0)?;
-        let eps = self.eps;
-        if let Some(all) = cpu_f32_grad(&[x, w, g], |t| {
-            t[0].apply_op3_no_bwd(&t[1], &t[2], &LayerNormGrad { eps })
-        }) {
-            // Rows of dx, then dw and db.
-            let all = all?;
-            let rows = x.elem_count() / h;
-            return Ok((
-                Some(all.narrow(0, 0, rows)?.reshape(x.shape())?),
-                Some(all.get(rows)?),
-                Some(all.get(rows + 1)?),
-            ));
+        if let Some(grads) = layer_norm_grads(x, w, g, self.eps) {
+            let (dx, dw, db) = grads?;
+            return Ok((Some(dx), Some(dw), Some(db)));
         }
         let rows = x.elem_count() / h;
         let (x2, g2) = (x.reshape((rows, h))?, g.reshape((rows, h))?);
@@ -657,6 +678,28 @@ impl CustomOp3 for LayerNormOp {
         let db = g2.sum(0)?;
         Ok((Some(dx.reshape(x.shape())?), Some(dw), Some(db)))
     }
+}
+
+/// Layer norm's gradients `(dx, dw, db)` for `x` (rows of `w`'s length), given the output's
+/// gradient `g`: one fused pass on the CPU in f32, `None` elsewhere.
+pub(crate) fn layer_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Option<Result<(Tensor, Tensor, Tensor)>> {
+    let all = cpu_f32_grad(&[x, w, g], |t| {
+        t[0].apply_op3_no_bwd(&t[1], &t[2], &LayerNormGrad { eps })
+    })?;
+    Some(all.and_then(|all| {
+        // Rows of dx, then dw and db.
+        let rows = all.dim(0)? - 2;
+        Ok((
+            all.narrow(0, 0, rows)?.reshape(x.shape())?,
+            all.get(rows)?,
+            all.get(rows + 1)?,
+        ))
+    }))
 }
 
 /// One row of layer norm, `(x − μ)/√(σ² + ε)·w + b`, into `out`.

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod config;
 pub mod cuda;
 pub mod download;
+pub mod fused_layer;
 pub mod gemm_bf16;
 pub mod hub;
 pub mod kernels;

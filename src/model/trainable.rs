@@ -7,7 +7,9 @@
 //! `VarBuilder::from_varmap` + `VarMap::load` route leaves tensors that the stock CLIP only
 //! creates conditionally, such as `class_embedding`, random). Gradients reach every parameter
 //! because [`super::clip::LayerNorm`], [`super::clip::softmax`] and [`super::clip::Linear`] use
-//! differentiable ops whenever the graph is tracked.
+//! differentiable ops whenever the graph is tracked. On the CPU in f32 the encoder layers train
+//! as single autograd nodes instead ([`super::fused_layer`]), so [`TrainableVision::backward`],
+//! not `loss.backward()`, collects the gradients.
 //!
 //! Mixed precision works as `torch.autocast` does: the variables (and so the gradients and the
 //! optimiser's state) stay in their own dtype, f32, and [`TrainableVision::in_dtype`] gives a
@@ -19,10 +21,14 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::clip::{BuildOptions, ClipVisionTransformer};
+use super::fused_layer::GradSink;
 use super::hub::ModelFiles;
 use super::load::weights_var_builder;
 use super::ClipConfig;
@@ -30,6 +36,9 @@ use super::ClipConfig;
 pub struct TrainableVision {
     pub varmap: VarMap,
     pub tower: ClipVisionTransformer,
+    /// The gradients of the encoder layers that train as single autograd nodes (f32 on the CPU;
+    /// [`super::fused_layer`]), collected by [`Self::backward`].
+    grad_sink: Arc<GradSink>,
     config: ClipConfig,
     dtype: DType,
     device: Device,
@@ -45,7 +54,7 @@ impl TrainableVision {
         dtype: DType,
     ) -> Result<Self> {
         let varmap = VarMap::new();
-        let tower = build(
+        let mut tower = build(
             VarBuilder::from_varmap(&varmap, dtype, device),
             config,
             // Trained weights stay the checkpoint's own.
@@ -58,13 +67,33 @@ impl TrainableVision {
             })?;
             var.set(&value)?;
         }
+        let grad_sink = Arc::new(GradSink::default());
+        tower.set_grad_sink(Some(grad_sink.clone()));
         Ok(Self {
             varmap,
             tower,
+            grad_sink,
             config: config.clone(),
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Trains every encoder layer through candle's graph of its ops, not as one node: the
+    /// reference the fused layers are tested against.
+    pub fn without_fused_layers(mut self) -> Self {
+        self.tower.set_grad_sink(None);
+        self
+    }
+
+    /// The gradients of `loss` (computed from this tower's [`Self::in_dtype`] forward pass)
+    /// with respect to every variable: candle's backward pass plus what the fused layers sent
+    /// to the sink. Use this, not `loss.backward()`, which would miss the fused layers'.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.grad_sink.clear();
+        let mut grads = loss.backward()?;
+        self.grad_sink.drain_into(&mut grads)?;
+        Ok(grads)
     }
 
     /// The tower computing in `dtype`: the tower itself when that is the variables' dtype,
