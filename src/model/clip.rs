@@ -699,6 +699,15 @@ impl EncoderLayer {
         let Qkv::Separate { q, k, v, scale } = &self.self_attn.qkv else {
             return None;
         };
+        let shape_fits = mask.is_none()
+            && matches!(rows, Rows::Grid { .. })
+            && self.act == Activation::QuickGelu
+            && !self.silu_folded
+            && xs.track_op()
+            && super::vmath::isa().is_some();
+        if !shape_fits {
+            return None;
+        }
         let dense = |l: &Linear| Some((l.weight.clone(), l.bias.clone()?));
         let norm = |l: &LayerNorm| (l.weight.clone(), l.bias.clone());
         let w = super::fused_layer::LayerWeights {
@@ -716,20 +725,9 @@ impl EncoderLayer {
             heads: self.self_attn.num_heads,
         };
         let params = [&w.ln1, &w.q, &w.k, &w.v, &w.out, &w.ln2, &w.fc1, &w.fc2];
-        let applies = mask.is_none()
-            && matches!(rows, Rows::Grid { .. })
-            && self.act == Activation::QuickGelu
-            && !self.silu_folded
-            && xs.track_op()
-            && super::vmath::isa().is_some()
-            && super::kernels::cpu_f32(
-                &params
-                    .iter()
-                    .flat_map(|(a, b)| [a, b])
-                    .chain([xs])
-                    .collect::<Vec<_>>(),
-            );
-        applies.then(|| super::fused_layer::forward(xs, rows.grid(), w, sink.clone()))
+        let tensors: Vec<&Tensor> = params.iter().flat_map(|(a, b)| [a, b]).collect();
+        super::kernels::cpu_f32(&[&tensors[..], &[xs]].concat())
+            .then(|| super::fused_layer::forward(xs, rows.grid(), w, sink.clone()))
     }
 
     /// The fused QKV layer's output for `LN1(xs)` as one op, when the layer is packed and nothing

@@ -19,10 +19,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-
-use anyhow::{Context, Result};
 use std::sync::Arc;
 
+use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
