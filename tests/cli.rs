@@ -738,7 +738,9 @@ fn openblas_on_kernels_older_than_the_cpu_is_refused() {
     };
     let (out, err) = run("Prescott");
     assert!(
-        err.contains("`Prescott` kernels") && err.contains("OPENBLAS_CORETYPE"),
+        err.contains("`Prescott` kernels")
+            && err.contains("chosen by OPENBLAS_CORETYPE=Prescott")
+            && err.contains("SkylakeX for AVX-512"),
         "{err}"
     );
     assert!(out.contains("cpu gemm     built-in (gemm crate)"), "{out}");

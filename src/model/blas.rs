@@ -108,14 +108,18 @@ impl Blas {
                 .map(|p| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
         };
         if let Some(core) = core {
-            let avx2 = cpu_has_avx2_fma();
-            anyhow::ensure!(
-                !pre_avx2_openblas_core(&core, avx2),
-                "OpenBLAS runs its `{core}` kernels on this CPU (an OpenBLAS older than the CPU \
-                 model falls back to pre-AVX2 code, about 4× slower than the built-in GEMM); \
-                 set OPENBLAS_CORETYPE to the CPU's family (SkylakeX for AVX-512, Haswell for \
-                 AVX2) to choose its kernels"
-            );
+            if pre_avx2_openblas_core(&core, cpu_has_avx2_fma()) {
+                // Either OpenBLAS did not know the CPU, or the user's OPENBLAS_CORETYPE chose them.
+                let why = match std::env::var("OPENBLAS_CORETYPE") {
+                    Ok(set) if !set.is_empty() => format!("chosen by OPENBLAS_CORETYPE={set}"),
+                    _ => "an OpenBLAS older than the CPU model falls back to them".to_string(),
+                };
+                anyhow::bail!(
+                    "OpenBLAS runs its `{core}` kernels on this CPU ({why}): pre-AVX2 code, about \
+                     4× slower than the built-in GEMM; set OPENBLAS_CORETYPE to the CPU's family \
+                     (SkylakeX for AVX-512, Haswell for AVX2) to choose its kernels"
+                );
+            }
         }
         let blas = Self {
             cblas_sgemm,

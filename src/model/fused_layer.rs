@@ -182,14 +182,18 @@ impl CustomOp1 for FusedLayer {
         let (b, t, h3) = s.qkv.dims3()?;
         let h = h3 / 3;
         let dy = dy.detach().contiguous()?;
-        let (dpre, dw_fc2, db_fc2) = dense_bias_grads(&s.pre, &w.fc2.0.detach(), &dy, true)?;
-        let (dln2, dw_fc1, db_fc1) = dense_bias_grads(&s.ln2, &w.fc1.0.detach(), &dpre, false)?;
+        let dense = |x: &Tensor, w: &Tensor, g: &Tensor, gelu_input: bool| {
+            let (dx, dw, db) = dense_bias_grads(x, &w.detach(), g, gelu_input, true)?;
+            Ok::<_, candle_core::Error>((dx.expect("asked for"), dw, db))
+        };
+        let (dpre, dw_fc2, db_fc2) = dense(&s.pre, &w.fc2.0, &dy, true)?;
+        let (dln2, dw_fc1, db_fc1) = dense(&s.ln2, &w.fc1.0, &dpre, false)?;
         let (dx1, dw_ln2, db_ln2) = norm_grads(&s.x1, &w.ln2.0, &dln2, w.eps2)?;
         let dx1 = (dx1 + &dy)?;
-        let (datt, dw_out, db_out) = dense_bias_grads(&s.att, &w.out.0.detach(), &dx1, false)?;
+        let (datt, dw_out, db_out) = dense(&s.att, &w.out.0, &dx1, false)?;
         let dqkv =
             attention_grad(&s.qkv, w.heads, &datt.reshape((b, t, h))?)?.reshape((b * t, h3))?;
-        let (dln1, dwqkv, dbqkv) = dense_bias_grads(&s.ln1, &s.wqkv, &dqkv, false)?;
+        let (dln1, dwqkv, dbqkv) = dense(&s.ln1, &s.wqkv, &dqkv, false)?;
         let (dx, dw_ln1, db_ln1) = norm_grads(&s.x, &w.ln1.0, &dln1, w.eps1)?;
         let dx = (dx + dx1)?;
         // The query rows were scaled in the forward pass.

@@ -168,30 +168,36 @@ impl CustomOp3 for DenseBias {
         if self.residual.is_some() {
             candle_core::bail!("dense-bias: the residual form is built for inference only")
         }
-        let (dx, dw, db) = dense_bias_grads(x, w, g, self.gelu_input)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        // An untracked input (the patch embedding's pixels) needs no gradient: candle would
+        // compute and store one anyway, a GEMM as large as the weights' for nothing.
+        let (dx, dw, db) = dense_bias_grads(x, w, g, self.gelu_input, x.track_op())?;
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 
 /// The gradients `(dx, dW, db)` of a dense layer `x·Wᵀ + b` (of `QuickGELU(x)·Wᵀ + b` with
-/// `gelu_input`) for `x` `[M, K]`, `W` `[N, K]`, given the output's gradient `g` `[M, N]`.
+/// `gelu_input`) for `x` `[M, K]`, `W` `[N, K]`, given the output's gradient `g` `[M, N]`;
+/// `dx` only `with_dx`.
 pub(crate) fn dense_bias_grads(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
     gelu_input: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    with_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     let db = match cpu_f32_grad(&[g], |t| t[0].apply_op1_no_bwd(&ColumnSum)) {
         Some(db) => db?,
         None => g.sum(0)?,
     };
-    let dx = product(g, false, w)?;
     if !gelu_input {
+        let dx = with_dx.then(|| product(g, false, w)).transpose()?;
         return Ok((dx, product(g, true, x)?, db));
     }
     let x = x.detach().contiguous()?;
     let a = x.apply_op1_no_bwd(&QuickGelu)?;
-    let dx = x.apply_op2_no_bwd(&dx.contiguous()?, &QuickGeluGrad)?;
+    let dx = with_dx
+        .then(|| x.apply_op2_no_bwd(&product(g, false, w)?.contiguous()?, &QuickGeluGrad))
+        .transpose()?;
     Ok((dx, product(g, true, &a)?, db))
 }
 
