@@ -952,6 +952,26 @@ mod tests {
             .broadcast_add(b.as_tensor())
             .unwrap();
         assert_same(ours, theirs, &mix, &[&x, &w, &b], 1e-5);
+        // An untracked input (pixels) gets no gradient; the weights' are the same.
+        let xc = x.as_tensor().detach();
+        let g = (dense_bias(&xc, w.as_tensor(), b.as_tensor()).unwrap() * &mix)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&xc).is_none());
+        let theirs = (xc.matmul(&w.as_tensor().t().unwrap()).unwrap() * &mix)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_diff(
+            g.get(w.as_tensor()).unwrap(),
+            theirs.get(w.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-5, "{d}");
     }
 
     #[test]
