@@ -87,22 +87,11 @@ pub(crate) fn forward(
     let (ln1w, ln1b) = d(&w.ln1);
     let ln1 = norm(&xd, &ln1w, &ln1b, w.eps1)?;
     // The fused QKV layer, the scale folded into the query rows, as inference runs it.
-    let wqkv = Tensor::cat(
-        &[
-            &(w.q.0.detach() * w.scale)?,
-            &w.k.0.detach(),
-            &w.v.0.detach(),
-        ],
-        0,
-    )?;
-    let bqkv = Tensor::cat(
-        &[
-            &(w.q.1.detach() * w.scale)?,
-            &w.k.1.detach(),
-            &w.v.1.detach(),
-        ],
-        0,
-    )?;
+    let stack = |q: &Tensor, k: &Tensor, v: &Tensor| {
+        Tensor::cat(&[&(q.detach() * w.scale)?, &k.detach(), &v.detach()], 0)
+    };
+    let wqkv = stack(&w.q.0, &w.k.0, &w.v.0)?;
+    let bqkv = stack(&w.q.1, &w.k.1, &w.v.1)?;
     let qkv = dense_bias(&ln1, &wqkv, &bqkv)?.reshape((b, t, 3 * h))?;
     let att = attention(&qkv, w.heads, None)
         .unwrap_or_else(|| candle_core::bail!("fused layer: the CPU attention kernel is missing"))?
