@@ -163,7 +163,7 @@ fn cuda_mixed_precision_gradients_match_the_cpu() {
             .unwrap()
             .sum_all()
             .unwrap();
-        let g = loss.backward().unwrap();
+        let g = tv.backward(&loss).unwrap();
         tv.vars()
             .into_iter()
             .map(|(name, v)| {
