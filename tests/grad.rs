@@ -20,6 +20,24 @@ fn pixels(dtype: DType) -> Tensor {
         .unwrap()
 }
 
+/// The `R` of [`loss`] for two images' `d`-wide features: fixed values, each output weighted
+/// differently.
+fn mix(d: usize, dtype: DType) -> Tensor {
+    let r: Vec<f64> = (0..2 * d).map(|i| ((i * 7 % 11) as f64) - 5.0).collect();
+    Tensor::from_vec(r, (2, d), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The largest absolute entry of `b`, floored at `floor`, and the largest difference of `a`
+/// from it: gradients compared relative to their own size.
+fn scale_and_gap(a: &[f64], b: &[f64], floor: f64) -> (f64, f64) {
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(floor);
+    let gap = a.iter().zip(b).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    (scale, gap)
+}
+
 /// A scalar that depends non-linearly on every output: Σ normalize(f) ⊙ R.
 fn loss(tv: &TrainableVision, x: &Tensor, r: &Tensor) -> Tensor {
     let f = tv.tower.forward(x).unwrap();
@@ -31,14 +49,7 @@ fn check_gradients(dir: &Path) {
     let config = ClipConfig::from_json(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
     let tv = TrainableVision::from_files(&files, &config, &Device::Cpu, DType::F64).unwrap();
     let x = pixels(DType::F64);
-    let r = Tensor::from_vec(
-        (0..2 * config.projection_dim)
-            .map(|i| ((i * 7 % 11) as f64) - 5.0)
-            .collect::<Vec<_>>(),
-        (2, config.projection_dim),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let r = mix(config.projection_dim, DType::F64);
     let grads = loss(&tv, &x, &r).backward().unwrap();
     let vars = tv.vars();
     // Every tensor of the vision tower and projection is a variable.
@@ -110,15 +121,9 @@ fn fused_f32_gradients_equal_the_f64_ones() {
     synth::write_checkpoint(tmp.path(), &synth::tiny_config(), 3).unwrap();
     let files = hub::resolve(&tmp.path().display().to_string(), None, false).unwrap();
     let config = ClipConfig::from_json(&std::fs::read_to_string(&files.config).unwrap()).unwrap();
-    let r: Vec<f64> = (0..2 * config.projection_dim)
-        .map(|i| ((i * 7 % 11) as f64) - 5.0)
-        .collect();
     let grads = |dtype: DType| {
         let tv = TrainableVision::from_files(&files, &config, &Device::Cpu, dtype).unwrap();
-        let r = Tensor::from_vec(r.clone(), (2, config.projection_dim), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let r = mix(config.projection_dim, dtype);
         let g = tv.backward(&loss(&tv, &pixels(dtype), &r)).unwrap();
         tv.vars()
             .into_iter()
@@ -130,11 +135,7 @@ fn fused_f32_gradients_equal_the_f64_ones() {
     };
     for ((name, a), (_, b)) in grads(DType::F32).into_iter().zip(grads(DType::F64)) {
         // The key bias's true gradient is zero (see above): f32 rounding alone is left there.
-        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        let (scale, diff) = scale_and_gap(&a, &b, 1e-3);
         assert!(
             diff <= 1e-3 * scale,
             "`{name}`: f32 and f64 gradients differ by {diff} (scale {scale})"
@@ -153,14 +154,7 @@ fn fused_layers_train_as_the_graph_of_their_ops() {
     config.vision_config.num_hidden_layers = 3;
     synth::write_checkpoint(tmp.path(), &config, 5).unwrap();
     let files = hub::resolve(&tmp.path().display().to_string(), None, false).unwrap();
-    let r = Tensor::from_vec(
-        (0..2 * config.projection_dim)
-            .map(|i| ((i * 7 % 11) as f32) - 5.0)
-            .collect::<Vec<_>>(),
-        (2, config.projection_dim),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let r = mix(config.projection_dim, DType::F32);
     let x = pixels(DType::F32);
     let tv = || TrainableVision::from_files(&files, &config, &Device::Cpu, DType::F32).unwrap();
     let (fused, graph) = (tv(), tv().without_fused_layers());
@@ -174,26 +168,15 @@ fn fused_layers_train_as_the_graph_of_their_ops() {
     let partial = loss(&fused, &x, &r).backward().unwrap();
     let vars = fused.vars().into_iter().zip(graph.vars());
     let mut from_fused_nodes = 0;
-    for ((name, a), (_, b)) in vars {
-        let (a, b) = (ga.get(a.as_tensor()), gb.get(b.as_tensor()));
-        let (a, b) = (flat(a.unwrap()), flat(b.unwrap()));
+    for ((name, va), (_, vb)) in vars {
+        let a = flat(ga.get(va.as_tensor()).unwrap());
+        let b = flat(gb.get(vb.as_tensor()).unwrap());
         // The key bias's true gradient is zero (see above): f32 rounding alone is left there.
-        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-2);
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        let (scale, diff) = scale_and_gap(&a, &b, 1e-2);
         assert!(diff <= 1e-4 * scale, "`{name}`: {diff} (scale {scale})");
-        let in_fused_layer = name.contains("encoder.layers.0.") || name.contains("layers.1.");
-        if in_fused_layer {
+        if name.contains("encoder.layers.0.") || name.contains("encoder.layers.1.") {
             from_fused_nodes += 1;
-            let var = fused
-                .vars()
-                .into_iter()
-                .find(|(n, _)| *n == name)
-                .unwrap()
-                .1;
-            assert!(partial.get(var.as_tensor()).is_none(), "`{name}`");
+            assert!(partial.get(va.as_tensor()).is_none(), "`{name}`");
         }
     }
     // Two of the three layers (the last one pools a single token through the graph), 16
@@ -319,12 +302,7 @@ fn mixed_precision_computes_in_16_bits_and_updates_the_f32_weights() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-clip");
     let clip = Clip::load(&ModelSpec::local(&dir)).unwrap();
     let d = clip.config().projection_dim;
-    let r = Tensor::from_vec(
-        (0..2 * d).map(|i| ((i * 7 % 11) as f32) - 5.0).collect(),
-        (2, d),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let r = mix(d, DType::F32);
     let x = pixels(DType::F32);
     let lr = 5e-5 * 32.0 / 256.0;
     // Output, per-variable gradients and per-variable update of one SGD step.

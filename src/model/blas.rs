@@ -108,7 +108,8 @@ impl Blas {
                 .map(|p| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
         };
         if let Some(core) = core {
-            if pre_avx2_openblas_core(&core, cpu_has_avx2_fma()) {
+            // clipft's own kernels need AVX2 and FMA (or AVX-512) too.
+            if pre_avx2_openblas_core(&core, super::vmath::isa().is_some()) {
                 // Either OpenBLAS did not know the CPU, or the user's OPENBLAS_CORETYPE chose them.
                 let why = match std::env::var("OPENBLAS_CORETYPE") {
                     Ok(set) if !set.is_empty() => format!("chosen by OPENBLAS_CORETYPE={set}"),
@@ -264,18 +265,6 @@ impl Blas {
             c,
             dim(ldc.max(1)),
         )
-    }
-}
-
-/// Whether the CPU runs AVX2 and FMA, the least the built-in GEMM's fast kernels need.
-fn cpu_has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

@@ -52,6 +52,63 @@ fn par_map(x: &[f32], block: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Ve
     out
 }
 
+/// An operand of [`gemm_f32`]: its first element, and the strides between its columns and
+/// between its rows.
+#[derive(Clone, Copy)]
+struct Strided {
+    at: *const f32,
+    cs: isize,
+    rs: isize,
+}
+
+impl Strided {
+    fn new(at: *const f32, cs: usize, rs: usize) -> Self {
+        Self {
+            at,
+            cs: cs as isize,
+            rs: rs as isize,
+        }
+    }
+}
+
+/// `c = a·b`, or `c += a·b` with `accumulate`, for `a` `[m, k]`, `b` `[k, n]` and a row-major
+/// `[m, n]` output at `c`: the one call into the `gemm` crate, on clipft's rayon threads.
+///
+/// # Safety
+/// The operands hold every element their sizes and strides reach; `c` holds `m·n` elements,
+/// initialised when `accumulate` (otherwise they are only written).
+unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    c: *mut f32,
+    accumulate: bool,
+) {
+    // gemm computes `c = alpha·c + beta·a·b`, reading `c` only when told to.
+    let alpha = if accumulate { 1.0f32 } else { 0.0 };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        n as isize,
+        accumulate,
+        a.at,
+        a.cs,
+        a.rs,
+        b.at,
+        b.cs,
+        b.rs,
+        alpha,
+        1.0f32,
+        false,
+        false,
+        false,
+        threads(),
+    )
+}
+
 fn threads() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
@@ -129,29 +186,15 @@ impl CustomOp3 for DenseBias {
             blas.dense(x, m, k, w, n, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((m, n))));
         }
-        // SAFETY: `out` is m×n row-major, `x` m×k row-major, and Wᵀ is read from the n×k
-        // row-major `w` through strides (column stride k, row stride 1); all in bounds.
+        // SAFETY: `out` is m×n row-major (the bias rows), `x` m×k row-major, and Wᵀ is read
+        // from the n×k row-major `w` through strides (column stride k, row stride 1).
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_f32(
+                (m, n, k),
+                Strided::new(x.as_ptr(), 1, k),
+                Strided::new(w.as_ptr(), k, 1),
                 out.as_mut_ptr(),
-                1,
-                n as isize,
                 true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                threads(),
             )
         }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -255,28 +298,14 @@ impl CustomOp2 for Product {
         let (a_cs, a_rs) = if self.a_t { (m, 1) } else { (1, k) };
         let mut c: Vec<f32> = Vec::with_capacity(m * n);
         // SAFETY: `c` has room for the m×n row-major output, which gemm writes whole without
-        // reading it (`read_dst` false); the operands' strides stay inside `a` and `b`.
+        // reading it; the operands' strides stay inside `a` and `b`.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_f32(
+                (m, n, k),
+                Strided::new(a.as_ptr(), a_cs, a_rs),
+                Strided::new(b.as_ptr(), 1, n),
                 c.as_mut_ptr(),
-                1,
-                n as isize,
                 false,
-                a.as_ptr(),
-                a_cs as isize,
-                a_rs as isize,
-                b.as_ptr(),
-                1,
-                n as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                threads(),
             );
             c.set_len(m * n);
         }
