@@ -145,11 +145,20 @@ fn subdirs(dir: &Path) -> Result<Vec<String>, DataError> {
             out.push(name);
         }
     }
-    out.sort();
+    // By composed form, so a dataset copied between macOS (which stores accented names
+    // decomposed) and another system keeps its class order, hence its artifacts' class indices.
+    out.sort_by_cached_key(|name| (composed(name), name.clone()));
     Ok(out)
 }
 
-/// Image files directly in `dir`, sorted by file name.
+/// A name in Unicode's composed form (NFC): a class folder's identity, and how file names
+/// compare. `café` typed or copied from Linux and `café` stored by macOS (`e` + combining
+/// accent) are one class.
+pub fn composed(name: &str) -> String {
+    name.nfc().collect()
+}
+
+/// Image files directly in `dir`, sorted by file name ([`file_key`]).
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
@@ -167,8 +176,16 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
             out.push(path);
         }
     }
-    out.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    out.sort_by_cached_key(|p| file_key(p));
     Ok(out)
+}
+
+/// The order of image files: by composed name, as for class folders (then by the name's bytes,
+/// which also orders names that are not UTF-8).
+fn file_key(path: &Path) -> (String, Option<std::ffi::OsString>) {
+    let name = path.file_name().map(|n| n.to_os_string());
+    let text = name.as_deref().map(|n| n.to_string_lossy().nfc().collect());
+    (text.unwrap_or_default(), name)
 }
 
 /// Names of the visible folders inside `dir` (for a hint; unreadable entries are left out).
@@ -383,11 +400,13 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataEr
         }
         // Exact first; else the same text in another Unicode normal form (macOS stores file
         // names decomposed, editors write composed text).
-        let nfc = |s: &str| s.nfc().collect::<String>();
         let k = classes
             .iter()
             .position(|c| c.folder == folder)
-            .or_else(|| classes.iter().position(|c| nfc(&c.folder) == nfc(folder)))
+            .or_else(|| {
+                let key = composed(folder);
+                classes.iter().position(|c| composed(&c.folder) == key)
+            })
             .ok_or_else(|| bad(format!("`{folder}` is not a class folder of this dataset")))?;
         if let Some(first) = named_on[k] {
             return Err(bad(format!("`{folder}` is already named on line {first}")));
@@ -466,8 +485,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// K samples per class, deterministic for `seed` and independent of directory listing order:
 /// each class's files are sorted by name, shuffled with a generator seeded by `seed` and the class
-/// folder, and the first `shots` are kept (in name order). Classes with fewer images are an error,
-/// unless `allow_fewer`, where all their images are kept and a warning is returned.
+/// folder (by composed names, [`composed`]: the same shots on macOS and Linux), and the first
+/// `shots` are kept (in name order). Classes with fewer images are an error, unless
+/// `allow_fewer`, where all their images are kept and a warning is returned.
 pub fn few_shot(
     dataset: &Dataset,
     samples: &[Sample],
@@ -479,11 +499,13 @@ pub fn few_shot(
     let mut short = Vec::new();
     for (label, class) in dataset.classes.iter().enumerate() {
         let mut own: Vec<&Sample> = samples.iter().filter(|s| s.label == label).collect();
-        own.sort_by(|a, b| a.path.file_name().cmp(&b.path.file_name()));
+        own.sort_by_cached_key(|s| file_key(&s.path));
         if own.len() < shots {
             short.push(format!("`{}` ({})", class.folder, own.len()));
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ fnv1a(class.folder.as_bytes()));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ fnv1a(composed(&class.folder).as_bytes()),
+        );
         let mut idx: Vec<usize> = (0..own.len()).collect();
         idx.shuffle(&mut rng);
         idx.truncate(shots);
@@ -678,6 +700,51 @@ mod tests {
             let e = open_err(&[nfc, nfd], None);
             assert!(e.contains("differ only in Unicode form"), "{e}");
         }
+    }
+
+    /// A dataset copied between macOS (accents decomposed) and Linux (composed) keeps its class
+    /// order and its few-shot sample: both go by the composed names.
+    #[test]
+    fn class_order_and_shots_do_not_depend_on_unicode_form() {
+        let nfd = |s: &str| s.nfd().collect::<String>();
+        // Decomposed, `café` sorts before `caff` by bytes (`e` < `f`); composed, after (é > f).
+        let forms = [
+            ("caf\u{e9}", "\u{e9}t\u{e9}"),
+            ("cafe\u{301}", "e\u{301}te\u{301}"),
+        ];
+        let mut picked = Vec::new();
+        for (cafe, ete) in forms {
+            let (_dir, root) = dataset(&[cafe, "caff"], None);
+            let ds = Dataset::open(&root).unwrap();
+            assert_eq!(ds.class_folders(), ["caff", cafe]);
+            let samples: Vec<Sample> = (0..2)
+                .flat_map(|label| {
+                    (0..20).map(move |i| Sample {
+                        path: PathBuf::from(format!("{ete}_{i:02}.jpg")),
+                        label,
+                    })
+                })
+                .collect();
+            let (shots, _) = few_shot(&ds, &samples, 4, 7, false).unwrap();
+            let names: Vec<String> = shots
+                .iter()
+                .map(|s| composed(&s.path.to_string_lossy()))
+                .collect();
+            picked.push(names);
+        }
+        assert_eq!(picked[0], picked[1]);
+        assert_eq!(nfd(forms[0].0), forms[1].0);
+        // A file name's form does not change its place among the others either.
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["e\u{301}b.png", "\u{e9}a.png", "f.png"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let listed: Vec<String> = list_images(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(listed, ["f.png", "\u{e9}a.png", "e\u{301}b.png"]);
     }
 
     /// Old Mac line ends (a lone CR) end lines too, with the line numbers an editor shows; a

@@ -163,18 +163,22 @@ pub fn write_table(report: &EvalReport, out: &mut impl Write) -> std::io::Result
     if report.skipped > 0 {
         writeln!(out, "  skipped {} unreadable image(s)", report.skipped)?;
     }
+    // Columns by display width: a decomposed accent takes no column, a CJK character two.
+    use unicode_width::UnicodeWidthStr;
     let width = report
         .per_class
         .iter()
-        .map(|c| c.class.chars().count())
+        .map(|c| c.class.width())
         .max()
         .unwrap_or(5)
         .clamp(5, 40);
-    writeln!(out, "  {:<width$}  {:>6}  {:>7}", "class", "n", "top-1")?;
+    let pad = |s: &str| format!("{s}{}", " ".repeat(width.saturating_sub(s.width())));
+    writeln!(out, "  {}  {:>6}  {:>7}", pad("class"), "n", "top-1")?;
     for c in &report.per_class {
+        let class = pad(&c.class);
         match c.top1 {
-            Some(t) => writeln!(out, "  {:<width$}  {:>6}  {t:>6.2}%", c.class, c.n)?,
-            None => writeln!(out, "  {:<width$}  {:>6}  {:>7}", c.class, c.n, "-")?,
+            Some(t) => writeln!(out, "  {class}  {:>6}  {t:>6.2}%", c.n)?,
+            None => writeln!(out, "  {class}  {:>6}  {:>7}", c.n, "-")?,
         }
     }
     Ok(())
@@ -288,6 +292,25 @@ mod tests {
         )
         .unwrap();
         assert!(few.top5.is_none());
+    }
+
+    /// The table's columns line up for names with decomposed accents or wide characters.
+    #[test]
+    fn table_columns_go_by_display_width() {
+        let names: Vec<String> = ["cafe\u{301}", "\u{65e5}\u{672c}", "dog"]
+            .map(String::from)
+            .to_vec();
+        let logits = Tensor::new(&[[1f32, 0., 0.], [0., 1., 0.]], &Device::Cpu).unwrap();
+        let r = evaluate(&logits, &[0, 1], &names, "m", "test", 0).unwrap();
+        let mut out = Vec::new();
+        write_table(&r, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        use unicode_width::UnicodeWidthStr;
+        let rows: Vec<&str> = text.lines().skip_while(|l| !l.contains("class")).collect();
+        assert_eq!(rows.len(), 4, "{text}");
+        for row in &rows {
+            assert_eq!(row.width(), rows[0].width(), "{text}");
+        }
     }
 
     /// NaN never ranks first, and logits with NaN or infinities are refused with the method and

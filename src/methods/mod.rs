@@ -11,6 +11,7 @@ pub mod optim;
 pub mod tip;
 pub mod tip_cli;
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
@@ -91,9 +92,14 @@ pub fn check_classes(
     names: &[String],
     path: &Path,
 ) -> Result<()> {
+    use crate::data::composed;
     let here = dataset.class_folders();
+    // Composed: the same folders copied between macOS and Linux are the same classes.
+    let same = |a: &[String], b: &[String]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| composed(x) == composed(y))
+    };
     ensure!(
-        here == folders,
+        same(&here, folders),
         "--data {}: its class folders differ from the {} classes {} was built with: {}",
         dataset.root.display(),
         folders.len(),
@@ -102,7 +108,8 @@ pub fn check_classes(
     );
     let here_names = dataset.class_names();
     let n = names.len().max(here_names.len());
-    if let Some(i) = (0..n).find(|&i| here_names.get(i) != names.get(i)) {
+    let key = |v: &[String], i: usize| v.get(i).map(|x| composed(x));
+    if let Some(i) = (0..n).find(|&i| key(&here_names, i) != key(names, i)) {
         let name = |v: &[String]| v.get(i).map_or("nothing".to_string(), |x| format!("`{x}`"));
         bail!(
             "--data {}: class names (classnames.txt) differ from those {} was built with: \
@@ -168,8 +175,17 @@ fn class_difference(data: &[String], built: &[String]) -> String {
         }
         s.join(", ")
     };
-    let missing: Vec<&String> = built.iter().filter(|c| !data.contains(c)).collect();
-    let extra: Vec<&String> = data.iter().filter(|c| !built.contains(c)).collect();
+    use crate::data::composed;
+    let set = |v: &[String]| v.iter().map(|x| composed(x)).collect::<HashSet<_>>();
+    let (in_data, in_built) = (set(data), set(built));
+    let missing: Vec<&String> = built
+        .iter()
+        .filter(|c| !in_data.contains(&composed(c)))
+        .collect();
+    let extra: Vec<&String> = data
+        .iter()
+        .filter(|c| !in_built.contains(&composed(c)))
+        .collect();
     let mut parts = Vec::new();
     if !missing.is_empty() {
         parts.push(format!("missing here: {}", list(&missing)));
@@ -180,31 +196,66 @@ fn class_difference(data: &[String], built: &[String]) -> String {
     if parts.is_empty() {
         // Same folders, another order (class indices would not line up).
         parts.push("the same folders in another order".to_string());
-    }
-    // Names that print alike: macOS stores accented names decomposed, most other systems
-    // composed, so a dataset copied between them changes its folders' bytes.
-    use unicode_normalization::UnicodeNormalization;
-    let nfc = |s: &str| s.nfc().collect::<String>();
-    if let Some(x) = missing
-        .iter()
-        .find(|m| extra.iter().any(|e| nfc(e) == nfc(m)))
-    {
-        parts.push(format!(
-            "`{x}` here and in the artifact differ only in Unicode form (accents composed or \
-             decomposed, as when a dataset is copied between macOS and another system): rename \
-             the folders as the artifact has them (`{}`)",
-            x.escape_unicode()
-        ));
+        if built.iter().any(|c| composed(c) != *c) {
+            // Before 2026-11-29 folders were ordered by their bytes, not their composed form.
+            parts.push(
+                "folders with decomposed accents (as macOS stores them) are now ordered by their \
+                 composed form: build the artifact again"
+                    .to_string(),
+            );
+        }
     }
     parts.join("; ")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::class_difference;
+    use super::{check_classes, class_difference};
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("class_{i:04}")).collect()
+    }
+
+    fn dataset(folders: &[&str]) -> crate::data::Dataset {
+        crate::data::Dataset {
+            root: "ds".into(),
+            classes: folders
+                .iter()
+                .map(|f| crate::data::ClassInfo {
+                    folder: f.to_string(),
+                    name: f.replace('_', " "),
+                })
+                .collect(),
+            splits: vec![crate::data::Split::Train],
+        }
+    }
+
+    /// A dataset copied between macOS (accents stored decomposed) and Linux is the one its
+    /// artifacts were built from; other folders, names or orders are not.
+    #[test]
+    fn classes_compare_in_composed_form() {
+        let (nfc, nfd) = ("caf\u{e9}", "cafe\u{301}");
+        let built = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let p = std::path::Path::new("a.safetensors");
+        let ds = dataset(&[nfd, "dog"]);
+        check_classes(&ds, &built(&[nfc, "dog"]), &built(&[nfc, "dog"]), p).unwrap();
+        let ds = dataset(&[nfc, "dog"]);
+        check_classes(&ds, &built(&[nfd, "dog"]), &built(&[nfd, "dog"]), p).unwrap();
+        let e = check_classes(&ds, &built(&["dog", nfd]), &built(&["dog", nfd]), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("another order") && e.contains("build the artifact again"),
+            "{e}"
+        );
+        let e = check_classes(&ds, &built(&["cafe", "dog"]), &built(&["cafe", "dog"]), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing here: `cafe`"), "{e}");
+        let e = check_classes(&ds, &built(&[nfd, "dog"]), &built(&["coffee", "dog"]), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reads `café` here, `coffee` there"), "{e}");
     }
 
     /// A difference past the first few folders (ImageNet has 1,000) is still named.
@@ -226,13 +277,6 @@ mod tests {
             d.starts_with("not in the artifact: `class_0005`") && d.ends_with("and 15 more"),
             "{d}"
         );
-        let (nfc, nfd) = (
-            vec!["caf\u{e9}".to_string()],
-            vec!["cafe\u{301}".to_string()],
-        );
-        let d = class_difference(&nfc, &nfd);
-        assert!(d.contains("differ only in Unicode form"), "{d}");
-        assert!(d.contains("\\u{301}"), "{d}");
         let mut swapped = names(3);
         swapped.swap(0, 1);
         assert_eq!(

@@ -1213,7 +1213,10 @@ pub fn train(
     let paths: Vec<PathBuf> = train.iter().map(|s| s.path.clone()).collect();
     let rel: Vec<String> = paths.iter().map(|p| relative(&dataset.root, p)).collect();
     ensure!(
-        rel == m.train_paths,
+        // (Compared composed: a copy between macOS and Linux changes accented names' bytes.)
+        rel.iter()
+            .map(|r| crate::data::composed(r))
+            .eq(m.train_paths.iter().map(|r| crate::data::composed(r))),
         "--data {}: the few-shot train images ({}, seed {}) differ from the {} images the \
          cache was built from; was the train split changed?",
         dataset.root.display(),
