@@ -74,8 +74,8 @@ pub struct ModelArgs {
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
     /// Compute precision: f32, f16 or bf16. On the CPU, bf16 takes the dense layers' products in
-    /// bf16 with f32 in between (about 2x f32; needs AVX512-BF16, otherwise f32 with a warning);
-    /// f16 there is slower than f32. `fdalign train` keeps f32 weights and computes the trained
+    /// bf16 with f32 in between (needs AVX512-BF16, otherwise f32 with a warning): about 2x f32
+    /// on AMD, f32's speed or more on Intel (far more with AMX); f16 there is slower than f32. `fdalign train` keeps f32 weights and computes the trained
     /// encoder in this dtype (mixed precision; f16 with loss scaling).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: DTypeArg,

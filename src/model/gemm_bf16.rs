@@ -4,11 +4,12 @@
 //! activations kept between layers (layer norm, softmax, residuals).
 //!
 //! candle 0.11 has no bf16 matmul on the CPU. CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel
-//! Cooper Lake and Sapphire Rapids and later) multiply bf16 pairs at twice the rate of f32 FMAs
-//! (`vdpbf16ps`); the micro-kernel below is built on that instruction. A portable kernel with the
-//! same layout and rounding runs elsewhere (correct, but no faster than f32, so the loader only
-//! offers bf16 where the instruction exists) and is the reference the fast one is tested against.
-//! CPUs with AMX (Intel Sapphire Rapids and later) multiply the same packed operands as whole
+//! Cooper Lake and Sapphire Rapids and later) multiply bf16 pairs with `vdpbf16ps`; the
+//! micro-kernel below is built on that instruction where it does twice the flops of f32 FMAs
+//! (AMD), and on f32 FMAs of the same bf16 values where it does half (Intel's cores; their AMX
+//! tiles are far faster than either). A portable kernel with the same layout and rounding runs
+//! elsewhere (correct, but no faster than f32, so the loader only offers bf16 where the
+//! instruction exists) and is the reference the fast ones are tested against. CPUs with AMX (Intel Sapphire Rapids and later) multiply the same packed operands as whole
 //! tiles ([`amx`]).
 
 use std::mem::MaybeUninit;
@@ -48,6 +49,9 @@ pub enum Kernel {
     Portable,
     /// `vdpbf16ps` micro-tiles (AVX512-BF16).
     Avx512Bf16,
+    /// The same micro-tiles on f32 FMAs of the bf16 values: Intel's cores without AMX, where
+    /// `vdpbf16ps` does half the FMAs' flops per cycle.
+    Avx512Fma,
     /// AMX tiles, for layers whose k pairs fill whole tile rows (k of 32·j or 32·j − 1: every
     /// CLIP layer); others run on AVX512-BF16.
     Amx,
@@ -58,6 +62,7 @@ impl Kernel {
         match self {
             Kernel::Portable => "portable",
             Kernel::Avx512Bf16 => "AVX512-BF16",
+            Kernel::Avx512Fma => "AVX-512 FMA on bf16 values",
             Kernel::Amx => "AMX",
         }
     }
@@ -72,17 +77,48 @@ pub fn kernel() -> Kernel {
         if !native() {
             Kernel::Portable
         } else if std::env::var_os("CLIPFT_NO_AMX").is_some_and(|v| v != "0") || !amx::available() {
-            Kernel::Avx512Bf16
+            vector_kernel()
         } else if tiles_match_portable::<amx::Amx>() {
             Kernel::Amx
         } else {
+            let k = vector_kernel();
             crate::say!(
                 "warning: this CPU's AMX products did not match the reference; bf16 layers use \
-                 AVX512-BF16 instead"
+                 {} instead",
+                k.name()
             );
-            Kernel::Avx512Bf16
+            k
         }
     })
+}
+
+/// The register micro-tiles' kernel on a CPU with AVX512-BF16: `vdpbf16ps` where it is the
+/// faster (AMD), FMAs on Intel's cores, where `vdpbf16ps` issues once every two cycles (1.3
+/// against 5.3 billion FMAs a second on one core of a Xeon with AVX512-BF16, 2026-11-29), so it
+/// does half the flops of two FMA units. `CLIPFT_BF16_KERNEL=dpbf16|fma` chooses, to compare.
+fn vector_kernel() -> Kernel {
+    match std::env::var("CLIPFT_BF16_KERNEL").as_deref() {
+        Ok("dpbf16") => Kernel::Avx512Bf16,
+        Ok("fma") => Kernel::Avx512Fma,
+        _ if intel() => Kernel::Avx512Fma,
+        _ => Kernel::Avx512Bf16,
+    }
+}
+
+/// Whether the CPU is Intel's (its CPUID vendor string).
+fn intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        [id.ebx, id.edx, id.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .eq(*b"GenuineIntel")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// A layer with a partial row block, two panels (one partial) and several tile steps, on the
@@ -383,9 +419,11 @@ fn run_on<T: TileUnit>(
             Kernel::Amx if w.w.pairs.is_multiple_of(amx::STEP) => {
                 dense_tiles::<T>(x, w, epilogue, out)
             }
-            Kernel::Portable => dense_micro(x, w, epilogue, out, false),
-            // (`native()`, not `true`: tests run the tile unit's model on any CPU.)
-            _ => dense_micro(x, w, epilogue, out, native()),
+            Kernel::Portable => dense_micro(x, w, epilogue, out, Micro::Portable),
+            // (Checked: tests run the tile unit's model on any CPU.)
+            _ if !native() => dense_micro(x, w, epilogue, out, Micro::Portable),
+            Kernel::Avx512Fma => dense_micro(x, w, epilogue, out, Micro::Fma),
+            _ => dense_micro(x, w, epilogue, out, Micro::Dpbf16),
         }
     }
     // SAFETY: the kernels wrote all `n` columns (or all pairs) of every row into the chosen
@@ -482,72 +520,132 @@ fn dense_tiles<T: TileUnit>(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: 
     });
 }
 
-/// The dense layer on register micro-tiles (`vdpbf16ps` with `simd`, else the portable kernel).
-fn dense_micro(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: Out, simd: bool) {
+/// A row tile's inputs for [`Micro::Fma`], per row: the even k of a block of [`KC`] pairs as
+/// f32, then the odd k.
+type Unpacked = [[f32; KC]; 2];
+
+/// Panels per unpacking of a row tile's inputs by the FMA kernel: their blocks of weights
+/// (16 KiB each) are read from L2 in turn.
+const FMA_PANELS: usize = 8;
+
+/// Unpacks [`MR`] rows of `kn` pairs (rows `lda` pairs apart, from `a`) into `xs`: each bf16
+/// moved to the top of an f32 lane, which makes it that f32 exactly.
+///
+/// # Safety
+/// `a` holds [`MR`] rows of `lda` pairs, `kn ≤ lda` and `kn ≤ KC`; the CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn unpack(a: &[u32], lda: usize, kn: usize, xs: &mut [Unpacked; MR]) {
+    use std::arch::x86_64::*;
+    debug_assert!(kn <= KC && a.len() >= (MR - 1) * lda + kn);
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    for (r, row) in xs.iter_mut().enumerate() {
+        let a = a.as_ptr().add(r * lda);
+        for p in (0..kn).step_by(16) {
+            let v = _mm512_maskz_loadu_epi32(masks(kn - p).0, a.add(p) as *const i32);
+            let (lo, hi) = (_mm512_slli_epi32::<16>(v), _mm512_and_si512(v, high));
+            _mm512_storeu_si512(row[0].as_mut_ptr().add(p) as *mut _, lo);
+            _mm512_storeu_si512(row[1].as_mut_ptr().add(p) as *mut _, hi);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn unpack(_: &[u32], _: usize, _: usize, _: &mut [Unpacked; MR]) {
+    unreachable!("the FMA kernel runs on x86-64 only")
+}
+
+/// How a register micro-tile multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Micro {
+    Portable,
+    /// `vdpbf16ps`.
+    Dpbf16,
+    /// f32 FMAs of the unpacked bf16 values.
+    Fma,
+}
+
+/// The dense layer on register micro-tiles.
+fn dense_micro(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: Out, micro: Micro) {
+    let simd = micro != Micro::Portable;
     let (m, pairs, n) = (a.m, w.w.pairs, w.n);
     let tiles = m.div_ceil(MR);
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().clamp(1, panels);
+    // The FMA kernel unpacks a row tile's inputs once for a group of panels.
+    let group = if micro == Micro::Fma { FMA_PANELS } else { 1 };
     // Each thread a run of panels (columns), reading all of `a`.
     (0..threads).into_par_iter().for_each(|t| {
-        // A paired output's panel is summed here over the k blocks (rows NR apart, in L2),
-        // then rounded tile by tile after its last block.
+        // A paired output's panels are summed here over the k blocks (rows NR apart, in L2),
+        // then rounded tile by tile after their last block.
         let mut scratch: Vec<f32> = match out {
             Out::F32(_) => Vec::new(),
-            Out::Pairs(..) => Vec::with_capacity(tiles * MR * NR),
+            Out::Pairs(..) => Vec::with_capacity(group * tiles * MR * NR),
         };
-        for j in panels * t / threads..panels * (t + 1) / threads {
-            let panel = w.first_panel + j;
-            let b = &w.w.data[panel * pairs * NR..][..pairs * NR];
-            let bias = &w.w.bias[panel * NR..][..NR];
-            let cols = NR.min(n - j * NR);
+        let mut xs: Box<[Unpacked; MR]> = Box::new([[[0.0; KC]; 2]; MR]);
+        let (first, end) = (panels * t / threads, panels * (t + 1) / threads);
+        for g in (first..end).step_by(group) {
+            let js = g..(g + group).min(end);
             for kc in (0..pairs).step_by(KC) {
                 let kn = KC.min(pairs - kc);
                 let last = kc + kn == pairs;
                 for i in 0..tiles {
                     let row = i * MR;
-                    let (c, ldc, tile_epilogue) = match out {
-                        Out::F32(y) => {
-                            let at = row * n + j * NR;
-                            let e = if last {
-                                epilogue.from(at)
-                            } else {
-                                Epilogue::None
-                            };
-                            (y.wrapping_add(at), n, e)
-                        }
-                        Out::Pairs(..) => (
-                            scratch.as_mut_ptr().wrapping_add(row * NR),
-                            NR,
-                            Epilogue::None,
-                        ),
-                    };
-                    let mut tile = Tile {
-                        a: &a.data[row * pairs + kc..],
-                        lda: pairs,
-                        b: &b[kc * NR..][..kn * NR],
-                        c,
-                        ldc,
-                        rows: MR.min(m - row),
-                        cols,
-                        bias: (kc == 0).then_some(bias),
-                        epilogue: tile_epilogue,
-                    };
-                    // SAFETY: the tile's rows and columns lie inside the output (or this
-                    // thread's scratch panel), which no other thread writes there; `a` holds
-                    // MR rows of `lda` pairs from the tile's start (`Pairs` pads whole tiles).
-                    unsafe { tile.run(simd) }
-                    if let (true, Out::Pairs(p, stride)) = (last, out) {
-                        tile.epilogue = epilogue;
-                        // SAFETY: the tile was just stored; the paired output has `stride`
-                        // pairs per row, of which this panel's NR / 2 are this thread's.
-                        unsafe {
-                            tile.store_pairs(
-                                p.wrapping_add(row * stride + j * NR / 2),
-                                stride,
-                                simd,
-                            )
+                    let a = &a.data[row * pairs + kc..];
+                    if micro == Micro::Fma {
+                        // SAFETY: `a` holds MR rows of `pairs` pairs from the tile's start
+                        // (`Pairs` pads whole tiles), `kn` of them from `kc`; the CPU has
+                        // AVX-512 (the kernel is chosen only where it does).
+                        unsafe { unpack(a, pairs, kn, &mut xs) }
+                    }
+                    for j in js.clone() {
+                        let panel = w.first_panel + j;
+                        let (c, ldc, tile_epilogue) = match out {
+                            Out::F32(y) => {
+                                let at = row * n + j * NR;
+                                let e = if last {
+                                    epilogue.from(at)
+                                } else {
+                                    Epilogue::None
+                                };
+                                (y.wrapping_add(at), n, e)
+                            }
+                            Out::Pairs(..) => (
+                                scratch
+                                    .as_mut_ptr()
+                                    .wrapping_add(((j - g) * tiles * MR + row) * NR),
+                                NR,
+                                Epilogue::None,
+                            ),
                         };
+                        let mut tile = Tile {
+                            a,
+                            lda: pairs,
+                            b: &w.w.data[(panel * pairs + kc) * NR..][..kn * NR],
+                            c,
+                            ldc,
+                            rows: MR.min(m - row),
+                            cols: NR.min(n - j * NR),
+                            bias: (kc == 0).then_some(&w.w.bias[panel * NR..][..NR]),
+                            epilogue: tile_epilogue,
+                        };
+                        // SAFETY: the tile's rows and columns lie inside the output (or this
+                        // thread's scratch panels), which no other thread writes there; `a`
+                        // holds MR rows of `lda` pairs from the tile's start (`Pairs` pads
+                        // whole tiles); `xs` holds them unpacked for the FMA kernel.
+                        unsafe { tile.run(micro, &xs) }
+                        if let (true, Out::Pairs(p, stride)) = (last, out) {
+                            tile.epilogue = epilogue;
+                            // SAFETY: the tile was just stored; the paired output has `stride`
+                            // pairs per row, of which this panel's NR / 2 are this thread's.
+                            unsafe {
+                                tile.store_pairs(
+                                    p.wrapping_add(row * stride + j * NR / 2),
+                                    stride,
+                                    simd,
+                                )
+                            };
+                        }
                     }
                 }
             }
@@ -571,12 +669,17 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    unsafe fn run(&self, simd: bool) {
+    /// # Safety
+    /// As for [`Tile`]'s fields; for [`Micro::Fma`], `xs` holds the tile's inputs unpacked
+    /// ([`unpack`]).
+    unsafe fn run(&self, micro: Micro, xs: &[Unpacked; MR]) {
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            return self.avx512();
+        match micro {
+            Micro::Dpbf16 => return self.avx512::<false>(xs),
+            Micro::Fma => return self.avx512::<true>(xs),
+            Micro::Portable => {}
         }
-        let _ = simd;
+        let _ = (micro, xs);
         self.portable()
     }
 
@@ -601,7 +704,7 @@ impl Tile<'_> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn avx512(&self) {
+    unsafe fn avx512<const FMA: bool>(&self, xs: &[Unpacked; MR]) {
         use std::arch::x86_64::*;
         let kn = self.b.len() / NR;
         let (a, b, c) = (self.a.as_ptr(), self.b.as_ptr(), self.c);
@@ -639,15 +742,20 @@ impl Tile<'_> {
                 }
             }
         }
-        for p in 0..kn {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_ps(b.add(p * NR) as *const f32));
-            let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_ps(b.add(p * NR + 16) as *const f32));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let x: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*a.add(r * self.lda + p) as i32));
-                row[0] = _mm512_dpbf16_ps(row[0], x, b0);
-                row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+        if FMA {
+            self.fma_loop(&mut acc, xs);
+        } else {
+            for p in 0..kn {
+                let b0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_ps(b.add(p * NR) as *const f32));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_ps(b.add(p * NR + 16) as *const f32));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let x: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(r * self.lda + p) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], x, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+                }
             }
         }
         for (r, row) in acc.iter().enumerate() {
@@ -661,6 +769,39 @@ impl Tile<'_> {
         // whose 24 accumulators must stay in registers.
         if !matches!(self.epilogue, Epilogue::None) {
             self.epilogue_avx512(m0, m1);
+        }
+    }
+
+    /// The tile's products as f32 FMAs of the bf16 values: where `vdpbf16ps` issues at half
+    /// the rate of FMAs per flop (Intel's cores: 0.5 per cycle against 2 FMAs), two FMAs per
+    /// pair do the same work in fewer cycles. Each input pair is exact in f32 once its bf16
+    /// halves are moved to the top of a lane, and so is each product; the sums differ from
+    /// `vdpbf16ps`'s only in f32 rounding.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn fma_loop(&self, acc: &mut [[std::arch::x86_64::__m512; 2]; MR], xs: &[Unpacked; MR]) {
+        use std::arch::x86_64::*;
+        let kn = self.b.len() / NR;
+        debug_assert!(kn <= KC);
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let b = self.b.as_ptr();
+        for p in 0..kn {
+            let v0 = _mm512_loadu_si512(b.add(p * NR) as *const _);
+            let v1 = _mm512_loadu_si512(b.add(p * NR + 16) as *const _);
+            let (b0, b1) = (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v0)),
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v1)),
+            );
+            let (c0, c1) = (
+                _mm512_castsi512_ps(_mm512_and_si512(v0, high)),
+                _mm512_castsi512_ps(_mm512_and_si512(v1, high)),
+            );
+            for (row, x) in acc.iter_mut().zip(xs) {
+                let (lo, hi) = (_mm512_set1_ps(x[0][p]), _mm512_set1_ps(x[1][p]));
+                row[0] = _mm512_fmadd_ps(hi, c0, _mm512_fmadd_ps(lo, b0, row[0]));
+                row[1] = _mm512_fmadd_ps(hi, c1, _mm512_fmadd_ps(lo, b1, row[1]));
+            }
         }
     }
 
@@ -885,14 +1026,25 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
-    /// Shapes with partial tiles, partial panels, odd k, and k past one cache block.
-    const SHAPES: [(usize, usize, usize); 5] = [
+    /// Shapes with partial tiles, partial panels, odd k, k past one cache block, and more
+    /// panels per thread than the FMA kernel's group (a partial group last).
+    const SHAPES: [(usize, usize, usize); 6] = [
         (1, 1, 1),
         (13, 33, 7),
         (25, 70, 300),
         (12, 32, 256),
         (50, 96, 513),
+        (37, 610, 260),
     ];
+
+    /// The vector kernels this CPU runs.
+    fn vector_kernels() -> &'static [Kernel] {
+        if native() {
+            &[Kernel::Avx512Bf16, Kernel::Avx512Fma]
+        } else {
+            &[]
+        }
+    }
 
     #[test]
     fn portable_kernel_is_the_bf16_product() {
@@ -911,11 +1063,22 @@ mod tests {
             return;
         }
         for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
-            let (x, _, _, packed) = layer(s, m, n, k);
-            let fast = with(&x, m, &packed, Epilogue::None, Kernel::Avx512Bf16);
+            let (x, w, b, packed) = layer(s, m, n, k);
             let slow = with(&x, m, &packed, Epilogue::None, Kernel::Portable);
-            let diff = max_diff(&fast, &slow);
-            assert!(diff < 1e-4 * (k as f32).sqrt(), "{m}×{n}×{k}: {diff}");
+            let exact = reference(&x, m, &w, n, k, &b);
+            for &kernel in vector_kernels() {
+                let fast = with(&x, m, &packed, Epilogue::None, kernel);
+                let diff = max_diff(&fast, &slow);
+                assert!(
+                    diff < 1e-4 * (k as f32).sqrt(),
+                    "{kernel:?} {m}×{n}×{k}: {diff}"
+                );
+                let diff = max_diff(&fast, &exact);
+                assert!(
+                    diff < 1e-4 * (k as f32).sqrt(),
+                    "{kernel:?} {m}×{n}×{k}: {diff}"
+                );
+            }
         }
     }
 
@@ -1037,12 +1200,7 @@ mod tests {
             random(m * n, 11),
         );
         let packed = PackedView::new(PackedWeight::new(&w, n, k, Some(&b)));
-        let kernels: &[Kernel] = if native() {
-            &[Kernel::Portable, Kernel::Avx512Bf16]
-        } else {
-            &[Kernel::Portable]
-        };
-        for &kernel in kernels {
+        for &kernel in [Kernel::Portable].iter().chain(vector_kernels()) {
             let plain = with(&x, m, &packed, Epilogue::None, kernel);
             let gelu = with(&x, m, &packed, Epilogue::QuickGelu, kernel);
             let added = with(&x, m, &packed, Epilogue::Add(&res), kernel);
@@ -1062,9 +1220,7 @@ mod tests {
     /// Every kernel this machine can run, with the tile unit's software model.
     fn kernels_here() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Portable, Kernel::Amx];
-        if native() {
-            kernels.push(Kernel::Avx512Bf16);
-        }
+        kernels.extend(vector_kernels());
         kernels
     }
 
@@ -1076,10 +1232,17 @@ mod tests {
     #[test]
     fn paired_outputs_are_the_f32_outputs_rounded() {
         // An odd width (a pair half empty), partial tiles and panels, tile-unit k (multiple of
-        // 32) and not.
-        for (s, &(m, n, k)) in [(13, 33, 64), (45, 70, 96), (1, 1, 32), (30, 96, 100)]
-            .iter()
-            .enumerate()
+        // 32) and not; more panels than the FMA kernel's group, which it sums side by side,
+        // over more than one block of k.
+        for (s, &(m, n, k)) in [
+            (13, 33, 64),
+            (45, 70, 96),
+            (1, 1, 32),
+            (30, 96, 100),
+            (25, 620, 300),
+        ]
+        .iter()
+        .enumerate()
         {
             let (x, _, _, packed) = layer(s, m, n, k);
             let x = Pairs::new(&x, m, k);
