@@ -158,6 +158,17 @@ pub fn composed(name: &str) -> String {
     name.nfc().collect()
 }
 
+/// `name` with its non-ASCII characters as escapes (`caf\u{e9}`, `cafe\u{301}`): two names
+/// that print alike, told apart.
+fn spelled(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            ' '..='~' => c.to_string(),
+            _ => c.escape_unicode().to_string(),
+        })
+        .collect()
+}
+
 /// Image files directly in `dir`, sorted by file name ([`file_key`]).
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut out = Vec::new();
@@ -270,6 +281,18 @@ impl Dataset {
                 }
                 if !extra.is_empty() {
                     detail.push(format!("extra {}", extra.join(", ")));
+                }
+                // Names that print alike: one split's folders composed, the other's decomposed.
+                if let Some(x) = a
+                    .difference(&b)
+                    .find(|x| b.iter().any(|y| composed(x) == composed(y)))
+                {
+                    detail.push(format!(
+                        "`{x}` is in both in different Unicode forms (accents composed in one \
+                         split, decomposed in the other: `{}` in {first}); rename the folders \
+                         alike",
+                        spelled(x)
+                    ));
                 }
                 return Err(DataError::ClassMismatch {
                     dir,
@@ -454,8 +477,8 @@ fn check_unique_names(
                  rename one, or give them different names in classnames.txt",
                 from(j),
                 from(k),
-                classes[j].name.escape_unicode(),
-                name.escape_unicode()
+                spelled(&classes[j].name),
+                spelled(name)
             )
         } else if named_on(j).is_none() && named_on(k).is_none() {
             format!(
@@ -745,6 +768,21 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(listed, ["f.png", "\u{e9}a.png", "e\u{301}b.png"]);
+    }
+
+    /// Splits whose folders are one name in two Unicode forms are refused, saying so.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn splits_in_different_unicode_forms_are_named() {
+        let (_dir, root) = dataset(&["caf\u{e9}", "dog"], None);
+        for f in ["cafe\u{301}", "dog"] {
+            std::fs::create_dir_all(root.join("val").join(f)).unwrap();
+        }
+        let e = Dataset::open(&root).unwrap_err().to_string();
+        assert!(
+            e.contains("different Unicode forms") && e.contains("`caf\\u{e9}` in train"),
+            "{e}"
+        );
     }
 
     /// Old Mac line ends (a lone CR) end lines too, with the line numbers an editor shows; a
