@@ -273,8 +273,26 @@ impl Dataset {
             if other != folders {
                 let a: BTreeSet<_> = folders.iter().collect();
                 let b: BTreeSet<_> = other.iter().collect();
-                let missing: Vec<_> = a.difference(&b).map(|s| format!("`{s}`")).collect();
-                let extra: Vec<_> = b.difference(&a).map(|s| format!("`{s}`")).collect();
+                // Names that print alike: one split's folders in one Unicode form, the other's
+                // in another (composed or not, as when copied between macOS and elsewhere).
+                fn twin<'a>(x: &str, set: &BTreeSet<&'a String>) -> Option<&'a String> {
+                    set.iter().find(|y| composed(x) == composed(y)).copied()
+                }
+                let forms: Vec<String> = a
+                    .difference(&b)
+                    .filter_map(|x| twin(x, &b).map(|y| (x, y)))
+                    .map(|(x, y)| format!("`{}` here, `{}` in {first}", spelled(y), spelled(x)))
+                    .collect();
+                let missing: Vec<_> = a
+                    .difference(&b)
+                    .filter(|x| twin(x, &b).is_none())
+                    .map(|s| format!("`{s}`"))
+                    .collect();
+                let extra: Vec<_> = b
+                    .difference(&a)
+                    .filter(|x| twin(x, &a).is_none())
+                    .map(|s| format!("`{s}`"))
+                    .collect();
                 let mut detail = Vec::new();
                 if !missing.is_empty() {
                     detail.push(format!("missing {}", missing.join(", ")));
@@ -282,16 +300,12 @@ impl Dataset {
                 if !extra.is_empty() {
                     detail.push(format!("extra {}", extra.join(", ")));
                 }
-                // Names that print alike: one split's folders composed, the other's decomposed.
-                if let Some(x) = a
-                    .difference(&b)
-                    .find(|x| b.iter().any(|y| composed(x) == composed(y)))
-                {
+                if !forms.is_empty() {
                     detail.push(format!(
-                        "`{x}` is in both in different Unicode forms (accents composed in one \
-                         split, decomposed in the other: `{}` in {first}); rename the folders \
-                         alike",
-                        spelled(x)
+                        "folders named alike in another Unicode form (composed or decomposed \
+                         characters, as when a dataset is copied between macOS and another \
+                         system): {}; rename them as in {first}",
+                        forms.join(", ")
                     ));
                 }
                 return Err(DataError::ClassMismatch {
@@ -473,7 +487,7 @@ fn check_unique_names(
         let msg = if classes[j].name != *name {
             format!(
                 "class folders `{a}` ({}) and `{b}` ({}) get names that differ only in Unicode \
-                 form (`{}` and `{}`: accents composed or decomposed), which read as one; \
+                 form (`{}` and `{}`: composed or decomposed characters), which read as one; \
                  rename one, or give them different names in classnames.txt",
                 from(j),
                 from(k),
@@ -780,7 +794,9 @@ mod tests {
         }
         let e = Dataset::open(&root).unwrap_err().to_string();
         assert!(
-            e.contains("different Unicode forms") && e.contains("`caf\\u{e9}` in train"),
+            e.contains("another Unicode form")
+                && e.contains("`cafe\\u{301}` here, `caf\\u{e9}` in train")
+                && !e.contains("missing"),
             "{e}"
         );
     }

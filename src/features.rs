@@ -83,17 +83,23 @@ fn short_hash(parts: &[&str]) -> String {
 }
 
 /// Stable per-image key for seeded augmentation: the class folder and file name, so the same
-/// seed gives the same views wherever the dataset folder lives.
+/// seed gives the same views wherever the dataset folder lives, in Unicode's composed form (a
+/// copy between macOS and Linux changes accented names' bytes, not their views).
 pub fn view_key(path: &Path) -> u64 {
     let parent = path
         .parent()
         .and_then(|p| p.file_name())
         .unwrap_or_default();
     let name = path.file_name().unwrap_or_default();
+    // (Names that are not UTF-8 keep their bytes.)
+    let bytes = |s: &std::ffi::OsStr| match s.to_str() {
+        Some(s) => crate::data::composed(s).into_bytes(),
+        None => s.as_encoded_bytes().to_vec(),
+    };
     let mut h = Sha256::new();
-    h.update(parent.as_encoded_bytes());
+    h.update(bytes(parent));
     h.update([0u8]);
-    h.update(name.as_encoded_bytes());
+    h.update(bytes(name));
     u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
 }
 
@@ -709,6 +715,17 @@ pub fn text_classifier(
 mod tests {
     use super::*;
     use image::RgbImage;
+
+    /// An image's augmented views depend on its class folder and file name as text: not on
+    /// where the dataset lives, nor on the Unicode form its names are stored in.
+    #[test]
+    fn view_keys_go_by_composed_names() {
+        let key = |s: &str| view_key(Path::new(s));
+        let nfc = key("/a/train/caf\u{e9}/\u{e9}t\u{e9}.jpg");
+        assert_eq!(nfc, key("/b/c/train/cafe\u{301}/e\u{301}te\u{301}.jpg"));
+        assert_ne!(nfc, key("/a/train/cafe/\u{e9}t\u{e9}.jpg"));
+        assert_ne!(nfc, key("/a/train/caf\u{e9}/ete.jpg"));
+    }
 
     /// Only a killed write's temporary files, and only old ones, are removed from a cache folder.
     #[test]

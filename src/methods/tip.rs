@@ -1212,20 +1212,33 @@ pub fn train(
     let m = &cache.meta;
     let paths: Vec<PathBuf> = train.iter().map(|s| s.path.clone()).collect();
     let rel: Vec<String> = paths.iter().map(|p| relative(&dataset.root, p)).collect();
-    ensure!(
-        // (Compared composed: a copy between macOS and Linux changes accented names' bytes.)
-        rel.iter()
-            .map(|r| crate::data::composed(r))
-            .eq(m.train_paths.iter().map(|r| crate::data::composed(r))),
-        "--data {}: the few-shot train images ({}, seed {}) differ from the {} images the \
-         cache was built from; was the train split changed?",
-        dataset.root.display(),
-        m.shots.map_or("every image".to_string(), |k| format!(
-            "{k} shots per class"
-        )),
-        m.seed,
-        m.train_paths.len()
-    );
+    use crate::data::composed;
+    // (Compared composed: a copy between macOS and Linux changes accented names' bytes.)
+    let same = rel
+        .iter()
+        .map(|r| composed(r))
+        .eq(m.train_paths.iter().map(|r| composed(r)));
+    if !same {
+        // Before 2026-11-29 the sample went by the names' bytes: a cache of decomposed names
+        // may have been drawn in another order.
+        let hint = if m.train_paths.iter().any(|r| composed(r) != *r) {
+            " Or, if a clipft older than 2026-11-29 built the cache (its image names have \
+             decomposed accents, as macOS stores them, and samples then went by the names' \
+             bytes): build it again"
+        } else {
+            ""
+        };
+        bail!(
+            "--data {}: the few-shot train images ({}, seed {}) differ from the {} images the \
+             cache was built from: was the train split changed?{hint}",
+            dataset.root.display(),
+            m.shots.map_or("every image".to_string(), |k| format!(
+                "{k} shots per class"
+            )),
+            m.seed,
+            m.train_paths.len()
+        );
+    }
     if let Some(want) = &m.train_digests {
         let got = file_digests(&paths)?;
         if let Some(i) = (0..got.len()).find(|&i| got.get(i) != want.get(i)) {

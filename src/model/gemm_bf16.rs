@@ -95,13 +95,36 @@ pub fn kernel() -> Kernel {
 /// The register micro-tiles' kernel on a CPU with AVX512-BF16: `vdpbf16ps` where it is the
 /// faster (AMD), FMAs on Intel's cores, where `vdpbf16ps` issues once every two cycles (1.3
 /// against 5.3 billion FMAs a second on one core of a Xeon with AVX512-BF16, 2026-11-29), so it
-/// does half the flops of two FMA units. `CLIPFT_BF16_KERNEL=dpbf16|fma` chooses, to compare.
+/// does half the flops of two FMA units. `CLIPFT_BF16_KERNEL=dpbf16|fma|auto` chooses, to
+/// compare.
 fn vector_kernel() -> Kernel {
-    match std::env::var("CLIPFT_BF16_KERNEL").as_deref() {
-        Ok("dpbf16") => Kernel::Avx512Bf16,
-        Ok("fma") => Kernel::Avx512Fma,
-        _ if intel() => Kernel::Avx512Fma,
-        _ => Kernel::Avx512Bf16,
+    let auto = if intel() {
+        Kernel::Avx512Fma
+    } else {
+        Kernel::Avx512Bf16
+    };
+    match std::env::var("CLIPFT_BF16_KERNEL") {
+        Err(std::env::VarError::NotPresent) => auto,
+        Ok(v) => match v.to_ascii_lowercase().trim() {
+            "dpbf16" => Kernel::Avx512Bf16,
+            "fma" => Kernel::Avx512Fma,
+            "" | "auto" => auto,
+            _ => {
+                crate::say!(
+                    "warning: CLIPFT_BF16_KERNEL={v:?} is not `dpbf16`, `fma` or `auto`; \
+                     using {}",
+                    auto.name()
+                );
+                auto
+            }
+        },
+        Err(_) => {
+            crate::say!(
+                "warning: CLIPFT_BF16_KERNEL is not UTF-8; using {}",
+                auto.name()
+            );
+            auto
+        }
     }
 }
 

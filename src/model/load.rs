@@ -708,6 +708,12 @@ fn fingerprint(files: &ModelFiles, precision: Precision) -> anyhow::Result<Strin
     h.update(format!("{:?}\n", precision.dtype).as_bytes());
     if precision.bf16_matmul {
         h.update(b"bf16 matmul\n");
+        // The kernels round their sums differently (`CLIPFT_BF16_KERNEL` compares them); the
+        // `vdpbf16ps` one keeps the key it had before the others.
+        let kernel = super::gemm_bf16::kernel();
+        if kernel != super::gemm_bf16::Kernel::Avx512Bf16 {
+            h.update(format!("{}\n", kernel.name()).as_bytes());
+        }
     }
     let mut paths: Vec<&Path> = files.weights.paths();
     paths.push(&files.config);
