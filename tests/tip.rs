@@ -496,6 +496,57 @@ mod cli {
         p.to_str().unwrap()
     }
 
+    /// A cache built before augmented views went by composed names, from names that are not
+    /// composed (as macOS stores accented ones), is refused by `tip train`: its keys came from
+    /// other views than it would now draw. The same cache from this clipft is accepted.
+    #[test]
+    fn caches_of_views_by_decomposed_bytes_are_built_again() {
+        let ws = Ws::new(2);
+        let (model, data) = (ws.p("model"), ws.p("data"));
+        // The first class folder, in every split, renamed to a decomposed `é` name.
+        let first = std::fs::read_dir(data.join("train"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .min()
+            .unwrap();
+        for split in ["train", "val", "test"] {
+            let dir = data.join(split);
+            std::fs::rename(dir.join(&first), dir.join("e\u{301}t\u{e9}")).unwrap();
+        }
+        let tipc = ws.p("tip.safetensors");
+        ws.cmd()
+            .args([
+                "tip",
+                "build-cache",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+            ])
+            .args(["--shots", "2", "--augment-epochs", "2", "--out", s(&tipc)])
+            .assert()
+            .success();
+        let (tensors, mut meta) = clipft::io::load(&tipc).unwrap();
+        assert_eq!(meta["composed_views"], true);
+        let train = |cache: &Path| {
+            let mut c = ws.cmd();
+            c.args(["tip", "train", "--cache", s(cache), "--data", s(&data)])
+                .args(["--epochs", "1", "--out", s(&ws.p("f.safetensors"))]);
+            c
+        };
+        train(&tipc).assert().success();
+        // As a clipft of before 2026-11-29 wrote it.
+        meta.as_object_mut().unwrap().remove("composed_views");
+        let old = ws.p("old.safetensors");
+        let refs: Vec<(&str, &candle_core::Tensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        clipft::io::save(&old, &refs, &meta).unwrap();
+        train(&old)
+            .assert()
+            .failure()
+            .stderr(contains("older than 2026-11-29").and(contains("build the cache again")));
+    }
+
     #[test]
     fn build_train_eval_and_mismatch_errors() {
         let ws = Ws::new(4);

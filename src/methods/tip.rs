@@ -825,9 +825,25 @@ pub struct TipMeta {
     /// pixels. Absent (false) otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fast_decode: bool,
+    /// Whether its augmented views were drawn by the images' names in composed form
+    /// ([`crate::features::view_key`]); absent (false) before 2026-11-29, when they went by the
+    /// names' bytes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub composed_views: bool,
 }
 
 impl TipMeta {
+    /// Whether `tip train` would draw other augmented views of the cache's images than those
+    /// its keys were encoded from: a cache built before views went by composed names, from
+    /// names that are not composed (as macOS stores accented names).
+    fn views_went_by_bytes(&self) -> bool {
+        !self.composed_views
+            && self
+                .train_paths
+                .iter()
+                .any(|r| crate::data::composed(r) != *r)
+    }
+
     /// What the methods take on trust from the file: the settings they rerun with (`tip train`
     /// re-encodes the cache's views) and the blend they evaluate with.
     fn validate(&self) -> Result<()> {
@@ -1182,6 +1198,7 @@ pub fn build_cache(
         val_n: val_labels.len(),
         train: None,
         fast_decode: opts.decode != crate::preprocess::Decode::Exact,
+        composed_views: true,
     };
     Ok(TipArtifact {
         meta,
@@ -1239,6 +1256,13 @@ pub fn train(
             m.train_paths.len()
         );
     }
+    ensure!(
+        !m.views_went_by_bytes(),
+        "--cache: built by a clipft older than 2026-11-29 from image names with decomposed \
+         accents (as macOS stores them), whose augmented views then went by the names' bytes; \
+         this clipft draws them by the composed names, so its views would not be those of the \
+         cache keys: build the cache again"
+    );
     if let Some(want) = &m.train_digests {
         let got = file_digests(&paths)?;
         if let Some(i) = (0..got.len()).find(|&i| got.get(i) != want.get(i)) {
@@ -1318,6 +1342,7 @@ pub fn train(
         &m.config.grid(),
     )?;
     let mut meta = m.clone();
+    meta.composed_views = true;
     meta.kind = Kind::Tipf;
     // The model where it is now: a moved copy was recognised by its digest, and the new
     // artifact should not send `eval` to the old place.
