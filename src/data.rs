@@ -158,6 +158,16 @@ pub fn composed(name: &str) -> String {
     name.nfc().collect()
 }
 
+/// Whether `name` is already in composed form (a decomposed one is as macOS stores accents).
+pub fn is_composed(name: &str) -> bool {
+    unicode_normalization::is_nfc(name)
+}
+
+/// Whether two lists of names are the same names in the same order, in any Unicode form.
+pub fn same_names(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| composed(x) == composed(y))
+}
+
 /// `name` with its non-ASCII characters as escapes (`caf\u{e9}`, `cafe\u{301}`): two names
 /// that print alike, told apart.
 fn spelled(name: &str) -> String {
@@ -195,7 +205,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// which also orders names that are not UTF-8).
 fn file_key(path: &Path) -> (String, Option<std::ffi::OsString>) {
     let name = path.file_name().map(|n| n.to_os_string());
-    let text = name.as_deref().map(|n| n.to_string_lossy().nfc().collect());
+    let text = name.as_deref().map(|n| composed(&n.to_string_lossy()));
     (text.unwrap_or_default(), name)
 }
 
@@ -620,11 +630,7 @@ mod tests {
         std::fs::write(dir.path().join("a.png"), b"x").unwrap();
         std::os::unix::fs::symlink(dir.path().join("gone.png"), dir.path().join("b.png")).unwrap();
         std::fs::create_dir(dir.path().join("c.jpg")).unwrap();
-        let names: Vec<String> = list_images(dir.path())
-            .unwrap()
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let names = listed(dir.path());
         assert_eq!(names, ["a.png", "b.png"]);
     }
 
@@ -638,6 +644,15 @@ mod tests {
         std::fs::create_dir_all(root.join("train").join(bad)).unwrap();
         let e = Dataset::open(&root).unwrap_err().to_string();
         assert!(e.contains("not valid UTF-8") && e.contains("or"), "{e}");
+    }
+
+    /// The file names [`list_images`] gives for `dir`, in its order.
+    fn listed(dir: &Path) -> Vec<String> {
+        list_images(dir)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
     }
 
     fn open_err(folders: &[&str], classnames: Option<&str>) -> String {
@@ -660,11 +675,7 @@ mod tests {
         for n in names {
             std::fs::write(dir.path().join(n), b"").unwrap();
         }
-        let found: Vec<String> = list_images(dir.path())
-            .unwrap()
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let found = listed(dir.path());
         assert_eq!(found, ["a.jpg", "b.JFIF", "c.jpe", "d.jif", "e.Jpeg"]);
     }
 
@@ -776,11 +787,7 @@ mod tests {
         for name in ["e\u{301}b.png", "\u{e9}a.png", "f.png"] {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
-        let listed: Vec<String> = list_images(dir.path())
-            .unwrap()
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let listed = listed(dir.path());
         assert_eq!(listed, ["f.png", "\u{e9}a.png", "e\u{301}b.png"]);
     }
 

@@ -486,6 +486,19 @@ mod cli {
                 .arg("--quiet");
             c
         }
+        /// `tip build-cache` with this workspace's model, on `data`.
+        fn build_cache(&self, data: &Path) -> Command {
+            let mut c = self.cmd();
+            c.args([
+                "tip",
+                "build-cache",
+                "--model",
+                s(&self.p("model")),
+                "--data",
+                s(data),
+            ]);
+            c
+        }
         fn json(&self, args: &[&str]) -> Value {
             let out = self.cmd().args(args).arg("--json").assert().success();
             serde_json::from_slice(&out.get_output().stdout).unwrap()
@@ -502,7 +515,7 @@ mod cli {
     #[test]
     fn caches_of_views_by_decomposed_bytes_are_built_again() {
         let ws = Ws::new(2);
-        let (model, data) = (ws.p("model"), ws.p("data"));
+        let data = ws.p("data");
         // The first class folder, in every split, renamed to a decomposed `é` name.
         let first = std::fs::read_dir(data.join("train"))
             .unwrap()
@@ -514,15 +527,7 @@ mod cli {
             std::fs::rename(dir.join(&first), dir.join("e\u{301}t\u{e9}")).unwrap();
         }
         let tipc = ws.p("tip.safetensors");
-        ws.cmd()
-            .args([
-                "tip",
-                "build-cache",
-                "--model",
-                s(&model),
-                "--data",
-                s(&data),
-            ])
+        ws.build_cache(&data)
             .args(["--shots", "2", "--augment-epochs", "2", "--out", s(&tipc)])
             .assert()
             .success();
@@ -552,15 +557,7 @@ mod cli {
         let ws = Ws::new(4);
         let (model, data) = (ws.p("model"), ws.p("data"));
         let (tipc, tipf) = (ws.p("tip.safetensors"), ws.p("tipf.safetensors"));
-        ws.cmd()
-            .args([
-                "tip",
-                "build-cache",
-                "--model",
-                s(&model),
-                "--data",
-                s(&data),
-            ])
+        ws.build_cache(&data)
             .args(["--shots", "4", "--seed", "2", "--augment-epochs", "3"])
             .args(["--out", s(&tipc)])
             .assert()
@@ -880,15 +877,7 @@ mod cli {
             .stderr(contains("feature dimension 16"));
         // Tip-Adapter never tunes on test: no val split, no cache.
         std::fs::remove_dir_all(ws.p("data3").join("val")).unwrap();
-        ws.cmd()
-            .args([
-                "tip",
-                "build-cache",
-                "--model",
-                s(&model),
-                "--data",
-                s(&ws.p("data3")),
-            ])
+        ws.build_cache(&ws.p("data3"))
             .args(["--out", s(&ws.p("x.safetensors"))])
             .assert()
             .failure()

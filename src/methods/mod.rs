@@ -95,11 +95,8 @@ pub fn check_classes(
     use crate::data::composed;
     let here = dataset.class_folders();
     // Composed: the same folders copied between macOS and Linux are the same classes.
-    let same = |a: &[String], b: &[String]| {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| composed(x) == composed(y))
-    };
     ensure!(
-        same(&here, folders),
+        crate::data::same_names(&here, folders),
         "--data {}: its class folders differ from the {} classes {} was built with: {}",
         dataset.root.display(),
         folders.len(),
@@ -196,7 +193,7 @@ fn class_difference(data: &[String], built: &[String]) -> String {
     if parts.is_empty() {
         // Same folders, another order (class indices would not line up).
         parts.push("the same folders in another order".to_string());
-        if built.iter().any(|c| composed(c) != *c) {
+        if !built.iter().all(|c| crate::data::is_composed(c)) {
             // Before 2026-11-29 folders were ordered by their bytes, not their composed form.
             parts.push(
                 "folders with decomposed accents (as macOS stores them) are now ordered by their \

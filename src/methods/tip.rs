@@ -837,11 +837,7 @@ impl TipMeta {
     /// its keys were encoded from: a cache built before views went by composed names, from
     /// names that are not composed (as macOS stores accented names).
     fn views_went_by_bytes(&self) -> bool {
-        !self.composed_views
-            && self
-                .train_paths
-                .iter()
-                .any(|r| crate::data::composed(r) != *r)
+        !self.composed_views && !self.train_paths.iter().all(|r| crate::data::is_composed(r))
     }
 
     /// What the methods take on trust from the file: the settings they rerun with (`tip train`
@@ -1229,39 +1225,25 @@ pub fn train(
     let m = &cache.meta;
     let paths: Vec<PathBuf> = train.iter().map(|s| s.path.clone()).collect();
     let rel: Vec<String> = paths.iter().map(|p| relative(&dataset.root, p)).collect();
-    use crate::data::composed;
-    // (Compared composed: a copy between macOS and Linux changes accented names' bytes.)
-    let same = rel
-        .iter()
-        .map(|r| composed(r))
-        .eq(m.train_paths.iter().map(|r| composed(r)));
-    if !same {
-        // Before 2026-11-29 the sample went by the names' bytes: a cache of decomposed names
-        // may have been drawn in another order.
-        let hint = if m.train_paths.iter().any(|r| composed(r) != *r) {
-            " Or, if a clipft older than 2026-11-29 built the cache (its image names have \
-             decomposed accents, as macOS stores them, and samples then went by the names' \
-             bytes): build it again"
-        } else {
-            ""
-        };
-        bail!(
-            "--data {}: the few-shot train images ({}, seed {}) differ from the {} images the \
-             cache was built from: was the train split changed?{hint}",
-            dataset.root.display(),
-            m.shots.map_or("every image".to_string(), |k| format!(
-                "{k} shots per class"
-            )),
-            m.seed,
-            m.train_paths.len()
-        );
-    }
+    // (First: such a cache's sample, drawn by the names' bytes, may differ as well.)
     ensure!(
         !m.views_went_by_bytes(),
         "--cache: built by a clipft older than 2026-11-29 from image names with decomposed \
-         accents (as macOS stores them), whose augmented views then went by the names' bytes; \
-         this clipft draws them by the composed names, so its views would not be those of the \
-         cache keys: build the cache again"
+         accents (as macOS stores them), whose sample and augmented views then went by the \
+         names' bytes; this clipft goes by the composed names, so its views would not be those \
+         of the cache keys: build the cache again"
+    );
+    ensure!(
+        // (Compared composed: a copy between macOS and Linux changes accented names' bytes.)
+        crate::data::same_names(&rel, &m.train_paths),
+        "--data {}: the few-shot train images ({}, seed {}) differ from the {} images the \
+         cache was built from: was the train split changed?",
+        dataset.root.display(),
+        m.shots.map_or("every image".to_string(), |k| format!(
+            "{k} shots per class"
+        )),
+        m.seed,
+        m.train_paths.len()
     );
     if let Some(want) = &m.train_digests {
         let got = file_digests(&paths)?;

@@ -9,8 +9,9 @@
 //! (AMD), and on f32 FMAs of the same bf16 values where it does half (Intel's cores; their AMX
 //! tiles are far faster than either). A portable kernel with the same layout and rounding runs
 //! elsewhere (correct, but no faster than f32, so the loader only offers bf16 where the
-//! instruction exists) and is the reference the fast ones are tested against. CPUs with AMX (Intel Sapphire Rapids and later) multiply the same packed operands as whole
-//! tiles ([`amx`]).
+//! instruction exists) and is the reference the fast ones are tested against. CPUs with AMX
+//! (Intel Sapphire Rapids and later) multiply the same packed operands as whole tiles
+//! ([`amx`]).
 
 use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
@@ -605,7 +606,9 @@ fn dense_micro(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: Out, micro: M
             Out::F32(_) => Vec::new(),
             Out::Pairs(..) => Vec::with_capacity(group * tiles * MR * NR),
         };
-        let mut xs: Box<[Unpacked; MR]> = Box::new([[[0.0; KC]; 2]; MR]);
+        // (Only the FMA kernel reads the unpacked inputs.)
+        let mut xs: Option<Box<[Unpacked; MR]>> =
+            (micro == Micro::Fma).then(|| Box::new([[[0.0; KC]; 2]; MR]));
         let (first, end) = (panels * t / threads, panels * (t + 1) / threads);
         for g in (first..end).step_by(group) {
             let js = g..(g + group).min(end);
@@ -615,11 +618,11 @@ fn dense_micro(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: Out, micro: M
                 for i in 0..tiles {
                     let row = i * MR;
                     let a = &a.data[row * pairs + kc..];
-                    if micro == Micro::Fma {
+                    if let Some(xs) = xs.as_deref_mut() {
                         // SAFETY: `a` holds MR rows of `pairs` pairs from the tile's start
                         // (`Pairs` pads whole tiles), `kn` of them from `kc`; the CPU has
                         // AVX-512 (the kernel is chosen only where it does).
-                        unsafe { unpack(a, pairs, kn, &mut xs) }
+                        unsafe { unpack(a, pairs, kn, xs) }
                     }
                     for j in js.clone() {
                         let panel = w.first_panel + j;
@@ -656,7 +659,7 @@ fn dense_micro(a: &Pairs, w: &PackedView, epilogue: Epilogue, out: Out, micro: M
                         // thread's scratch panels), which no other thread writes there; `a`
                         // holds MR rows of `lda` pairs from the tile's start (`Pairs` pads
                         // whole tiles); `xs` holds them unpacked for the FMA kernel.
-                        unsafe { tile.run(micro, &xs) }
+                        unsafe { tile.run(micro, xs.as_deref()) }
                         if let (true, Out::Pairs(p, stride)) = (last, out) {
                             tile.epilogue = epilogue;
                             // SAFETY: the tile was just stored; the paired output has `stride`
@@ -695,12 +698,13 @@ impl Tile<'_> {
     /// # Safety
     /// As for [`Tile`]'s fields; for [`Micro::Fma`], `xs` holds the tile's inputs unpacked
     /// ([`unpack`]).
-    unsafe fn run(&self, micro: Micro, xs: &[Unpacked; MR]) {
+    unsafe fn run(&self, micro: Micro, xs: Option<&[Unpacked; MR]>) {
         #[cfg(target_arch = "x86_64")]
-        match micro {
-            Micro::Dpbf16 => return self.avx512::<false>(xs),
-            Micro::Fma => return self.avx512::<true>(xs),
-            Micro::Portable => {}
+        match (micro, xs) {
+            (Micro::Dpbf16, _) => return self.avx512(None),
+            (Micro::Fma, Some(xs)) => return self.avx512(Some(xs)),
+            (Micro::Fma, None) => unreachable!("the FMA kernel's tile without its inputs"),
+            (Micro::Portable, _) => {}
         }
         let _ = (micro, xs);
         self.portable()
@@ -727,7 +731,8 @@ impl Tile<'_> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn avx512<const FMA: bool>(&self, xs: &[Unpacked; MR]) {
+    /// With `xs` (the tile's inputs unpacked), on f32 FMAs; else on `vdpbf16ps`.
+    unsafe fn avx512(&self, xs: Option<&[Unpacked; MR]>) {
         use std::arch::x86_64::*;
         let kn = self.b.len() / NR;
         let (a, b, c) = (self.a.as_ptr(), self.b.as_ptr(), self.c);
@@ -765,7 +770,7 @@ impl Tile<'_> {
                 }
             }
         }
-        if FMA {
+        if let Some(xs) = xs {
             self.fma_loop(&mut acc, xs);
         } else {
             for p in 0..kn {
