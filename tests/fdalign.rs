@@ -129,14 +129,17 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     let weights = out.join("model.safetensors");
     let tuned = std::fs::read(&weights).unwrap();
     std::fs::copy(ws.model().join("model.safetensors"), &weights).unwrap();
-    assert_fails_with(&eval(), "model.safetensors or config.json is not what");
+    assert_fails_with(&eval(), "weights or config.json settings are not those");
     std::fs::write(&weights, &tuned).unwrap();
     let pre = out.join("preprocessor_config.json");
     let pre_bytes = std::fs::read(&pre).unwrap();
     let mut edited: serde_json::Value = serde_json::from_slice(&pre_bytes).unwrap();
     edited["resample"] = 2.into();
     std::fs::write(&pre, edited.to_string()).unwrap();
-    assert_fails_with(&eval(), "preprocessor_config.json is not what");
+    assert_fails_with(
+        &eval(),
+        "preprocessing (preprocessor_config.json) is not the one",
+    );
     std::fs::write(&pre, &pre_bytes).unwrap();
     // A head of the wrong shape is refused naming its file.
     let head = out.join("fdalign_head.safetensors");

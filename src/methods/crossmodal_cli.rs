@@ -399,7 +399,13 @@ pub fn eval_adapter(
         quiet,
     )?;
     let clip = load_model(&args, quiet)?;
-    super::check_compatible(&art.identity(), &clip, dataset, path, model.model.is_some())?;
+    super::check_compatible(
+        &art.identity(),
+        &clip,
+        dataset,
+        path,
+        super::ModelFrom::flag(model.model.is_some()),
+    )?;
     // The rows arrive L2-normalised; the head applies its adapter (if any), W and ×100, as
     // trained.
     let run = crate::eval::evaluate_split(&clip, dataset, split, opts, method, |f| {

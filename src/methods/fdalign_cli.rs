@@ -356,7 +356,19 @@ pub fn eval_adapter(
         .with_context(|| format!("{}: no class folders", head_path.display()))?;
     let names: Vec<String> =
         serde_json::from_value(meta["class_names"].clone()).unwrap_or_default();
-    super::check_classes(dataset, &folders, &names, dir)?;
+    // (Folders written before 2026-11-29 record neither.)
+    let digest = &meta["model_digest"];
+    ensure!(
+        digest.is_null() || digest.is_string(),
+        "{}: malformed `model_digest`",
+        head_path.display()
+    );
+    let preprocess: Option<crate::preprocess::PreprocessConfig> = meta
+        .get("preprocess")
+        .filter(|p| !p.is_null())
+        .map(|p| serde_json::from_value(p.clone()))
+        .transpose()
+        .with_context(|| format!("{}: malformed `preprocess`", head_path.display()))?;
     let mut spec = ModelSpec::local(dir);
     spec.dtype = model.dtype;
     spec.device = model.device;
@@ -370,32 +382,16 @@ pub fn eval_adapter(
         w.dims(),
         b.dims()
     );
-    // (Folders written before 2026-11-29 record neither.)
-    let digest = &meta["model_digest"];
-    ensure!(
-        digest.is_null() || digest.is_string(),
-        "{}: malformed `model_digest`",
-        head_path.display()
-    );
-    if let Some(digest) = digest.as_str() {
-        ensure!(
-            clip.has_digest(digest)?,
-            "--adapter {}: model.safetensors or config.json is not what {HEAD_FILE} was trained \
-             with (changed or replaced since)",
-            dir.display()
-        );
-    }
-    if let Some(p) = meta.get("preprocess").filter(|p| !p.is_null()) {
-        let then: crate::preprocess::PreprocessConfig = serde_json::from_value(p.clone())
-            .with_context(|| format!("{}: malformed `preprocess`", head_path.display()))?;
-        if let Some(change) = then.change_to(&clip.preprocess) {
-            bail!(
-                "--adapter {}: preprocessor_config.json is not what {HEAD_FILE} was trained with \
-                 ({change})",
-                dir.display()
-            );
-        }
-    }
+    let id = super::ArtifactIdentity {
+        model: &clip.files.id,
+        model_digest: digest.as_str(),
+        preprocess: preprocess.as_ref(),
+        projection_dim: d,
+        class_folders: &folders,
+        class_names: &names,
+    };
+    let from = super::ModelFrom::Folder(dir);
+    super::check_compatible(&id, &clip, dataset, &head_path, from)?;
     info(
         format!("evaluating the FD-Align model in {}", dir.display()),
         quiet,

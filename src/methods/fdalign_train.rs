@@ -666,7 +666,10 @@ pub fn write_checkpoint(
         tensors.push((name.clone(), as_f32(&tuned[name])?));
     }
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)?;
-    crate::io::write_atomic(&out.join("model.safetensors"), &bytes)?;
+    let weights_path = out.join("model.safetensors");
+    // (config.json is the source's, so its parsed settings are `clip`'s.)
+    let digest = crate::model::load::safetensors_digest(clip.config(), &[(&bytes, &weights_path)])?;
+    crate::io::write_atomic(&weights_path, &bytes)?;
     crate::io::write_atomic(
         &out.join("config.json"),
         &std::fs::read(&clip.files.config)?,
@@ -683,9 +686,7 @@ pub fn write_checkpoint(
     crate::io::write_atomic(&out.join("preprocessor_config.json"), &pre)?;
     // The head belongs to these weights and this preprocessing: `eval --adapter` checks both.
     let mut head_meta = head_meta;
-    // (config.json is the source's, so its parsed settings are `clip`'s.)
-    let weights = crate::model::hub::WeightFiles::Safetensors(vec![out.join("model.safetensors")]);
-    head_meta["model_digest"] = crate::model::load::content_digest(clip.config(), &weights)?.into();
+    head_meta["model_digest"] = digest.into();
     head_meta["preprocess"] = serde_json::to_value(&clip.preprocess)?;
     let w = tuned
         .get("head.weight")

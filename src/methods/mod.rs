@@ -29,22 +29,42 @@ pub struct ArtifactIdentity<'a> {
     pub class_names: &'a [String],
 }
 
-/// Checks that a loaded model and dataset are the ones an artifact was built for (same model,
-/// feature dimension, image preprocessing, class folders and names).
-/// `model_given`: whether the user passed `--model` (else the artifact's own model was loaded,
-/// and the messages must not name a flag the user did not give).
+/// Where the model checked by [`check_compatible`] came from: its messages must name what the
+/// user gave, and not a flag they did not.
+#[derive(Clone, Copy)]
+pub enum ModelFrom<'a> {
+    /// `--model`.
+    Flag,
+    /// The model the artifact records (no `--model`).
+    Recorded,
+    /// The artifact's own folder, which holds the model (an FD-Align output, `--adapter DIR`).
+    Folder(&'a Path),
+}
+
+impl ModelFrom<'_> {
+    pub fn flag(given: bool) -> Self {
+        if given {
+            Self::Flag
+        } else {
+            Self::Recorded
+        }
+    }
+}
+
+/// Checks that a loaded model and dataset are the ones an artifact (at `path`) was built for
+/// (same model, feature dimension, image preprocessing, class folders and names).
 pub fn check_compatible(
     id: &ArtifactIdentity,
     clip: &crate::model::Clip,
     dataset: &crate::data::Dataset,
     path: &Path,
-    model_given: bool,
+    from: ModelFrom,
 ) -> Result<()> {
     let dim = clip.config().projection_dim;
-    let model = if model_given {
-        format!("--model {}", clip.files.id)
-    } else {
-        format!("the model {} (recorded in the artifact)", clip.files.id)
+    let model = match from {
+        ModelFrom::Flag => format!("--model {}", clip.files.id),
+        ModelFrom::Recorded => format!("the model {} (recorded in the artifact)", clip.files.id),
+        ModelFrom::Folder(dir) => format!("--adapter {} (its model)", dir.display()),
     };
     ensure!(
         dim == id.projection_dim,
@@ -57,13 +77,20 @@ pub fn check_compatible(
         // checkpoint written to the same folder is not.
         Some(digest) => ensure!(
             clip.has_digest(digest)?,
-            "{model}: its weights or config.json settings are not those {} was built with \
-             (model `{}` then): the checkpoint was changed or replaced, or this is another model",
+            "{model}: its weights or config.json settings are not those {} was built with{}",
             path.display(),
-            id.model
+            match from {
+                ModelFrom::Folder(_) => " (changed or replaced since)".to_string(),
+                _ => format!(
+                    " (model `{}` then): the checkpoint was changed or replaced, or this is \
+                     another model",
+                    id.model
+                ),
+            }
         ),
+        // A folder is its own model, whatever name it was written under.
         None => ensure!(
-            tip::same_model(&clip.files.id, id.model),
+            matches!(from, ModelFrom::Folder(_)) || tip::same_model(&clip.files.id, id.model),
             "{model}: {} was built with model `{}`; pass --model {} (or leave --model out)",
             path.display(),
             id.model,

@@ -199,7 +199,13 @@ fn load_for(
         )?,
         quiet,
     )?;
-    super::check_compatible(&art.identity(), &clip, dataset, path, args.model.is_some())?;
+    super::check_compatible(
+        &art.identity(),
+        &clip,
+        dataset,
+        path,
+        super::ModelFrom::flag(args.model.is_some()),
+    )?;
     Ok(clip)
 }
 

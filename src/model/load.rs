@@ -641,14 +641,7 @@ pub fn weights_digest(files: &ModelFiles) -> anyhow::Result<String> {
 /// another order or other header metadata is the same model). A PyTorch `.bin` counts byte for
 /// byte.
 pub fn content_digest(config: &ClipConfig, weights: &WeightFiles) -> anyhow::Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    let field = |h: &mut Sha256, bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    field(&mut h, b"clipft content digest 1");
-    field(&mut h, &serde_json::to_vec(config)?);
+    use sha2::Digest;
     match weights {
         WeightFiles::Safetensors(paths) => {
             let maps = paths
@@ -661,28 +654,56 @@ pub fn content_digest(config: &ClipConfig, weights: &WeightFiles) -> anyhow::Res
                         .with_context(|| format!("reading {}", p.display()))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let mut tensors = Vec::new();
-            for (map, p) in maps.iter().zip(paths) {
-                let st = safetensors::SafeTensors::deserialize(map).map_err(|e| {
-                    anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display())
-                })?;
-                tensors.extend(st.tensors());
-            }
-            tensors.sort_by(|a, b| a.0.cmp(&b.0));
-            for (name, view) in tensors {
-                field(&mut h, name.as_bytes());
-                field(
-                    &mut h,
-                    format!("{:?} {:?}", view.dtype(), view.shape()).as_bytes(),
-                );
-                field(&mut h, view.data());
-            }
+            let files: Vec<(&[u8], &Path)> = maps
+                .iter()
+                .zip(paths)
+                .map(|(m, p)| (&m[..], p.as_path()))
+                .collect();
+            safetensors_digest(config, &files)
         }
         WeightFiles::Pth(p) => {
-            field(&mut h, digest_files(&[p])?.as_bytes());
+            let mut h = digest_start(config)?;
+            digest_field(&mut h, digest_files(&[p])?.as_bytes());
+            Ok(format!("{:x}", h.finalize()))
         }
     }
+}
+
+/// [`content_digest`] of a model whose safetensors files hold these bytes (each named by the path
+/// it is, or will be, at): for weights still in memory.
+pub fn safetensors_digest(config: &ClipConfig, files: &[(&[u8], &Path)]) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let mut h = digest_start(config)?;
+    let mut tensors = Vec::new();
+    for (bytes, p) in files {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display()))?;
+        tensors.extend(st.tensors());
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, view) in tensors {
+        digest_field(&mut h, name.as_bytes());
+        digest_field(
+            &mut h,
+            format!("{:?} {:?}", view.dtype(), view.shape()).as_bytes(),
+        );
+        digest_field(&mut h, view.data());
+    }
     Ok(format!("{:x}", h.finalize()))
+}
+
+fn digest_field(h: &mut sha2::Sha256, bytes: &[u8]) {
+    use sha2::Digest;
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+fn digest_start(config: &ClipConfig) -> anyhow::Result<sha2::Sha256> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    digest_field(&mut h, b"clipft content digest 1");
+    digest_field(&mut h, &serde_json::to_vec(config)?);
+    Ok(h)
 }
 
 /// SHA-256 over the files in order, each as its length and bytes: [`weights_digest`] of a model
