@@ -235,7 +235,8 @@ pub struct EvalArgs {
     /// artifact holds its own].
     #[arg(long, value_name = "NAME|FILE")]
     pub templates: Option<String>,
-    /// Print one JSON object (top1, top5, n, per_class, ...) instead of the table.
+    /// Print one JSON object instead of the table: top1, top5 and each per_class top1 in
+    /// percent (0-100), n, ...
     #[arg(long)]
     pub json: bool,
     /// Also write the logits (N×C: the method's, e.g. 100·cos for zero-shot) and labels, with
@@ -487,6 +488,15 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
 }
 
 /// Samples of a split, few-shot sampled when `--shots` is given; warnings go to stderr.
+/// Opens a dataset folder for a command, warning about classes `classnames.txt` leaves unnamed.
+pub(crate) fn open_dataset(root: &Path) -> Result<Dataset> {
+    let dataset = Dataset::open(root)?;
+    if let Some(w) = dataset.unnamed_warning() {
+        crate::say!("warning: {w}");
+    }
+    Ok(dataset)
+}
+
 pub(crate) fn split_samples(
     dataset: &Dataset,
     split: Split,
@@ -621,7 +631,7 @@ fn labels_tensor(labels: &[usize]) -> Result<Tensor> {
 
 fn features_cmd(a: FeaturesArgs, quiet: bool) -> Result<()> {
     let out = crate::io::check_writable(&a.out, "--out")?;
-    let dataset = Dataset::open(&a.data)?;
+    let dataset = open_dataset(&a.data)?;
     dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     let samples = split_samples(&dataset, a.split, &a.shots, quiet)?;
     let clip = load_model(&a.model, quiet)?;
@@ -698,7 +708,7 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
             );
         }
     }
-    let dataset = Dataset::open(&a.data)?;
+    let dataset = open_dataset(&a.data)?;
     if let Some(p) = &a.save_logits {
         dataset.ensure_not_a_dataset_file(p, "--save-logits")?;
     }

@@ -58,14 +58,10 @@ pub enum DataError {
     NoSuchDir(PathBuf),
     #[error("{}: a file, not a dataset folder (DIR/<split>/<class>/<image>)", .0.display())]
     NotADir(PathBuf),
-    #[error("{}: no train/, val/ or test/ folder; expected DIR/<split>/<class>/<image>", .0.display())]
+    #[error("{}: no train/, val/ or test/ folder; expected DIR/<split>/<class>/<image>{}", .0.display(), split_hint(.0))]
     NoSplits(PathBuf),
-    #[error("{}: split `{split}` does not exist (found: {found})", root.display())]
-    MissingSplit {
-        root: PathBuf,
-        split: Split,
-        found: String,
-    },
+    #[error("{}: split `{split}` does not exist: no folder {split}/{}", root.display(), split_hint(root))]
+    MissingSplit { root: PathBuf, split: Split },
     #[error("{}: no class folders", .0.display())]
     NoClasses(PathBuf),
     #[error("{}: class folders differ from {reference}/: {detail}", dir.display())]
@@ -118,6 +114,9 @@ pub struct Dataset {
     pub root: PathBuf,
     pub classes: Vec<ClassInfo>,
     pub splits: Vec<Split>,
+    /// Folders that a `classnames.txt` leaves unnamed (prompted by their folder names): worth
+    /// a warning, as a WordNet ID in a prompt is a silent accuracy loss.
+    pub unnamed: Vec<String>,
 }
 
 fn io_err(path: &Path, e: impl fmt::Display) -> DataError {
@@ -223,7 +222,68 @@ fn subfolders(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The folders `root` has (a user's own split names show what to rename), and a hint where one
+/// is a split under another spelling (`Test/`, `validation/`).
+fn split_hint(root: &Path) -> String {
+    let found = subfolders(root);
+    if found.is_empty() {
+        return " (it has no folders)".into();
+    }
+    let mut hint = format!(
+        " (its folders: {})",
+        found
+            .iter()
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let renames: Vec<String> = found
+        .iter()
+        .filter_map(|f| {
+            let split = match f.to_lowercase().as_str() {
+                "train" | "training" => Split::Train,
+                "val" | "valid" | "validation" | "dev" => Split::Val,
+                "test" | "testing" => Split::Test,
+                _ => return None,
+            };
+            (f != split.as_str() && !root.join(split.as_str()).is_dir())
+                .then(|| format!("`{f}` to `{split}`"))
+        })
+        .collect();
+    if !renames.is_empty() {
+        hint.push_str(&format!(
+            "; clipft reads the splits from folders named exactly train/, val/ and test/: rename {}",
+            renames.join(", ")
+        ));
+    }
+    hint
+}
+
 impl Dataset {
+    /// A warning when `classnames.txt` leaves some classes unnamed, listing them.
+    pub fn unnamed_warning(&self) -> Option<String> {
+        if self.unnamed.is_empty() {
+            return None;
+        }
+        const SHOWN: usize = 5;
+        let mut list: Vec<String> = self
+            .unnamed
+            .iter()
+            .take(SHOWN)
+            .map(|f| format!("`{f}`"))
+            .collect();
+        if self.unnamed.len() > SHOWN {
+            list.push(format!("and {} more", self.unnamed.len() - SHOWN));
+        }
+        Some(format!(
+            "{}: names {} of {} classes; the others are prompted by their folder names: {}",
+            self.root.join("classnames.txt").display(),
+            self.classes.len() - self.unnamed.len(),
+            self.classes.len(),
+            list.join(", ")
+        ))
+    }
+
     /// Refuses an output path that is a file this dataset is read from: an image (also one not
     /// there yet: an image-named file inside the dataset would be read as one on the next run,
     /// or stop it) or its `classnames.txt`.
@@ -333,8 +393,9 @@ impl Dataset {
             })
             .collect();
         let names_file = root.join("classnames.txt");
+        let mut unnamed = Vec::new();
         if names_file.is_file() {
-            apply_classnames(&names_file, &mut classes)?;
+            unnamed = apply_classnames(&names_file, &mut classes)?;
         } else {
             // `sea_lion` and `sea lion` would both be prompted as "sea lion".
             check_unique_names(&classes, |_| None).map_err(|(_, msg)| {
@@ -357,6 +418,7 @@ impl Dataset {
             root,
             classes,
             splits,
+            unnamed,
         })
     }
 
@@ -375,16 +437,9 @@ impl Dataset {
     /// All samples of a split: classes by folder name, files by name.
     pub fn samples(&self, split: Split) -> Result<Vec<Sample>, DataError> {
         if !self.splits.contains(&split) {
-            let found = self
-                .splits
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
             return Err(DataError::MissingSplit {
                 root: self.root.clone(),
                 split,
-                found,
             });
         }
         let mut out = Vec::new();
@@ -414,7 +469,8 @@ impl Dataset {
 
 /// Applies `classnames.txt`, then checks that every class ends up with its own name: two classes
 /// with one name would get the same prompts, and one of them could never be predicted.
-fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataError> {
+/// Reads `classnames.txt` into `classes`; returns the folders it does not name.
+fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<Vec<String>, DataError> {
     let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
     // Editors on Windows save UTF-8 with a byte-order mark; it is not part of the first folder.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -431,9 +487,19 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataEr
             line: i + 1,
             msg,
         };
-        let (folder, name) = line
-            .split_once('\t')
-            .ok_or_else(|| bad("expected `<folder>\\t<readable name>`".into()))?;
+        let Some((folder, name)) = line.split_once('\t') else {
+            // CoOp's and Tip-Adapter's lists separate the two with a space.
+            let spaced = line
+                .split_once(' ')
+                .filter(|(f, _)| classes.iter().any(|c| composed(&c.folder) == composed(f)));
+            return Err(bad(match spaced {
+                Some((f, _)) => format!(
+                    "no tab on this line: `{f}` and its name are separated by a space; \
+                     expected `<folder>\\t<readable name>`"
+                ),
+                None => "expected `<folder>\\t<readable name>`".into(),
+            }));
+        };
         // A third column (e.g. a class index) would silently become part of the name.
         if name.contains('\t') {
             return Err(bad(format!(
@@ -471,7 +537,13 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<(), DataEr
             path: path.to_path_buf(),
             msg,
         },
-    })
+    })?;
+    Ok(classes
+        .iter()
+        .zip(&named_on)
+        .filter(|(_, line)| line.is_none())
+        .map(|(c, _)| c.folder.clone())
+        .collect())
 }
 
 /// The first two classes that share a name, as `(line of classnames.txt to blame, message)`;
@@ -632,6 +704,27 @@ mod tests {
         std::fs::create_dir(dir.path().join("c.jpg")).unwrap();
         let names = listed(dir.path());
         assert_eq!(names, ["a.png", "b.png"]);
+    }
+
+    /// A missing split names the folders that are there, and how to rename one that is a split
+    /// under another spelling.
+    #[test]
+    fn missing_splits_name_the_folders_found() {
+        let (_dir, root) = dataset(&["a"], None);
+        std::fs::create_dir_all(root.join("Test").join("a")).unwrap();
+        std::fs::create_dir_all(root.join("validation").join("a")).unwrap();
+        let ds = Dataset::open(&root).unwrap();
+        let e = ds.samples(Split::Test).unwrap_err().to_string();
+        assert!(
+            e.contains("split `test` does not exist: no folder test/")
+                && e.contains("its folders: `Test`, `train`, `validation`")
+                && e.contains("rename `Test` to `test`, `validation` to `val`"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("Train").join("a")).unwrap();
+        let e = Dataset::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("rename `Train` to `train`"), "{e}");
     }
 
     /// A class folder whose name is not UTF-8 is refused by name, not reported missing.
@@ -804,6 +897,31 @@ mod tests {
             e.contains("another Unicode form")
                 && e.contains("`cafe\\u{301}` here, `caf\\u{e9}` in train")
                 && !e.contains("missing"),
+            "{e}"
+        );
+    }
+
+    /// Classes `classnames.txt` leaves unnamed are listed for a warning; a space-separated list
+    /// (CoOp's format) is refused with a hint about the tab.
+    #[test]
+    fn partial_and_space_separated_classnames() {
+        let (_dir, root) = dataset(&["n01", "n02", "n03"], Some("n01\ttench\n"));
+        let ds = Dataset::open(&root).unwrap();
+        assert_eq!(ds.unnamed, ["n02", "n03"]);
+        let w = ds.unnamed_warning().unwrap();
+        assert!(
+            w.contains("names 1 of 3 classes") && w.contains("`n02`, `n03`"),
+            "{w}"
+        );
+        let (_dir, root) = dataset(&["n01"], Some("n01\ttench\n"));
+        assert_eq!(Dataset::open(&root).unwrap().unnamed_warning(), None);
+        let (_dir, root) = dataset(&["n01"], None);
+        assert_eq!(Dataset::open(&root).unwrap().unnamed_warning(), None);
+        let e = open_err(&["n01", "n02"], Some("n01 tench\n"));
+        assert!(e.contains(":1: no tab on this line: `n01`"), "{e}");
+        let e = open_err(&["n01", "n02"], Some("tench fish\n"));
+        assert!(
+            e.contains("expected `<folder>") && !e.contains("no tab"),
             "{e}"
         );
     }

@@ -10,7 +10,7 @@ pub fn bar(len: u64, msg: &str, enabled: bool) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template(
-            "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+            "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec:1}, eta {eta})",
         )
         .expect("valid template")
         .progress_chars("=> "),

@@ -165,6 +165,18 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     assert_fails_with(&eval(), "fdalign_head.safetensors: a head of");
     std::fs::write(&head, &head_bytes).unwrap();
     assert!(eval().status.success());
+    // Training again into the output replaces it (every file it holds is the run's own),
+    // unless the folder also holds other files (logits saved there, say): those would stay
+    // beside a model they were not made with.
+    std::fs::write(out.join("extra.safetensors"), b"logits").unwrap();
+    assert_fails_with(
+        &train(),
+        "holds extra.safetensors, not files of the FD-Align output",
+    );
+    assert_eq!(std::fs::read(&head).unwrap(), head_bytes);
+    std::fs::remove_file(out.join("extra.safetensors")).unwrap();
+    let o = train();
+    assert!(o.status.success(), "{}", stderr(&o));
     // A dataset with other classes is refused.
     std::fs::write(
         ws.data().join("classnames.txt"),

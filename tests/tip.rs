@@ -455,6 +455,7 @@ mod cli {
 
     use assert_cmd::Command;
     use clipft::model::synth;
+    use predicates::prelude::*;
     use predicates::str::contains;
     use serde_json::Value;
 
@@ -550,6 +551,38 @@ mod cli {
             .assert()
             .failure()
             .stderr(contains("older than 2026-11-29").and(contains("build the cache again")));
+    }
+
+    /// `tip train` draws the cache's sample again: on another dataset it names the classes
+    /// that differ, and on one with fewer images the cache's shot count, not flags it lacks.
+    #[test]
+    fn tip_train_on_another_dataset_names_the_cause() {
+        let ws = Ws::new(3);
+        let tipc = ws.p("tip.safetensors");
+        ws.build_cache(&ws.p("data"))
+            .args(["--shots", "4", "--augment-epochs", "1", "--out", s(&tipc)])
+            .assert()
+            .success();
+        let train = |data: &Path| {
+            let mut c = ws.cmd();
+            c.args(["tip", "train", "--cache", s(&tipc), "--data", s(data)])
+                .args(["--epochs", "1", "--out", s(&ws.p("f.safetensors"))]);
+            c
+        };
+        let fewer = ws.p("fewer");
+        synth::write_dataset(&fewer, 3, [("train", 2), ("val", 2), ("test", 2)], 0).unwrap();
+        train(&fewer).assert().failure().stderr(
+            contains("fewer training images than the 4 shots per class --cache")
+                .and(contains("--allow-fewer-shots").not())
+                .and(contains("--shots 4:").not()),
+        );
+        let other = ws.p("other");
+        synth::write_dataset(&other, 2, [("train", 8), ("val", 2), ("test", 2)], 0).unwrap();
+        train(&other)
+            .assert()
+            .failure()
+            .stderr(contains("class folders differ").and(contains("fewer").not()));
+        assert!(!ws.p("f.safetensors").exists());
     }
 
     #[test]
@@ -883,6 +916,4 @@ mod cli {
             .failure()
             .stderr(contains("never tunes on test"));
     }
-
-    use predicates::prelude::*;
 }

@@ -149,6 +149,7 @@ pub fn train(
     val: &[Sample],
     o: &TrainOptions,
     opts: &ExtractOptions,
+    quiet: bool,
 ) -> Result<(CrossArtifact, Vec<String>)> {
     ensure!(!train.is_empty(), "no training images");
     let class_names = dataset.class_names();
@@ -207,6 +208,31 @@ pub fn train(
         Some(h) => vec![h],
         None => cm::grid_for(o.head),
     };
+    // Settings whose batch halves do not fit the rows are skipped (noted after the sweep).
+    let runnable = grid
+        .iter()
+        .filter(|h| {
+            cm::batch_split(
+                h.batch_size,
+                o.modality,
+                text.labels.len(),
+                image.labels.len(),
+            )
+            .is_some()
+        })
+        .count();
+    let skipped = match grid.len() - runnable {
+        0 => String::new(),
+        n => format!(" ({n} more skipped: batch too large for the rows)"),
+    };
+    info(
+        format!(
+            "training: {runnable} setting{} × {} iterations{skipped}",
+            if runnable == 1 { "" } else { "s" },
+            o.iters
+        ),
+        quiet,
+    );
     let out = cm::sweep(&text, &image, &val_rows, &init, &grid, &settings)?;
     let val_acc_zeroshot = cm::accuracy(&cm::logits_normalized(&val_rows.x, &zs), &val_rows.labels);
     let head_wiseft = o
@@ -313,7 +339,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     let templates = crate::templates::resolve(&a.templates)?;
     let templates_file = crate::templates::file(&a.templates).map(|p| (p, "the --templates file"));
     crate::io::ensure_not_input(&a.out, "--out", templates_file)?;
-    let dataset = Dataset::open(&a.data)?;
+    let dataset = crate::cli::open_dataset(&a.data)?;
     dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet).with_context(|| {
         "cross-modal training sweeps hyperparameters on the val split (clipft never tunes on test)"
@@ -341,19 +367,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         shots: a.shots.shots.map(|k| k as usize),
         seed: a.shots.seed,
     };
-    info(
-        format!(
-            "training: {} settings × {} iterations",
-            if o.hyper.is_some() {
-                1
-            } else {
-                cm::grid_for(o.head).len()
-            },
-            o.iters
-        ),
-        quiet,
-    );
-    let (art, notes) = train(&clip, &dataset, &train_s, &val, &o, &opts)?;
+    let (art, notes) = train(&clip, &dataset, &train_s, &val, &o, &opts, quiet)?;
     for n in notes {
         info(format!("note: {n}"), quiet);
     }
@@ -455,7 +469,7 @@ pub fn demo(
             shots: Some(1),
             seed: 1,
         };
-        let (art, _) = train(clip, dataset, &train_s, &val, &o, opts)?;
+        let (art, _) = train(clip, dataset, &train_s, &val, &o, opts, true)?;
         writeln!(out)?;
         write_summary(&art, out)?;
         let (head, _) = art.pick("learned")?;

@@ -45,8 +45,8 @@ pub struct TrainArgs {
     /// Images per optimiser step [default: min(256, train size)].
     #[arg(long, value_name = "N")]
     pub batch_size: Option<usize>,
-    /// Split each step into this many micro-batches (gradients summed) to save memory; at most
-    /// one image per micro-batch, so values above the batch size act as the batch size.
+    /// Split each step into this many micro-batches (gradients summed) to save memory; each
+    /// holds at least one image, so values above the batch size act as the batch size.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub accum_steps: usize,
     /// Weight β of the spurious-feature KL term.
@@ -93,7 +93,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     settings.validate()?;
     let made = crate::io::missing_folders(&a.out);
     let lock = check_out_folder(&a.out, a.model.model.as_deref())?;
-    let dataset = Dataset::open(&a.data)?;
+    let dataset = crate::cli::open_dataset(&a.data)?;
     let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
     let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet)
         .context("FD-Align picks its epoch on val (clipft never tunes on test)")?;
@@ -215,6 +215,17 @@ struct OutLock {
 /// The lock file in `--out` (present only while a run holds it, or after a killed run).
 const LOCK_FILE: &str = ".clipft-lock";
 
+/// The files an FD-Align run writes into `--out` (besides [`LOCK_FILE`] and temporaries).
+const OUTPUT_FILES: [&str; 7] = [
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "preprocessor_config.json",
+    fdalign_train::HEAD_FILE,
+    "manifest.json",
+    fdalign_train::STATE_FILE,
+];
+
 impl OutLock {
     fn take(out: &Path) -> Result<Self> {
         // (Under the interrupt gate: an interrupt waits until the lock is made and registered
@@ -289,13 +300,41 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<Option<OutLock>> 
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .is_some_and(|m| m["kind"] == "fdalign");
-        let empty = listing()?.all(|e| e.is_ok_and(|e| leftover(&e.path())));
-        ensure!(
-            earlier || empty,
-            "--out {}: the folder holds files that are not an FD-Align output; give a new or \
-             empty folder",
-            out.display()
-        );
+        // Everything else: not clipft's, so not replaced, and not to be left beside a model it
+        // was not made with (logits saved there by `eval --save-logits`, say).
+        let mut foreign: Vec<String> = listing()?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let p = e.path();
+                let ours = leftover(&p) || earlier && OUTPUT_FILES.iter().any(|f| p.ends_with(f));
+                !ours
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        foreign.sort();
+        if !foreign.is_empty() {
+            let shown = foreign.len().min(5);
+            let more = match foreign.len() - shown {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            bail!(
+                "--out {}: the folder holds {}{more}, not {}; give a new or empty folder{}",
+                out.display(),
+                foreign[..shown].join(", "),
+                if earlier {
+                    "files of the FD-Align output in it (which would be replaced, and these \
+                     left beside a model they were not made with)"
+                } else {
+                    "an FD-Align output"
+                },
+                if earlier {
+                    ", or move those files out"
+                } else {
+                    ""
+                }
+            );
+        }
         crate::io::check_can_make(out, out, "--out")?;
         let held = OutLock::take(out)?;
         for entry in listing()? {

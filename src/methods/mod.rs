@@ -251,6 +251,7 @@ mod tests {
                 })
                 .collect(),
             splits: vec![crate::data::Split::Train],
+            unnamed: Vec::new(),
         }
     }
 

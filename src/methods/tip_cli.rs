@@ -109,7 +109,7 @@ fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
     if let Some(t) = &a.templates {
         config.templates = crate::templates::resolve(t)?;
     }
-    let dataset = Dataset::open(&a.data)?;
+    let dataset = crate::cli::open_dataset(&a.data)?;
     dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     dataset.samples(Split::Val).with_context(|| {
         "Tip-Adapter searches α/β on the val split (clipft never tunes on test)"
@@ -232,7 +232,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         "--cache {}: already a Tip-Adapter-F artifact; pass the file from `clipft tip build-cache`",
         a.cache.display()
     );
-    let dataset = Dataset::open(&a.data)?;
+    let dataset = crate::cli::open_dataset(&a.data)?;
     dataset.ensure_not_a_dataset_file(&a.out, "--out")?;
     let m = &cache.meta;
     let shots = ShotArgs {
@@ -240,7 +240,23 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         seed: m.seed,
         allow_fewer_shots: m.allow_fewer_shots,
     };
-    let train = split_samples(&dataset, Split::Train, &shots, true)?;
+    // Other classes first: the sample below would fail on them with a less telling message.
+    super::check_classes(&dataset, &m.class_folders, &m.class_names, &a.cache)?;
+    // The cache's sample is drawn again: the shot count is the cache's, not a flag of this
+    // command.
+    let train = split_samples(&dataset, Split::Train, &shots, true).map_err(|e| {
+        match e.downcast_ref::<crate::data::DataError>() {
+            Some(crate::data::DataError::TooFewShots { shots, count, list }) => anyhow::anyhow!(
+                "--data {}: {count} class(es) have fewer training images than the {shots} shots \
+                 per class --cache {} was built with: {list}. tip train draws the cache's sample \
+                 again: pass the dataset the cache was built from, or rebuild the cache with \
+                 fewer --shots",
+                a.data.display(),
+                a.cache.display()
+            ),
+            _ => e,
+        }
+    })?;
     let clip = load_for(&a.model, &cache, &dataset, &a.cache, quiet)?;
     crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
     let opts = a.read.options(a.encode_batch_size as usize, quiet);
