@@ -142,6 +142,9 @@ fn build_cache_cmd(a: BuildCacheArgs, quiet: bool) -> Result<()> {
     art.save(&out)?;
     let mut out = crate::cli::stdout();
     write_summary(&art, &mut out)?;
+    if let Some(note) = search_note(&art.meta) {
+        info(note, quiet);
+    }
     info(format!("wrote {}", a.out.display()), quiet);
     Ok(())
 }
@@ -180,6 +183,32 @@ pub fn write_summary(art: &TipArtifact, out: &mut impl Write) -> std::io::Result
             m.val_acc
         ),
     }
+}
+
+/// A note when the searched β/α score below the initial ones on val (a grid that does not reach
+/// them, or steps past them): surprising, but what the official `search_hp` keeps too.
+fn search_note(m: &tip::TipMeta) -> Option<String> {
+    if m.val_acc >= m.val_acc_init {
+        return None;
+    }
+    let c = &m.config;
+    let outside = c.init_beta > c.search_scale[0] || c.init_alpha > c.search_scale[1];
+    Some(format!(
+        "note: on val the searched β/α ({:.2}%) score below the initial β {} α {} ({:.2}%){}; \
+         the searched values are used all the same, as the official code does",
+        m.val_acc,
+        c.init_beta,
+        c.init_alpha,
+        m.val_acc_init,
+        if outside {
+            format!(
+                ", which lie outside the search grid (search_scale [{}, {}])",
+                c.search_scale[0], c.search_scale[1]
+            )
+        } else {
+            String::new()
+        }
+    ))
 }
 
 fn load_for(
@@ -278,6 +307,9 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     let art = tip::train(&clip, &dataset, &cache, &train, &train_opts, &opts)?;
     art.save(&out)?;
     write_summary(&art, &mut crate::cli::stdout())?;
+    if let Some(note) = search_note(&art.meta) {
+        info(note, quiet);
+    }
     info(format!("wrote {}", a.out.display()), quiet);
     Ok(())
 }
