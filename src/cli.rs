@@ -48,7 +48,8 @@ pub enum Command {
     Features(FeaturesArgs),
     /// Evaluate a method on a split: top-1, top-5 and per-class accuracy.
     Eval(EvalArgs),
-    /// Generate a small random CLIP checkpoint and image set, then run the pipeline end to end.
+    /// Generate a small random CLIP checkpoint and image set, then run zero-shot, Tip-Adapter(-F),
+    /// linear probes, cross-modal adaptation and FD-Align on it end to end.
     Demo(DemoArgs),
     /// Load a checkpoint and print what it is (architecture, dims, dtype, device).
     Info(InfoArgs),
@@ -75,8 +76,9 @@ pub struct ModelArgs {
     pub revision: Option<String>,
     /// Compute precision: f32, f16 or bf16. On the CPU, bf16 takes the dense layers' products in
     /// bf16 with f32 in between (needs AVX512-BF16, otherwise f32 with a warning): about 2x f32
-    /// on AMD, f32's speed or more on Intel (far more with AMX); f16 there is slower than f32. `fdalign train` keeps f32 weights and computes the trained
-    /// encoder in this dtype (mixed precision; f16 with loss scaling).
+    /// on AMD, f32's speed or more on Intel (far more with AMX); f16 there is slower than f32.
+    /// `fdalign train` keeps f32 weights and computes the trained encoder in this dtype (mixed
+    /// precision; f16 with loss scaling).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: DTypeArg,
     /// auto, cpu, cuda (alias gpu) or cuda:N (cuda needs a build with `--features cuda`).
@@ -259,8 +261,8 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where to write the generated checkpoint and images (default: a temporary folder that is
-    /// removed afterwards).
+    /// Where to write the generated checkpoint and images, the feature cache and the FD-Align
+    /// checkpoint (default: a temporary folder that is removed afterwards).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
 }

@@ -132,6 +132,14 @@ fn run_in(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     reports.extend(crate::methods::crossmodal_cli::demo(
         &clip, &dataset, &opts, quiet, out,
     )?);
+    reports.push(crate::methods::fdalign_cli::demo(
+        &clip,
+        &dataset,
+        &root.join("fdalign"),
+        &opts,
+        quiet,
+        out,
+    )?);
     writeln!(out)?;
     writeln!(out, "test top-1 side by side")?;
     for r in &reports {

@@ -41,6 +41,20 @@ fn demo_runs_end_to_end() {
     let tail = |t: &str| t[t.find("zeroshot on test").unwrap()..].to_string();
     assert_eq!(tail(&text), tail(&stdout(&again)));
     assert!(text.contains("test top-1 side by side"), "{text}");
+    // All three methods of the brief ran, FD-Align into a checkpoint folder `eval` can use.
+    for method in ["tip-adapter-f", "crossmodal", "fd-align"] {
+        assert!(
+            text.contains(&format!("{method} on test (120 images)")),
+            "{text}"
+        );
+    }
+    let fd = ws.path().join("demo/fdalign");
+    assert!(fd.join("fdalign_head.safetensors").is_file());
+    let o = ws
+        .eval_adapter(&fd, &ws.path().join("demo/data"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// Runs `clipft demo` with `args` and `env`, checks its first stderr line with `first_line`

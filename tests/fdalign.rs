@@ -99,13 +99,7 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     let o = ws.bare("info").arg("--model").arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let o = ws
-        .bare("eval")
-        .arg("--adapter")
-        .arg(&out)
-        .arg("--data")
-        .arg(ws.data())
-        .arg("--cache-dir")
-        .arg(ws.cache())
+        .eval_adapter(&out, &ws.data())
         .arg("--json")
         .output()
         .unwrap();
@@ -113,17 +107,7 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(report["n"], 12);
     assert_eq!(report["method"], "fd-align");
-    let eval = || {
-        ws.bare("eval")
-            .arg("--adapter")
-            .arg(&out)
-            .arg("--data")
-            .arg(ws.data())
-            .arg("--cache-dir")
-            .arg(ws.cache())
-            .output()
-            .unwrap()
-    };
+    let eval = || ws.eval_adapter(&out, &ws.data()).output().unwrap();
     // The head belongs to the folder's weights and preprocessing: replaced weights (here the
     // source's own) or an edited preprocessor_config.json are refused.
     let weights = out.join("model.safetensors");
@@ -146,11 +130,7 @@ fn train_writes_a_complete_checkpoint_that_evaluates() {
     let head_bytes = std::fs::read(&head).unwrap();
     // The folder's files are inputs: logits are not saved over them.
     let o = ws
-        .bare("eval")
-        .arg("--adapter")
-        .arg(&out)
-        .arg("--data")
-        .arg(ws.data())
+        .eval_adapter(&out, &ws.data())
         .arg("--save-logits")
         .arg(&head)
         .output()

@@ -58,6 +58,19 @@ impl Workspace {
         c
     }
 
+    /// `clipft eval --adapter ADAPTER --data DATA` with the workspace's feature cache (the
+    /// adapter's own model: no `--model`).
+    pub fn eval_adapter(&self, adapter: &Path, data: &Path) -> Command {
+        let mut c = self.bare("eval");
+        c.arg("--adapter")
+            .arg(adapter)
+            .arg("--data")
+            .arg(data)
+            .arg("--cache-dir")
+            .arg(self.cache());
+        c
+    }
+
     /// `clipft SUB` with `--model` and `--cache-dir` pointing into the workspace.
     pub fn cmd(&self, sub: &str) -> Command {
         let mut c = self.bare(sub);
