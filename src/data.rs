@@ -31,6 +31,16 @@ impl Split {
             Split::Test => "test",
         }
     }
+
+    /// The folder names this split is read from, its own name first: `validation/` (Hugging
+    /// Face image-folder exports) and `valid/` (many Kaggle sets) are the val split too.
+    pub fn folder_names(self) -> &'static [&'static str] {
+        match self {
+            Split::Train => &["train"],
+            Split::Val => &["val", "validation", "valid"],
+            Split::Test => &["test"],
+        }
+    }
 }
 
 impl fmt::Display for Split {
@@ -60,14 +70,21 @@ pub enum DataError {
     NotADir(PathBuf),
     #[error("{}: no train/, val/ or test/ folder; expected DIR/<split>/<class>/<image>{}", .0.display(), split_hint(.0))]
     NoSplits(PathBuf),
-    #[error("{}: split `{split}` does not exist: no folder {split}/{}", root.display(), split_hint(root))]
+    #[error("{}: split `{split}` does not exist: no folder {}{}", root.display(), folders_of(*split), split_hint(root))]
     MissingSplit { root: PathBuf, split: Split },
+    #[error("{}: two folders of the {split} split, {}; keep one", root.display(), folders.join(" and "))]
+    SplitTwice {
+        root: PathBuf,
+        split: Split,
+        folders: Vec<String>,
+    },
     #[error("{}: no class folders", .0.display())]
     NoClasses(PathBuf),
     #[error("{}: class folders differ from {reference}/: {detail}", dir.display())]
     ClassMismatch {
         dir: PathBuf,
-        reference: Split,
+        /// The folder of the split compared with.
+        reference: String,
         detail: String,
     },
     #[error("{}: class folder has no images ({}){hint}", .dir.display(), IMAGE_EXTENSIONS.join(", "))]
@@ -113,7 +130,8 @@ pub struct Sample {
 pub struct Dataset {
     pub root: PathBuf,
     pub classes: Vec<ClassInfo>,
-    pub splits: Vec<Split>,
+    /// The splits present, each with the folder it is read from (see [`Split::folder_names`]).
+    pub splits: Vec<(Split, String)>,
     /// Folders that a `classnames.txt` leaves unnamed (prompted by their folder names): worth
     /// a warning, as a WordNet ID in a prompt is a silent accuracy loss.
     pub unnamed: Vec<String>,
@@ -222,6 +240,19 @@ fn subfolders(dir: &Path) -> Vec<String> {
     names
 }
 
+/// `val/, validation/ or valid/`: the folders a split may be read from.
+fn folders_of(split: Split) -> String {
+    let names: Vec<String> = split
+        .folder_names()
+        .iter()
+        .map(|n| format!("{n}/"))
+        .collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.concat(),
+    }
+}
+
 /// The folders `root` has (a user's own split names show what to rename), and a hint where one
 /// is a split under another spelling (`Test/`, `validation/`).
 fn split_hint(root: &Path) -> String {
@@ -246,13 +277,15 @@ fn split_hint(root: &Path) -> String {
                 "test" | "testing" => Split::Test,
                 _ => return None,
             };
-            (f != split.as_str() && !root.join(split.as_str()).is_dir())
+            let taken = split.folder_names().iter().any(|n| root.join(n).is_dir());
+            (!split.folder_names().contains(&f.as_str()) && !taken)
                 .then(|| format!("`{f}` to `{split}`"))
         })
         .collect();
     if !renames.is_empty() {
         hint.push_str(&format!(
-            "; clipft reads the splits from folders named exactly train/, val/ and test/: rename {}",
+            "; clipft reads the splits from folders named exactly train/, val/ (or validation/, \
+             valid/) and test/: rename {}",
             renames.join(", ")
         ));
     }
@@ -326,19 +359,33 @@ impl Dataset {
         if !root.is_dir() {
             return Err(DataError::NoSuchDir(root));
         }
-        let splits: Vec<Split> = Split::ALL
-            .into_iter()
-            .filter(|s| root.join(s.as_str()).is_dir())
-            .collect();
-        let Some(&first) = splits.first() else {
+        let mut splits = Vec::new();
+        for split in Split::ALL {
+            let found: Vec<String> = (split.folder_names().iter())
+                .filter(|n| root.join(n).is_dir())
+                .map(|n| format!("{n}/"))
+                .collect();
+            match found.len() {
+                0 => {}
+                1 => splits.push((split, found[0].trim_end_matches('/').to_string())),
+                _ => {
+                    return Err(DataError::SplitTwice {
+                        root,
+                        split,
+                        folders: found,
+                    })
+                }
+            }
+        }
+        let Some((_, first)) = splits.first().cloned() else {
             return Err(DataError::NoSplits(root));
         };
-        let folders = subdirs(&root.join(first.as_str()))?;
+        let folders = subdirs(&root.join(&first))?;
         if folders.is_empty() {
-            return Err(DataError::NoClasses(root.join(first.as_str())));
+            return Err(DataError::NoClasses(root.join(&first)));
         }
-        for &split in &splits[1..] {
-            let dir = root.join(split.as_str());
+        for (_, name) in &splits[1..] {
+            let dir = root.join(name);
             let other = subdirs(&dir)?;
             if other != folders {
                 let a: BTreeSet<_> = folders.iter().collect();
@@ -380,7 +427,7 @@ impl Dataset {
                 }
                 return Err(DataError::ClassMismatch {
                     dir,
-                    reference: first,
+                    reference: first.clone(),
                     detail: detail.join("; "),
                 });
             }
@@ -400,7 +447,7 @@ impl Dataset {
             // `sea_lion` and `sea lion` would both be prompted as "sea lion".
             check_unique_names(&classes, |_| None).map_err(|(_, msg)| {
                 DataError::DuplicateNames {
-                    path: root.join(first.as_str()),
+                    path: root.join(&first),
                     msg,
                 }
             })?;
@@ -408,7 +455,7 @@ impl Dataset {
         // A folder such as `_` reads as blank: its prompts would name nothing.
         if let Some(c) = classes.iter().find(|c| c.name.trim().is_empty()) {
             return Err(DataError::Io {
-                path: root.join(first.as_str()).join(&c.folder),
+                path: root.join(&first).join(&c.folder),
                 msg: "the class name read from this folder's name is blank ('_' reads as a \
                       space); give it a name in classnames.txt"
                     .into(),
@@ -430,21 +477,24 @@ impl Dataset {
         self.classes.iter().map(|c| c.folder.clone()).collect()
     }
 
-    pub fn split_dir(&self, split: Split) -> PathBuf {
-        self.root.join(split.as_str())
+    /// The folder `split` is read from, if the dataset has it.
+    pub fn split_dir(&self, split: Split) -> Option<PathBuf> {
+        (self.splits.iter())
+            .find(|(s, _)| *s == split)
+            .map(|(_, name)| self.root.join(name))
     }
 
     /// All samples of a split: classes by folder name, files by name.
     pub fn samples(&self, split: Split) -> Result<Vec<Sample>, DataError> {
-        if !self.splits.contains(&split) {
+        let Some(split_dir) = self.split_dir(split) else {
             return Err(DataError::MissingSplit {
                 root: self.root.clone(),
                 split,
             });
-        }
+        };
         let mut out = Vec::new();
         for (label, class) in self.classes.iter().enumerate() {
-            let dir = self.split_dir(split).join(&class.folder);
+            let dir = split_dir.join(&class.folder);
             let files = list_images(&dir)?;
             if files.is_empty() {
                 // Images one level down are a common layout mistake (torchvision's ImageFolder
@@ -706,19 +756,55 @@ mod tests {
         assert_eq!(names, ["a.png", "b.png"]);
     }
 
-    /// A missing split names the folders that are there, and how to rename one that is a split
-    /// under another spelling.
+    /// `validation/` and `valid/` are the val split; a missing split names the folders that
+    /// are there, and how to rename one that is a split under another spelling.
     #[test]
-    fn missing_splits_name_the_folders_found() {
+    fn split_folders_and_missing_splits() {
         let (_dir, root) = dataset(&["a"], None);
         std::fs::create_dir_all(root.join("Test").join("a")).unwrap();
-        std::fs::create_dir_all(root.join("validation").join("a")).unwrap();
-        let ds = Dataset::open(&root).unwrap();
-        let e = ds.samples(Split::Test).unwrap_err().to_string();
+        std::fs::create_dir_all(root.join("dev").join("a")).unwrap();
+        let e = Dataset::open(&root)
+            .unwrap()
+            .samples(Split::Val)
+            .unwrap_err();
+        let e = e.to_string();
         assert!(
-            e.contains("split `test` does not exist: no folder test/")
-                && e.contains("its folders: `Test`, `train`, `validation`")
-                && e.contains("rename `Test` to `test`, `validation` to `val`"),
+            e.contains("split `val` does not exist: no folder val/, validation/ or valid/")
+                && e.contains("its folders: `Test`, `dev`, `train`")
+                && e.contains("rename `Test` to `test`, `dev` to `val`"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(root.join("dev")).unwrap();
+        for name in ["validation", "valid"] {
+            let val = root.join(name);
+            std::fs::create_dir_all(val.join("a")).unwrap();
+            std::fs::write(val.join("a").join("x.png"), b"").unwrap();
+            let ds = Dataset::open(&root).unwrap();
+            let samples = ds.samples(Split::Val).unwrap();
+            assert_eq!(samples[0].path, val.join("a").join("x.png"));
+            let e = ds.samples(Split::Test).unwrap_err().to_string();
+            assert!(
+                e.contains("no folder test/")
+                    && e.contains("rename `Test` to `test`")
+                    && !e.contains(&format!("`{name}` to")),
+                "{e}"
+            );
+            // Its classes are checked against train's like any split's.
+            std::fs::create_dir_all(val.join("b")).unwrap();
+            let e = Dataset::open(&root).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{name}: class folders differ from train/")),
+                "{e}"
+            );
+            std::fs::remove_dir_all(val.join("b")).unwrap();
+            std::fs::rename(&val, root.join(format!("{name}.done"))).unwrap();
+        }
+        // Two folders of one split: which one is meant?
+        std::fs::rename(root.join("validation.done"), root.join("validation")).unwrap();
+        std::fs::rename(root.join("valid.done"), root.join("valid")).unwrap();
+        let e = Dataset::open(&root).unwrap_err().to_string();
+        assert!(
+            e.contains("two folders of the val split, validation/ and valid/; keep one"),
             "{e}"
         );
         let dir = tempfile::tempdir().unwrap();

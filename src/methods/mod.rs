@@ -250,7 +250,7 @@ mod tests {
                     name: f.replace('_', " "),
                 })
                 .collect(),
-            splits: vec![crate::data::Split::Train],
+            splits: vec![(crate::data::Split::Train, "train".into())],
             unnamed: Vec::new(),
         }
     }
