@@ -561,6 +561,15 @@ fn apply_classnames(path: &Path, classes: &mut [ClassInfo]) -> Result<Vec<String
         if name.is_empty() {
             return Err(bad(format!("empty name for `{folder}`")));
         }
+        let chars = name.chars().count();
+        if chars > crate::templates::MAX_PROMPT_CHARS {
+            return Err(bad(format!(
+                "a name of {chars} characters for `{folder}` (`{}`); it goes into 77-token \
+                 prompts, and clipft takes names of at most {} characters",
+                crate::templates::excerpt(name),
+                crate::templates::MAX_PROMPT_CHARS
+            )));
+        }
         // Exact first; else the same text in another Unicode normal form (macOS stores file
         // names decomposed, editors write composed text).
         let k = classes
@@ -1008,6 +1017,12 @@ mod tests {
         let e = open_err(&["n01", "n02"], Some("tench fish\n"));
         assert!(
             e.contains("expected `<folder>") && !e.contains("no tab"),
+            "{e}"
+        );
+        let long = format!("n01\t{}\n", "y".repeat(2000));
+        let e = open_err(&["n01", "n02"], Some(&long));
+        assert!(
+            e.contains(":1: a name of 2000 characters for `n01`") && e.len() < 400,
             "{e}"
         );
     }

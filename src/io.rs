@@ -115,7 +115,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    // A write that fails (a full disk) takes back the folders it made for the file.
+    let made = missing_folders(parent);
     create_folder(parent)?;
+    let written = write_into(path, parent, bytes);
+    if written.is_err() {
+        remove_empty_folders(&made);
+    }
+    written
+}
+
+/// [`write_atomic`]'s temporary file in `parent` (which exists), renamed to `path`.
+fn write_into(path: &Path, parent: &Path, bytes: &[u8]) -> Result<()> {
     let mut builder = temp_builder();
     // Temporary files are private (0600); the output is an ordinary file, so ask for 0666 and
     // let the umask decide, as any other file the user creates.
@@ -199,7 +210,23 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<PathBuf> {
         "{flag} {}: that is a folder; give a file path",
         path.display()
     );
+    // (A path ending in `/` names a folder: the write would fail only after all the work.)
+    anyhow::ensure!(
+        !path
+            .as_os_str()
+            .to_string_lossy()
+            .ends_with(std::path::MAIN_SEPARATOR),
+        "{flag} {}: ends in `{}`, so it names a folder; give a file path",
+        path.display(),
+        std::path::MAIN_SEPARATOR
+    );
     ensure_not_special(path, &target, flag)?;
+    // The rename would replace a file its owner made read-only; `cp` and `>` refuse it too.
+    anyhow::ensure!(
+        !target.is_file() || may_write(&target),
+        "{flag} {}: the file is read-only; make it writable (chmod u+w) or give another path",
+        path.display()
+    );
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -207,6 +234,24 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<PathBuf> {
     check_can_make(parent, path, flag)?;
     remove_stale_temporaries(parent);
     Ok(target)
+}
+
+/// Whether this user may write to the existing file `path` (its permissions; as for root,
+/// always).
+fn may_write(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+            return true;
+        };
+        // SAFETY: a NUL-terminated path; access(2) only reads it.
+        unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::metadata(path).map_or(true, |m| !m.permissions().readonly())
+    }
 }
 
 /// The folders of `dir` that do not exist yet, `dir` first: what a run that writes in it would
@@ -306,12 +351,34 @@ pub fn save(path: &Path, tensors: &[(&str, &Tensor)], meta: &serde_json::Value) 
     write_atomic(path, &bytes)
 }
 
+/// A safetensors parse error of the file at `path`, as a message that says what a size
+/// mismatch means.
+pub fn bad_safetensors(path: &Path, e: &safetensors::SafeTensorError) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", path.display(), safetensors_problem(e))
+}
+
+/// [`bad_safetensors`]'s message, without the path.
+pub fn safetensors_problem(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let hint = match e {
+        E::MetadataIncompleteBuffer => {
+            " (its size does not match its header: the file was cut short or damaged, as by an \
+             interrupted copy or download)"
+        }
+        E::HeaderTooSmall | E::InvalidHeaderLength => {
+            " (the file was cut short, or is not a safetensors file)"
+        }
+        _ => "",
+    };
+    format!("not a valid safetensors file: {e}{hint}")
+}
+
 /// Loads every tensor (on the CPU) and clipft's metadata of a safetensors file.
 pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         // (As text: the error's source repeats its message, and a chain would print it twice.)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        .map_err(|e| bad_safetensors(path, &e))?;
     let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
         Some(text) => serde_json::from_str(text)
             .with_context(|| format!("{}: malformed clipft metadata", path.display()))?,
@@ -406,6 +473,20 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.matches("expected struct TensorInfo").count(), 1, "{e}");
+        // A file cut short (an interrupted copy) says so.
+        save(
+            &p,
+            &[(
+                "t",
+                &Tensor::zeros(64, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            )],
+            &serde_json::Value::Null,
+        )
+        .unwrap();
+        let whole = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &whole[..whole.len() - 10]).unwrap();
+        let e = format!("{:#}", load(&p).unwrap_err());
+        assert!(e.contains("the file was cut short or damaged"), "{e}");
     }
 
     /// The check makes nothing (a run that fails later leaves no empty folders); a file in the
@@ -428,6 +509,51 @@ mod tests {
         assert!(e.contains("afile is a file, not a folder"), "{e}");
         let e = check_writable(dir.path(), "--out").unwrap_err().to_string();
         assert!(e.contains("that is a folder"), "{e}");
+        // A new path ending in `/` is a folder too, refused before any work.
+        let slash = PathBuf::from(format!("{}/new/", dir.path().display()));
+        let e = check_writable(&slash, "--out").unwrap_err().to_string();
+        assert!(e.contains("ends in `/`, so it names a folder"), "{e}");
+    }
+
+    /// A write that fails after making the file's folders (here the rename, on a name too long
+    /// for the file system, as a full disk fails the write) takes them back.
+    #[cfg(unix)]
+    #[test]
+    fn a_failed_write_takes_back_the_folders_it_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a/b").join("x".repeat(300));
+        assert!(write_atomic(&out, b"x").is_err());
+        assert!(!dir.path().join("a").exists());
+        // Folders that were there stay.
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        assert!(write_atomic(&out, b"x").is_err());
+        assert!(dir.path().join("a").is_dir() && !dir.path().join("a/b").exists());
+    }
+
+    /// An existing output its owner made read-only is refused, as `cp` refuses it (root may
+    /// write any file, so only checked as another user).
+    #[cfg(unix)]
+    #[test]
+    fn read_only_outputs_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.bin");
+        std::fs::write(&out, b"mine").unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // SAFETY: a query with no arguments.
+        let root = unsafe { libc::geteuid() } == 0;
+        let checked = check_writable(&out, "--out");
+        if root {
+            assert!(checked.is_ok());
+        } else {
+            let e = checked.unwrap_err().to_string();
+            assert!(
+                e.contains("--out") && e.contains("the file is read-only"),
+                "{e}"
+            );
+        }
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_writable(&out, "--out").unwrap();
     }
 
     /// A symbolic link given as an output stays a link, and the file it points at (made, if the

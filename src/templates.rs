@@ -23,6 +23,19 @@ pub const BUILTIN: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The longest template or class name taken, in characters. CLIP reads 77 tokens of a prompt
+/// (a few hundred characters of text); a longer line is not a prompt (a file given by mistake),
+/// and tokenizing megabytes of it would take gigabytes of memory.
+pub const MAX_PROMPT_CHARS: usize = 1000;
+
+/// `text` as shown in a message: cut after 60 characters.
+pub fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(60) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 /// Parses template lines: one per line, each with exactly one `{}` for the class name; blank
 /// lines and `#` comments are skipped.
 pub fn parse(text: &str, origin: &str) -> Result<Vec<String>> {
@@ -34,8 +47,17 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<String>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let chars = line.chars().count();
+        if chars > MAX_PROMPT_CHARS {
+            bail!(
+                "{origin}:{}: a template of {chars} characters (`{}`); CLIP reads 77 tokens of \
+                 a prompt, and clipft takes templates of at most {MAX_PROMPT_CHARS} characters",
+                i + 1,
+                excerpt(line)
+            );
+        }
         if let Err(e) = split(line) {
-            bail!("{origin}:{}: template `{line}` {e}", i + 1);
+            bail!("{origin}:{}: template `{}` {e}", i + 1, excerpt(line));
         }
         out.push(line.to_string());
     }
@@ -159,6 +181,17 @@ mod tests {
         assert!(check("a {} photo {x}").unwrap_err().contains("lone `{`"));
         assert!(check("a {} photo }").is_err());
         assert!(check("{}{}").is_err());
+        // A line far longer than any prompt (a file given by mistake) is refused, shown cut.
+        let long = format!("a {{}} {}\n", "x".repeat(MAX_PROMPT_CHARS));
+        let err = parse(&long, "t.txt").unwrap_err().to_string();
+        assert!(
+            err.contains("t.txt:1: a template of 1005 characters")
+                && err.contains("xxx…`")
+                && err.len() < 300,
+            "{err}"
+        );
+        let fits = format!("a {{}} {}", "x".repeat(MAX_PROMPT_CHARS - 5));
+        assert_eq!(parse(&fits, "t.txt").unwrap(), [fits]);
     }
 
     #[test]

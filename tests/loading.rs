@@ -102,6 +102,33 @@ fn pytorch_bin_and_sharded_safetensors_load_to_the_same_model() {
     assert_eq!(image_features(&clip), expected);
 }
 
+/// Tensors the model does not read, and a missing `logit_scale`, are warned about (as
+/// `transformers` warns of unexpected and missing keys): a damaged name would otherwise pass
+/// silently, with the default temperature. The fixture itself loads without warnings.
+#[test]
+fn unused_tensors_and_a_missing_logit_scale_are_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("tiny-clip");
+    let clip = Clip::load(&ModelSpec::local(&base)).unwrap();
+    assert!(clip.warnings.is_empty(), "{:?}", clip.warnings);
+    let d = tmp.path().join("renamed");
+    copy_dir(&base, &d);
+    edit_weights(&d, |t| {
+        for (n, _) in t.iter_mut() {
+            if n == "logit_scale" {
+                *n = "logit_scal?".into();
+            }
+        }
+    });
+    let clip = Clip::load(&ModelSpec::local(&d)).unwrap();
+    let w = clip.warnings.join("\n");
+    assert!(
+        w.contains("model.safetensors: 1 tensor(s) that this CLIP model does not use, ignored: `logit_scal?`")
+            && w.contains("no `logit_scale`; the temperature is exp(logit_scale_init_value"),
+        "{w}"
+    );
+}
+
 #[test]
 fn broken_checkpoints_name_the_file_and_tensor() {
     let tmp = tempfile::tempdir().unwrap();
@@ -118,6 +145,28 @@ fn broken_checkpoints_name_the_file_and_tensor() {
             && e.contains("missing tensor `vision_model.post_layernorm.bias`"),
         "{e}"
     );
+
+    // Weights that are there but not a file are named as such, not reported missing.
+    let d = tmp.path().join("weights-folder");
+    copy_dir(&base, &d);
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    std::fs::create_dir(d.join("model.safetensors")).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("model.safetensors: a folder, not a file"), "{e}");
+    #[cfg(unix)]
+    {
+        std::fs::remove_dir(d.join("model.safetensors")).unwrap();
+        std::os::unix::fs::symlink(d.join("gone"), d.join("model.safetensors")).unwrap();
+        let e = load_err(&d);
+        assert!(
+            e.contains("model.safetensors: a link to a file that does not exist"),
+            "{e}"
+        );
+        std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+        std::fs::create_dir(d.join("tokenizer.json")).unwrap();
+        let e = load_err(&d);
+        assert!(e.contains("tokenizer.json: a folder, not a file"), "{e}");
+    }
 
     // A config with fewer layers than the weights: the last layer would be dropped silently.
     let d = tmp.path().join("fewer-layers");

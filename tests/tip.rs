@@ -681,7 +681,12 @@ mod cli {
             (
                 "augment_epochs",
                 serde_json::json!(0),
-                "augment_epochs must be at least 1",
+                "augment_epochs must be between 1 and 1000",
+            ),
+            (
+                "augment_epochs",
+                serde_json::json!(100_000_000_000u64),
+                "augment_epochs must be between 1 and 1000",
             ),
             (
                 "augment",

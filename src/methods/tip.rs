@@ -90,6 +90,10 @@ pub const BUILTIN_CONFIGS: &[(&str, &str)] = &[
 /// The largest `search_step` per axis a config may ask for.
 pub const MAX_SEARCH_STEPS: usize = 10_000;
 
+/// The most augmented views per train image (the paper averages 10): each is a pass over the
+/// train set, so a larger count is a typo, not a setting.
+pub const MAX_AUGMENT_EPOCHS: usize = 1000;
+
 impl TipConfig {
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let cfg: TipConfig =
@@ -120,8 +124,8 @@ impl TipConfig {
             "init_beta and init_alpha must be at least 0"
         );
         ensure!(
-            self.augment_epochs >= 1,
-            "augment_epochs must be at least 1"
+            (1..=MAX_AUGMENT_EPOCHS).contains(&self.augment_epochs),
+            "augment_epochs must be between 1 and {MAX_AUGMENT_EPOCHS}"
         );
         ensure!(self.batch_size >= 1, "batch_size must be at least 1");
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "lr must be positive");
@@ -850,8 +854,8 @@ impl TipMeta {
         );
         self.config.validate()?;
         ensure!(
-            self.augment_epochs >= 1,
-            "augment_epochs must be at least 1"
+            (1..=MAX_AUGMENT_EPOCHS).contains(&self.augment_epochs),
+            "augment_epochs must be between 1 and {MAX_AUGMENT_EPOCHS}"
         );
         self.augment.validate()?;
         ensure!(

@@ -37,7 +37,7 @@ pub struct BuildCacheArgs {
     #[command(flatten)]
     pub shots: ShotArgs,
     /// Augmented views of each train image averaged into its cache key [default: the config's, 10].
-    #[arg(long, value_name = "E", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "E", value_parser = clap::value_parser!(u64).range(1..=tip::MAX_AUGMENT_EPOCHS as u64))]
     pub augment_epochs: Option<u64>,
     /// Settings: a built-in config (default, imagenet, oxford_pets, ucf101, caltech101, dtd,
     /// eurosat, sun397, fgvc_aircraft, food101, oxford_flowers, stanford_cars) or a JSON file.

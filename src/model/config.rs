@@ -156,12 +156,22 @@ impl ClipConfig {
     /// are absent.
     pub fn from_json(text: &str) -> Result<Self, String> {
         let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if let Some(obj) = value.as_object_mut() {
-            for key in ["text_config", "vision_config"] {
-                if obj.get(key).is_none_or(|v| v.is_null()) {
-                    if let Some(v) = obj.get(&format!("{key}_dict")).cloned() {
-                        obj.insert(key.to_string(), v);
-                    }
+        let Some(obj) = value.as_object_mut() else {
+            return Err(format!(
+                "not a CLIP config: a JSON object expected, found {}",
+                match value {
+                    serde_json::Value::Array(_) => "an array",
+                    serde_json::Value::String(_) => "a string",
+                    serde_json::Value::Number(_) => "a number",
+                    serde_json::Value::Bool(_) => "a boolean",
+                    _ => "null",
+                }
+            ));
+        };
+        for key in ["text_config", "vision_config"] {
+            if obj.get(key).is_none_or(|v| v.is_null()) {
+                if let Some(v) = obj.get(&format!("{key}_dict")).cloned() {
+                    obj.insert(key.to_string(), v);
                 }
             }
         }
@@ -194,6 +204,15 @@ impl ClipConfig {
             (
                 v.num_channels == 3,
                 "vision_config.num_channels must be 3: images are read as RGB",
+            ),
+            // (Else every feature is NaN, found only at the first image.)
+            (
+                t.layer_norm_eps.is_finite() && t.layer_norm_eps >= 0.0,
+                "text_config.layer_norm_eps must be a finite number, not negative",
+            ),
+            (
+                v.layer_norm_eps.is_finite() && v.layer_norm_eps >= 0.0,
+                "vision_config.layer_norm_eps must be a finite number, not negative",
             ),
         ];
         for (ok, msg) in checks {
@@ -397,5 +416,13 @@ mod tests {
             ClipConfig::from_json(r#"{"text_config": {}, "vision_config": {"num_channels": 1}}"#)
                 .unwrap_err();
         assert!(err.contains("num_channels"), "{err}");
+        let err = ClipConfig::from_json(
+            r#"{"text_config": {}, "vision_config": {"layer_norm_eps": -1}}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("vision_config.layer_norm_eps"), "{err}");
+        // A JSON document that is not an object says what was expected.
+        let err = ClipConfig::from_json("[1, 2]").unwrap_err();
+        assert!(err.contains("a JSON object"), "{err}");
     }
 }

@@ -131,6 +131,26 @@ pub fn resolve(
     resolve_hub(model, &revision, progress)
 }
 
+/// Why `path`, which is not a regular file, cannot be read as one: `None` when nothing is there.
+fn not_a_file(path: &Path) -> Option<LoadError> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let msg = if meta.is_dir() {
+        "a folder, not a file"
+    } else if meta.file_type().is_symlink() {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => "a link to a folder, not a file",
+            Ok(_) => "a link to something that is not a file",
+            Err(_) => "a link to a file that does not exist",
+        }
+    } else {
+        "not a regular file"
+    };
+    Some(LoadError::BadFile {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    })
+}
+
 fn resolve_dir(dir: &Path) -> Result<ModelFiles, LoadError> {
     let dir = dir.canonicalize().map_err(|e| LoadError::BadFile {
         path: dir.to_path_buf(),
@@ -141,10 +161,10 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles, LoadError> {
         if p.is_file() {
             Ok(p)
         } else {
-            Err(LoadError::MissingFile {
+            Err(not_a_file(&p).unwrap_or_else(|| LoadError::MissingFile {
                 dir: dir.clone(),
                 file: name.to_string(),
-            })
+            }))
         }
     };
     let config = need("config.json")?;
@@ -163,7 +183,15 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles, LoadError> {
     } else if dir.join("pytorch_model.bin").is_file() {
         WeightFiles::Pth(dir.join("pytorch_model.bin"))
     } else {
-        return Err(LoadError::NoWeights { dir });
+        // A weight file that is there but cannot be read as one says so.
+        let there = [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+        ]
+        .into_iter()
+        .find_map(|name| not_a_file(&dir.join(name)));
+        return Err(there.unwrap_or(LoadError::NoWeights { dir }));
     };
     Ok(ModelFiles {
         id: dir.display().to_string(),

@@ -259,7 +259,11 @@ impl Clip {
             path: files.config.clone(),
             msg,
         })?;
-        let stored_dtypes = check_tensors(&files.weights, &config)?;
+        let TensorCheck {
+            dtypes: stored_dtypes,
+            warnings: tensor_warnings,
+        } = check_tensors(&files.weights, &config)?;
+        warnings.extend(tensor_warnings);
         let vb = weights_var_builder(&files.weights, dtype, &device)?;
         let logit_scale = logit_scale(&vb, &config, &files)?;
         let mut model = ClipModel::new(vb, &config).with_context(|| {
@@ -511,11 +515,17 @@ fn is_zip(path: &Path) -> bool {
         .is_ok_and(|_| magic == *b"PK\x03\x04")
 }
 
+/// What [`check_tensors`] found beyond errors.
+struct TensorCheck {
+    /// The dtypes the expected tensors are stored in (sorted, e.g. `["F16"]`), for `clipft info`.
+    dtypes: Vec<String>,
+    /// Tensors that are there but not used, or optional and missing, as `transformers` warns.
+    warnings: Vec<String>,
+}
+
 /// Checks every tensor the config calls for against the files' headers before anything is
 /// loaded, so a mismatch names the file and tensor instead of failing deep inside the model.
-/// Checks every tensor `config` expects against the files' headers; returns the dtypes the
-/// expected tensors are stored in (sorted, e.g. `["F16"]`), for `clipft info`.
-fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<String>, LoadError> {
+fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<TensorCheck, LoadError> {
     let mut found: HashMap<String, (PathBuf, Vec<usize>, String)> = HashMap::new();
     match weights {
         WeightFiles::Safetensors(paths) => {
@@ -528,7 +538,7 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<Strin
                 // SAFETY: read-only map of a file we do not modify.
                 let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(e.to_string()))?;
                 let st = safetensors::SafeTensors::deserialize(&mmap)
-                    .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+                    .map_err(|e| bad(crate::io::safetensors_problem(&e)))?;
                 for (name, view) in st.tensors() {
                     let dtype = format!("{:?}", view.dtype());
                     found.insert(name, (p.clone(), view.shape().to_vec(), dtype));
@@ -590,7 +600,48 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<Strin
     }
     let first = weights.paths()[0].to_path_buf();
     let mut dtypes = std::collections::BTreeSet::new();
-    for (name, expected) in config.expected_tensors() {
+    let expected_tensors = config.expected_tensors();
+    let mut warnings = Vec::new();
+    // Names no CLIP model of this config reads: another architecture's tensors, or damaged
+    // names (a flipped byte in `logit_scale` would otherwise silently give the default
+    // temperature). Buffers older transformers saved are expected.
+    let mut unused: Vec<&String> = found
+        .keys()
+        .filter(|n| {
+            *n != "logit_scale"
+                && !n.ends_with(".position_ids")
+                && !expected_tensors.iter().any(|(e, _)| e == *n)
+        })
+        .collect();
+    unused.sort();
+    if !unused.is_empty() {
+        const SHOWN: usize = 5;
+        let mut list: Vec<String> = unused
+            .iter()
+            .take(SHOWN)
+            .map(|n| format!("`{n}`"))
+            .collect();
+        if unused.len() > SHOWN {
+            list.push(format!("and {} more", unused.len() - SHOWN));
+        }
+        warnings.push(format!(
+            "{}: {} tensor(s) that this CLIP model does not use, ignored: {} (another \
+             architecture's weights, or a damaged file)",
+            first.display(),
+            unused.len(),
+            list.join(", ")
+        ));
+    }
+    if !found.contains_key("logit_scale") {
+        warnings.push(format!(
+            "{}: no `logit_scale`; the temperature is exp(logit_scale_init_value {}) = {:.2} from \
+             config.json, as transformers initialises it (FD-Align's head uses it)",
+            first.display(),
+            config.logit_scale_init_value,
+            config.logit_scale_init_value.exp()
+        ));
+    }
+    for (name, expected) in expected_tensors {
         if let Some((_, _, dtype)) = found.get(&name) {
             dtypes.insert(dtype.clone());
         }
@@ -623,7 +674,10 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<Vec<Strin
             Some(_) => {}
         }
     }
-    Ok(dtypes.into_iter().collect())
+    Ok(TensorCheck {
+        dtypes: dtypes.into_iter().collect(),
+        warnings,
+    })
 }
 
 /// SHA-256 over config.json and every weight file, byte for byte (about 0.3 s per GB with the
@@ -677,7 +731,7 @@ pub fn safetensors_digest(config: &ClipConfig, files: &[(&[u8], &Path)]) -> anyh
     let mut tensors = Vec::new();
     for (bytes, p) in files {
         let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display()))?;
+            .map_err(|e| crate::io::bad_safetensors(p, &e))?;
         tensors.extend(st.tensors());
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));

@@ -691,6 +691,14 @@ pub fn load_rgb_with(
             msg.unwrap_or_else(|| "no message".into())
         ))
     };
+    // A PNG's size straight from its header: the png crate refuses a size whose buffer would
+    // overflow as "Memory limit exceeded", before the pixel limit could say what is wrong.
+    if format == image::ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
+        let be = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        check_size(be(16), be(20)).map_err(err)?;
+    }
     let (w, h) = jpeg::quietly(|| reader().into_dimensions())
         .map_err(panicked)?
         .map_err(decode_err)?;
@@ -1287,8 +1295,39 @@ mod tests {
             enc.write_frame(&::gif::Frame::from_indexed_pixels(1, 1, [0], None))
                 .unwrap();
         }
+        // A PNG header claiming 2³¹-1 × 2³¹-1 (past the decoder's own memory limit).
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut crc = !0u32;
+            for &b in kind.iter().chain(data) {
+                crc ^= b as u32;
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xEDB8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            let mut c = (data.len() as u32).to_be_bytes().to_vec();
+            c.extend(kind);
+            c.extend(data);
+            c.extend((!crc).to_be_bytes());
+            c
+        };
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let side = (i32::MAX as u32).to_be_bytes();
+        png.extend(chunk(
+            b"IHDR",
+            &[&side[..], &side[..], &[8, 2, 0, 0, 0]].concat(),
+        ));
+        png.extend(chunk(b"IEND", &[]));
         let start = std::time::Instant::now();
-        for (name, bytes) in [("j.jpg", &jpeg), ("b.bmp", &bmp), ("g.gif", &gif)] {
+        for (name, bytes) in [
+            ("j.jpg", &jpeg),
+            ("b.bmp", &bmp),
+            ("g.gif", &gif),
+            ("p.png", &png),
+        ] {
             let e = load_bytes(dir.path(), name, bytes).unwrap_err();
             assert!(e.msg.contains("decompression-bomb limit"), "{name}: {e}");
             assert!(e.msg.contains("pixels"), "{name}: {e}");
