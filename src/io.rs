@@ -530,16 +530,28 @@ mod tests {
         assert!(dir.path().join("a").is_dir() && !dir.path().join("a/b").exists());
     }
 
+    /// `dir/out.bin`, made with permission bits `mode`.
+    #[cfg(unix)]
+    fn file_with_mode(dir: &Path, mode: u32) -> PathBuf {
+        let out = dir.join("out.bin");
+        std::fs::write(&out, b"old").unwrap();
+        set_mode(&out, mode);
+        out
+    }
+
+    #[cfg(unix)]
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
     /// An existing output its owner made read-only is refused, as `cp` refuses it (root may
     /// write any file, so only checked as another user).
     #[cfg(unix)]
     #[test]
     fn read_only_outputs_are_refused() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out.bin");
-        std::fs::write(&out, b"mine").unwrap();
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let out = file_with_mode(dir.path(), 0o444);
         // SAFETY: a query with no arguments.
         let root = unsafe { libc::geteuid() } == 0;
         let checked = check_writable(&out, "--out");
@@ -552,7 +564,7 @@ mod tests {
                 "{e}"
             );
         }
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+        set_mode(&out, 0o644);
         check_writable(&out, "--out").unwrap();
     }
 
@@ -602,14 +614,12 @@ mod tests {
     fn a_replaced_file_keeps_its_mode() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out.bin");
-        std::fs::write(&out, b"old").unwrap();
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let out = file_with_mode(dir.path(), 0o640);
         write_atomic(&out, b"new").unwrap();
         let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o640, "{mode:o}");
         // A setuid bit is not kept (as with `cp`).
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o4750)).unwrap();
+        set_mode(&out, 0o4750);
         write_atomic(&out, b"newer").unwrap();
         let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o750, "{mode:o}");
