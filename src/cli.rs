@@ -191,7 +191,7 @@ pub struct FeaturesArgs {
     /// Dataset folder (DIR/{train,val,test}/<class>/<image>).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
-    /// Split to encode.
+    /// Split to encode: train, val (also spelled validation or valid) or test.
     #[arg(long, default_value = "train", value_name = "SPLIT")]
     pub split: Split,
     #[command(flatten)]
@@ -225,7 +225,7 @@ pub struct EvalArgs {
     /// Dataset folder (DIR/{train,val,test}/<class>/<image>).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
-    /// Split to evaluate.
+    /// Split to evaluate: train, val (also spelled validation or valid) or test.
     #[arg(long, default_value = "test", value_name = "SPLIT")]
     pub split: Split,
     /// How to classify without --adapter: `zeroshot`, CLIP's text classifier (the only such

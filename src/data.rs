@@ -54,7 +54,7 @@ impl FromStr for Split {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "train" => Ok(Split::Train),
-            "val" | "validation" => Ok(Split::Val),
+            "val" | "validation" | "valid" => Ok(Split::Val),
             "test" => Ok(Split::Test),
             _ => Err(format!("unknown split `{s}` (expected train, val or test)")),
         }
@@ -361,10 +361,18 @@ impl Dataset {
         }
         let mut splits = Vec::new();
         for split in Split::ALL {
-            let found: Vec<String> = (split.folder_names().iter())
+            let mut found: Vec<String> = (split.folder_names().iter())
                 .filter(|n| root.join(n).is_dir())
                 .map(|n| format!("{n}/"))
                 .collect();
+            // Names of one folder (`val` a link to `validation/`) are one split folder.
+            let mut seen = Vec::new();
+            found.retain(|n| {
+                let real = root.join(n).canonicalize().ok();
+                let new = real.is_none() || !seen.contains(&real);
+                seen.push(real);
+                new
+            });
             match found.len() {
                 0 => {}
                 1 => splits.push((split, found[0].trim_end_matches('/').to_string())),
@@ -816,6 +824,14 @@ mod tests {
             e.contains("two folders of the val split, validation/ and valid/; keep one"),
             "{e}"
         );
+        // A link to the other is the same folder.
+        #[cfg(unix)]
+        {
+            std::fs::remove_dir_all(root.join("valid")).unwrap();
+            std::os::unix::fs::symlink("validation", root.join("val")).unwrap();
+            let ds = Dataset::open(&root).unwrap();
+            assert_eq!(ds.split_dir(Split::Val), Some(root.join("val")));
+        }
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("Train").join("a")).unwrap();
         let e = Dataset::open(dir.path()).unwrap_err().to_string();

@@ -87,6 +87,13 @@ fn run_in(dir: Option<&Path>, quiet: bool, out: &mut impl Write) -> Result<()> {
     };
     if dir.is_some() {
         crate::io::write_atomic(&root.join(MARKER), b"a folder of `clipft demo --dir`\n")?;
+        // An earlier demo's features are of images about to be generated again (new file
+        // times, so new cache keys): they would only pile up.
+        let cache = root.join("cache");
+        if cache.is_dir() {
+            std::fs::remove_dir_all(&cache)
+                .with_context(|| format!("removing {}", cache.display()))?;
+        }
     }
     let model_dir = root.join("model");
     let data_dir = root.join("data");

@@ -238,7 +238,7 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<PathBuf> {
 
 /// Whether this user may write to the existing file `path` (its permissions; as for root,
 /// always).
-fn may_write(path: &Path) -> bool {
+pub fn may_write(path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;

@@ -50,6 +50,28 @@ fn demo_runs_end_to_end() {
     }
     let fd = ws.path().join("demo/fdalign");
     assert!(fd.join("fdalign_head.safetensors").is_file());
+    // Again into the same folder: its outputs are replaced, the feature cache does not pile
+    // up, and a file of the user's in the FD-Align folder is refused, as `fdalign train` does.
+    let cached = || {
+        std::fs::read_dir(ws.path().join("demo/cache"))
+            .unwrap()
+            .count()
+    };
+    let before = cached();
+    let again = || {
+        ws.cmd("demo")
+            .arg("--dir")
+            .arg(ws.path().join("demo"))
+            .arg("--quiet")
+            .output()
+            .unwrap()
+    };
+    assert!(again().status.success());
+    assert_eq!(cached(), before);
+    std::fs::write(fd.join("mine.txt"), b"notes").unwrap();
+    assert_fails_with(&again(), "the demo's FD-Align folder");
+    assert!(fd.join("mine.txt").is_file());
+    std::fs::remove_file(fd.join("mine.txt")).unwrap();
     let o = ws
         .eval_adapter(&fd, &ws.path().join("demo/data"))
         .output()

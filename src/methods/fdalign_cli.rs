@@ -95,7 +95,7 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
     // Bad flags fail before the dataset is scanned and the model loaded.
     settings.validate()?;
     let made = crate::io::missing_folders(&a.out);
-    let lock = check_out_folder(&a.out, a.model.model.as_deref())?;
+    let lock = check_out_folder(&a.out, a.model.model.as_deref(), "--out")?;
     let dataset = crate::cli::open_dataset(&a.data)?;
     let train = split_samples(&dataset, Split::Train, &a.shots, quiet)?;
     let val = crate::cli::val_samples(&dataset, a.val_shots, &a.shots, quiet)
@@ -247,6 +247,9 @@ pub fn demo(
         ..FdAlignSettings::default()
     };
     settings.validate()?;
+    // (A folder of an earlier demo is replaced; files of the user's in it are refused, as by
+    // `fdalign train`.)
+    let _lock = check_out_folder(dir, None, "the demo's FD-Align folder")?;
     let train = dataset.samples(Split::Train)?;
     let val = dataset.samples(Split::Val)?;
     let templates = crate::templates::resolve(DEFAULT_TEMPLATES)?;
@@ -374,19 +377,20 @@ impl Drop for OutLock {
 /// `--out` must be a new or empty folder, or an earlier FD-Align output (which is replaced), and
 /// never the source model's own folder: the run writes a whole checkpoint there. An existing
 /// folder is locked for the run ([`OutLock`]) before a killed run's leftovers are removed.
-fn check_out_folder(out: &Path, model: Option<&str>) -> Result<Option<OutLock>> {
+fn check_out_folder(out: &Path, model: Option<&str>, flag: &str) -> Result<Option<OutLock>> {
     if let Some(m) = model {
         let same = Path::new(m).canonicalize().ok();
         ensure!(
             same.is_none() || same != out.canonicalize().ok(),
-            "--out {}: that is the source model's folder; FD-Align writes a new checkpoint, \
+            "{flag} {}: that is the source model's folder; FD-Align writes a new checkpoint, \
              give another folder",
             out.display()
         );
     }
     let mut lock = None;
     if out.is_dir() {
-        let listing = || std::fs::read_dir(out).with_context(|| format!("--out {}", out.display()));
+        let listing =
+            || std::fs::read_dir(out).with_context(|| format!("{flag} {}", out.display()));
         // Left by a killed run: the lock file, and temporary files of a write (Ctrl-C during
         // an epoch's state write). Neither is anybody's output.
         let leftover = |p: &Path| crate::io::is_temporary(p) || p.ends_with(LOCK_FILE);
@@ -414,7 +418,7 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<Option<OutLock>> 
                 n => format!(" and {n} more"),
             };
             bail!(
-                "--out {}: the folder holds {}{more}, not {}; give a new or empty folder{}",
+                "{flag} {}: the folder holds {}{more}, not {}; give a new or empty folder{}",
                 out.display(),
                 foreign[..shown].join(", "),
                 if earlier {
@@ -430,11 +434,23 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<Option<OutLock>> 
                 }
             );
         }
-        crate::io::check_can_make(out, out, "--out")?;
+        // (The run replaces its own earlier files: not those their owner made read-only.)
+        if let Some(ro) = OUTPUT_FILES
+            .iter()
+            .map(|f| out.join(f))
+            .find(|p| p.is_file() && !crate::io::may_write(p))
+        {
+            bail!(
+                "{flag} {}: {} is read-only; make it writable (chmod u+w) or give another folder",
+                out.display(),
+                ro.display()
+            );
+        }
+        crate::io::check_can_make(out, out, flag)?;
         let held = OutLock::take(out)?;
         for entry in listing()? {
             let path = entry
-                .with_context(|| format!("--out {}", out.display()))?
+                .with_context(|| format!("{flag} {}", out.display()))?
                 .path();
             if crate::io::is_temporary(&path) {
                 std::fs::remove_file(&path)
@@ -445,12 +461,12 @@ fn check_out_folder(out: &Path, model: Option<&str>) -> Result<Option<OutLock>> 
     } else {
         ensure!(
             !out.exists(),
-            "--out {}: not a folder; FD-Align writes a checkpoint folder",
+            "{flag} {}: not a folder; FD-Align writes a checkpoint folder",
             out.display()
         );
         // Writable? (Probed in the folder it will be made in, so that a run refused later
         // leaves no empty folder behind.)
-        crate::io::check_can_make(out, out, "--out")?;
+        crate::io::check_can_make(out, out, flag)?;
     }
     Ok(lock)
 }

@@ -174,8 +174,14 @@ impl ClipConfig {
                     obj.insert(key.to_string(), v);
                 }
             }
+            // (serde would read an array as the struct's fields in order.)
+            if obj.get(key).is_some_and(|v| !v.is_object() && !v.is_null()) {
+                return Err(format!("`{key}` is not a JSON object"));
+            }
         }
-        let cfg: ClipConfig = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        // The error names the field at fault (`vision_config.layer_norm_eps: invalid type ...`).
+        let cfg: ClipConfig = serde_path_to_error::deserialize(value)
+            .map_err(|e| format!("`{}`: {}", e.path(), e.inner()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -421,8 +427,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("vision_config.layer_norm_eps"), "{err}");
-        // A JSON document that is not an object says what was expected.
+        // A JSON document that is not an object says what was expected, and a bad field is
+        // named.
         let err = ClipConfig::from_json("[1, 2]").unwrap_err();
         assert!(err.contains("a JSON object"), "{err}");
+        let err =
+            ClipConfig::from_json(r#"{"text_config": [1], "vision_config": {}}"#).unwrap_err();
+        assert!(err.contains("`text_config` is not a JSON object"), "{err}");
+        let err = ClipConfig::from_json(
+            r#"{"text_config": {}, "vision_config": {"layer_norm_eps": null}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("`vision_config.layer_norm_eps`: invalid type: null"),
+            "{err}"
+        );
     }
 }
