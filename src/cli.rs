@@ -489,7 +489,6 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// Samples of a split, few-shot sampled when `--shots` is given; warnings go to stderr.
 /// Opens a dataset folder for a command, warning about classes `classnames.txt` leaves unnamed.
 pub(crate) fn open_dataset(root: &Path) -> Result<Dataset> {
     let dataset = Dataset::open(root)?;
@@ -499,6 +498,7 @@ pub(crate) fn open_dataset(root: &Path) -> Result<Dataset> {
     Ok(dataset)
 }
 
+/// Samples of a split, few-shot sampled when `--shots` is given; warnings go to stderr.
 pub(crate) fn split_samples(
     dataset: &Dataset,
     split: Split,

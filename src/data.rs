@@ -361,9 +361,8 @@ impl Dataset {
         }
         let mut splits = Vec::new();
         for split in Split::ALL {
-            let mut found: Vec<String> = (split.folder_names().iter())
+            let mut found: Vec<&str> = (split.folder_names().iter().copied())
                 .filter(|n| root.join(n).is_dir())
-                .map(|n| format!("{n}/"))
                 .collect();
             // Names of one folder (`val` a link to `validation/`) are one split folder.
             let mut seen = Vec::new();
@@ -373,14 +372,14 @@ impl Dataset {
                 seen.push(real);
                 new
             });
-            match found.len() {
-                0 => {}
-                1 => splits.push((split, found[0].trim_end_matches('/').to_string())),
+            match found[..] {
+                [] => {}
+                [name] => splits.push((split, name.to_string())),
                 _ => {
                     return Err(DataError::SplitTwice {
                         root,
                         split,
-                        folders: found,
+                        folders: found.iter().map(|n| format!("{n}/")).collect(),
                     })
                 }
             }

@@ -236,8 +236,8 @@ pub fn check_writable(path: &Path, flag: &str) -> Result<PathBuf> {
     Ok(target)
 }
 
-/// Whether this user may write to the existing file `path` (its permissions; as for root,
-/// always).
+/// Whether this user may write to the existing file `path`, by its permissions (root may write
+/// any file).
 pub fn may_write(path: &Path) -> bool {
     #[cfg(unix)]
     {
