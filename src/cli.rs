@@ -760,7 +760,15 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     // (`save_to`: --save-logits with its links followed.)
     if let (Some(path), Some(to)) = (&a.save_logits, &save_to) {
         crate::io::ensure_not_input(path, "--save-logits", clip.files.inputs())?;
-        save_logits(to, &clip, &dataset, a.split, &run, opts.decode)?;
+        // What made the logits, beside the method's name.
+        let made_by = match &a.adapter {
+            Some(p) => serde_json::json!({
+                "adapter": crate::io::resolved(p).unwrap_or_else(|| p.clone()),
+                "head_variant": a.head_variant,
+            }),
+            None => serde_json::json!({ "templates": template_set }),
+        };
+        save_logits(to, &clip, &dataset, a.split, &run, opts.decode, made_by)?;
         info(format!("wrote {}", path.display()), quiet);
     }
     let mut out = stdout();
@@ -801,6 +809,8 @@ fn adapter_or_zero_shot(
     }
 }
 
+/// Writes `eval --save-logits`: the logits and labels, with the rows' metadata, the method, and
+/// `made_by`'s fields (the adapter's path and head variant, or zero-shot's templates).
 fn save_logits(
     path: &Path,
     clip: &Clip,
@@ -808,10 +818,16 @@ fn save_logits(
     split: Split,
     run: &crate::eval::EvalRun,
     decode: Decode,
+    made_by: serde_json::Value,
 ) -> Result<()> {
     let mut meta = rows_metadata(clip, dataset, split, &run.paths, decode);
     meta["kind"] = "logits".into();
     meta["method"] = run.report.method.clone().into();
+    if let serde_json::Value::Object(fields) = made_by {
+        for (k, v) in fields.into_iter().filter(|(_, v)| !v.is_null()) {
+            meta[k.as_str()] = v;
+        }
+    }
     meta["view"] = "center".into();
     meta["skipped"] = run.skipped.len().into();
     crate::io::save(

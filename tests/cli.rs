@@ -514,6 +514,9 @@ fn eval_json_and_saved_logits_agree() {
     let labels = t["labels"].to_vec1::<i64>().unwrap();
     assert_eq!(logits.len(), 12);
     assert_eq!(meta["paths"].as_array().unwrap().len(), 12);
+    // The prompts that made them are recorded.
+    assert_eq!(meta["templates"], serde_json::json!(["a photo of a {}."]));
+    assert!(meta.get("adapter").is_none());
     // Logits are 100 · cosine.
     assert!(logits.iter().flatten().all(|x| x.abs() <= 100.0 + 1e-3));
     let correct = logits

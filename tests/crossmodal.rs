@@ -883,7 +883,8 @@ mod cli {
             .success();
         let (mut f, _) = clipft::io::load(&p("feats.safetensors")).unwrap();
         let x = Mat::from_tensor(&f.remove("image_features").unwrap()).unwrap();
-        let (mut l, _) = clipft::io::load(&p("logits.safetensors")).unwrap();
+        let (mut l, logits_meta) = clipft::io::load(&p("logits.safetensors")).unwrap();
+        assert_eq!(logits_meta["head_variant"], "default");
         let got = Mat::from_tensor(&l.remove("logits").unwrap()).unwrap();
         let art = CrossArtifact::load(&p("head.safetensors")).unwrap();
         let (head, _) = art.pick("learned").unwrap();

@@ -775,6 +775,9 @@ mod cli {
         let (t, meta) = clipft::io::load(&logits).unwrap();
         assert_eq!(t["logits"].dims(), &[40, 4]);
         assert_eq!(meta["method"], "tip-adapter-f");
+        // The artifact that made them is recorded (its resolved path), not templates.
+        assert_eq!(meta["adapter"], s(&tipf.canonicalize().unwrap()));
+        assert!(meta.get("templates").is_none() && meta.get("head_variant").is_none());
 
         // A different model is an error naming --model.
         synth::write_checkpoint(&ws.p("other"), &synth::tiny_config(), 1).unwrap();
