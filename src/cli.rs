@@ -62,7 +62,7 @@ pub enum Command {
 }
 
 /// Which checkpoint, on which device, in which precision.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct ModelArgs {
     /// CLIP checkpoint: a folder in the Hugging Face layout or a hub repo id [default:
     /// openai/clip-vit-base-patch32; for `eval --adapter` and `tip train --cache`: the artifact's
@@ -487,6 +487,17 @@ fn info_cmd(args: InfoArgs, quiet: bool) -> Result<()> {
         crate::model::load::device_name(&clip.device)
     )?;
     Ok(())
+}
+
+/// The first `shown` of `items` joined with commas, then "and N more" for the rest: a list in a
+/// message that stays readable for thousands of names.
+pub fn first_few(items: impl ExactSizeIterator<Item = String>, shown: usize) -> String {
+    let n = items.len();
+    let mut list: Vec<String> = items.take(shown).collect();
+    if n > shown {
+        list.push(format!("and {} more", n - shown));
+    }
+    list.join(", ")
 }
 
 /// Opens a dataset folder for a command, warning about classes `classnames.txt` leaves unnamed.

@@ -51,13 +51,11 @@ impl fmt::Display for Split {
 
 impl FromStr for Split {
     type Err = String;
+    /// A split by any of its folder names ([`Split::folder_names`]).
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "train" => Ok(Split::Train),
-            "val" | "validation" | "valid" => Ok(Split::Val),
-            "test" => Ok(Split::Test),
-            _ => Err(format!("unknown split `{s}` (expected train, val or test)")),
-        }
+        (Split::ALL.into_iter())
+            .find(|split| split.folder_names().contains(&s))
+            .ok_or_else(|| format!("unknown split `{s}` (expected train, val or test)"))
     }
 }
 
@@ -298,22 +296,13 @@ impl Dataset {
         if self.unnamed.is_empty() {
             return None;
         }
-        const SHOWN: usize = 5;
-        let mut list: Vec<String> = self
-            .unnamed
-            .iter()
-            .take(SHOWN)
-            .map(|f| format!("`{f}`"))
-            .collect();
-        if self.unnamed.len() > SHOWN {
-            list.push(format!("and {} more", self.unnamed.len() - SHOWN));
-        }
+        let list = crate::cli::first_few(self.unnamed.iter().map(|f| format!("`{f}`")), 5);
         Some(format!(
             "{}: names {} of {} classes; the others are prompted by their folder names: {}",
             self.root.join("classnames.txt").display(),
             self.classes.len() - self.unnamed.len(),
             self.classes.len(),
-            list.join(", ")
+            list
         ))
     }
 

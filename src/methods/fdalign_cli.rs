@@ -286,18 +286,15 @@ pub fn demo(
         settings.epochs,
         outcome.best_val
     )?;
-    let head = |name: &str| -> Result<candle_core::Tensor> {
-        Ok(best
-            .get(name)
-            .with_context(|| format!("no {name}"))?
-            .to_dtype(candle_core::DType::F32)?
-            .to_device(&candle_core::Device::Cpu)?)
-    };
-    let (w, b) = (head("head.weight")?, head("head.bias")?);
-    let tuned = Clip::load(&ModelSpec::local(dir))?;
-    let run = crate::eval::evaluate_split(&tuned, dataset, Split::Test, opts, "fd-align", |f| {
-        fdalign::normalized_linear(f, &w, Some(&b))
-    })?;
+    // Scored as `eval --adapter DIR` scores it.
+    let (_, run) = eval_adapter(
+        dir,
+        &ModelArgs::default(),
+        dataset,
+        Split::Test,
+        opts,
+        quiet,
+    )?;
     crate::eval::write_table(&run.report, out)?;
     Ok(run.report)
 }
@@ -412,15 +409,10 @@ fn check_out_folder(out: &Path, model: Option<&str>, flag: &str) -> Result<Optio
             .collect();
         foreign.sort();
         if !foreign.is_empty() {
-            let shown = foreign.len().min(5);
-            let more = match foreign.len() - shown {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
             bail!(
-                "{flag} {}: the folder holds {}{more}, not {}; give a new or empty folder{}",
+                "{flag} {}: the folder holds {}, not {}; give a new or empty folder{}",
                 out.display(),
-                foreign[..shown].join(", "),
+                crate::cli::first_few(foreign.into_iter(), 5),
                 if earlier {
                     "files of the FD-Align output in it (which would be replaced, and these \
                      left beside a model they were not made with)"

@@ -192,13 +192,7 @@ pub fn model_for(
 /// What differs between the dataset's class folders and an artifact's, naming the folders (a
 /// list of the first few of each would hide a difference past them, e.g. in ImageNet's 1,000).
 fn class_difference(data: &[String], built: &[String]) -> String {
-    let list = |v: &[&String]| {
-        let mut s: Vec<String> = v.iter().take(10).map(|x| format!("`{x}`")).collect();
-        if v.len() > 10 {
-            s.push(format!("and {} more", v.len() - 10));
-        }
-        s.join(", ")
-    };
+    let list = |v: &[&String]| crate::cli::first_few(v.iter().map(|x| format!("`{x}`")), 10);
     use crate::data::composed;
     let set = |v: &[String]| v.iter().map(|x| composed(x)).collect::<HashSet<_>>();
     let (in_data, in_built) = (set(data), set(built));

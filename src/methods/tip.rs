@@ -94,6 +94,15 @@ pub const MAX_SEARCH_STEPS: usize = 10_000;
 /// train set, so a larger count is a typo, not a setting.
 pub const MAX_AUGMENT_EPOCHS: usize = 1000;
 
+/// A config's, or an artifact's, `augment_epochs` is in `1..=`[`MAX_AUGMENT_EPOCHS`].
+fn check_augment_epochs(n: usize) -> Result<()> {
+    ensure!(
+        (1..=MAX_AUGMENT_EPOCHS).contains(&n),
+        "augment_epochs must be between 1 and {MAX_AUGMENT_EPOCHS}"
+    );
+    Ok(())
+}
+
 impl TipConfig {
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let cfg: TipConfig =
@@ -123,10 +132,7 @@ impl TipConfig {
                 .all(|v| v.is_finite() && *v >= 0.0),
             "init_beta and init_alpha must be at least 0"
         );
-        ensure!(
-            (1..=MAX_AUGMENT_EPOCHS).contains(&self.augment_epochs),
-            "augment_epochs must be between 1 and {MAX_AUGMENT_EPOCHS}"
-        );
+        check_augment_epochs(self.augment_epochs)?;
         ensure!(self.batch_size >= 1, "batch_size must be at least 1");
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "lr must be positive");
         ensure!(!self.templates.is_empty(), "templates must not be empty");
@@ -853,10 +859,7 @@ impl TipMeta {
             self.version
         );
         self.config.validate()?;
-        ensure!(
-            (1..=MAX_AUGMENT_EPOCHS).contains(&self.augment_epochs),
-            "augment_epochs must be between 1 and {MAX_AUGMENT_EPOCHS}"
-        );
+        check_augment_epochs(self.augment_epochs)?;
         self.augment.validate()?;
         ensure!(
             [self.alpha, self.beta]

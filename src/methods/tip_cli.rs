@@ -269,8 +269,9 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
         seed: m.seed,
         allow_fewer_shots: m.allow_fewer_shots,
     };
-    // Other classes first: the sample below would fail on them with a less telling message.
-    super::check_classes(&dataset, &m.class_folders, &m.class_names, &a.cache)?;
+    // The model and classes first (`load_for`): the sample below would fail on other classes
+    // with a less telling message.
+    let clip = load_for(&a.model, &cache, &dataset, &a.cache, quiet)?;
     // The cache's sample is drawn again: the shot count is the cache's, not a flag of this
     // command.
     let train = split_samples(&dataset, Split::Train, &shots, true).map_err(|e| {
@@ -286,7 +287,6 @@ fn train_cmd(a: TrainArgs, quiet: bool) -> Result<()> {
             _ => e,
         }
     })?;
-    let clip = load_for(&a.model, &cache, &dataset, &a.cache, quiet)?;
     crate::io::ensure_not_input(&a.out, "--out", clip.files.inputs())?;
     let opts = a.read.options(a.encode_batch_size as usize, quiet);
     let mut settings = TipFSettings::from_config(&m.config, m.seed);

@@ -615,21 +615,13 @@ fn check_tensors(weights: &WeightFiles, config: &ClipConfig) -> Result<TensorChe
         .collect();
     unused.sort();
     if !unused.is_empty() {
-        const SHOWN: usize = 5;
-        let mut list: Vec<String> = unused
-            .iter()
-            .take(SHOWN)
-            .map(|n| format!("`{n}`"))
-            .collect();
-        if unused.len() > SHOWN {
-            list.push(format!("and {} more", unused.len() - SHOWN));
-        }
+        let list = crate::cli::first_few(unused.iter().map(|n| format!("`{n}`")), 5);
         warnings.push(format!(
             "{}: {} tensor(s) that this CLIP model does not use, ignored: {} (another \
              architecture's weights, or a damaged file)",
             first.display(),
             unused.len(),
-            list.join(", ")
+            list
         ));
     }
     if !found.contains_key("logit_scale") {
